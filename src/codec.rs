@@ -1,0 +1,507 @@
+//! MQTT 3.1.1 wire format, wrapped around `mqttbytes`.
+//!
+//! `mqttbytes` frames and parses most packets, but it is lenient where a broker must be strict
+//! (reserved flag bits, wildcard topics in PUBLISH, empty SUBSCRIBE) and it does not know the
+//! MQTT 3.1 "MQIsdp" protocol name. This module adds those checks and parses CONNECT and
+//! SUBSCRIBE itself, so the rest of Herald sees only well-formed packets. Outgoing packets are
+//! encoded here directly into the connection's write buffer; PUBLISH in particular is written
+//! from shared message parts without building an intermediate struct.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use mqttbytes::v4::{Connect, LastWill, Login, Publish, Unsubscribe};
+use mqttbytes::{Protocol, QoS};
+
+pub use mqttbytes::QoS as Qos;
+
+/// The lower of two QoS levels (`QoS` is not `Ord`).
+pub fn min_qos(a: Qos, b: Qos) -> Qos {
+    if (a as u8) <= (b as u8) {
+        a
+    } else {
+        b
+    }
+}
+
+/// A packet a client may send to the broker.
+#[derive(Debug)]
+pub enum Packet {
+    Connect(Connect),
+    Publish(Publish),
+    PubAck(u16),
+    PubRec(u16),
+    PubRel(u16),
+    PubComp(u16),
+    Subscribe(Subscribe),
+    Unsubscribe(Unsubscribe),
+    PingReq,
+    Disconnect,
+}
+
+#[derive(Debug)]
+pub struct Subscribe {
+    pub pkid: u16,
+    /// `Err(())` marks a filter that is syntactically invalid: it is refused with 0x80 in the
+    /// SUBACK rather than closing the connection, as Mosquitto and EMQX clients expect.
+    pub filters: Vec<(Result<String, String>, QoS)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// CONNECT with a protocol level we do not speak: answer CONNACK 1, then close.
+    #[error("unsupported protocol level {0}")]
+    UnsupportedProtocol(u8),
+    #[error("packet of {0} bytes is over the limit")]
+    TooLarge(usize),
+    #[error("malformed packet: {0}")]
+    Malformed(&'static str),
+}
+
+impl From<mqttbytes::Error> for DecodeError {
+    fn from(e: mqttbytes::Error) -> Self {
+        use mqttbytes::Error as E;
+        DecodeError::Malformed(match e {
+            E::InvalidQoS(_) => "invalid QoS",
+            E::TopicNotUtf8 => "string is not valid UTF-8",
+            E::PacketIdZero => "packet id 0",
+            E::MalformedRemainingLength => "bad remaining length",
+            E::InvalidPacketType(_) => "unknown packet type",
+            E::PayloadRequired => "packet needs a body",
+            E::BoundaryCrossed(_) => "string runs past the packet end",
+            E::IncorrectPacketFormat => "incorrect packet format",
+            E::PayloadSizeLimitExceeded(_) => "packet too large",
+            _ => "malformed packet",
+        })
+    }
+}
+
+/// Takes one complete packet off the front of `buf`, `Ok(None)` if more bytes are needed.
+pub fn decode(buf: &mut BytesMut, max_size: usize) -> Result<Option<Packet>, DecodeError> {
+    let header = match mqttbytes::check(buf.iter(), max_size) {
+        Ok(h) => h,
+        Err(mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
+        Err(mqttbytes::Error::PayloadSizeLimitExceeded(n)) => return Err(DecodeError::TooLarge(n)),
+        Err(e) => return Err(e.into()),
+    };
+    let byte1 = buf[0];
+    let (kind, flags) = (byte1 >> 4, byte1 & 0x0f);
+    let frame = buf.split_to(header.frame_length()).freeze();
+    // Skip the fixed header: type byte plus 1..4 remaining-length bytes.
+    let mut body = frame.slice(frame.len() - remaining_len(&frame)..);
+
+    let expect_flags = |want: u8| {
+        if flags == want {
+            Ok(())
+        } else {
+            Err(DecodeError::Malformed("reserved flag bits set"))
+        }
+    };
+    let id_only = |body: &mut Bytes| -> Result<u16, DecodeError> {
+        if body.len() != 2 {
+            return Err(DecodeError::Malformed("bad length for an ack"));
+        }
+        let id = body.get_u16();
+        if id == 0 {
+            return Err(DecodeError::Malformed("packet id 0"));
+        }
+        Ok(id)
+    };
+
+    let packet = match kind {
+        1 => {
+            expect_flags(0)?;
+            Packet::Connect(decode_connect(&mut body)?)
+        }
+        3 => {
+            let qos = (flags >> 1) & 0b11;
+            if qos == 3 {
+                return Err(DecodeError::Malformed("QoS 3"));
+            }
+            if qos == 0 && flags & 0b1000 != 0 {
+                return Err(DecodeError::Malformed("DUP set on QoS 0"));
+            }
+            let publish = Publish::read(header, frame)?;
+            check_topic_name(&publish.topic)?;
+            Packet::Publish(publish)
+        }
+        4 => {
+            expect_flags(0)?;
+            Packet::PubAck(id_only(&mut body)?)
+        }
+        5 => {
+            expect_flags(0)?;
+            Packet::PubRec(id_only(&mut body)?)
+        }
+        6 => {
+            expect_flags(0b0010)?;
+            Packet::PubRel(id_only(&mut body)?)
+        }
+        7 => {
+            expect_flags(0)?;
+            Packet::PubComp(id_only(&mut body)?)
+        }
+        8 => {
+            expect_flags(0b0010)?;
+            Packet::Subscribe(decode_subscribe(&mut body)?)
+        }
+        10 => {
+            expect_flags(0b0010)?;
+            let unsub = Unsubscribe::read(header, frame)?;
+            if unsub.pkid == 0 {
+                return Err(DecodeError::Malformed("packet id 0"));
+            }
+            if unsub.topics.is_empty() {
+                return Err(DecodeError::Malformed("UNSUBSCRIBE without filters"));
+            }
+            Packet::Unsubscribe(unsub)
+        }
+        12 | 14 => {
+            expect_flags(0)?;
+            if !body.is_empty() {
+                return Err(DecodeError::Malformed("body on an empty packet"));
+            }
+            if kind == 12 {
+                Packet::PingReq
+            } else {
+                Packet::Disconnect
+            }
+        }
+        2 | 9 | 11 | 13 => return Err(DecodeError::Malformed("server-to-client packet")),
+        _ => return Err(DecodeError::Malformed("unknown packet type")),
+    };
+    Ok(Some(packet))
+}
+
+/// Length of the packet body: the frame minus type byte and remaining-length bytes.
+fn remaining_len(frame: &[u8]) -> usize {
+    let mut n = 0usize;
+    let mut shift = 0;
+    for b in frame.iter().skip(1).take(4) {
+        n |= ((b & 0x7f) as usize) << shift;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+    }
+    n
+}
+
+fn take_u8(b: &mut Bytes) -> Result<u8, DecodeError> {
+    if b.is_empty() {
+        return Err(DecodeError::Malformed("packet ends early"));
+    }
+    Ok(b.get_u8())
+}
+
+fn take_u16(b: &mut Bytes) -> Result<u16, DecodeError> {
+    if b.len() < 2 {
+        return Err(DecodeError::Malformed("packet ends early"));
+    }
+    Ok(b.get_u16())
+}
+
+fn take_bytes(b: &mut Bytes) -> Result<Bytes, DecodeError> {
+    let len = take_u16(b)? as usize;
+    if len > b.len() {
+        return Err(DecodeError::Malformed("string runs past the packet end"));
+    }
+    Ok(b.split_to(len))
+}
+
+fn take_string(b: &mut Bytes) -> Result<String, DecodeError> {
+    let raw = take_bytes(b)?;
+    let s = String::from_utf8(raw.to_vec())
+        .map_err(|_| DecodeError::Malformed("string is not valid UTF-8"))?;
+    if s.contains('\0') {
+        return Err(DecodeError::Malformed("string contains U+0000"));
+    }
+    Ok(s)
+}
+
+fn decode_connect(b: &mut Bytes) -> Result<Connect, DecodeError> {
+    let name = take_string(b)?;
+    let level = take_u8(b)?;
+    match (name.as_str(), level) {
+        ("MQTT", 4) | ("MQIsdp", 3) => {}
+        ("MQTT", _) | ("MQIsdp", _) => return Err(DecodeError::UnsupportedProtocol(level)),
+        _ => return Err(DecodeError::Malformed("unknown protocol name")),
+    }
+    let flags = take_u8(b)?;
+    if flags & 0x01 != 0 {
+        return Err(DecodeError::Malformed("reserved CONNECT flag set"));
+    }
+    let keep_alive = take_u16(b)?;
+    let client_id = take_string(b)?;
+    let last_will = if flags & 0x04 != 0 {
+        let topic = take_string(b)?;
+        check_topic_name(&topic)?;
+        let message = take_bytes(b)?;
+        let qos = match (flags >> 3) & 0b11 {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            2 => QoS::ExactlyOnce,
+            _ => return Err(DecodeError::Malformed("will QoS 3")),
+        };
+        Some(LastWill {
+            topic,
+            message,
+            qos,
+            retain: flags & 0x20 != 0,
+        })
+    } else {
+        if flags & 0x38 != 0 {
+            return Err(DecodeError::Malformed("will flags without a will"));
+        }
+        None
+    };
+    let has_user = flags & 0x80 != 0;
+    let has_pass = flags & 0x40 != 0;
+    if has_pass && !has_user {
+        return Err(DecodeError::Malformed("password without user name"));
+    }
+    let username = if has_user {
+        take_string(b)?
+    } else {
+        String::new()
+    };
+    let password = if has_pass {
+        // Passwords are binary data in 3.1.1; keep them lossless enough for comparison.
+        String::from_utf8_lossy(&take_bytes(b)?).into_owned()
+    } else {
+        String::new()
+    };
+    if !b.is_empty() {
+        return Err(DecodeError::Malformed(
+            "trailing bytes after CONNECT payload",
+        ));
+    }
+    Ok(Connect {
+        protocol: Protocol::V4,
+        keep_alive,
+        client_id,
+        clean_session: flags & 0x02 != 0,
+        last_will,
+        login: has_user.then_some(Login { username, password }),
+    })
+}
+
+fn decode_subscribe(b: &mut Bytes) -> Result<Subscribe, DecodeError> {
+    let pkid = take_u16(b)?;
+    if pkid == 0 {
+        return Err(DecodeError::Malformed("packet id 0"));
+    }
+    let mut filters = Vec::new();
+    while !b.is_empty() {
+        let raw = take_bytes(b)?;
+        let options = take_u8(b)?;
+        let qos = match options {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            2 => QoS::ExactlyOnce,
+            _ => return Err(DecodeError::Malformed("bad subscription options")),
+        };
+        let filter = match String::from_utf8(raw.to_vec()) {
+            Ok(f) if crate::topic::valid_filter(&f) => Ok(f),
+            Ok(f) => Err(f),
+            Err(_) => return Err(DecodeError::Malformed("filter is not valid UTF-8")),
+        };
+        filters.push((filter, qos));
+    }
+    if filters.is_empty() {
+        return Err(DecodeError::Malformed("SUBSCRIBE without filters"));
+    }
+    Ok(Subscribe { pkid, filters })
+}
+
+fn check_topic_name(topic: &str) -> Result<(), DecodeError> {
+    if topic.is_empty() {
+        return Err(DecodeError::Malformed("empty topic name"));
+    }
+    if topic.contains(['+', '#']) {
+        return Err(DecodeError::Malformed("wildcard in topic name"));
+    }
+    if topic.contains('\0') {
+        return Err(DecodeError::Malformed("topic contains U+0000"));
+    }
+    Ok(())
+}
+
+fn put_remaining_len(buf: &mut BytesMut, mut len: usize) {
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        buf.put_u8(byte);
+        if len == 0 {
+            break;
+        }
+    }
+}
+
+pub fn encode_connack(buf: &mut BytesMut, session_present: bool, code: u8) {
+    buf.put_slice(&[0x20, 2, session_present as u8, code]);
+}
+
+fn encode_id_packet(buf: &mut BytesMut, byte1: u8, pkid: u16) {
+    buf.put_slice(&[byte1, 2]);
+    buf.put_u16(pkid);
+}
+
+pub fn encode_puback(buf: &mut BytesMut, pkid: u16) {
+    encode_id_packet(buf, 0x40, pkid);
+}
+
+pub fn encode_pubrec(buf: &mut BytesMut, pkid: u16) {
+    encode_id_packet(buf, 0x50, pkid);
+}
+
+pub fn encode_pubrel(buf: &mut BytesMut, pkid: u16) {
+    encode_id_packet(buf, 0x62, pkid);
+}
+
+pub fn encode_pubcomp(buf: &mut BytesMut, pkid: u16) {
+    encode_id_packet(buf, 0x70, pkid);
+}
+
+pub fn encode_unsuback(buf: &mut BytesMut, pkid: u16) {
+    encode_id_packet(buf, 0xB0, pkid);
+}
+
+pub fn encode_pingresp(buf: &mut BytesMut) {
+    buf.put_slice(&[0xD0, 0]);
+}
+
+/// `codes`: granted QoS per filter, 0x80 for a refusal.
+pub fn encode_suback(buf: &mut BytesMut, pkid: u16, codes: &[u8]) {
+    buf.put_u8(0x90);
+    put_remaining_len(buf, 2 + codes.len());
+    buf.put_u16(pkid);
+    buf.put_slice(codes);
+}
+
+/// Writes a PUBLISH; `pkid` is ignored for QoS 0.
+pub fn encode_publish(
+    buf: &mut BytesMut,
+    topic: &str,
+    payload: &[u8],
+    qos: QoS,
+    pkid: u16,
+    retain: bool,
+    dup: bool,
+) {
+    let qos_bits = qos as u8;
+    let len = 2 + topic.len() + if qos_bits > 0 { 2 } else { 0 } + payload.len();
+    buf.reserve(len + 5);
+    buf.put_u8(0x30 | (dup as u8) << 3 | qos_bits << 1 | retain as u8);
+    put_remaining_len(buf, len);
+    buf.put_u16(topic.len() as u16);
+    buf.put_slice(topic.as_bytes());
+    if qos_bits > 0 {
+        buf.put_u16(pkid);
+    }
+    buf.put_slice(payload);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(bytes: &[u8]) -> Result<Option<Packet>, DecodeError> {
+        decode(&mut BytesMut::from(bytes), 1024)
+    }
+
+    fn connect_bytes(name: &str, level: u8, flags: u8, id: &str) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend((name.len() as u16).to_be_bytes());
+        body.extend(name.as_bytes());
+        body.push(level);
+        body.push(flags);
+        body.extend(30u16.to_be_bytes());
+        body.extend((id.len() as u16).to_be_bytes());
+        body.extend(id.as_bytes());
+        let mut out = vec![0x10, body.len() as u8];
+        out.extend(body);
+        out
+    }
+
+    #[test]
+    fn connect_mqtt_and_mqisdp() {
+        for (name, level) in [("MQTT", 4), ("MQIsdp", 3)] {
+            match decode_all(&connect_bytes(name, level, 0x02, "a")) {
+                Ok(Some(Packet::Connect(c))) => {
+                    assert_eq!(c.client_id, "a");
+                    assert!(c.clean_session);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn connect_level_5_is_unsupported() {
+        assert_eq!(
+            decode_all(&connect_bytes("MQTT", 5, 0x02, "a")).unwrap_err(),
+            DecodeError::UnsupportedProtocol(5)
+        );
+    }
+
+    #[test]
+    fn connect_reserved_flag() {
+        assert!(decode_all(&connect_bytes("MQTT", 4, 0x03, "a")).is_err());
+    }
+
+    #[test]
+    fn partial_packet_waits() {
+        let full = connect_bytes("MQTT", 4, 0x02, "abc");
+        assert!(decode_all(&full[..full.len() - 1]).unwrap().is_none());
+    }
+
+    #[test]
+    fn publish_roundtrip() {
+        let mut buf = BytesMut::new();
+        encode_publish(&mut buf, "a/b", b"hi", QoS::AtLeastOnce, 7, true, true);
+        match decode(&mut buf, 1024) {
+            Ok(Some(Packet::Publish(p))) => {
+                assert_eq!(p.topic, "a/b");
+                assert_eq!(p.pkid, 7);
+                assert!(p.retain && p.dup);
+                assert_eq!(&p.payload[..], b"hi");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn publish_rejects_qos3_and_wildcards() {
+        assert!(decode_all(&[0x36, 5, 0, 1, b'a', 0, 1]).is_err());
+        assert!(decode_all(&[0x30, 3, 0, 1, b'#']).is_err());
+        assert!(decode_all(&[0x38, 3, 0, 1, b'a']).is_err());
+    }
+
+    #[test]
+    fn subscribe_flags_and_filters() {
+        // SUBSCRIBE with wrong reserved flags.
+        assert!(decode_all(&[0x80, 6, 0, 1, 0, 1, b'a', 0]).is_err());
+        match decode_all(&[0x82, 12, 0, 1, 0, 1, b'a', 1, 0, 3, b'a', b'#', b'b', 0]) {
+            Ok(Some(Packet::Subscribe(s))) => {
+                assert_eq!(s.filters.len(), 2);
+                assert!(s.filters[0].0.is_ok());
+                assert!(s.filters[1].0.is_err());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(decode_all(&[0x82, 2, 0, 1]).is_err());
+    }
+
+    #[test]
+    fn oversized_and_unknown() {
+        assert_eq!(
+            decode(&mut BytesMut::from(&[0x30, 0xff, 0x7f][..]), 100).unwrap_err(),
+            DecodeError::TooLarge(16383)
+        );
+        assert!(decode_all(&[0xF0, 0]).is_err());
+        assert!(decode_all(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x7f]).is_err());
+    }
+}

@@ -1,0 +1,317 @@
+//! Configuration: built-in defaults, overridden by a TOML file, overridden by CLI flags.
+//!
+//! Every key has a default so `herald` runs with no file at all. Unknown keys and bad values
+//! are rejected at start with the file, the key path and the reason, because a typo that is
+//! silently ignored in a broker config becomes an outage months later.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: key `{key}`: {reason}")]
+    Invalid {
+        file: String,
+        key: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub session: SessionConfig,
+    pub push: PushConfig,
+    pub store: StoreConfig,
+    pub log: LogConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// MQTT over TCP.
+    pub listen: SocketAddr,
+    /// Connections beyond this are closed right after accept.
+    pub max_connections: usize,
+    /// A socket that has not sent CONNECT within this time is closed.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Largest accepted packet (remaining length), bytes.
+    pub max_packet_size: usize,
+    /// Bytes of encoded packets waiting for a slow reader before the broker stops taking more
+    /// live messages for that connection (QoS 0 then drops, QoS 1/2 stays in the outbox).
+    pub max_write_buffer: usize,
+    /// How long graceful shutdown waits for connections to close.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// Unacknowledged outbound QoS 1/2 messages per connection; the rest wait in order.
+    pub max_inflight: usize,
+    /// Outbox cap per client (messages waiting for a PUBACK, online or offline).
+    pub max_queued_messages: usize,
+    /// What happens to a message for a full outbox.
+    pub overflow: OverflowPolicy,
+    /// Live messages waiting in a connection's mailbox before QoS 0 ones are dropped.
+    pub max_mailbox: usize,
+    /// Stored messages expire after this long (0 = never).
+    #[serde(with = "humantime_serde")]
+    pub message_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverflowPolicy {
+    DropOldest,
+    DropNew,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// Subscribe every client to its own push topic on CONNECT.
+    pub enabled: bool,
+    /// Must contain `{client_id}` exactly once.
+    pub topic_template: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    Memory,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// tracing filter, e.g. "info" or "herald=debug".
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Prometheus scrape endpoint; off when absent.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            max_connections: 100_000,
+            connect_timeout: Duration::from_secs(10),
+            max_packet_size: 1024 * 1024,
+            max_write_buffer: 256 * 1024,
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            max_inflight: 32,
+            max_queued_messages: 1000,
+            overflow: OverflowPolicy::DropOldest,
+            max_mailbox: 1000,
+            message_ttl: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            enabled: true,
+            topic_template: "push/{client_id}".into(),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::Memory,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses TOML text; `origin` names the source in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            // toml's message carries line/column and the offending text; keep its first
+            // meaningful line so the error names the reason without the ASCII art.
+            let reason = e.inner().message().to_string();
+            let line = e
+                .inner()
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            ConfigError::Invalid {
+                file: match line {
+                    Some(l) => format!("{origin}:{l}"),
+                    None => origin.to_string(),
+                },
+                key,
+                reason,
+            }
+        })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    /// Checks relations serde cannot express. Also called after CLI overrides.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: String| {
+            Err(ConfigError::Invalid {
+                file: origin.to_string(),
+                key: key.to_string(),
+                reason,
+            })
+        };
+        let s = &self.session;
+        if s.max_inflight == 0 || s.max_inflight > 1024 {
+            return bad(
+                "session.max_inflight",
+                format!("{} is out of range 1..=1024", s.max_inflight),
+            );
+        }
+        // Packet ids are derived from outbox sequence numbers (seq % 65535 + 1), so an
+        // outbox larger than the id space could put two live messages on one id.
+        if s.max_queued_messages == 0 || s.max_queued_messages > 60_000 {
+            return bad(
+                "session.max_queued_messages",
+                format!("{} is out of range 1..=60000", s.max_queued_messages),
+            );
+        }
+        if s.max_mailbox == 0 {
+            return bad("session.max_mailbox", "must be at least 1".into());
+        }
+        if self.server.max_packet_size < 16 || self.server.max_packet_size > 268_435_455 {
+            return bad(
+                "server.max_packet_size",
+                format!(
+                    "{} is out of range 16..=268435455",
+                    self.server.max_packet_size
+                ),
+            );
+        }
+        if self.server.max_write_buffer < 1024 {
+            return bad("server.max_write_buffer", "must be at least 1024".into());
+        }
+        if self.server.max_connections == 0 {
+            return bad("server.max_connections", "must be at least 1".into());
+        }
+        if self.server.connect_timeout.is_zero() {
+            return bad("server.connect_timeout", "must be more than 0s".into());
+        }
+        let t = &self.push.topic_template;
+        if t.matches("{client_id}").count() != 1 {
+            return bad(
+                "push.topic_template",
+                format!("{t:?} must contain {{client_id}} exactly once"),
+            );
+        }
+        if t.contains('+') || t.contains('#') {
+            return bad(
+                "push.topic_template",
+                format!("{t:?} must not contain wildcards"),
+            );
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return bad("log.level", e.to_string());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_defaults() {
+        let c = Config::from_toml("", "t.toml").unwrap();
+        assert_eq!(c.server.listen.port(), 1883);
+        assert_eq!(c.session.max_inflight, 32);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let e = Config::from_toml("[session]\nmax_inflite = 3\n", "h.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("h.toml:2"), "{e}");
+        assert!(e.contains("max_inflite"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_key() {
+        let e = Config::from_toml("[server]\nlisten = \"nope\"\n", "h.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.listen"), "{e}");
+    }
+
+    #[test]
+    fn range_checked() {
+        let e = Config::from_toml("[session]\nmax_inflight = 0\n", "h.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("session.max_inflight"), "{e}");
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/herald.toml");
+        Config::from_file(Path::new(path)).unwrap();
+    }
+}

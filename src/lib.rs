@@ -1,0 +1,34 @@
+//! Herald: an MQTT 3.1.1 push broker.
+//!
+//! Modules, in the order a message meets them:
+//! - `server`: listeners, accept loop, graceful shutdown.
+//! - `session`: one connection's protocol state machine (CONNECT to close).
+//! - `codec`: MQTT 3.1.1 wire format (wraps `mqttbytes`, adds the strict checks).
+//! - `broker`: the node's shared state; resolves receivers and stores before acking.
+//! - `topic`: topic names, filters, the push-topic template.
+//! - `router`: subscription trie and retained messages for non-push topics.
+//! - `outbox`: the per-client store of unacknowledged QoS 1/2 messages (source of truth).
+//! - `mailbox`: hands live messages (hints) from the broker to a connection task.
+//! - `config`, `metrics`: operations.
+//!
+//! Path of a QoS 1 push: a backend's PUBLISH to `push/dev42` is decoded by `codec` in the
+//! backend's `session`, which calls `Broker::publish`. The broker sees a push topic (no
+//! router), appends the message to dev42's `outbox`, then drops a hint into dev42's
+//! `mailbox` if it is online; only after the append does the backend's session write PUBACK.
+//! dev42's session wakes, takes the hint (or reads the outbox, after a reconnect or a dropped
+//! hint), writes PUBLISH with packet id `seq % 65535 + 1`, and deletes the outbox entry when
+//! dev42's PUBACK arrives.
+
+pub mod broker;
+pub mod codec;
+pub mod config;
+pub mod mailbox;
+pub mod metrics;
+pub mod outbox;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod topic;
+
+pub use config::Config;
+pub use server::Server;

@@ -1,0 +1,112 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use herald::config::{Config, LogFormat};
+
+/// Herald: MQTT 3.1.1 push broker.
+///
+/// With no options it listens on 0.0.0.0:1883 with the in-process store. Every setting lives
+/// in the TOML file (see config/herald.toml); flags override the file.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// TOML config file.
+    #[arg(short, long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// MQTT TCP listener (server.listen).
+    #[arg(short, long, value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+    /// Prometheus /metrics listener (metrics.listen).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<SocketAddr>,
+    /// Log filter, e.g. info, debug, herald=trace (log.level).
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Log format (log.format).
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (mut config, origin) = match &cli.config {
+        Some(path) => match Config::from_file(path) {
+            Ok(c) => (c, path.display().to_string()),
+            Err(e) => {
+                eprintln!("herald: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => (Config::default(), "defaults".to_string()),
+    };
+    if let Some(l) = cli.listen {
+        config.server.listen = l;
+    }
+    if let Some(m) = cli.metrics_listen {
+        config.metrics.listen = Some(m);
+    }
+    if let Some(l) = cli.log_level {
+        config.log.level = l;
+    }
+    if let Some(f) = cli.log_format {
+        config.log.format = f;
+    }
+    if let Err(e) = config.validate(&format!("{origin} + command line")) {
+        eprintln!("herald: {e}");
+        return ExitCode::from(2);
+    }
+    init_logging(&config);
+
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("herald: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let server = match herald::Server::start(config).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                return ExitCode::FAILURE;
+            }
+        };
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        server.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

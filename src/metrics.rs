@@ -1,0 +1,176 @@
+//! Prometheus metrics.
+//!
+//! One process-wide recorder (metrics-exporter-prometheus) is installed on first use, and the
+//! counters on hot paths are registered once and kept as handles, so counting a message is an
+//! atomic add rather than a registry lookup. Each server may serve `/metrics` on its own
+//! address; in-process test servers share the recorder.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use metrics::{Counter, Gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+struct Handles {
+    prometheus: Option<PrometheusHandle>,
+    connections_active: Gauge,
+    connections_total: Counter,
+    rejected_max_connections: Counter,
+    connect_timeouts: Counter,
+    malformed: Counter,
+    received: [Counter; 3],
+    sent: [Counter; 3],
+    acked: Counter,
+    stored: Counter,
+    drops: [Counter; 5],
+    store_errors: Counter,
+    takeovers: Counter,
+    wills: Counter,
+}
+
+/// Why a message was dropped; each is its own `reason` label.
+#[derive(Debug, Clone, Copy)]
+pub enum Drop {
+    /// A QoS 0 message found the receiver's mailbox full (slow reader).
+    MailboxFull = 0,
+    OutboxFullOldest = 1,
+    OutboxFullNew = 2,
+    Expired = 3,
+    /// No subscriber matched.
+    NoReceiver = 4,
+}
+
+const DROP_REASONS: [&str; 5] = [
+    "mailbox_full",
+    "outbox_full_oldest",
+    "outbox_full_new",
+    "expired",
+    "no_receiver",
+];
+
+fn handles() -> &'static Handles {
+    static H: OnceLock<Handles> = OnceLock::new();
+    H.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (an embedding program's); then ours only
+        // counts into that one and `render` has nothing of its own to show.
+        let prometheus = metrics::set_global_recorder(recorder).ok().map(|_| handle);
+        let qos = |name: &'static str| ["0", "1", "2"].map(|q| metrics::counter!(name, "qos" => q));
+        Handles {
+            prometheus,
+            connections_active: metrics::gauge!("herald_connections_active"),
+            connections_total: metrics::counter!("herald_connections_total"),
+            rejected_max_connections: metrics::counter!(
+                "herald_connections_rejected_total", "reason" => "max_connections"),
+            connect_timeouts: metrics::counter!(
+                "herald_connections_rejected_total", "reason" => "connect_timeout"),
+            malformed: metrics::counter!("herald_malformed_packets_total"),
+            received: qos("herald_messages_received_total"),
+            sent: qos("herald_messages_sent_total"),
+            acked: metrics::counter!("herald_messages_acked_total"),
+            stored: metrics::counter!("herald_messages_stored_total"),
+            drops: DROP_REASONS
+                .map(|r| metrics::counter!("herald_messages_dropped_total", "reason" => r)),
+            store_errors: metrics::counter!("herald_store_errors_total"),
+            takeovers: metrics::counter!("herald_session_takeovers_total"),
+            wills: metrics::counter!("herald_wills_published_total"),
+        }
+    })
+}
+
+/// Registers everything so that `/metrics` lists every series from the start.
+pub fn init() {
+    handles();
+}
+
+pub fn connection_opened() {
+    let h = handles();
+    h.connections_total.increment(1);
+    h.connections_active.increment(1.0);
+}
+
+pub fn connection_closed() {
+    handles().connections_active.decrement(1.0);
+}
+
+pub fn rejected_max_connections() {
+    handles().rejected_max_connections.increment(1);
+}
+
+pub fn connect_timeout() {
+    handles().connect_timeouts.increment(1);
+}
+
+pub fn malformed() {
+    handles().malformed.increment(1);
+}
+
+pub fn received(qos: u8) {
+    handles().received[qos.min(2) as usize].increment(1);
+}
+
+pub fn sent(qos: u8) {
+    handles().sent[qos.min(2) as usize].increment(1);
+}
+
+pub fn acked() {
+    handles().acked.increment(1);
+}
+
+pub fn stored() {
+    handles().stored.increment(1);
+}
+
+pub fn dropped(reason: Drop) {
+    handles().drops[reason as usize].increment(1);
+}
+
+pub fn store_error() {
+    handles().store_errors.increment(1);
+}
+
+pub fn takeover() {
+    handles().takeovers.increment(1);
+}
+
+pub fn will_published() {
+    handles().wills.increment(1);
+}
+
+/// The Prometheus text exposition of every metric.
+pub fn render() -> String {
+    handles()
+        .prometheus
+        .as_ref()
+        .map(|h| h.render())
+        .unwrap_or_default()
+}
+
+/// Serves `GET /metrics` (any path, in fact) on `addr`. A scrape endpoint needs no router.
+pub async fn serve(listener: TcpListener) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut req = [0u8; 1024];
+            // Read the request head; its content does not change the answer.
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut req)).await;
+            let body = render();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body.as_bytes()).await;
+        });
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

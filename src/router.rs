@@ -1,0 +1,227 @@
+//! Who receives a message: the subscription table and the retained messages.
+//!
+//! Push topics never come here: a message on `push/X` goes to client X directly (see
+//! `broker`), which is both the fast path and the isolation rule. The router serves ordinary
+//! topics: exact and wildcard filters in one trie, one level per node, so matching a topic
+//! costs its depth, not the number of subscriptions.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use crate::codec::Qos;
+use crate::outbox::Message;
+use crate::topic;
+
+pub type ClientId = Arc<str>;
+
+#[derive(Default)]
+struct Node {
+    children: HashMap<Box<str>, Node>,
+    /// Subscribers whose filter ends at this node.
+    here: HashMap<ClientId, Qos>,
+    /// Subscribers of `<this node>/#`, which also matches this node itself.
+    multi: HashMap<ClientId, Qos>,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.here.is_empty() && self.multi.is_empty()
+    }
+
+    fn insert(&mut self, levels: &[&str], client: ClientId, qos: Qos) {
+        match levels {
+            ["#"] => {
+                self.multi.insert(client, qos);
+            }
+            [] => {
+                self.here.insert(client, qos);
+            }
+            [first, rest @ ..] => self
+                .children
+                .entry(Box::from(*first))
+                .or_default()
+                .insert(rest, client, qos),
+        }
+    }
+
+    fn remove(&mut self, levels: &[&str], client: &str) {
+        match levels {
+            ["#"] => {
+                self.multi.remove(client);
+            }
+            [] => {
+                self.here.remove(client);
+            }
+            [first, rest @ ..] => {
+                if let Some(child) = self.children.get_mut(*first) {
+                    child.remove(rest, client);
+                    if child.is_empty() {
+                        self.children.remove(*first);
+                    }
+                }
+            }
+        }
+    }
+
+    fn collect(&self, levels: &[&str], root: bool, out: &mut HashMap<ClientId, Qos>) {
+        let dollar = root && levels.first().is_some_and(|l| l.starts_with('$'));
+        let add = |subs: &HashMap<ClientId, Qos>, out: &mut HashMap<ClientId, Qos>| {
+            for (c, q) in subs {
+                let e = out.entry(c.clone()).or_insert(*q);
+                if (*q as u8) > (*e as u8) {
+                    *e = *q;
+                }
+            }
+        };
+        if !dollar {
+            add(&self.multi, out);
+        }
+        match levels {
+            [] => add(&self.here, out),
+            [first, rest @ ..] => {
+                if let Some(child) = self.children.get(*first) {
+                    child.collect(rest, false, out);
+                }
+                if !dollar {
+                    if let Some(child) = self.children.get("+") {
+                        child.collect(rest, false, out);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    root: Node,
+    by_client: HashMap<ClientId, HashMap<String, Qos>>,
+}
+
+#[derive(Default)]
+pub struct Router {
+    table: RwLock<Table>,
+    retained: RwLock<HashMap<Arc<str>, Arc<Message>>>,
+}
+
+impl Router {
+    pub fn subscribe(&self, client: &ClientId, filter: &str, qos: Qos) {
+        let levels: Vec<&str> = filter.split('/').collect();
+        let mut t = self.table.write();
+        t.root.insert(&levels, client.clone(), qos);
+        t.by_client
+            .entry(client.clone())
+            .or_default()
+            .insert(filter.to_string(), qos);
+    }
+
+    pub fn unsubscribe(&self, client: &str, filter: &str) {
+        let levels: Vec<&str> = filter.split('/').collect();
+        let mut t = self.table.write();
+        t.root.remove(&levels, client);
+        if let Some(filters) = t.by_client.get_mut(client) {
+            filters.remove(filter);
+            if filters.is_empty() {
+                t.by_client.remove(client);
+            }
+        }
+    }
+
+    pub fn unsubscribe_all(&self, client: &str) {
+        let mut t = self.table.write();
+        let Some(filters) = t.by_client.remove(client) else {
+            return;
+        };
+        for filter in filters.keys() {
+            let levels: Vec<&str> = filter.split('/').collect();
+            t.root.remove(&levels, client);
+        }
+    }
+
+    pub fn subscriptions(&self, client: &str) -> Vec<(String, Qos)> {
+        self.table
+            .read()
+            .by_client
+            .get(client)
+            .map(|f| f.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every client with a matching subscription, once, at its highest matching QoS.
+    pub fn matches(&self, topic: &str, out: &mut HashMap<ClientId, Qos>) {
+        let levels: Vec<&str> = topic.split('/').collect();
+        self.table.read().root.collect(&levels, true, out);
+    }
+
+    /// Stores, replaces or (empty payload) clears the retained message of its topic.
+    pub fn retain(&self, msg: &Arc<Message>) {
+        let mut r = self.retained.write();
+        if msg.payload.is_empty() {
+            r.remove(&msg.topic);
+        } else {
+            r.insert(msg.topic.clone(), msg.clone());
+        }
+    }
+
+    /// Retained messages whose topic matches `filter` (unexpired).
+    pub fn retained_for(&self, filter: &str, now_ms: u64) -> Vec<Arc<Message>> {
+        let r = self.retained.read();
+        if !topic::has_wildcards(filter) {
+            return r
+                .get(filter)
+                .filter(|m| !m.is_expired(now_ms))
+                .cloned()
+                .into_iter()
+                .collect();
+        }
+        r.values()
+            .filter(|m| topic::matches(&m.topic, filter) && !m.is_expired(now_ms))
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matched(r: &Router, topic: &str) -> Vec<(String, u8)> {
+        let mut out = HashMap::new();
+        r.matches(topic, &mut out);
+        let mut v: Vec<(String, u8)> = out
+            .into_iter()
+            .map(|(c, q)| (c.to_string(), q as u8))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn wildcards_and_overlap() {
+        let r = Router::default();
+        let a: ClientId = "a".into();
+        let b: ClientId = "b".into();
+        r.subscribe(&a, "x/+/z", Qos::AtMostOnce);
+        r.subscribe(&a, "x/#", Qos::ExactlyOnce);
+        r.subscribe(&b, "x/y/z", Qos::AtLeastOnce);
+        assert_eq!(matched(&r, "x/y/z"), [("a".into(), 2), ("b".into(), 1)]);
+        assert_eq!(matched(&r, "x"), [("a".into(), 2)]);
+        r.unsubscribe("a", "x/#");
+        assert_eq!(matched(&r, "x/y/z"), [("a".into(), 0), ("b".into(), 1)]);
+        r.unsubscribe_all("a");
+        assert_eq!(matched(&r, "x/y/z"), [("b".into(), 1)]);
+        assert!(r.subscriptions("a").is_empty());
+    }
+
+    #[test]
+    fn dollar_topics() {
+        let r = Router::default();
+        r.subscribe(&"a".into(), "#", Qos::AtMostOnce);
+        r.subscribe(&"b".into(), "+/x", Qos::AtMostOnce);
+        r.subscribe(&"c".into(), "$SYS/#", Qos::AtMostOnce);
+        assert_eq!(matched(&r, "$SYS/x"), [("c".into(), 0)]);
+        assert_eq!(matched(&r, "q/x").len(), 2);
+    }
+}

@@ -1,0 +1,161 @@
+//! Listeners, the accept loop and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::metrics;
+use crate::session::Connection;
+
+/// A running Herald node.
+pub struct Server {
+    local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    timeout: Duration,
+}
+
+/// How often stored messages are checked for expiry.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+impl Server {
+    /// Binds the listeners and starts serving. Must run inside a tokio runtime.
+    pub async fn start(config: Config) -> std::io::Result<Server> {
+        metrics::init();
+        let listener = TcpListener::bind(config.server.listen).await?;
+        let local_addr = listener.local_addr()?;
+        let metrics_listener = match config.metrics.listen {
+            Some(addr) => Some(metrics::bind(addr).await?),
+            None => None,
+        };
+        let metrics_addr = match &metrics_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
+        let timeout = config.server.shutdown_timeout;
+        let broker = Arc::new(Broker::new(config));
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+
+        if let Some(l) = metrics_listener {
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = metrics::serve(l) => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+        {
+            let broker = broker.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(SWEEP_EVERY);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => broker.store.sweep().await,
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            });
+        }
+        tokio::spawn(accept_loop(
+            listener,
+            broker.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        tracing::info!(listen = %local_addr, metrics = ?metrics_addr, "herald started");
+        Ok(Server {
+            local_addr,
+            metrics_addr,
+            broker,
+            shutdown,
+            tracker,
+            timeout,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// Stops accepting, closes every connection, waits up to `shutdown_timeout`.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(self.timeout, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some connections did not close in time");
+        }
+        tracing::info!("herald stopped");
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let active = Arc::new(AtomicUsize::new(0));
+    let max = broker.config.server.max_connections;
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning on the error.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if active.load(Ordering::Relaxed) >= max {
+            metrics::rejected_max_connections();
+            tracing::warn!(peer = %peer, max, "max_connections reached, closing new connection");
+            drop(stream);
+            continue;
+        }
+        active.fetch_add(1, Ordering::Relaxed);
+        let (broker, shutdown, active) = (broker.clone(), shutdown.clone(), active.clone());
+        tracker.spawn(async move {
+            metrics::connection_opened();
+            serve_tcp(broker, stream, peer, shutdown).await;
+            metrics::connection_closed();
+            active.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+async fn serve_tcp(
+    broker: Arc<Broker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    Connection::new(broker, stream, peer, shutdown).run().await;
+}
