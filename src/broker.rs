@@ -11,17 +11,19 @@
 //! settled before the new connection starts.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use futures::future::BoxFuture;
 
 use crate::codec::{min_qos, Qos};
 use crate::config::Config;
 use crate::mailbox::{Delivery, Mailbox};
 use crate::metrics;
-use crate::outbox::{now_ms, Enqueued, Limits, MemoryOutbox, Message, Store, StoreError};
+use crate::outbox::{now_ms, Enqueued, Message, Store, StoreError};
 use crate::router::{ClientId, Router};
 use crate::topic::PushTemplate;
 
@@ -65,23 +67,28 @@ pub struct Broker {
 const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
 
 impl Broker {
-    pub fn new(config: Config) -> Broker {
-        let limits = Limits {
-            max_queued: config.session.max_queued_messages,
-            overflow: config.session.overflow,
-        };
-        Broker {
+    /// Opens the store and loads what it keeps (subscriptions, retained messages).
+    pub async fn open(config: Config) -> Result<Broker, StoreError> {
+        let store = Store::open(&config).await?;
+        let router = Router::default();
+        for (client, filter, qos) in store.load_subscriptions().await? {
+            router.subscribe(&Arc::from(client), &filter, qos);
+        }
+        for msg in store.load_retained().await? {
+            router.retain(&Arc::new(msg));
+        }
+        Ok(Broker {
             push: config
                 .push
                 .enabled
                 .then(|| PushTemplate::new(&config.push.topic_template)),
-            store: Store::Memory(MemoryOutbox::new(limits)),
-            router: Router::default(),
+            store,
+            router,
             clients: DashMap::new(),
             next_conn_id: AtomicU64::new(1),
             incarnation: now_ms() ^ u64::from(std::process::id()) << 40,
             config,
-        }
+        })
     }
 
     /// A unique id for a client that connected with an empty one.
@@ -130,19 +137,13 @@ impl Broker {
             }
             None => (false, None),
         };
-        let stored = async {
-            let watermark = self.store.attach(client).await?;
-            if clean {
-                self.router.unsubscribe_all(client);
-                if let Err(e) = self.store.clear(client).await {
-                    self.store.detach(client).await;
-                    return Err(e);
+        let stored = match self.store.attach(client, clean).await {
+            Ok(a) => {
+                if clean {
+                    self.router.unsubscribe_all(client);
                 }
+                a
             }
-            Ok(watermark)
-        };
-        let sent_watermark = match stored.await {
-            Ok(w) => w,
             Err(e) => {
                 // Undo the registration so that the refused client leaves no trace.
                 if let Some(mut st) = self.clients.get_mut(client) {
@@ -159,13 +160,13 @@ impl Broker {
         };
         Ok(Attached {
             conn_id,
-            session_present: !clean && existed,
+            session_present: !clean && (existed || stored.session_present),
             data: if clean {
                 SessionData::default()
             } else {
                 saved.unwrap_or_default()
             },
-            sent_watermark,
+            sent_watermark: stored.sent_watermark,
         })
     }
 
@@ -199,42 +200,68 @@ impl Broker {
         self.clients.get(client).and_then(|e| e.conn.clone())
     }
 
-    /// SUBSCRIBE for one filter: the granted QoS, or 0x80.
-    pub fn subscribe(&self, client: &ClientId, filter: &str, qos: Qos) -> u8 {
+    /// SUBSCRIBE for one filter: the granted QoS, or 0x80. A persistent session's
+    /// subscription is stored before it is granted.
+    pub async fn subscribe(
+        &self,
+        client: &ClientId,
+        persistent: bool,
+        filter: &str,
+        qos: Qos,
+    ) -> Result<u8, StoreError> {
         if let Some(owner) = self.push.as_ref().and_then(|p| p.owner_of_filter(filter)) {
             // The push subscription is implicit; a client may name its own, never another's.
-            return if owner == &**client {
+            return Ok(if owner == &**client {
                 min_qos(qos, Qos::AtLeastOnce) as u8
             } else {
                 0x80
-            };
+            });
+        }
+        if persistent {
+            self.store.save_subscription(client, filter, qos).await?;
         }
         self.router.subscribe(client, filter, qos);
-        qos as u8
+        Ok(qos as u8)
     }
 
-    pub fn unsubscribe(&self, client: &ClientId, filter: &str) {
-        self.router.unsubscribe(client, filter);
-    }
-
-    /// Sends the retained messages matching a new subscription, with RETAIN set.
-    pub async fn send_retained(
+    pub async fn unsubscribe(
         &self,
         client: &ClientId,
+        persistent: bool,
         filter: &str,
-        granted: Qos,
     ) -> Result<(), StoreError> {
-        for msg in self.router.retained_for(filter, now_ms()) {
-            let qos = min_qos(msg.qos, granted);
-            self.deliver(client, qos, &msg).await?;
+        self.router.unsubscribe(client, filter);
+        if persistent {
+            self.store.remove_subscription(client, filter).await?;
         }
         Ok(())
     }
 
-    /// Routes and stores a message from a client (or a will). Returns once every receiver's
-    /// outbox holds it; an error means some outbox may not, and the publisher must not be
+    /// Sends the retained messages matching a new subscription, with RETAIN set.
+    pub async fn send_retained(
+        self: &Arc<Self>,
+        client: &ClientId,
+        filter: &str,
+        granted: Qos,
+    ) -> Result<(), StoreError> {
+        let sends: Vec<_> = self
+            .router
+            .retained_for(filter, now_ms())
+            .into_iter()
+            .map(|msg| self.deliver(client.clone(), min_qos(msg.qos, granted), msg))
+            .collect();
+        futures::future::try_join_all(sends).await.map(|_| ())
+    }
+
+    /// Routes and stores a message from a client (or a will). Every store is submitted
+    /// before this returns, so messages published in order are stored in order however the
+    /// futures are polled. The future resolves once every receiver's outbox holds the
+    /// message; an error means some outbox may not, and the publisher must not be
     /// acknowledged.
-    pub async fn publish(&self, mut msg: Message) -> Result<(), StoreError> {
+    pub fn publish(
+        self: &Arc<Self>,
+        mut msg: Message,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
         let ttl = self.config.session.message_ttl;
         if !ttl.is_zero() && msg.qos != Qos::AtMostOnce {
             msg.expires_at = now_ms() + ttl.as_millis() as u64;
@@ -244,59 +271,64 @@ impl Broker {
             // subscribers, which would break device isolation.
             msg.retain = false;
             let qos = min_qos(msg.qos, Qos::AtLeastOnce);
-            let owner: ClientId = Arc::from(owner);
-            return self.deliver(&owner, qos, &Arc::new(msg)).await;
+            return Box::pin(self.deliver(Arc::from(owner), qos, Arc::new(msg)));
         }
-        if msg.retain {
-            self.router.retain(&Arc::new(msg.clone()));
+        let retained = msg.retain.then(|| {
+            let retained = Arc::new(msg.clone());
+            self.router.retain(&retained);
             msg.retain = false;
-        }
+            self.store.set_retained(&retained)
+        });
         let msg = Arc::new(msg);
         let mut receivers = HashMap::new();
         self.router.matches(&msg.topic, &mut receivers);
         if receivers.is_empty() {
             metrics::dropped(metrics::Drop::NoReceiver);
         }
-        let mut result = Ok(());
-        for (client, sub_qos) in receivers {
-            if let Err(e) = self.deliver(&client, min_qos(msg.qos, sub_qos), &msg).await {
-                result = Err(e);
+        let deliveries: Vec<_> = receivers
+            .into_iter()
+            .map(|(client, sub_qos)| self.deliver(client, min_qos(msg.qos, sub_qos), msg.clone()))
+            .collect();
+        Box::pin(async move {
+            if let Some(r) = retained {
+                r.await?;
             }
-        }
-        result
+            futures::future::try_join_all(deliveries).await.map(|_| ())
+        })
     }
 
-    /// Hands one message to one client: stored first unless QoS 0, then hinted.
-    pub async fn deliver(
-        &self,
-        client: &ClientId,
+    /// Hands one message to one client: stored first unless QoS 0, then hinted. The store
+    /// is submitted at call time.
+    fn deliver(
+        self: &Arc<Self>,
+        client: ClientId,
         qos: Qos,
-        msg: &Arc<Message>,
-    ) -> Result<(), StoreError> {
-        if qos == Qos::AtMostOnce {
-            if let Some(mb) = self.mailbox(client) {
-                mb.push(Delivery::Direct(msg.clone()));
+        msg: Arc<Message>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        let stored = (qos != Qos::AtMostOnce).then(|| self.store.enqueue(&client, qos, &msg));
+        let broker = self.clone();
+        async move {
+            let Some(stored) = stored else {
+                if let Some(mb) = broker.mailbox(&client) {
+                    mb.push(Delivery::Direct(msg));
+                }
+                return Ok(());
+            };
+            let seq = match stored.await {
+                Ok(Enqueued::Stored(seq)) => seq,
+                Ok(Enqueued::Rejected) => return Ok(()),
+                Err(e) => {
+                    metrics::store_error();
+                    return Err(e);
+                }
+            };
+            // Looked up after the store so that a connection registered meanwhile either
+            // sees the entry in its first outbox read or gets this hint.
+            if let Some(mb) = broker.mailbox(&client) {
+                mb.push(Delivery::Stored { seq, qos, msg });
             }
-            return Ok(());
+            Ok(())
         }
-        let seq = match self.store.enqueue(client, qos, msg).await {
-            Ok(Enqueued::Stored(seq)) => seq,
-            Ok(Enqueued::Rejected) => return Ok(()),
-            Err(e) => {
-                metrics::store_error();
-                return Err(e);
-            }
-        };
-        // Looked up after the store so that a connection registered meanwhile either sees
-        // the entry in its first outbox read or gets this hint.
-        if let Some(mb) = self.mailbox(client) {
-            mb.push(Delivery::Stored {
-                seq,
-                qos,
-                msg: msg.clone(),
-            });
-        }
-        Ok(())
     }
 
     pub fn is_connected(&self, client: &str) -> bool {

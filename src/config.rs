@@ -92,12 +92,16 @@ pub struct PushConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     pub kind: StoreKind,
+    /// Redis to use with `kind = "redis"`: `redis://[:password@]host:port/db`, or
+    /// `rediss://` for TLS.
+    pub redis_url: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum StoreKind {
     Memory,
+    Redis,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -160,6 +164,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             kind: StoreKind::Memory,
+            redis_url: "redis://127.0.0.1:6379/0".into(),
         }
     }
 }
@@ -265,6 +270,11 @@ impl Config {
                 "push.topic_template",
                 format!("{t:?} must not contain wildcards"),
             );
+        }
+        if self.store.kind == StoreKind::Redis {
+            if let Err(e) = redis::Client::open(self.store.redis_url.as_str()) {
+                return bad("store.redis_url", e.to_string());
+            }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return bad("log.level", e.to_string());

@@ -35,7 +35,8 @@ pub struct Mailbox {
     lost_hint: AtomicBool,
     kicked: AtomicBool,
     done: AtomicBool,
-    done_wake: Notify,
+    /// Wakes `wait_done` and `wait_kicked`; each re-checks its own flag.
+    state_wake: Notify,
     cap: usize,
 }
 
@@ -47,7 +48,7 @@ impl Mailbox {
             lost_hint: AtomicBool::new(false),
             kicked: AtomicBool::new(false),
             done: AtomicBool::new(false),
-            done_wake: Notify::new(),
+            state_wake: Notify::new(),
             cap,
         }
     }
@@ -94,21 +95,35 @@ impl Mailbox {
     pub fn kick(&self) {
         self.kicked.store(true, Ordering::Release);
         self.wake.notify_one();
+        self.state_wake.notify_waiters();
     }
 
     pub fn is_kicked(&self) -> bool {
         self.kicked.load(Ordering::Acquire)
     }
 
+    /// Resolves once the connection has been kicked. A connection with a full write buffer
+    /// stops waiting on `wait` (it takes no deliveries), and a peer that stopped reading is
+    /// exactly the half-dead connection a takeover replaces: this is how it still hears.
+    pub async fn wait_kicked(&self) {
+        loop {
+            let notified = self.state_wake.notified();
+            if self.is_kicked() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// The connection has finished its cleanup (will published, session saved).
     pub fn mark_done(&self) {
         self.done.store(true, Ordering::Release);
-        self.done_wake.notify_waiters();
+        self.state_wake.notify_waiters();
     }
 
     pub async fn wait_done(self: &Arc<Self>) {
         loop {
-            let notified = self.done_wake.notified();
+            let notified = self.state_wake.notified();
             if self.done.load(Ordering::Acquire) {
                 return;
             }

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use herald::config::{Config, LogFormat};
+use herald::config::{Config, LogFormat, StoreKind};
 
 /// Herald: MQTT 3.1.1 push broker.
 ///
@@ -21,6 +21,12 @@ struct Cli {
     /// Prometheus /metrics listener (metrics.listen).
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_listen: Option<SocketAddr>,
+    /// Where outboxes, sessions and retained messages live (store.kind).
+    #[arg(long, value_enum)]
+    store: Option<StoreKind>,
+    /// Redis URL for --store redis, e.g. redis://127.0.0.1:6379/0 (store.redis_url).
+    #[arg(long, value_name = "URL")]
+    redis_url: Option<String>,
     /// Log filter, e.g. info, debug, herald=trace (log.level).
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
@@ -46,6 +52,12 @@ fn main() -> ExitCode {
     }
     if let Some(m) = cli.metrics_listen {
         config.metrics.listen = Some(m);
+    }
+    if let Some(s) = cli.store {
+        config.store.kind = s;
+    }
+    if let Some(u) = cli.redis_url {
+        config.store.redis_url = u;
     }
     if let Some(l) = cli.log_level {
         config.log.level = l;

@@ -27,6 +27,7 @@ struct Handles {
     drops: [Counter; 5],
     store_errors: Counter,
     takeovers: Counter,
+    store_queue_full: Counter,
     wills: Counter,
 }
 
@@ -76,6 +77,7 @@ fn handles() -> &'static Handles {
                 .map(|r| metrics::counter!("herald_messages_dropped_total", "reason" => r)),
             store_errors: metrics::counter!("herald_store_errors_total"),
             takeovers: metrics::counter!("herald_session_takeovers_total"),
+            store_queue_full: metrics::counter!("herald_limit_hits_total", "limit" => "store_write_queue"),
             wills: metrics::counter!("herald_wills_published_total"),
         }
     })
@@ -130,6 +132,14 @@ pub fn dropped(reason: Drop) {
 
 pub fn store_error() {
     handles().store_errors.increment(1);
+}
+
+/// A configured or built-in bound was reached.
+pub fn limit_hit(limit: &'static str) {
+    match limit {
+        "store_write_queue" => handles().store_queue_full.increment(1),
+        other => metrics::counter!("herald_limit_hits_total", "limit" => other).increment(1),
+    }
 }
 
 pub fn takeover() {

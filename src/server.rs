@@ -42,7 +42,11 @@ impl Server {
             None => None,
         };
         let timeout = config.server.shutdown_timeout;
-        let broker = Arc::new(Broker::new(config));
+        let broker = Arc::new(
+            Broker::open(config)
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?,
+        );
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
 

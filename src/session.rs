@@ -22,6 +22,7 @@ use std::task::{ready, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures::stream::{FuturesOrdered, StreamExt};
 use mqttbytes::v4::{Connect, Publish};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{sleep_until, Instant};
@@ -31,7 +32,7 @@ use crate::broker::{Broker, SessionData};
 use crate::codec::{self, DecodeError, Packet, Qos};
 use crate::mailbox::{Delivery, Mailbox};
 use crate::metrics;
-use crate::outbox::{packet_id, Entry, Message};
+use crate::outbox::{packet_id, Entry, Message, StoreError};
 use crate::router::ClientId;
 
 thread_local! {
@@ -143,6 +144,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 }
 
+/// Publishes from this client still being stored (Redis), in arrival order: their PUBACKs go
+/// out in the same order, and the socket is not read while this many are outstanding.
+const MAX_PENDING_PUBLISHES: usize = 1024;
+
+type PendingPublish =
+    Pin<Box<dyn std::future::Future<Output = (Qos, u16, Result<(), StoreError>)> + Send>>;
+
 struct InFlight {
     seq: u64,
     pkid: u16,
@@ -165,6 +173,7 @@ struct Session<W> {
     next_seq: u64,
     backlog: bool,
     sent_watermark: u64,
+    pending: FuturesOrdered<PendingPublish>,
 }
 
 impl<W: AsyncWrite + Unpin> Session<W> {
@@ -226,6 +235,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             inflight: VecDeque::new(),
             next_seq: 0,
             backlog: true,
+            pending: FuturesOrdered::new(),
         };
         // QoS 2 messages released before the last connection dropped: finish them first.
         for &pkid in &s.data.awaiting_pubcomp {
@@ -257,8 +267,14 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 return End::Abnormal(format!("store: {e}"));
             }
             let can_take = self.wbuf.len() < max_wbuf;
+            let can_read = self.pending.len() < MAX_PENDING_PUBLISHES;
             tokio::select! {
-                r = read_some(&mut reader, &mut rbuf) => {
+                Some((qos, pkid, r)) = self.pending.next(), if !self.pending.is_empty() => {
+                    if let Err(end) = self.published(qos, pkid, r) {
+                        return end;
+                    }
+                }
+                r = read_some(&mut reader, &mut rbuf), if can_read => {
                     match r {
                         Ok(0) => return End::Abnormal("connection closed by peer".into()),
                         Ok(_) => {}
@@ -271,6 +287,9 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                     if rbuf.is_empty() {
                         rbuf = BytesMut::new();
                     }
+                }
+                _ = self.mailbox.wait_kicked(), if !can_take => {
+                    return End::Abnormal("taken over by a newer connection".into());
                 }
                 _ = self.mailbox.wait(), if can_take => {
                     if self.mailbox.is_kicked() {
@@ -350,7 +369,11 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 let mut codes = Vec::with_capacity(s.filters.len());
                 for (filter, qos) in &s.filters {
                     codes.push(match filter {
-                        Ok(f) => self.broker.subscribe(&self.client, f, *qos),
+                        Ok(f) => self
+                            .broker
+                            .subscribe(&self.client, !self.clean, f, *qos)
+                            .await
+                            .map_err(|e| End::Abnormal(format!("store: {e}")))?,
                         Err(f) => {
                             tracing::info!(client = %self.client, filter = %f, "invalid topic filter refused");
                             0x80
@@ -369,7 +392,10 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             }
             Packet::Unsubscribe(u) => {
                 for f in &u.topics {
-                    self.broker.unsubscribe(&self.client, f);
+                    self.broker
+                        .unsubscribe(&self.client, !self.clean, f)
+                        .await
+                        .map_err(|e| End::Abnormal(format!("store: {e}")))?;
                 }
                 codec::encode_unsuback(&mut self.wbuf, u.pkid);
             }
@@ -400,7 +426,20 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             retain: p.retain,
             expires_at: 0,
         };
-        if let Err(e) = self.broker.publish(msg).await {
+        let stored = self.broker.publish(msg);
+        if self.broker.store.is_remote() {
+            // Stored concurrently with the next publishes instead of one round trip each.
+            self.pending
+                .push_back(Box::pin(async move { (qos, pkid, stored.await) }));
+            return Ok(());
+        }
+        let r = stored.await;
+        self.published(qos, pkid, r)
+    }
+
+    /// A publish from this client is stored (or not): acknowledge it.
+    fn published(&mut self, qos: Qos, pkid: u16, r: Result<(), StoreError>) -> Result<(), End> {
+        if let Err(e) = r {
             // No acknowledgement: closing makes the client resend after reconnecting.
             tracing::warn!(client = %self.client, error = %e, "publish not stored");
             return Err(End::Abnormal(format!("store: {e}")));
@@ -428,11 +467,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         let seq = self.inflight[i].seq;
         self.inflight.remove(i);
         metrics::acked();
-        if let Err(e) = self.broker.store.ack(&self.client, seq).await {
-            // The entry stays and comes back as a duplicate: late, never lost.
-            metrics::store_error();
-            tracing::warn!(client = %self.client, error = %e, seq, "ack not stored");
-        }
+        self.broker.store.ack(&self.client, seq).await;
         Ok(true)
     }
 
@@ -524,13 +559,21 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             qos: e.qos,
         });
         self.next_seq = e.seq + 1;
-        if let Err(err) = self.broker.store.mark_sent(&self.client, e.seq).await {
-            tracing::debug!(client = %self.client, error = %err, "sent watermark not stored");
-        }
+        self.broker.store.mark_sent(&self.client, e.seq).await;
         true
     }
 
-    async fn finish(mut self, end: End) {
+    async fn finish(mut self, mut end: End) {
+        // Publishes received before the end are still routed (a QoS 0 publish followed by
+        // DISCONNECT must arrive), and acknowledged if the socket still takes it.
+        let drain = async {
+            while let Some((qos, pkid, r)) = self.pending.next().await {
+                if let Err(e) = self.published(qos, pkid, r) {
+                    end = e;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
         // Best effort: whatever is already encoded (a final PUBACK) goes out.
         if !self.wbuf.is_empty() {
             let _ = tokio::time::timeout(

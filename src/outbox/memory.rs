@@ -1,176 +1,14 @@
-//! The outbox: per-client queues of QoS 1/2 messages that wait for the device's PUBACK.
-//!
-//! The outbox is the only source of truth for an undelivered message (design.md section 1).
-//! Everything else that carries a message towards a device (a connection's mailbox, later the
-//! node-to-node link) is a hint that makes delivery fast; losing a hint delays a message until
-//! the connection re-reads its outbox, it never loses one.
-//!
-//! Each client's entries carry a per-client sequence number. It orders delivery, names the
-//! entry for acknowledgement, and gives the MQTT packet id (`seq % 65535 + 1`), so a resend
-//! after reconnecting (to any node) reuses the original packet id. The `sent` watermark is the
-//! highest sequence ever written to the wire: on a new connection, entries at or below it are
-//! resent with DUP = 1.
-//!
-//! `Store` is the interface the broker uses; `MemoryOutbox` is the in-process implementation
-//! (the embedded default, lost on restart). A durable implementation slots in as another
-//! `Store` variant without touching the session code.
+//! In-process outbox: the embedded default. Lost on restart, said so in the README.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use dashmap::DashMap;
 
+use super::{now_ms, Enqueued, Entry, Limits, Message};
 use crate::codec::Qos;
 use crate::config::OverflowPolicy;
 use crate::metrics;
-
-/// A message as routed inside Herald. Shared (`Arc`) between all receivers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
-    pub topic: Arc<str>,
-    pub payload: Bytes,
-    pub qos: Qos,
-    pub retain: bool,
-    /// Unix milliseconds after which the message is dropped undelivered; 0 = never.
-    pub expires_at: u64,
-}
-
-impl Message {
-    pub fn is_expired(&self, now_ms: u64) -> bool {
-        self.expires_at != 0 && self.expires_at <= now_ms
-    }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// One queued message for one client, delivered at `qos` (1 or 2).
-#[derive(Debug, Clone)]
-pub struct Entry {
-    pub seq: u64,
-    pub qos: Qos,
-    pub msg: Arc<Message>,
-}
-
-/// MQTT packet id for an outbox sequence number: never 0, and the same on every node.
-pub fn packet_id(seq: u64) -> u16 {
-    (seq % 65535) as u16 + 1
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Enqueued {
-    /// Stored under this sequence number.
-    Stored(u64),
-    /// The outbox was full and the policy is `drop_new`: not stored (counted).
-    Rejected,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub max_queued: usize,
-    pub overflow: OverflowPolicy,
-}
-
-/// The broker's store. An enum rather than a trait object: two implementations, static
-/// dispatch, and `async fn` without boxing.
-pub enum Store {
-    Memory(MemoryOutbox),
-}
-
-impl Store {
-    pub async fn enqueue(
-        &self,
-        client: &str,
-        qos: Qos,
-        msg: &Arc<Message>,
-    ) -> Result<Enqueued, StoreError> {
-        match self {
-            Store::Memory(m) => Ok(m.enqueue(client, qos, msg)),
-        }
-    }
-
-    /// Entries with `seq >= from`, in order, at most `limit`. Expired ones are removed.
-    pub async fn fetch(
-        &self,
-        client: &str,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<Entry>, StoreError> {
-        match self {
-            Store::Memory(m) => Ok(m.fetch(client, from, limit)),
-        }
-    }
-
-    /// The device acknowledged `seq`: delete it.
-    pub async fn ack(&self, client: &str, seq: u64) -> Result<(), StoreError> {
-        match self {
-            Store::Memory(m) => {
-                m.ack(client, seq);
-                Ok(())
-            }
-        }
-    }
-
-    /// `seq` was written to the wire.
-    pub async fn mark_sent(&self, client: &str, seq: u64) -> Result<(), StoreError> {
-        match self {
-            Store::Memory(m) => {
-                m.mark_sent(client, seq);
-                Ok(())
-            }
-        }
-    }
-
-    /// A connection for `client` starts: returns the sent watermark (for DUP) and keeps the
-    /// client's sequence counter alive while attached.
-    pub async fn attach(&self, client: &str) -> Result<u64, StoreError> {
-        match self {
-            Store::Memory(m) => Ok(m.attach(client)),
-        }
-    }
-
-    pub async fn detach(&self, client: &str) {
-        match self {
-            Store::Memory(m) => m.detach(client),
-        }
-    }
-
-    /// Drop every queued entry (clean session). The sequence counter keeps counting.
-    pub async fn clear(&self, client: &str) -> Result<(), StoreError> {
-        match self {
-            Store::Memory(m) => {
-                m.clear(client);
-                Ok(())
-            }
-        }
-    }
-
-    /// Number of queued entries (tests and metrics).
-    pub async fn len(&self, client: &str) -> Result<usize, StoreError> {
-        match self {
-            Store::Memory(m) => Ok(m.len(client)),
-        }
-    }
-
-    /// Periodic housekeeping: expire old entries, forget idle empty outboxes.
-    pub async fn sweep(&self) {
-        match self {
-            Store::Memory(m) => m.sweep(),
-        }
-    }
-}
 
 #[derive(Default)]
 struct ClientOutbox {
@@ -203,7 +41,7 @@ impl MemoryOutbox {
         }
     }
 
-    fn enqueue(&self, client: &str, qos: Qos, msg: &Arc<Message>) -> Enqueued {
+    pub(super) fn enqueue(&self, client: &str, qos: Qos, msg: &Arc<Message>) -> Enqueued {
         let mut ob = self.clients.entry(Arc::from(client)).or_default();
         if ob.entries.len() >= self.limits.max_queued {
             match self.limits.overflow {
@@ -228,7 +66,7 @@ impl MemoryOutbox {
         Enqueued::Stored(seq)
     }
 
-    fn fetch(&self, client: &str, from: u64, limit: usize) -> Vec<Entry> {
+    pub(super) fn fetch(&self, client: &str, from: u64, limit: usize) -> Vec<Entry> {
         let Some(mut ob) = self.clients.get_mut(client) else {
             return Vec::new();
         };
@@ -249,7 +87,7 @@ impl MemoryOutbox {
         out
     }
 
-    fn ack(&self, client: &str, seq: u64) {
+    pub(super) fn ack(&self, client: &str, seq: u64) {
         if let Some(mut ob) = self.clients.get_mut(client) {
             if let Ok(i) = ob.position(seq) {
                 ob.entries.remove(i);
@@ -257,36 +95,36 @@ impl MemoryOutbox {
         }
     }
 
-    fn mark_sent(&self, client: &str, seq: u64) {
+    pub(super) fn mark_sent(&self, client: &str, seq: u64) {
         if let Some(mut ob) = self.clients.get_mut(client) {
             ob.sent = ob.sent.max(seq);
         }
     }
 
-    fn attach(&self, client: &str) -> u64 {
+    pub(super) fn attach(&self, client: &str) -> u64 {
         let mut ob = self.clients.entry(Arc::from(client)).or_default();
         ob.attached += 1;
         ob.sent
     }
 
-    fn detach(&self, client: &str) {
+    pub(super) fn detach(&self, client: &str) {
         if let Some(mut ob) = self.clients.get_mut(client) {
             ob.attached = ob.attached.saturating_sub(1);
         }
     }
 
-    fn clear(&self, client: &str) {
+    pub(super) fn clear(&self, client: &str) {
         if let Some(mut ob) = self.clients.get_mut(client) {
             ob.entries.clear();
             ob.entries.shrink_to_fit();
         }
     }
 
-    fn len(&self, client: &str) -> usize {
+    pub(super) fn len(&self, client: &str) -> usize {
         self.clients.get(client).map_or(0, |ob| ob.entries.len())
     }
 
-    fn sweep(&self) {
+    pub(super) fn sweep(&self) {
         let now = now_ms();
         self.clients.retain(|_, ob| {
             let before = ob.entries.len();
@@ -304,6 +142,8 @@ impl MemoryOutbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use std::time::Duration;
 
     fn msg(p: &str, expires_at: u64) -> Arc<Message> {
         Arc::new(Message {
@@ -378,12 +218,5 @@ mod tests {
             s.enqueue("c", Qos::AtLeastOnce, &msg("b", 0)),
             Enqueued::Stored(2)
         );
-    }
-
-    #[test]
-    fn packet_ids_never_zero() {
-        assert_eq!(packet_id(0), 1);
-        assert_eq!(packet_id(65534), 65535);
-        assert_eq!(packet_id(65535), 1);
     }
 }

@@ -1,0 +1,615 @@
+//! Redis outbox: durable, shared by every node of a cluster.
+//!
+//! Keys (all of one client under the hash tag `{cid}`, so each Lua script touches one slot and
+//! also runs on Redis Cluster):
+//! - `herald:seq:{cid}`: INCR counter; never expires, so sequence numbers (and packet ids)
+//!   never repeat for a client while one of its connections may still hold a cursor.
+//! - `herald:outbox:{cid}`: ZSET, score = seq, member = `<seq>|<envelope>`. Its TTL is
+//!   refreshed to `message_ttl` on every enqueue; single messages expire by the time in
+//!   their envelope, checked on read.
+//! - `herald:sent:{cid}`: highest seq written to the wire (DUP on redelivery).
+//! - `herald:session:{cid}`: present while the client has a persistent session.
+//! - `herald:subs:{cid}`: HASH filter -> QoS of a persistent session.
+//! - `herald:subscribers`: SET of client ids with subscriptions (an index read at start).
+//! - `herald:retained`: HASH topic -> envelope.
+//!
+//! Enqueue and attach are one Lua call each and are awaited: the publisher's PUBACK waits for
+//! them. Acks and sent watermarks are written by a background task in pipelines: losing one
+//! only means a duplicate later, never a lost message. Many concurrent calls share one
+//! multiplexed connection, so they are pipelined by the driver; no connection is held per
+//! MQTT client.
+//!
+//! Availability: any I/O error or timeout marks the store down (logged once). While down,
+//! calls fail at once without touching Redis (CONNECT gets CONNACK 3, QoS 1 is not
+//! acknowledged), and one task pings Redis with backoff until it answers (logged once).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::{now_ms, Attach, Enqueued, Entry, Limits, Message, StoreError};
+use crate::codec::Qos;
+use crate::config::OverflowPolicy;
+use crate::metrics;
+
+const ENQUEUE: &str = r#"
+local cap = tonumber(ARGV[1])
+local n = redis.call('ZCARD', KEYS[1])
+local dropped = 0
+if n >= cap then
+  if ARGV[2] == '1' then return {0, 0} end
+  dropped = n - cap + 1
+  redis.call('ZPOPMIN', KEYS[1], dropped)
+end
+local seq = redis.call('INCR', KEYS[2])
+redis.call('ZADD', KEYS[1], seq, seq .. '|' .. ARGV[3])
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+return {seq, dropped}
+"#;
+
+const ATTACH: &str = r#"
+local present = redis.call('EXISTS', KEYS[3])
+if ARGV[1] == '1' then
+  redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
+  present = 0
+else
+  redis.call('SET', KEYS[3], '1')
+end
+local sent = tonumber(redis.call('GET', KEYS[2]) or '0')
+return {present, sent}
+"#;
+
+/// Upper bound on any one Redis call, so that a stalled Redis never hangs a client.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A write whose order matters (enqueue, retained): submitted synchronously, so the order of
+/// calls is the order Redis applies them in, whatever order their futures are polled in.
+struct Ordered {
+    cmd: redis::Cmd,
+    reply: oneshot::Sender<Result<redis::Value, StoreError>>,
+}
+
+/// Ordered writes waiting for the next pipeline; beyond this, publishes are refused (counted).
+const MAX_QUEUED_WRITES: usize = 65_536;
+
+enum Write {
+    Ack(Arc<str>, u64),
+    Sent(Arc<str>, u64),
+}
+
+struct Health {
+    up: AtomicBool,
+    wake: Notify,
+}
+
+pub struct RedisOutbox {
+    conn: ConnectionManager,
+    limits: Limits,
+    ttl_ms: u64,
+    scripts: Arc<Scripts>,
+    health: Arc<Health>,
+    writes: mpsc::Sender<Write>,
+    ordered: mpsc::Sender<Ordered>,
+}
+
+fn key(kind: &str, client: &str) -> String {
+    format!("herald:{kind}:{{{client}}}")
+}
+
+fn encode(msg: &Message) -> Vec<u8> {
+    let mut b = BytesMut::with_capacity(13 + msg.topic.len() + msg.payload.len());
+    b.put_u8(1); // envelope version
+    b.put_u8(msg.qos as u8);
+    b.put_u8(msg.retain as u8);
+    b.put_u64(msg.expires_at);
+    b.put_u16(msg.topic.len() as u16);
+    b.put_slice(msg.topic.as_bytes());
+    b.put_slice(&msg.payload);
+    b.to_vec()
+}
+
+fn decode(raw: &[u8]) -> Option<Message> {
+    if raw.len() < 13 || raw[0] != 1 {
+        return None;
+    }
+    let qos = match raw[1] {
+        0 => Qos::AtMostOnce,
+        1 => Qos::AtLeastOnce,
+        2 => Qos::ExactlyOnce,
+        _ => return None,
+    };
+    let expires_at = u64::from_be_bytes(raw[3..11].try_into().ok()?);
+    let tlen = u16::from_be_bytes(raw[11..13].try_into().ok()?) as usize;
+    let topic = std::str::from_utf8(raw.get(13..13 + tlen)?).ok()?;
+    Some(Message {
+        topic: Arc::from(topic),
+        payload: Bytes::copy_from_slice(&raw[13 + tlen..]),
+        qos,
+        retain: raw[2] != 0,
+        expires_at,
+    })
+}
+
+/// `<seq>|<envelope>` as stored in the ZSET.
+fn decode_member(raw: &[u8]) -> Option<(u64, Message)> {
+    let bar = raw.iter().position(|&b| b == b'|')?;
+    let seq = std::str::from_utf8(&raw[..bar]).ok()?.parse().ok()?;
+    Some((seq, decode(&raw[bar + 1..])?))
+}
+
+fn qos_from(n: u8) -> Qos {
+    match n {
+        0 => Qos::AtMostOnce,
+        1 => Qos::AtLeastOnce,
+        _ => Qos::ExactlyOnce,
+    }
+}
+
+/// The Lua scripts, loaded into Redis whenever a connection (re)starts. Called by hash only
+/// (EVALSHA): a script missing after a Redis restart fails the call instead of being loaded
+/// and retried on the side, which could let a later enqueue overtake an earlier one.
+struct Scripts {
+    enqueue: Script,
+    attach: Script,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        Scripts {
+            enqueue: Script::new(ENQUEUE),
+            attach: Script::new(ATTACH),
+        }
+    }
+
+    async fn load(&self, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+        self.enqueue.load_async(conn).await?;
+        self.attach.load_async(conn).await?;
+        Ok(())
+    }
+}
+
+fn evalsha(script: &Script, keys: &[String]) -> redis::Cmd {
+    let mut c = redis::cmd("EVALSHA");
+    c.arg(script.get_hash()).arg(keys.len()).arg(keys);
+    c
+}
+
+impl RedisOutbox {
+    /// Connects to `url` (fails at start if Redis cannot be reached: a misconfigured URL
+    /// should stop the broker, not leave it refusing every client).
+    pub async fn connect(
+        url: &str,
+        limits: Limits,
+        ttl: Duration,
+    ) -> Result<RedisOutbox, StoreError> {
+        let client =
+            redis::Client::open(url).map_err(|e| StoreError::Unavailable(format!("{url}: {e}")))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(CALL_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let conn = tokio::time::timeout(
+            CALL_TIMEOUT,
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        .map_err(|_| StoreError::Unavailable(format!("{url}: connect timed out")))?
+        .map_err(|e| StoreError::Unavailable(format!("{url}: {e}")))?;
+        let mut conn = conn;
+        let scripts = Arc::new(Scripts::new());
+        scripts
+            .load(&mut conn)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("{url}: {e}")))?;
+        let health = Arc::new(Health {
+            up: AtomicBool::new(true),
+            wake: Notify::new(),
+        });
+        let (tx, rx) = mpsc::channel(MAX_QUEUED_WRITES);
+        tokio::spawn(write_loop(conn.clone(), rx, health.clone()));
+        let (ordered, orx) = mpsc::channel(MAX_QUEUED_WRITES);
+        tokio::spawn(ordered_loop(conn.clone(), orx, health.clone()));
+        tokio::spawn(health_loop(conn.clone(), health.clone(), scripts.clone()));
+        Ok(RedisOutbox {
+            conn,
+            limits,
+            ttl_ms: ttl.as_millis() as u64,
+            scripts,
+            health,
+            writes: tx,
+            ordered,
+        })
+    }
+
+    fn check_up(&self) -> Result<(), StoreError> {
+        if self.health.up.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable("redis is down".into()))
+        }
+    }
+
+    fn failed(&self, e: redis::RedisError) -> StoreError {
+        failed(&self.health, e)
+    }
+
+    /// Runs one call under the call timeout, marking the store down on I/O trouble.
+    async fn call<T>(
+        &self,
+        f: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        self.check_up()?;
+        match tokio::time::timeout(CALL_TIMEOUT, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.failed(e)),
+            Err(_) => {
+                mark_down(&self.health, "timed out");
+                Err(StoreError::Unavailable("redis call timed out".into()))
+            }
+        }
+    }
+
+    /// Queues `cmd` behind every write submitted before it.
+    fn submit(&self, cmd: redis::Cmd) -> oneshot::Receiver<Result<redis::Value, StoreError>> {
+        let (reply, rx) = oneshot::channel();
+        if let Err(e) = self.check_up() {
+            let _ = reply.send(Err(e));
+            return rx;
+        }
+        if let Err(e) = self.ordered.try_send(Ordered { cmd, reply }) {
+            let (why, o) = match e {
+                mpsc::error::TrySendError::Full(o) => ("store write queue full", o),
+                mpsc::error::TrySendError::Closed(o) => ("store writer stopped", o),
+            };
+            metrics::limit_hit("store_write_queue");
+            let _ = o.reply.send(Err(StoreError::Unavailable(why.into())));
+        }
+        rx
+    }
+
+    pub(super) fn enqueue(
+        &self,
+        client: &str,
+        qos: Qos,
+        msg: &Message,
+    ) -> impl std::future::Future<Output = Result<Enqueued, StoreError>> + Send + 'static {
+        let mut stored = msg.clone();
+        stored.qos = qos;
+        let drop_new = self.limits.overflow == OverflowPolicy::DropNew;
+        let mut cmd = evalsha(
+            &self.scripts.enqueue,
+            &[key("outbox", client), key("seq", client)],
+        );
+        cmd.arg(self.limits.max_queued)
+            .arg(if drop_new { "1" } else { "0" })
+            .arg(encode(&stored))
+            .arg(self.ttl_ms);
+        let reply = self.submit(cmd);
+        async move {
+            let value = reply
+                .await
+                .map_err(|_| StoreError::Unavailable("store writer stopped".into()))??;
+            let (seq, dropped): (u64, u64) = redis::from_redis_value(value)
+                .map_err(|e| StoreError::Unavailable(format!("unexpected enqueue reply: {e}")))?;
+            for _ in 0..dropped {
+                metrics::dropped(metrics::Drop::OutboxFullOldest);
+            }
+            if seq == 0 {
+                metrics::dropped(metrics::Drop::OutboxFullNew);
+                return Ok(Enqueued::Rejected);
+            }
+            metrics::stored();
+            Ok(Enqueued::Stored(seq))
+        }
+    }
+
+    pub(super) async fn fetch(
+        &self,
+        client: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let mut conn = self.conn.clone();
+        let outbox = key("outbox", client);
+        let raw: Vec<Vec<u8>> = self
+            .call(conn.zrangebyscore_limit(&outbox, from, "+inf", 0, limit as isize))
+            .await?;
+        let now = now_ms();
+        let mut out = Vec::with_capacity(raw.len());
+        let mut expired = Vec::new();
+        for member in &raw {
+            match decode_member(member) {
+                Some((seq, msg)) if msg.is_expired(now) => expired.push(seq),
+                Some((seq, msg)) => out.push(Entry {
+                    seq,
+                    qos: msg.qos,
+                    msg: Arc::new(msg),
+                }),
+                None => {
+                    // Not ours or corrupt: skipping it keeps the device's stream moving.
+                    tracing::warn!(client, "undecodable outbox entry skipped");
+                }
+            }
+        }
+        for seq in expired {
+            metrics::dropped(metrics::Drop::Expired);
+            self.ack(client, seq).await;
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn ack(&self, client: &str, seq: u64) {
+        let _ = self.writes.send(Write::Ack(Arc::from(client), seq)).await;
+    }
+
+    pub(super) async fn mark_sent(&self, client: &str, seq: u64) {
+        let _ = self.writes.send(Write::Sent(Arc::from(client), seq)).await;
+    }
+
+    pub(super) async fn attach(&self, client: &str, clean: bool) -> Result<Attach, StoreError> {
+        let mut conn = self.conn.clone();
+        let keys = [
+            key("outbox", client),
+            key("sent", client),
+            key("session", client),
+            key("subs", client),
+        ];
+        let mut cmd = evalsha(&self.scripts.attach, &keys);
+        cmd.arg(if clean { "1" } else { "0" });
+        let (present, sent): (u8, u64) = self.call(cmd.query_async(&mut conn)).await?;
+        if clean {
+            self.unindex(client).await?;
+        }
+        Ok(Attach {
+            sent_watermark: sent,
+            session_present: present == 1,
+        })
+    }
+
+    async fn unindex(&self, client: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        self.call(conn.srem::<_, _, ()>("herald:subscribers", client))
+            .await
+    }
+
+    pub(super) async fn clear(&self, client: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let keys = [
+            key("outbox", client),
+            key("session", client),
+            key("subs", client),
+        ];
+        self.call(conn.del::<_, ()>(&keys)).await?;
+        self.unindex(client).await
+    }
+
+    pub(super) async fn len(&self, client: &str) -> Result<usize, StoreError> {
+        let mut conn = self.conn.clone();
+        self.call(conn.zcard(key("outbox", client))).await
+    }
+
+    pub(super) async fn save_subscription(
+        &self,
+        client: &str,
+        filter: &str,
+        qos: Qos,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let mut p = redis::pipe();
+        p.hset(key("subs", client), filter, qos as u8)
+            .ignore()
+            .sadd("herald:subscribers", client)
+            .ignore();
+        self.call(p.query_async::<()>(&mut conn)).await
+    }
+
+    pub(super) async fn remove_subscription(
+        &self,
+        client: &str,
+        filter: &str,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        self.call(conn.hdel::<_, _, ()>(key("subs", client), filter))
+            .await
+    }
+
+    pub(super) async fn load_subscriptions(
+        &self,
+    ) -> Result<Vec<(String, String, Qos)>, StoreError> {
+        let mut conn = self.conn.clone();
+        let clients: Vec<String> = self.call(conn.smembers("herald:subscribers")).await?;
+        let mut out = Vec::new();
+        for chunk in clients.chunks(500) {
+            let mut p = redis::pipe();
+            for c in chunk {
+                p.hgetall(key("subs", c));
+            }
+            let maps: Vec<HashMap<String, u8>> = self.call(p.query_async(&mut conn)).await?;
+            for (c, subs) in chunk.iter().zip(maps) {
+                for (filter, qos) in subs {
+                    out.push((c.clone(), filter, qos_from(qos)));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn set_retained(
+        &self,
+        msg: &Message,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
+        let mut cmd = if msg.payload.is_empty() {
+            redis::cmd("HDEL")
+        } else {
+            redis::cmd("HSET")
+        };
+        cmd.arg("herald:retained").arg(&*msg.topic);
+        if !msg.payload.is_empty() {
+            cmd.arg(encode(msg));
+        }
+        let reply = self.submit(cmd);
+        async move {
+            reply
+                .await
+                .map_err(|_| StoreError::Unavailable("store writer stopped".into()))??;
+            Ok(())
+        }
+    }
+
+    pub(super) async fn load_retained(&self) -> Result<Vec<Message>, StoreError> {
+        let mut conn = self.conn.clone();
+        let all: HashMap<String, Vec<u8>> = self.call(conn.hgetall("herald:retained")).await?;
+        Ok(all.values().filter_map(|v| decode(v)).collect())
+    }
+}
+
+fn failed(health: &Health, e: redis::RedisError) -> StoreError {
+    let noscript = e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript);
+    if noscript
+        || e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+    {
+        mark_down(health, &e.to_string());
+    }
+    metrics::store_error();
+    StoreError::Unavailable(e.to_string())
+}
+
+fn mark_down(health: &Health, why: &str) {
+    if health.up.swap(false, Ordering::AcqRel) {
+        tracing::error!(
+            error = why,
+            "redis unavailable: refusing new connections, holding QoS 1 acks"
+        );
+        health.wake.notify_one();
+    }
+}
+
+/// While the store is down, tries Redis with backoff until it answers and has the scripts.
+async fn health_loop(mut conn: ConnectionManager, health: Arc<Health>, scripts: Arc<Scripts>) {
+    loop {
+        health.wake.notified().await;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let ready = tokio::time::timeout(CALL_TIMEOUT, scripts.load(&mut conn)).await;
+            if matches!(ready, Ok(Ok(()))) {
+                health.up.store(true, Ordering::Release);
+                tracing::warn!("redis available again");
+                break;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+/// Applies ordered writes in pipelines, in submission order: while one pipeline is out, the
+/// next one fills, so the batch size follows the load.
+async fn ordered_loop(
+    mut conn: ConnectionManager,
+    mut rx: mpsc::Receiver<Ordered>,
+    health: Arc<Health>,
+) {
+    let mut batch = Vec::with_capacity(512);
+    while rx.recv_many(&mut batch, 512).await > 0 {
+        let mut p = redis::pipe();
+        p.ignore_errors();
+        for o in &batch {
+            p.add_command(o.cmd.clone());
+        }
+        let replies: Result<Vec<redis::RedisResult<redis::Value>>, StoreError> =
+            match tokio::time::timeout(CALL_TIMEOUT, p.query_async(&mut conn)).await {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(e)) => Err(failed(&health, e)),
+                Err(_) => {
+                    mark_down(&health, "timed out");
+                    Err(StoreError::Unavailable("redis call timed out".into()))
+                }
+            };
+        match replies {
+            Ok(replies) => {
+                for (o, r) in batch.drain(..).zip(replies) {
+                    let _ = o.reply.send(r.map_err(|e| failed(&health, e)));
+                }
+            }
+            Err(e) => {
+                for o in batch.drain(..) {
+                    let _ = o.reply.send(Err(StoreError::Unavailable(e.to_string())));
+                }
+            }
+        }
+        // Anything not answered above (a short reply) is answered by dropping its sender.
+        batch.clear();
+    }
+}
+
+/// Writes acks and sent watermarks in pipelines: one round trip for everything queued.
+async fn write_loop(
+    mut conn: ConnectionManager,
+    mut rx: mpsc::Receiver<Write>,
+    health: Arc<Health>,
+) {
+    let mut batch = Vec::with_capacity(1024);
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        let mut p = redis::pipe();
+        let mut sent: HashMap<Arc<str>, u64> = HashMap::new();
+        for w in batch.drain(..) {
+            match w {
+                Write::Ack(c, seq) => {
+                    p.zrembyscore(key("outbox", &c), seq, seq).ignore();
+                }
+                Write::Sent(c, seq) => {
+                    let e = sent.entry(c).or_insert(0);
+                    *e = (*e).max(seq);
+                }
+            }
+        }
+        // A plain SET: one connection writes a client's watermark in increasing order, and
+        // DUP is advisory in MQTT 3.1.1, so a rare race between two nodes costs nothing.
+        for (c, seq) in sent {
+            p.set(key("sent", &c), seq).ignore();
+        }
+        match tokio::time::timeout(CALL_TIMEOUT, p.query_async::<()>(&mut conn)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                // Lost acks come back as duplicates after a reconnect: late, never lost.
+                let _ = failed(&health, e);
+            }
+            Err(_) => mark_down(&health, "timed out"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_roundtrip() {
+        let m = Message {
+            topic: "push/d|1".into(),
+            payload: Bytes::from_static(b"a|b\0c"),
+            qos: Qos::ExactlyOnce,
+            retain: true,
+            expires_at: 12345,
+        };
+        let mut member = b"42|".to_vec();
+        member.extend(encode(&m));
+        let (seq, back) = decode_member(&member).unwrap();
+        assert_eq!(seq, 42);
+        assert_eq!(back, m);
+        assert!(decode(b"\x02garbage-----").is_none());
+        assert!(decode(&[1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]).is_none());
+    }
+}

@@ -1,0 +1,223 @@
+//! Durability with `--store redis`: real `herald` and `redis-server` processes, killed with
+//! SIGKILL. What a publisher saw acknowledged must reach the device, in order.
+
+mod common;
+mod redis_support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{text, ConnectReturnCode, Opts, Packet, QoS, Raw, WAIT};
+use redis_support::{Herald, RedisServer};
+
+/// Publishes `n` QoS 1 messages "0".."n-1" to `topic`, pipelined, and waits for every PUBACK.
+async fn publish_acked(addr: SocketAddr, topic: &str, n: usize) {
+    let mut publisher = Raw::connect(addr, "backend").await;
+    let mut unacked = std::collections::HashSet::new();
+    for i in 0..n {
+        let pkid = publisher
+            .send_publish(topic, i.to_string().as_bytes(), QoS::AtLeastOnce, false)
+            .await;
+        unacked.insert(pkid);
+    }
+    while !unacked.is_empty() {
+        match publisher.expect(Duration::from_secs(5)).await {
+            Packet::PubAck(a) => assert!(unacked.remove(&a.pkid), "stray PUBACK {}", a.pkid),
+            p => panic!("publisher got {p:?}"),
+        }
+    }
+    publisher.disconnect().await;
+}
+
+/// Connects `id` with a persistent session and receives `n` messages, acking each; asserts
+/// they are "0".."n-1" in order.
+async fn receive_in_order(device: &mut Raw, n: usize) {
+    for i in 0..n {
+        let p = device.expect_publish().await;
+        assert_eq!(text(&p), i.to_string(), "message {i} out of order");
+        device.puback(p.pkid).await;
+    }
+}
+
+/// Retries CONNECT until the broker accepts it (it refuses with rc 3 while Redis is down).
+async fn connect_when_available(addr: SocketAddr, opts: &Opts, within: Duration) -> Raw {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(stream) = tokio::net::TcpStream::connect(addr).await {
+            let mut c = Raw::from_stream(stream);
+            if c.send_raw(&opts.encode()).await.is_ok() {
+                if let common::Event::Packet(Packet::ConnAck(a)) = c.next(WAIT).await {
+                    if a.code == ConnectReturnCode::Success {
+                        return c;
+                    }
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "broker did not accept {} in time",
+            opts.id
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn register_offline_device(addr: SocketAddr, id: &str) {
+    let (device, present) = Raw::connect_ok(addr, &Opts::new(id).clean(false)).await;
+    assert!(!present);
+    device.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_messages_survive_kill_9_of_herald() {
+    let redis = RedisServer::start();
+    let mut herald = Herald::start(&redis.url(), &[]);
+    register_offline_device(herald.addr, "dev1").await;
+    publish_acked(herald.addr, "push/dev1", 1000).await;
+
+    herald.kill();
+    herald.restart();
+
+    let (mut device, present) = Raw::connect_ok(herald.addr, &Opts::new("dev1").clean(false)).await;
+    assert!(present, "the persistent session must survive the restart");
+    receive_in_order(&mut device, 1000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_messages_survive_a_redis_restart() {
+    let mut redis = RedisServer::start();
+    let herald = Herald::start(&redis.url(), &[]);
+    register_offline_device(herald.addr, "dev2").await;
+    publish_acked(herald.addr, "push/dev2", 200).await;
+
+    redis.kill();
+    redis.restart();
+
+    let opts = Opts::new("dev2").clean(false);
+    let mut device = connect_when_available(herald.addr, &opts, Duration::from_secs(10)).await;
+    receive_in_order(&mut device, 200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_refuses_connects_keeps_old_ones_and_recovers() {
+    let mut redis = RedisServer::start();
+    let herald = Herald::start(&redis.url(), &[]);
+    register_offline_device(herald.addr, "dev3").await;
+    publish_acked(herald.addr, "push/dev3", 10).await;
+    let mut idle = Raw::connect(herald.addr, "idle-device").await;
+    let mut backend = Raw::connect(herald.addr, "backend2").await;
+
+    redis.kill();
+
+    // A QoS 1 publish that cannot be stored is not acknowledged: the connection is closed
+    // so the client resends after reconnecting.
+    backend
+        .send_publish("push/dev3", b"unstored", QoS::AtLeastOnce, false)
+        .await;
+    backend.expect_closed(Duration::from_secs(5)).await;
+
+    // New clients are refused with "server unavailable", at once.
+    let started = Instant::now();
+    let (_, ack) = Raw::connect_with(herald.addr, &Opts::new("dev3").clean(false)).await;
+    assert_eq!(ack.code, ConnectReturnCode::ServiceUnavailable);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "refusal took {:?}",
+        started.elapsed()
+    );
+
+    // Connections that do not need Redis keep working.
+    idle.ping().await;
+
+    redis.restart();
+    let opts = Opts::new("dev3").clean(false);
+    let mut device = connect_when_available(herald.addr, &opts, Duration::from_secs(10)).await;
+    receive_in_order(&mut device, 10).await;
+    idle.ping().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_and_retained_survive_restart() {
+    let redis = RedisServer::start();
+    let mut herald = Herald::start(&redis.url(), &[]);
+    let (mut sub, _) = Raw::connect_ok(herald.addr, &Opts::new("watcher").clean(false)).await;
+    sub.sub("news/#", QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+    let mut p = Raw::connect(herald.addr, "pub").await;
+    p.publish("cfg/a", b"retained-a", QoS::AtLeastOnce, true)
+        .await;
+    p.disconnect().await;
+
+    herald.kill();
+    herald.restart();
+
+    let mut p = Raw::connect(herald.addr, "pub").await;
+    p.publish("news/x", b"while-offline", QoS::AtLeastOnce, false)
+        .await;
+    let (mut sub, present) = Raw::connect_ok(herald.addr, &Opts::new("watcher").clean(false)).await;
+    assert!(present);
+    let got = sub.expect_publish().await;
+    assert_eq!(
+        (got.topic.as_str(), text(&got).as_str()),
+        ("news/x", "while-offline")
+    );
+
+    let mut late = Raw::connect(herald.addr, "late").await;
+    late.sub("cfg/#", QoS::AtLeastOnce).await;
+    let r = late.expect_publish().await;
+    assert!(r.retain);
+    assert_eq!(text(&r), "retained-a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivery_after_crash_has_dup_and_same_packet_id() {
+    let redis = RedisServer::start();
+    let mut herald = Herald::start(&redis.url(), &[]);
+    let (mut device, _) = Raw::connect_ok(herald.addr, &Opts::new("dev4").clean(false)).await;
+    let mut p = Raw::connect(herald.addr, "pub").await;
+    p.publish("push/dev4", b"first", QoS::AtLeastOnce, false)
+        .await;
+    let first = device.expect_publish().await;
+    assert!(!first.dup);
+    // Not acknowledged. The sent watermark is written in the background: wait for it.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let sent: Option<u64> = redis::cmd("GET")
+            .arg("herald:sent:{dev4}")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if sent.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sent watermark never written");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    herald.kill();
+    herald.restart();
+
+    let (mut device, _) = Raw::connect_ok(herald.addr, &Opts::new("dev4").clean(false)).await;
+    let again = device.expect_publish().await;
+    assert_eq!(text(&again), "first");
+    assert!(again.dup, "a resend must carry DUP=1");
+    assert_eq!(again.pkid, first.pkid, "a resend keeps its packet id");
+}
+
+#[test]
+fn herald_exits_when_redis_is_unreachable_at_start() {
+    let port = redis_support::free_port();
+    let out = std::process::Command::new(Herald::binary())
+        .args(["--listen", "127.0.0.1:0", "--store", "redis", "--redis-url"])
+        .arg(format!("redis://127.0.0.1:{port}/0"))
+        .output()
+        .expect("run herald");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&port.to_string()),
+        "stderr should name the redis address: {err}"
+    );
+}

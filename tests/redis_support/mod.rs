@@ -1,0 +1,150 @@
+//! Real processes for the durability tests: a private `redis-server` (free loopback port,
+//! temp dir, AOF with fsync on every write) and the `herald` binary, both killable.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+fn wait_listening(addr: SocketAddr, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited before listening on {addr}: {status}");
+        }
+        assert!(Instant::now() < deadline, "{what} not listening on {addr}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let mut r = RedisServer {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+        };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts (again) on the same port and directory, so the AOF is replayed.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "redis-server already running");
+        let mut child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not found on PATH: apt-get install redis-server (or make test)");
+        wait_listening(
+            SocketAddr::from(([127, 0, 0, 1], self.port)),
+            &mut child,
+            "redis-server",
+        );
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: what Redis keeps is what the AOF had.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Herald {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    args: Vec<String>,
+}
+
+impl Herald {
+    /// The herald binary with `--store redis`, on a free port.
+    pub fn start(redis_url: &str, extra: &[&str]) -> Herald {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            addr.to_string(),
+            "--store".into(),
+            "redis".into(),
+            "--redis-url".into(),
+            redis_url.into(),
+            "--log-level".into(),
+            "warn".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut h = Herald {
+            child: None,
+            addr,
+            args,
+        };
+        h.restart();
+        h
+    }
+
+    pub fn binary() -> PathBuf {
+        PathBuf::from(env!("CARGO_BIN_EXE_herald"))
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "herald already running");
+        let mut child = Command::new(Self::binary())
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start herald");
+        wait_listening(self.addr, &mut child, "herald");
+        self.child = Some(child);
+    }
+
+    /// kill -9: no shutdown path runs.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
