@@ -95,6 +95,8 @@ pub struct StoreConfig {
     /// Redis to use with `kind = "redis"`: `redis://[:password@]host:port/db`, or
     /// `rediss://` for TLS.
     pub redis_url: String,
+    /// Acknowledge a publish only once this many Redis replicas hold it (Redis `WAIT`).
+    pub redis_wait_replicas: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -165,6 +167,7 @@ impl Default for StoreConfig {
         StoreConfig {
             kind: StoreKind::Memory,
             redis_url: "redis://127.0.0.1:6379/0".into(),
+            redis_wait_replicas: 0,
         }
     }
 }
@@ -272,8 +275,8 @@ impl Config {
             );
         }
         if self.store.kind == StoreKind::Redis {
-            if let Err(e) = redis::Client::open(self.store.redis_url.as_str()) {
-                return bad("store.redis_url", e.to_string());
+            if let Err(e) = crate::outbox::RedisOutbox::validate_url(&self.store.redis_url) {
+                return bad("store.redis_url", e);
             }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {

@@ -221,3 +221,59 @@ fn herald_exits_when_redis_is_unreachable_at_start() {
         "stderr should name the redis address: {err}"
     );
 }
+
+/// Polls `query` on the Redis at `port` until `done` holds for its answer.
+async fn wait_redis<T: redis::FromRedisValue + std::fmt::Debug>(
+    port: u16,
+    query: redis::Cmd,
+    done: impl Fn(&T) -> bool,
+) {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        // A new connection each time: a failover kills the clients of the promoted replica.
+        let got = match client.get_multiplexed_async_connection().await {
+            Ok(mut conn) => query.query_async::<T>(&mut conn).await,
+            Err(e) => Err(e),
+        };
+        if matches!(&got, Ok(v) if done(v)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "redis on {port} never reached the expected state: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_keeps_acknowledged_messages() {
+    // Diskless sync normally waits 5 s for more replicas before it starts.
+    let mut master = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]);
+    let replica = RedisServer::start_replica_of(master.port);
+    let mut info = redis::cmd("INFO");
+    info.arg("replication");
+    wait_redis::<String>(master.port, info, |r| r.contains("state=online")).await;
+    let sentinel = redis_support::Sentinel::start(master.port, "herald");
+    let mut replicas = redis::cmd("SENTINEL");
+    replicas.arg("replicas").arg("herald");
+    wait_redis::<Vec<redis::Value>>(sentinel.port, replicas, |r| r.len() == 1).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("herald.toml");
+    std::fs::write(&config, "[store]\nredis_wait_replicas = 1\n").unwrap();
+    let url = format!("redis+sentinel://127.0.0.1:{}/herald", sentinel.port);
+    let herald = Herald::start(&url, &["--config", config.to_str().unwrap()]);
+    register_offline_device(herald.addr, "dev5").await;
+    publish_acked(herald.addr, "push/dev5", 100).await;
+
+    master.kill();
+    let mut info = redis::cmd("INFO");
+    info.arg("replication");
+    wait_redis::<String>(replica.port, info, |r| r.contains("role:master")).await;
+
+    let opts = Opts::new("dev5").clean(false);
+    let mut device = connect_when_available(herald.addr, &opts, Duration::from_secs(15)).await;
+    receive_in_order(&mut device, 100).await;
+}

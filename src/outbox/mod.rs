@@ -115,8 +115,13 @@ impl Store {
         Ok(match config.store.kind {
             StoreKind::Memory => Store::Memory(MemoryOutbox::new(limits)),
             StoreKind::Redis => Store::Redis(Box::new(
-                RedisOutbox::connect(&config.store.redis_url, limits, config.session.message_ttl)
-                    .await?,
+                RedisOutbox::connect(
+                    &config.store.redis_url,
+                    limits,
+                    config.session.message_ttl,
+                    config.store.redis_wait_replicas,
+                )
+                .await?,
             )),
         })
     }

@@ -90,7 +90,7 @@ struct Health {
 }
 
 pub struct RedisOutbox {
-    conn: ConnectionManager,
+    link: Arc<Link>,
     limits: Limits,
     ttl_ms: u64,
     scripts: Arc<Scripts>,
@@ -188,39 +188,32 @@ impl RedisOutbox {
         url: &str,
         limits: Limits,
         ttl: Duration,
+        wait_replicas: u32,
     ) -> Result<RedisOutbox, StoreError> {
-        let client =
-            redis::Client::open(url).map_err(|e| StoreError::Unavailable(format!("{url}: {e}")))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(CALL_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = tokio::time::timeout(
-            CALL_TIMEOUT,
-            ConnectionManager::new_with_config(client, config),
-        )
-        .await
-        .map_err(|_| StoreError::Unavailable(format!("{url}: connect timed out")))?
-        .map_err(|e| StoreError::Unavailable(format!("{url}: {e}")))?;
-        let mut conn = conn;
+        let unavailable =
+            |e: &dyn std::fmt::Display| StoreError::Unavailable(format!("{url}: {e}"));
+        let link = Arc::new(Link::open(url).await.map_err(|e| unavailable(&e))?);
         let scripts = Arc::new(Scripts::new());
         scripts
-            .load(&mut conn)
+            .load(&mut link.conn())
             .await
-            .map_err(|e| StoreError::Unavailable(format!("{url}: {e}")))?;
+            .map_err(|e| unavailable(&e))?;
         let health = Arc::new(Health {
             up: AtomicBool::new(true),
             wake: Notify::new(),
         });
         let (tx, rx) = mpsc::channel(MAX_QUEUED_WRITES);
-        tokio::spawn(write_loop(conn.clone(), rx, health.clone()));
+        tokio::spawn(write_loop(link.clone(), rx, health.clone()));
         let (ordered, orx) = mpsc::channel(MAX_QUEUED_WRITES);
-        tokio::spawn(ordered_loop(conn.clone(), orx, health.clone()));
-        tokio::spawn(health_loop(conn.clone(), health.clone(), scripts.clone()));
+        tokio::spawn(ordered_loop(
+            link.clone(),
+            orx,
+            health.clone(),
+            wait_replicas,
+        ));
+        tokio::spawn(health_loop(link.clone(), health.clone(), scripts.clone()));
         Ok(RedisOutbox {
-            conn,
+            link,
             limits,
             ttl_ms: ttl.as_millis() as u64,
             scripts,
@@ -228,6 +221,16 @@ impl RedisOutbox {
             writes: tx,
             ordered,
         })
+    }
+
+    /// Checks a `store.redis_url` without connecting.
+    pub fn validate_url(url: &str) -> Result<(), String> {
+        match url.strip_prefix("redis+sentinel://") {
+            Some(rest) => sentinel_client(rest).map(|_| ()).map_err(|e| e.to_string()),
+            None => redis::Client::open(url)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        }
     }
 
     fn check_up(&self) -> Result<(), StoreError> {
@@ -318,7 +321,7 @@ impl RedisOutbox {
         from: u64,
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn();
         let outbox = key("outbox", client);
         let raw: Vec<Vec<u8>> = self
             .call(conn.zrangebyscore_limit(&outbox, from, "+inf", 0, limit as isize))
@@ -356,7 +359,7 @@ impl RedisOutbox {
     }
 
     pub(super) async fn attach(&self, client: &str, clean: bool) -> Result<Attach, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn();
         let keys = [
             key("outbox", client),
             key("sent", client),
@@ -376,13 +379,13 @@ impl RedisOutbox {
     }
 
     async fn unindex(&self, client: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn();
         self.call(conn.srem::<_, _, ()>("herald:subscribers", client))
             .await
     }
 
     pub(super) async fn clear(&self, client: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn();
         let keys = [
             key("outbox", client),
             key("session", client),
@@ -393,7 +396,7 @@ impl RedisOutbox {
     }
 
     pub(super) async fn len(&self, client: &str) -> Result<usize, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn();
         self.call(conn.zcard(key("outbox", client))).await
     }
 
@@ -403,7 +406,7 @@ impl RedisOutbox {
         filter: &str,
         qos: Qos,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn();
         let mut p = redis::pipe();
         p.hset(key("subs", client), filter, qos as u8)
             .ignore()
@@ -417,7 +420,7 @@ impl RedisOutbox {
         client: &str,
         filter: &str,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn();
         self.call(conn.hdel::<_, _, ()>(key("subs", client), filter))
             .await
     }
@@ -425,7 +428,7 @@ impl RedisOutbox {
     pub(super) async fn load_subscriptions(
         &self,
     ) -> Result<Vec<(String, String, Qos)>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn();
         let clients: Vec<String> = self.call(conn.smembers("herald:subscribers")).await?;
         let mut out = Vec::new();
         for chunk in clients.chunks(500) {
@@ -466,15 +469,129 @@ impl RedisOutbox {
     }
 
     pub(super) async fn load_retained(&self) -> Result<Vec<Message>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.link.conn();
         let all: HashMap<String, Vec<u8>> = self.call(conn.hgetall("herald:retained")).await?;
         Ok(all.values().filter_map(|v| decode(v)).collect())
     }
 }
 
+/// Where the Redis connection comes from: one address, or the current master of a Sentinel
+/// set (`redis+sentinel://host:port[,host:port...]/service[/db]`), looked up again after
+/// every outage so that a failover is followed.
+struct Link {
+    sentinel: Option<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
+    current: parking_lot::RwLock<ConnectionManager>,
+}
+
+fn manager_config() -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(Some(CALL_TIMEOUT))
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_millis(500))
+}
+
+async fn manager(client: redis::Client) -> redis::RedisResult<ConnectionManager> {
+    match tokio::time::timeout(
+        CALL_TIMEOUT,
+        ConnectionManager::new_with_config(client, manager_config()),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connect timed out",
+        ))),
+    }
+}
+
+impl Link {
+    async fn open(url: &str) -> redis::RedisResult<Link> {
+        let Some(rest) = url.strip_prefix("redis+sentinel://") else {
+            let current = manager(redis::Client::open(url)?).await?;
+            return Ok(Link {
+                sentinel: None,
+                current: parking_lot::RwLock::new(current),
+            });
+        };
+        let mut sentinel = sentinel_client(rest)?;
+        let current = manager(sentinel.async_get_client().await?).await?;
+        Ok(Link {
+            sentinel: Some(tokio::sync::Mutex::new(sentinel)),
+            current: parking_lot::RwLock::new(current),
+        })
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.current.read().clone()
+    }
+
+    /// After an outage: with Sentinel, connect to whoever is master now. A plain URL's
+    /// connection manager reconnects by itself.
+    async fn refresh(&self) -> redis::RedisResult<()> {
+        if let Some(sentinel) = &self.sentinel {
+            let client = sentinel.lock().await.async_get_client().await?;
+            let fresh = manager(client).await?;
+            *self.current.write() = fresh;
+        }
+        Ok(())
+    }
+}
+
+/// `[:password@]host:port[,host:port...]/service[/db]` after the scheme.
+fn sentinel_client(spec: &str) -> redis::RedisResult<redis::sentinel::SentinelClient> {
+    use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+    let invalid = |why: &str| {
+        redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "bad sentinel URL",
+            why.to_string(),
+        ))
+    };
+    let (auth, rest) = match spec.rsplit_once('@') {
+        Some((a, r)) => (Some(a), r),
+        None => (None, spec),
+    };
+    let (hosts, path) = rest
+        .split_once('/')
+        .ok_or_else(|| invalid("missing /service"))?;
+    let mut path = path.split('/');
+    let service = path
+        .next()
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| invalid("missing service name"))?;
+    let db: i64 = match path.next() {
+        Some(d) if !d.is_empty() => d.parse().map_err(|_| invalid("db is not a number"))?,
+        _ => 0,
+    };
+    let sentinels: Vec<String> = hosts.split(',').map(|h| format!("redis://{h}")).collect();
+    let mut redis_info = redis::RedisConnectionInfo::default().set_db(db);
+    if let Some(password) = auth.and_then(|a| a.strip_prefix(':').or(Some(a))) {
+        if !password.is_empty() {
+            redis_info = redis_info.set_password(password);
+        }
+    }
+    let node = SentinelNodeConnectionInfo::default().set_redis_connection_info(redis_info);
+    SentinelClient::build(
+        sentinels,
+        service.to_string(),
+        Some(node),
+        SentinelServerType::Master,
+    )
+}
+
 fn failed(health: &Health, e: redis::RedisError) -> StoreError {
-    let noscript = e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript);
-    if noscript
+    // A missing script (Redis restarted) or a read-only server (a demoted master after a
+    // Sentinel failover) is fixed the same way as a lost connection: reconnect and reload.
+    let server_gone = matches!(
+        e.kind(),
+        redis::ErrorKind::Server(
+            redis::ServerErrorKind::NoScript | redis::ServerErrorKind::ReadOnly
+        )
+    );
+    if server_gone
         || e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()
@@ -497,12 +614,16 @@ fn mark_down(health: &Health, why: &str) {
 }
 
 /// While the store is down, tries Redis with backoff until it answers and has the scripts.
-async fn health_loop(mut conn: ConnectionManager, health: Arc<Health>, scripts: Arc<Scripts>) {
+async fn health_loop(link: Arc<Link>, health: Arc<Health>, scripts: Arc<Scripts>) {
     loop {
         health.wake.notified().await;
         let mut delay = Duration::from_millis(100);
         loop {
-            let ready = tokio::time::timeout(CALL_TIMEOUT, scripts.load(&mut conn)).await;
+            let attempt = async {
+                link.refresh().await?;
+                scripts.load(&mut link.conn()).await
+            };
+            let ready = tokio::time::timeout(CALL_TIMEOUT, attempt).await;
             if matches!(ready, Ok(Ok(()))) {
                 health.up.store(true, Ordering::Release);
                 tracing::warn!("redis available again");
@@ -516,10 +637,15 @@ async fn health_loop(mut conn: ConnectionManager, health: Arc<Health>, scripts: 
 
 /// Applies ordered writes in pipelines, in submission order: while one pipeline is out, the
 /// next one fills, so the batch size follows the load.
+///
+/// With `wait_replicas > 0` each pipeline ends in `WAIT`: the writes are acknowledged only
+/// once that many replicas have them, so a Sentinel failover cannot lose an acknowledged
+/// message. Without it, replication is asynchronous and a failover may lose the last writes.
 async fn ordered_loop(
-    mut conn: ConnectionManager,
+    link: Arc<Link>,
     mut rx: mpsc::Receiver<Ordered>,
     health: Arc<Health>,
+    wait_replicas: u32,
 ) {
     let mut batch = Vec::with_capacity(512);
     while rx.recv_many(&mut batch, 512).await > 0 {
@@ -528,6 +654,12 @@ async fn ordered_loop(
         for o in &batch {
             p.add_command(o.cmd.clone());
         }
+        if wait_replicas > 0 {
+            p.cmd("WAIT")
+                .arg(wait_replicas)
+                .arg(CALL_TIMEOUT.as_millis() as u64 / 2);
+        }
+        let mut conn = link.conn();
         let replies: Result<Vec<redis::RedisResult<redis::Value>>, StoreError> =
             match tokio::time::timeout(CALL_TIMEOUT, p.query_async(&mut conn)).await {
                 Ok(Ok(r)) => Ok(r),
@@ -537,6 +669,22 @@ async fn ordered_loop(
                     Err(StoreError::Unavailable("redis call timed out".into()))
                 }
             };
+        let replies = replies.and_then(|mut r| {
+            if wait_replicas == 0 {
+                return Ok(r);
+            }
+            let acked = match r.pop() {
+                Some(Ok(v)) => redis::from_redis_value::<u32>(v).unwrap_or(0),
+                _ => 0,
+            };
+            if acked < wait_replicas {
+                metrics::store_error();
+                return Err(StoreError::Unavailable(format!(
+                    "{acked} of {wait_replicas} replicas confirmed the write"
+                )));
+            }
+            Ok(r)
+        });
         match replies {
             Ok(replies) => {
                 for (o, r) in batch.drain(..).zip(replies) {
@@ -555,11 +703,7 @@ async fn ordered_loop(
 }
 
 /// Writes acks and sent watermarks in pipelines: one round trip for everything queued.
-async fn write_loop(
-    mut conn: ConnectionManager,
-    mut rx: mpsc::Receiver<Write>,
-    health: Arc<Health>,
-) {
+async fn write_loop(link: Arc<Link>, mut rx: mpsc::Receiver<Write>, health: Arc<Health>) {
     let mut batch = Vec::with_capacity(1024);
     while rx.recv_many(&mut batch, 1024).await > 0 {
         let mut p = redis::pipe();
@@ -580,6 +724,7 @@ async fn write_loop(
         for (c, seq) in sent {
             p.set(key("sent", &c), seq).ignore();
         }
+        let mut conn = link.conn();
         match tokio::time::timeout(CALL_TIMEOUT, p.query_async::<()>(&mut conn)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
