@@ -1,0 +1,441 @@
+//! A minimal MQTT 3.1.1 client: just what the scenarios need, written for low overhead.
+//!
+//! Packets are parsed in place from the read buffer (no allocation per packet), every PUBACK a
+//! read produces goes out in one write, and a publisher encodes a whole batch of PUBLISH
+//! packets into one buffer before writing it. The broker-side codec in `herald::codec`
+//! refuses server-to-client packets, so the client has its own (small) one here.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+static START: OnceLock<Instant> = OnceLock::new();
+
+/// Nanoseconds since the process's shared clock start. Payload timestamps use it, so sender
+/// and receiver must be in the same process (they are: one tool drives both sides).
+pub fn now_ns() -> u64 {
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Where to connect, and which loopback source addresses to spread connections over.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// First source address (e.g. 127.0.0.2) as an integer; connection `i` uses
+    /// `first + i % sources`. `sources == 0`: let the kernel choose.
+    pub first_source: u32,
+    pub sources: u32,
+}
+
+impl Target {
+    pub fn source(&self, i: usize) -> Option<Ipv4Addr> {
+        (self.sources > 0).then(|| Ipv4Addr::from(self.first_source + (i as u32 % self.sources)))
+    }
+
+    /// A TCP connection bound to connection `i`'s source address.
+    pub async fn tcp(&self, i: usize) -> io::Result<TcpStream> {
+        let sock = match self.addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        if let (Some(src), SocketAddr::V4(_)) = (self.source(i), self.addr) {
+            // SO_REUSEADDR lets bind() pick ports still in TIME_WAIT from an earlier run.
+            sock.set_reuseaddr(true)?;
+            sock.bind(SocketAddr::new(src.into(), 0))?;
+        }
+        let stream = sock.connect(self.addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+/// A packet from the broker, borrowing from the read buffer.
+#[derive(Debug)]
+pub enum Packet<'a> {
+    ConnAck {
+        session_present: bool,
+        code: u8,
+    },
+    Publish {
+        qos: u8,
+        dup: bool,
+        pkid: u16,
+        topic: &'a [u8],
+        payload: &'a [u8],
+    },
+    PubAck,
+    PubRec,
+    PubRel(u16),
+    PubComp,
+    SubAck {
+        codes: &'a [u8],
+    },
+    UnsubAck,
+    PingResp,
+}
+
+/// Parses one packet off the front of `buf`: the packet and its length, or `None` if
+/// incomplete.
+pub fn parse(buf: &[u8]) -> Result<Option<(Packet<'_>, usize)>, &'static str> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (mut len, mut shift, mut i) = (0usize, 0, 1);
+    loop {
+        if i > 4 {
+            return Err("bad remaining length");
+        }
+        let Some(&b) = buf.get(i) else {
+            return Ok(None);
+        };
+        len |= ((b & 0x7f) as usize) << shift;
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+    }
+    let total = i + len;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let body = &buf[i..total];
+    let b0 = buf[0];
+    let id = |body: &[u8]| {
+        if body.len() < 2 {
+            Err("short packet")
+        } else {
+            Ok(u16::from_be_bytes([body[0], body[1]]))
+        }
+    };
+    let p = match b0 >> 4 {
+        2 => {
+            if body.len() != 2 {
+                return Err("bad CONNACK");
+            }
+            Packet::ConnAck {
+                session_present: body[0] & 1 != 0,
+                code: body[1],
+            }
+        }
+        3 => {
+            let qos = (b0 >> 1) & 3;
+            let tl = id(body)? as usize;
+            let mut off = 2 + tl;
+            if body.len() < off {
+                return Err("PUBLISH topic runs past the packet");
+            }
+            let topic = &body[2..off];
+            let pkid = if qos > 0 {
+                let p = id(&body[off..])?;
+                off += 2;
+                p
+            } else {
+                0
+            };
+            Packet::Publish {
+                qos,
+                dup: b0 & 8 != 0,
+                pkid,
+                topic,
+                payload: &body[off..],
+            }
+        }
+        4 => {
+            id(body)?;
+            Packet::PubAck
+        }
+        5 => {
+            id(body)?;
+            Packet::PubRec
+        }
+        6 => Packet::PubRel(id(body)?),
+        7 => {
+            id(body)?;
+            Packet::PubComp
+        }
+        9 => {
+            id(body)?;
+            Packet::SubAck { codes: &body[2..] }
+        }
+        11 => Packet::UnsubAck,
+        13 => Packet::PingResp,
+        _ => return Err("unexpected packet type from the broker"),
+    };
+    Ok(Some((p, total)))
+}
+
+fn put_len(buf: &mut BytesMut, mut len: usize) {
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        buf.put_u8(b);
+        if len == 0 {
+            break;
+        }
+    }
+}
+
+pub fn encode_connect(buf: &mut BytesMut, client_id: &str, clean: bool, keep_alive: u16) {
+    buf.put_u8(0x10);
+    put_len(buf, 10 + 2 + client_id.len());
+    buf.put_u16(4);
+    buf.put_slice(b"MQTT");
+    buf.put_u8(4);
+    buf.put_u8(if clean { 0x02 } else { 0 });
+    buf.put_u16(keep_alive);
+    buf.put_u16(client_id.len() as u16);
+    buf.put_slice(client_id.as_bytes());
+}
+
+pub fn encode_subscribe(buf: &mut BytesMut, pkid: u16, filter: &str, qos: u8) {
+    buf.put_u8(0x82);
+    put_len(buf, 2 + 2 + filter.len() + 1);
+    buf.put_u16(pkid);
+    buf.put_u16(filter.len() as u16);
+    buf.put_slice(filter.as_bytes());
+    buf.put_u8(qos);
+}
+
+/// Length of the stamp at the front of every benchmark payload.
+pub const STAMP_LEN: usize = 16;
+
+/// A PUBLISH whose payload starts with the send time and a sequence number (little-endian
+/// u64 each), zero-padded to `payload_len`.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_publish(
+    buf: &mut BytesMut,
+    topic: &[u8],
+    qos: u8,
+    pkid: u16,
+    ts_ns: u64,
+    seq: u64,
+    payload_len: usize,
+) {
+    let payload_len = payload_len.max(STAMP_LEN);
+    let len = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload_len;
+    buf.reserve(len + 5);
+    buf.put_u8(0x30 | qos << 1);
+    put_len(buf, len);
+    buf.put_u16(topic.len() as u16);
+    buf.put_slice(topic);
+    if qos > 0 {
+        buf.put_u16(pkid);
+    }
+    buf.put_u64_le(ts_ns);
+    buf.put_u64_le(seq);
+    buf.put_bytes(0, payload_len - STAMP_LEN);
+}
+
+/// (send time, sequence number) of a benchmark payload.
+pub fn stamp(payload: &[u8]) -> Option<(u64, u64)> {
+    if payload.len() < STAMP_LEN {
+        return None;
+    }
+    let ts = u64::from_le_bytes(payload[0..8].try_into().ok()?);
+    let seq = u64::from_le_bytes(payload[8..16].try_into().ok()?);
+    Some((ts, seq))
+}
+
+pub fn encode_puback(buf: &mut BytesMut, pkid: u16) {
+    buf.put_slice(&[0x40, 2]);
+    buf.put_u16(pkid);
+}
+
+/// What a connection does with the messages it receives.
+pub trait OnPublish {
+    /// One PUBLISH; `now` is the time the read that brought it returned.
+    fn publish(&mut self, qos: u8, dup: bool, topic: &[u8], payload: &[u8], now: u64);
+    /// Called after each read's packets have been handled.
+    fn batch_end(&mut self, _now: u64) {}
+}
+
+/// Ignores messages.
+pub struct Ignore;
+
+impl OnPublish for Ignore {
+    fn publish(&mut self, _: u8, _: bool, _: &[u8], _: &[u8], _: u64) {}
+}
+
+pub struct Client {
+    pub stream: TcpStream,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    read_size: usize,
+    pub connack: Option<(bool, u8)>,
+    pub subacks: usize,
+    pub refused_subs: usize,
+    pub pubacks: u64,
+}
+
+/// How to open a connection.
+pub struct Hello<'a> {
+    pub client_id: &'a str,
+    pub clean: bool,
+    pub keep_alive: u16,
+    /// Subscribe (pipelined right behind CONNECT) to this filter at this QoS.
+    pub subscribe: Option<(&'a str, u8)>,
+}
+
+impl Client {
+    /// TCP connect from source address `i`, CONNECT (+ SUBSCRIBE), wait for CONNACK (+ SUBACK).
+    /// Messages arriving meanwhile go to `h` (and are acknowledged).
+    pub async fn open<H: OnPublish>(
+        target: &Target,
+        i: usize,
+        hello: &Hello<'_>,
+        h: &mut H,
+        read_size: usize,
+    ) -> Result<Client, String> {
+        let stream = target
+            .tcp(i)
+            .await
+            .map_err(|e| format!("connect from {:?}: {e}", target.source(i)))?;
+        let mut c = Client {
+            stream,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::with_capacity(64),
+            read_size,
+            connack: None,
+            subacks: 0,
+            refused_subs: 0,
+            pubacks: 0,
+        };
+        encode_connect(&mut c.wbuf, hello.client_id, hello.clean, hello.keep_alive);
+        if let Some((filter, qos)) = hello.subscribe {
+            encode_subscribe(&mut c.wbuf, 1, filter, qos);
+        }
+        c.flush().await.map_err(|e| format!("write CONNECT: {e}"))?;
+        let want_subacks = hello.subscribe.is_some() as usize;
+        loop {
+            if let Some((_, code)) = c.connack {
+                if code != 0 {
+                    return Err(format!("CONNACK return code {code}"));
+                }
+                if c.refused_subs > 0 {
+                    return Err("SUBSCRIBE refused (0x80)".into());
+                }
+                if c.subacks >= want_subacks {
+                    break;
+                }
+            }
+            match c.read_some(h).await {
+                Ok(true) => {}
+                Ok(false) => return Err("closed by the broker during the handshake".into()),
+                Err(e) => return Err(format!("handshake: {e}")),
+            }
+        }
+        if c.rbuf.is_empty() {
+            c.rbuf = BytesMut::new();
+        }
+        Ok(c)
+    }
+
+    pub fn session_present(&self) -> bool {
+        matches!(self.connack, Some((true, _)))
+    }
+
+    /// One read: handles every complete packet, acknowledges QoS 1 messages (one write for
+    /// all of them). `Ok(false)`: the broker closed the connection.
+    pub async fn read_some<H: OnPublish>(&mut self, h: &mut H) -> io::Result<bool> {
+        self.rbuf.reserve(self.read_size);
+        let n = self.stream.read_buf(&mut self.rbuf).await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        let now = now_ns();
+        let mut off = 0;
+        loop {
+            match parse(&self.rbuf[off..]) {
+                Ok(Some((p, n))) => {
+                    off += n;
+                    match p {
+                        Packet::Publish {
+                            qos,
+                            dup,
+                            pkid,
+                            topic,
+                            payload,
+                        } => {
+                            h.publish(qos, dup, topic, payload, now);
+                            match qos {
+                                0 => {}
+                                1 => encode_puback(&mut self.wbuf, pkid),
+                                _ => {
+                                    // PUBREC; the scenarios never use QoS 2.
+                                    self.wbuf.put_slice(&[0x50, 2]);
+                                    self.wbuf.put_u16(pkid);
+                                }
+                            }
+                        }
+                        Packet::ConnAck {
+                            session_present,
+                            code,
+                        } => self.connack = Some((session_present, code)),
+                        Packet::SubAck { codes } => {
+                            self.subacks += 1;
+                            self.refused_subs += codes.iter().filter(|&&c| c >= 0x80).count();
+                        }
+                        Packet::PubAck => self.pubacks += 1,
+                        Packet::PubRel(id) => {
+                            self.wbuf.put_slice(&[0x70, 2]);
+                            self.wbuf.put_u16(id);
+                        }
+                        Packet::PubRec | Packet::PubComp => {}
+                        Packet::UnsubAck | Packet::PingResp => {}
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+            }
+        }
+        self.rbuf.advance(off);
+        h.batch_end(now);
+        self.flush().await?;
+        Ok(true)
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    pub async fn ping(&mut self) -> io::Result<()> {
+        self.stream.write_all(&[0xC0, 0]).await
+    }
+
+    /// DISCONNECT, then wait (briefly) for the broker to close: once it has, the broker has
+    /// taken the DISCONNECT and everything before it.
+    pub async fn disconnect(mut self, wait: Duration) {
+        let _ = self.flush().await;
+        if self.stream.write_all(&[0xE0, 0]).await.is_err() {
+            return;
+        }
+        let _ = self.stream.shutdown().await;
+        let _ = tokio::time::timeout(wait, async {
+            let mut scratch = [0u8; 1024];
+            loop {
+                match self.stream.read(&mut scratch).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+    }
+
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+}

@@ -1,0 +1,277 @@
+//! herald-bench: load generator for MQTT 3.1.1 brokers (Herald, Mosquitto, any other).
+//!
+//! It speaks MQTT itself (see `client`) so that the load generator is never the bottleneck,
+//! and drives one broker at HOST:PORT through the scenarios of issue 3:
+//!
+//! - `idle`: N clients connect (keepalive 60 s, clean session, each subscribed to its own
+//!   push topic), then sit idle: connect rate, broker RSS per connection, broker CPU.
+//! - `push`: devices online with persistent sessions, PUBACKing; one publisher sends QoS 1
+//!   round-robin to push/<id> with a window of unacknowledged messages: delivered msgs/s and
+//!   end-to-end latency.
+//! - `push-rate`: the same at a fixed offered rate: latency.
+//! - `qos0`: 1 and 4 publisher-subscriber pairs, QoS 0, bounded lag: msgs/s.
+//! - `drain`: devices go offline, 10 QoS 1 messages each are published, all reconnect: time
+//!   until every message has arrived.
+//! - `all`: every scenario in turn against the same broker.
+//! - `compare`: side-by-side table of earlier JSON results (Herald/Mosquitto ratio, targets).
+//!
+//! Give `--broker-pid` to get broker RSS and CPU (from /proc). `scripts/bench.sh` (`make
+//! bench`) runs everything against Herald and Mosquitto; see BENCHMARKS.md.
+
+mod client;
+mod procstat;
+mod report;
+mod scenarios;
+
+use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::client::Target;
+use crate::report::{RunFile, ScenarioResult};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Load generator for MQTT 3.1.1 brokers (issue 3 scenarios)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// N clients connect and stay idle: connect rate, RSS per connection, idle CPU.
+    Idle(Opts),
+    /// QoS 1 push to online devices with a window: msgs/s and latency.
+    Push(Opts),
+    /// QoS 1 push at a fixed offered rate (--rate): latency.
+    PushRate(Opts),
+    /// QoS 0 publisher-subscriber pairs (--pairs 1,4): msgs/s.
+    Qos0(Opts),
+    /// Offline devices get --per-device QoS 1 messages each, then reconnect: drain time.
+    Drain(Opts),
+    /// Every scenario, one after the other.
+    All(Opts),
+    /// Side-by-side table of JSON results: `compare Herald=DIR Mosquitto=DIR ...`.
+    Compare(CompareArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Opts {
+    /// Broker host.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Broker port.
+    #[arg(long)]
+    pub port: u16,
+    /// Broker process id, for RSS and CPU from /proc.
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Name of the broker in the output.
+    #[arg(long, default_value = "broker")]
+    pub label: String,
+    /// Spread connections over this many source addresses (0: let the kernel choose).
+    #[arg(long, default_value_t = 16)]
+    pub sources: u32,
+    /// First source address.
+    #[arg(long, default_value = "127.0.0.2")]
+    pub source_base: Ipv4Addr,
+    /// Handshakes (TCP connect + CONNECT..CONNACK) in flight at most.
+    #[arg(long, default_value_t = 100)]
+    pub concurrency: usize,
+    /// Runtime worker threads of this tool (1: a single-threaded runtime).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Keepalive of the clients, seconds.
+    #[arg(long, default_value_t = 60)]
+    pub keepalive: u16,
+    /// Give up waiting for deliveries after this many seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub timeout: f64,
+    /// Seconds for one handshake before it is retried.
+    #[arg(long, default_value_t = 10.0)]
+    pub handshake_timeout: f64,
+
+    /// idle: clients.
+    #[arg(long, default_value_t = 10_000)]
+    pub clients: usize,
+    /// idle: seconds to sit idle.
+    #[arg(long, default_value_t = 30.0)]
+    pub idle_secs: f64,
+    /// idle: do not subscribe each client to its push topic.
+    #[arg(long)]
+    pub no_subscribe: bool,
+    /// idle: client id prefix.
+    #[arg(long, default_value = "idle")]
+    pub idle_prefix: String,
+
+    /// push, push-rate, drain: devices (client ids <prefix>0, <prefix>1, ...).
+    #[arg(long, default_value_t = 1000)]
+    pub devices: usize,
+    /// push, push-rate, drain: device client id prefix; devices use push/<id>.
+    #[arg(long, default_value = "dev")]
+    pub id_prefix: String,
+    /// push, push-rate, qos0: seconds of publishing.
+    #[arg(long, default_value_t = 10.0)]
+    pub secs: f64,
+    /// push: publish exactly this many messages instead of for --secs.
+    #[arg(long)]
+    pub messages: Option<u64>,
+    /// push, push-rate, drain: unacknowledged (no PUBACK yet) messages at most.
+    #[arg(long, default_value_t = 1000)]
+    pub window: u64,
+    /// push: published but not yet delivered messages at most (and at most 500 per device).
+    #[arg(long, default_value_t = 20_000)]
+    pub max_lag: u64,
+    /// push-rate: offered rate, msgs/s.
+    #[arg(long, default_value_t = 20_000.0)]
+    pub rate: f64,
+    /// Payload bytes (at least 16: the timestamp and sequence number).
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+    /// qos0: numbers of pairs to run, e.g. 1,4.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    pub pairs: Vec<usize>,
+    /// qos0: messages a publisher may be ahead of its subscriber.
+    #[arg(long, default_value_t = 1000)]
+    pub lag: u64,
+    /// drain: QoS 1 messages per offline device.
+    #[arg(long, default_value_t = 10)]
+    pub per_device: u64,
+}
+
+#[derive(Args, Debug)]
+struct CompareArgs {
+    /// NAME=PATH, PATH a JSON file or a directory of them. The ratio is column 1 / column 2.
+    #[arg(required = true, num_args = 2..)]
+    columns: Vec<String>,
+    /// Also write the table as Markdown.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (which, opts) = match cli.cmd {
+        Cmd::Compare(a) => {
+            return match report::compare(&a.columns, a.markdown.as_deref()) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("herald-bench: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Idle(o) => ("idle", o),
+        Cmd::Push(o) => ("push", o),
+        Cmd::PushRate(o) => ("push-rate", o),
+        Cmd::Qos0(o) => ("qos0", o),
+        Cmd::Drain(o) => ("drain", o),
+        Cmd::All(o) => ("all", o),
+    };
+    let addr: SocketAddr = match (opts.host.as_str(), opts.port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.find(|a| a.is_ipv4()))
+    {
+        Some(a) => a,
+        None => {
+            eprintln!("herald-bench: cannot resolve {}:{}", opts.host, opts.port);
+            return ExitCode::from(2);
+        }
+    };
+    let target = Target {
+        addr,
+        first_source: u32::from(opts.source_base),
+        sources: if addr.ip().is_loopback() {
+            opts.sources
+        } else {
+            0
+        },
+    };
+    client::now_ns();
+    let rt = if opts.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(opts.threads)
+            .enable_all()
+            .build()
+    };
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("herald-bench: runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let results = rt.block_on(run(which, &opts, &target));
+    report::print_run(&opts.label, &results);
+    if let Some(path) = &opts.json {
+        let file = RunFile {
+            tool: format!("herald-bench {}", env!("CARGO_PKG_VERSION")),
+            label: opts.label.clone(),
+            broker: format!("{}:{}", opts.host, opts.port),
+            broker_pid: opts.broker_pid,
+            unix_time: started,
+            results: results.clone(),
+        };
+        let text = serde_json::to_string_pretty(&file).expect("results serialize");
+        if let Err(e) = std::fs::write(path, text + "\n") {
+            eprintln!("herald-bench: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if results.iter().all(|r| r.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+async fn run(which: &str, o: &Opts, target: &Target) -> Vec<ScenarioResult> {
+    let mut out = Vec::new();
+    let all = which == "all";
+    if all || which == "idle" {
+        out.push(progress(scenarios::idle(o, target, o.clients).await));
+    }
+    if all || which == "push" {
+        out.push(progress(scenarios::push(o, target, None).await));
+    }
+    if all || which == "push-rate" {
+        out.push(progress(scenarios::push(o, target, Some(o.rate)).await));
+    }
+    if all || which == "qos0" {
+        for &p in &o.pairs {
+            out.push(progress(scenarios::qos0(o, target, p.max(1)).await));
+        }
+    }
+    if all || which == "drain" {
+        out.push(progress(scenarios::drain(o, target).await));
+    }
+    out
+}
+
+fn progress(r: ScenarioResult) -> ScenarioResult {
+    eprintln!(
+        "herald-bench: {} {}",
+        r.variant,
+        if r.ok { "done" } else { "FAILED" }
+    );
+    r
+}

@@ -1,0 +1,102 @@
+//! Broker memory and CPU from /proc: VmRSS from /proc/PID/status, utime + stime from
+//! /proc/PID/stat in clock ticks (`getconf CLK_TCK`, usually 100).
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+fn clk_tck() -> f64 {
+    static TCK: OnceLock<f64> = OnceLock::new();
+    *TCK.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|&t| t > 0.0)
+            .unwrap_or(100.0)
+    })
+}
+
+/// Resident set size of `pid` ("self" for this process), bytes.
+pub fn rss_bytes(pid: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// CPU time (user + system, all threads) of `pid`, seconds.
+pub fn cpu_secs(pid: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces: count fields after it.
+    let rest = &s[s.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After ")": state is field 3 of the full line, utime 14 and stime 15.
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / clk_tck())
+}
+
+/// Soft limit on open files of this process.
+pub fn fd_limit() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = s.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// The broker (if its PID is known) and this tool, observed between two points in time.
+#[derive(Clone)]
+pub struct Probe {
+    pid: Option<String>,
+}
+
+/// A reading of both processes' CPU time.
+pub struct Mark {
+    at: Instant,
+    broker: Option<f64>,
+    own: Option<f64>,
+}
+
+/// CPU used between two marks, in percent of one core.
+pub struct CpuUse {
+    pub broker_pct: Option<f64>,
+    pub own_pct: Option<f64>,
+}
+
+impl Probe {
+    pub fn new(pid: Option<u32>) -> Probe {
+        Probe {
+            pid: pid.map(|p| p.to_string()),
+        }
+    }
+
+    pub fn broker_alive(&self) -> bool {
+        match &self.pid {
+            Some(p) => std::path::Path::new(&format!("/proc/{p}")).exists(),
+            None => true,
+        }
+    }
+
+    pub fn rss(&self) -> Option<u64> {
+        self.pid.as_deref().and_then(rss_bytes)
+    }
+
+    pub fn mark(&self) -> Mark {
+        Mark {
+            at: Instant::now(),
+            broker: self.pid.as_deref().and_then(cpu_secs),
+            own: cpu_secs("self"),
+        }
+    }
+
+    pub fn since(&self, m: &Mark) -> CpuUse {
+        let now = self.mark();
+        let secs = now.at.duration_since(m.at).as_secs_f64().max(1e-9);
+        let pct = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / secs * 100.0);
+        CpuUse {
+            broker_pct: pct(m.broker, now.broker),
+            own_pct: pct(m.own, now.own),
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! Results: the per-run table, the JSON file, and `compare` (side-by-side table with the
+//! Herald/Mosquitto ratio and the targets of issue 3).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// One scenario (variant) of one run against one broker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScenarioResult {
+    /// idle, push, push-rate, qos0, drain.
+    pub scenario: String,
+    /// The scenario with its size: idle-10000, qos0-4, ... Columns are matched on it.
+    pub variant: String,
+    /// Everything was delivered and no connection failed.
+    pub ok: bool,
+    pub errors: Vec<String>,
+    /// Remarks that do not fail the run (e.g. the offered rate was not reached).
+    #[serde(default)]
+    pub notes: Vec<String>,
+    pub params: BTreeMap<String, serde_json::Value>,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+impl ScenarioResult {
+    pub fn new(scenario: &str, variant: impl Into<String>) -> Self {
+        ScenarioResult {
+            scenario: scenario.into(),
+            variant: variant.into(),
+            ok: true,
+            errors: Vec::new(),
+            notes: Vec::new(),
+            params: BTreeMap::new(),
+            metrics: BTreeMap::new(),
+        }
+    }
+
+    pub fn param(&mut self, k: &str, v: impl Into<serde_json::Value>) {
+        self.params.insert(k.into(), v.into());
+    }
+
+    pub fn metric(&mut self, k: &str, v: f64) {
+        if v.is_finite() {
+            self.metrics.insert(k.into(), v);
+        }
+    }
+
+    pub fn opt_metric(&mut self, k: &str, v: Option<f64>) {
+        if let Some(v) = v {
+            self.metric(k, v);
+        }
+    }
+
+    pub fn error(&mut self, e: impl Into<String>) {
+        self.ok = false;
+        self.errors.push(e.into());
+    }
+}
+
+/// The JSON file of one `herald-bench` run.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RunFile {
+    pub tool: String,
+    pub label: String,
+    pub broker: String,
+    pub broker_pid: Option<u32>,
+    pub unix_time: u64,
+    pub results: Vec<ScenarioResult>,
+}
+
+/// How a metric is shown, and its target as a Herald/Mosquitto ratio (issue 3).
+struct Spec {
+    scenario: &'static str,
+    key: &'static str,
+    label: &'static str,
+    unit: &'static str,
+    /// (">=" or "<=", ratio)
+    target: Option<(&'static str, f64)>,
+}
+
+const fn spec(
+    scenario: &'static str,
+    key: &'static str,
+    label: &'static str,
+    unit: &'static str,
+    target: Option<(&'static str, f64)>,
+) -> Spec {
+    Spec {
+        scenario,
+        key,
+        label,
+        unit,
+        target,
+    }
+}
+
+/// Metrics in display order. Those not listed are still in the JSON.
+const SPECS: &[Spec] = &[
+    spec(
+        "idle",
+        "connect_rate",
+        "connect rate",
+        "conn/s",
+        Some((">=", 1.5)),
+    ),
+    spec(
+        "idle",
+        "rss_per_conn",
+        "broker RSS per connection",
+        "B",
+        Some(("<=", 1.0)),
+    ),
+    spec("idle", "idle_cpu_pct", "broker CPU while idle", "%", None),
+    spec("idle", "connected", "connected", "", None),
+    spec("idle", "rss_before", "broker RSS before", "MB", None),
+    spec(
+        "idle",
+        "rss_after_idle",
+        "broker RSS after idle",
+        "MB",
+        None,
+    ),
+    spec(
+        "idle",
+        "connect_cpu_pct",
+        "broker CPU while connecting",
+        "%",
+        None,
+    ),
+    spec(
+        "idle",
+        "connect_bench_cpu_pct",
+        "load generator CPU while connecting",
+        "%",
+        None,
+    ),
+    spec(
+        "push",
+        "msgs_per_sec",
+        "delivered",
+        "msg/s",
+        Some((">=", 2.0)),
+    ),
+    spec("push", "p50_us", "latency p50", "ms", None),
+    spec("push", "p99_us", "latency p99", "ms", None),
+    spec("push", "max_us", "latency max", "ms", None),
+    spec("push", "broker_cpu_pct", "broker CPU", "%", None),
+    spec("push", "bench_cpu_pct", "load generator CPU", "%", None),
+    spec(
+        "push-rate",
+        "achieved_rate",
+        "offered rate achieved",
+        "msg/s",
+        None,
+    ),
+    spec("push-rate", "p50_us", "latency p50", "ms", None),
+    spec(
+        "push-rate",
+        "p99_us",
+        "latency p99",
+        "ms",
+        Some(("<=", 1.0)),
+    ),
+    spec("push-rate", "max_us", "latency max", "ms", None),
+    spec("push-rate", "broker_cpu_pct", "broker CPU", "%", None),
+    spec(
+        "push-rate",
+        "bench_cpu_pct",
+        "load generator CPU",
+        "%",
+        None,
+    ),
+    spec(
+        "qos0",
+        "msgs_per_sec",
+        "delivered",
+        "msg/s",
+        Some((">=", 2.0)),
+    ),
+    spec("qos0", "p50_us", "latency p50", "ms", None),
+    spec("qos0", "p99_us", "latency p99", "ms", None),
+    spec("qos0", "dropped", "dropped", "", None),
+    spec("qos0", "broker_cpu_pct", "broker CPU", "%", None),
+    spec("qos0", "bench_cpu_pct", "load generator CPU", "%", None),
+    spec(
+        "drain",
+        "drain_secs",
+        "time until all arrive",
+        "s",
+        Some(("<=", 0.5)),
+    ),
+    spec("drain", "msgs_per_sec", "drain rate", "msg/s", None),
+    spec(
+        "drain",
+        "reconnect_secs",
+        "time until all reconnected",
+        "s",
+        None,
+    ),
+    spec("drain", "broker_cpu_pct", "broker CPU", "%", None),
+    spec("drain", "bench_cpu_pct", "load generator CPU", "%", None),
+];
+
+fn fmt_value(v: f64, unit: &str) -> String {
+    match unit {
+        "ms" => format!("{:.2} ms", v / 1000.0),
+        "MB" => format!("{:.1} MB", v / 1e6),
+        "B" => format!("{v:.0} B"),
+        "%" => format!("{v:.1} %"),
+        "s" => format!("{v:.3} s"),
+        "" => format!("{v:.0}"),
+        _ => format!("{} {unit}", thousands(v)),
+    }
+}
+
+fn thousands(v: f64) -> String {
+    let n = v.round() as i64;
+    let s = n.abs().to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+fn display_params(r: &ScenarioResult) -> String {
+    r.params
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The human table of one run.
+pub fn print_run(label: &str, results: &[ScenarioResult]) {
+    for r in results {
+        println!();
+        println!(
+            "== {} against {label}: {}",
+            r.variant,
+            if r.ok { "ok" } else { "FAILED" }
+        );
+        println!("   {}", display_params(r));
+        let mut shown = std::collections::HashSet::new();
+        for s in SPECS.iter().filter(|s| s.scenario == r.scenario) {
+            if let Some(&v) = r.metrics.get(s.key) {
+                println!("   {:<34} {:>16}", s.label, fmt_value(v, s.unit));
+                shown.insert(s.key);
+            }
+        }
+        let rest: Vec<String> = r
+            .metrics
+            .iter()
+            .filter(|(k, _)| !shown.contains(k.as_str()))
+            .map(|(k, v)| format!("{k}={}", trim_num(*v)))
+            .collect();
+        if !rest.is_empty() {
+            println!("   ({})", rest.join(" "));
+        }
+        for e in &r.errors {
+            println!("   error: {e}");
+        }
+        for n in &r.notes {
+            println!("   note: {n}");
+        }
+    }
+}
+
+fn trim_num(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// Loads one column: a JSON file, or every *.json in a directory.
+fn load(path: &Path) -> Result<Vec<ScenarioResult>, String> {
+    let mut files: Vec<PathBuf> = if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut out = Vec::new();
+    for f in files.drain(..) {
+        let text = std::fs::read_to_string(&f).map_err(|e| format!("{}: {e}", f.display()))?;
+        let run: RunFile =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", f.display()))?;
+        out.extend(run.results);
+    }
+    Ok(out)
+}
+
+const ORDER: &[&str] = &["idle", "push", "push-rate", "qos0", "drain"];
+
+/// `compare NAME=PATH...`: one row per metric, one column per broker; the ratio is the first
+/// column over the second (Herald/Mosquitto), and each further column gets its own ratio to
+/// the second.
+pub fn compare(columns: &[String], markdown: Option<&Path>) -> Result<bool, String> {
+    let mut cols: Vec<(String, Vec<ScenarioResult>)> = Vec::new();
+    for c in columns {
+        let (name, path) = c
+            .split_once('=')
+            .ok_or_else(|| format!("`{c}`: expected NAME=PATH"))?;
+        cols.push((name.to_string(), load(Path::new(path))?));
+    }
+    if cols.len() < 2 {
+        return Err("compare needs at least two columns".into());
+    }
+    let mut variants: Vec<(String, String)> = Vec::new();
+    for (_, rs) in &cols {
+        for r in rs {
+            if !variants.iter().any(|(v, _)| v == &r.variant) {
+                variants.push((r.variant.clone(), r.scenario.clone()));
+            }
+        }
+    }
+    variants.sort_by_key(|(v, s)| {
+        let n: u64 = v
+            .rsplit('-')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        (ORDER.iter().position(|o| o == s).unwrap_or(99), n)
+    });
+    let find = |col: usize, variant: &str| cols[col].1.iter().find(|r| r.variant == variant);
+
+    let mut header = vec!["scenario".to_string(), "metric".to_string()];
+    header.push(cols[0].0.clone());
+    header.push(cols[1].0.clone());
+    header.push(format!("{}/{}", cols[0].0, cols[1].0));
+    header.push("target".into());
+    header.push("met".into());
+    for (name, _) in &cols[2..] {
+        header.push(name.clone());
+        header.push(format!("{name}/{}", cols[1].0));
+    }
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut all_ok = true;
+    let mut notes: Vec<String> = Vec::new();
+    for (variant, scenario) in &variants {
+        for (ci, (name, _)) in cols.iter().enumerate() {
+            match find(ci, variant) {
+                Some(r) if !r.ok => {
+                    all_ok = false;
+                    notes.push(format!(
+                        "{variant} on {name} FAILED: {}",
+                        r.errors.join("; ")
+                    ));
+                }
+                Some(r) => {
+                    notes.extend(r.notes.iter().map(|n| format!("{variant} on {name}: {n}")))
+                }
+                None => notes.push(format!("{variant}: no result for {name}")),
+            }
+        }
+        for s in SPECS.iter().filter(|s| s.scenario == scenario) {
+            let val = |ci: usize| find(ci, variant).and_then(|r| r.metrics.get(s.key).copied());
+            if (0..cols.len()).all(|ci| val(ci).is_none()) {
+                continue;
+            }
+            let show = |v: Option<f64>| v.map(|v| fmt_value(v, s.unit)).unwrap_or("-".into());
+            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) if b != 0.0 => Some(a / b),
+                _ => None,
+            };
+            let r01 = ratio(val(0), val(1));
+            let mut row = vec![
+                variant.clone(),
+                s.label.to_string(),
+                show(val(0)),
+                show(val(1)),
+            ];
+            row.push(r01.map(|r| format!("{r:.2}")).unwrap_or("-".into()));
+            match s.target {
+                Some((op, t)) => {
+                    row.push(format!("{op} {t:.1}"));
+                    row.push(match r01 {
+                        Some(r) if (op == ">=" && r >= t) || (op == "<=" && r <= t) => "yes".into(),
+                        Some(_) => "NO".into(),
+                        None => "-".into(),
+                    });
+                }
+                None => {
+                    row.push(String::new());
+                    row.push(String::new());
+                }
+            }
+            for ci in 2..cols.len() {
+                row.push(show(val(ci)));
+                row.push(
+                    ratio(val(ci), val(1))
+                        .map(|r| format!("{r:.2}"))
+                        .unwrap_or("-".into()),
+                );
+            }
+            rows.push(row);
+        }
+    }
+
+    // Text table.
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([header[i].chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i < 2 {
+                    format!("{c:<w$}", w = widths[i])
+                } else {
+                    format!("{c:>w$}", w = widths[i])
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    println!("{}", line(&header));
+    println!(
+        "{}",
+        "-".repeat(widths.iter().sum::<usize>() + 2 * (widths.len() - 1))
+    );
+    let mut last = String::new();
+    for r in &rows {
+        if r[0] != last && !last.is_empty() {
+            println!();
+        }
+        last = r[0].clone();
+        println!("{}", line(r));
+    }
+    for n in &notes {
+        println!("note: {n}");
+    }
+
+    if let Some(md) = markdown {
+        // One table per scenario (variant), without the scenario column.
+        let mut out = String::new();
+        let head = &header[1..];
+        let mut variant = String::new();
+        for r in &rows {
+            if r[0] != variant {
+                variant = r[0].clone();
+                let _ = writeln!(out, "\n### {variant}\n");
+                let _ = writeln!(out, "| {} |", head.join(" | "));
+                let _ = writeln!(
+                    out,
+                    "|{}",
+                    (0..head.len())
+                        .map(|i| if i == 0 { " --- |" } else { " ---: |" })
+                        .collect::<String>()
+                );
+            }
+            let _ = writeln!(out, "| {} |", r[1..].join(" | "));
+        }
+        if !notes.is_empty() {
+            out.push('\n');
+            for n in &notes {
+                let _ = writeln!(out, "- {n}");
+            }
+        }
+        std::fs::write(md, out).map_err(|e| format!("{}: {e}", md.display()))?;
+    }
+    Ok(all_ok)
+}
