@@ -21,7 +21,7 @@ use futures::future::BoxFuture;
 
 use crate::codec::{min_qos, Qos};
 use crate::config::Config;
-use crate::mailbox::{Delivery, Mailbox};
+use crate::mailbox::{Delivery, Kick, Mailbox};
 use crate::metrics;
 use crate::outbox::{now_ms, Enqueued, Message, Store, StoreError};
 use crate::router::{ClientId, Router};
@@ -41,7 +41,7 @@ struct ClientState {
     conn_id: u64,
     /// The last connection asked for a persistent session.
     persistent: bool,
-    saved: Option<SessionData>,
+    saved: Option<Box<SessionData>>,
 }
 
 /// What a new connection starts with.
@@ -121,7 +121,7 @@ impl Broker {
         };
         if let Some(old) = old {
             metrics::takeover();
-            old.kick();
+            old.kick(Kick::Takeover);
             if tokio::time::timeout(TAKEOVER_WAIT, old.wait_done())
                 .await
                 .is_err()
@@ -161,10 +161,9 @@ impl Broker {
         Ok(Attached {
             conn_id,
             session_present: !clean && (existed || stored.session_present),
-            data: if clean {
-                SessionData::default()
-            } else {
-                saved.unwrap_or_default()
+            data: match saved {
+                Some(d) if !clean => *d,
+                _ => SessionData::default(),
             },
             sent_watermark: stored.sent_watermark,
         })
@@ -172,7 +171,6 @@ impl Broker {
 
     /// A connection ended. Only the connection that still owns the client id removes state.
     pub async fn detach(&self, client: &ClientId, conn_id: u64, clean: bool, data: SessionData) {
-        self.store.detach(client).await;
         let mut owner = false;
         if let Some(mut e) = self.clients.get_mut(client) {
             if e.conn_id == conn_id {
@@ -180,7 +178,7 @@ impl Broker {
                 e.conn = None;
             }
             if !clean {
-                e.saved = Some(data);
+                e.saved = Some(Box::new(data));
             }
         }
         if owner && clean {
@@ -328,6 +326,26 @@ impl Broker {
                 mb.push(Delivery::Stored { seq, qos, msg });
             }
             Ok(())
+        }
+    }
+
+    /// Kicks every connection silent for 1.5 times its keepalive. Run a few times a second
+    /// by the server: one pass over the table instead of a timer per connection.
+    pub fn check_keepalives(&self) {
+        let now = now_ms();
+        for e in self.clients.iter() {
+            if let Some(mb) = &e.conn {
+                mb.check_keepalive(now);
+            }
+        }
+    }
+
+    /// Asks every connection to close (server shutdown: no wills).
+    pub fn close_all(&self) {
+        for e in self.clients.iter() {
+            if let Some(mb) = &e.conn {
+                mb.kick(Kick::Shutdown);
+            }
         }
     }
 

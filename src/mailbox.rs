@@ -5,12 +5,19 @@
 //! in the outbox, so when the mailbox is full the hint is dropped and `lost_hint` tells the
 //! connection to re-read its outbox. QoS 0 messages live only here and are dropped (counted)
 //! when it is full: that is what bounds the memory a slow reader can cost.
+//!
+//! The mailbox is also how a connection is told to close (takeover, keepalive expiry, server
+//! shutdown) and where its keepalive clock lives: one broker-wide task checks every
+//! connection's `last_seen` instead of each connection owning a timer.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use futures::task::AtomicWaker;
 use parking_lot::Mutex;
+use std::future::{poll_fn, Future};
+use std::task::Poll;
 use tokio::sync::Notify;
 
 use crate::codec::Qos;
@@ -29,26 +36,47 @@ pub enum Delivery {
     Direct(Arc<Message>),
 }
 
+/// Why a connection was asked to close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    /// A newer connection took the client id over.
+    Takeover = 1,
+    /// Silent for 1.5 times its keepalive.
+    Keepalive = 2,
+    /// The server is stopping.
+    Shutdown = 3,
+}
+
 pub struct Mailbox {
     queue: Mutex<VecDeque<Delivery>>,
-    wake: Notify,
+    /// The one connection task waiting on this mailbox; lighter than a `Notify`, which
+    /// matters because the wait is part of every idle connection's state.
+    waker: AtomicWaker,
+    signal: AtomicBool,
     lost_hint: AtomicBool,
-    kicked: AtomicBool,
+    kick: AtomicU8,
     done: AtomicBool,
-    /// Wakes `wait_done` and `wait_kicked`; each re-checks its own flag.
-    state_wake: Notify,
+    /// Wakes `wait_done`.
+    done_wake: Notify,
+    /// Unix ms of the last packet from the client.
+    last_seen: AtomicU64,
+    /// 1.5 times the keepalive, in ms; 0 = no keepalive.
+    expire_after: u64,
     cap: usize,
 }
 
 impl Mailbox {
-    pub fn new(cap: usize) -> Mailbox {
+    pub fn new(cap: usize, keep_alive_secs: u16) -> Mailbox {
         Mailbox {
             queue: Mutex::new(VecDeque::new()),
-            wake: Notify::new(),
+            waker: AtomicWaker::new(),
+            signal: AtomicBool::new(false),
             lost_hint: AtomicBool::new(false),
-            kicked: AtomicBool::new(false),
+            kick: AtomicU8::new(0),
             done: AtomicBool::new(false),
-            state_wake: Notify::new(),
+            done_wake: Notify::new(),
+            last_seen: AtomicU64::new(crate::outbox::now_ms()),
+            expire_after: u64::from(keep_alive_secs) * 1500,
             cap,
         }
     }
@@ -70,7 +98,12 @@ impl Mailbox {
                 q.push_back(d);
             }
         }
-        self.wake.notify_one();
+        self.notify();
+    }
+
+    fn notify(&self) {
+        self.signal.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     /// Moves everything queued into `out`.
@@ -87,43 +120,62 @@ impl Mailbox {
         self.lost_hint.swap(false, Ordering::AcqRel)
     }
 
-    pub async fn wait(&self) {
-        self.wake.notified().await
-    }
-
-    /// Asks the connection to close (a newer connection took the client id over).
-    pub fn kick(&self) {
-        self.kicked.store(true, Ordering::Release);
-        self.wake.notify_one();
-        self.state_wake.notify_waiters();
-    }
-
-    pub fn is_kicked(&self) -> bool {
-        self.kicked.load(Ordering::Acquire)
-    }
-
-    /// Resolves once the connection has been kicked. A connection with a full write buffer
-    /// stops waiting on `wait` (it takes no deliveries), and a peer that stopped reading is
-    /// exactly the half-dead connection a takeover replaces: this is how it still hears.
-    pub async fn wait_kicked(&self) {
-        loop {
-            let notified = self.state_wake.notified();
-            if self.is_kicked() {
-                return;
+    /// Resolves when something was pushed or the connection was kicked since the last time
+    /// it resolved. Only one task may wait.
+    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
+        poll_fn(move |cx| {
+            if self.signal.swap(false, Ordering::AcqRel) {
+                return Poll::Ready(());
             }
-            notified.await;
+            self.waker.register(cx.waker());
+            if self.signal.swap(false, Ordering::AcqRel) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
+    /// Asks the connection to close. The first reason sticks.
+    pub fn kick(&self, why: Kick) {
+        let _ = self
+            .kick
+            .compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire);
+        self.notify();
+    }
+
+    pub fn kicked(&self) -> Option<Kick> {
+        match self.kick.load(Ordering::Acquire) {
+            1 => Some(Kick::Takeover),
+            2 => Some(Kick::Keepalive),
+            3 => Some(Kick::Shutdown),
+            _ => None,
+        }
+    }
+
+    /// A packet arrived from the client.
+    pub fn touch(&self, now_ms: u64) {
+        self.last_seen.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Kicks the connection if the client has been silent for 1.5 times its keepalive.
+    pub fn check_keepalive(&self, now_ms: u64) {
+        if self.expire_after > 0
+            && now_ms.saturating_sub(self.last_seen.load(Ordering::Relaxed)) >= self.expire_after
+        {
+            self.kick(Kick::Keepalive);
         }
     }
 
     /// The connection has finished its cleanup (will published, session saved).
     pub fn mark_done(&self) {
         self.done.store(true, Ordering::Release);
-        self.state_wake.notify_waiters();
+        self.done_wake.notify_waiters();
     }
 
     pub async fn wait_done(self: &Arc<Self>) {
         loop {
-            let notified = self.state_wake.notified();
+            let notified = self.done_wake.notified();
             if self.done.load(Ordering::Acquire) {
                 return;
             }

@@ -27,6 +27,9 @@ pub struct Server {
 /// How often stored messages are checked for expiry.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
+/// How often keepalives are checked: the slack on top of 1.5 times a client's keepalive.
+const KEEPALIVE_EVERY: Duration = Duration::from_millis(250);
+
 impl Server {
     /// Binds the listeners and starts serving. Must run inside a tokio runtime.
     pub async fn start(config: Config) -> std::io::Result<Server> {
@@ -63,10 +66,12 @@ impl Server {
             let broker = broker.clone();
             let stop = shutdown.clone();
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(SWEEP_EVERY);
+                let mut sweep = tokio::time::interval(SWEEP_EVERY);
+                let mut keepalive = tokio::time::interval(KEEPALIVE_EVERY);
                 loop {
                     tokio::select! {
-                        _ = tick.tick() => broker.store.sweep().await,
+                        _ = sweep.tick() => broker.store.sweep().await,
+                        _ = keepalive.tick() => broker.check_keepalives(),
                         _ = stop.cancelled() => return,
                     }
                 }
@@ -104,6 +109,7 @@ impl Server {
     /// Stops accepting, closes every connection, waits up to `shutdown_timeout`.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
+        self.broker.close_all();
         self.tracker.close();
         if tokio::time::timeout(self.timeout, self.tracker.wait())
             .await

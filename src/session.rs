@@ -1,9 +1,13 @@
 //! One client connection, from CONNECT to close: the MQTT protocol state machine.
 //!
 //! A single task per connection reads packets, drains the mailbox and writes, so the
-//! per-connection state needs no locks. Memory at idle is kept near the minimum: the read and
-//! write buffers are released whenever they are empty (socket reads go through one scratch
-//! buffer per worker thread), and keepalive is one timer that is re-armed only when it fires.
+//! per-connection state needs no locks. Memory at idle is what decides how many phones a
+//! node holds, so an idle connection keeps only what it must: the read and write buffers are
+//! released whenever they are empty (socket reads go through one scratch buffer per worker
+//! thread), keepalive is checked by one broker-wide task (see `mailbox`), shutdown arrives
+//! through the mailbox too, and every step that awaits something larger (storing, reading
+//! the outbox, the handshake, the end) runs in a boxed future that exists only while it
+//! runs, so the idle task's state machine holds just the few futures it waits on.
 //!
 //! Outbound QoS 1/2 follows the outbox: `next_seq` is the first sequence number not yet
 //! written; `backlog` says the outbox may hold entries the connection has not seen (start of
@@ -25,12 +29,11 @@ use bytes::{Bytes, BytesMut};
 use futures::stream::{FuturesOrdered, StreamExt};
 use mqttbytes::v4::{Connect, Publish};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, SessionData};
 use crate::codec::{self, DecodeError, Packet, Qos};
-use crate::mailbox::{Delivery, Mailbox};
+use crate::mailbox::{Delivery, Kick, Mailbox};
 use crate::metrics;
 use crate::outbox::{packet_id, Entry, Message, StoreError};
 use crate::router::ClientId;
@@ -71,7 +74,7 @@ pub struct Connection<S> {
     shutdown: CancellationToken,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
     pub fn new(
         broker: Arc<Broker>,
         stream: S,
@@ -86,42 +89,72 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    pub async fn run(mut self) {
+    /// This future's size is what every idle connection's task costs, so only the serving
+    /// loop is inline; the other stages are boxed (built in a plain function: an async fn
+    /// keeps room for every future it builds inline) and exist only while they run.
+    pub async fn run(self) {
+        let handshake = stage(self.handshake());
+        let Some((connect, stream, rbuf, broker, peer, shutdown)) = handshake.await else {
+            return;
+        };
+        let (reader, writer) = tokio::io::split(stream);
+        let start = stage(Session::start(broker, connect, peer, writer, shutdown));
+        let Some(session) = start.await else {
+            return;
+        };
+        let (session, end) = session.run(reader, rbuf).await;
+        let finish = stage(session.finish(end));
+        finish.await;
+    }
+
+    /// Waits for CONNECT, answering what must be answered before a session exists.
+    #[allow(clippy::type_complexity)]
+    async fn handshake(
+        mut self,
+    ) -> Option<(
+        Connect,
+        S,
+        BytesMut,
+        Arc<Broker>,
+        SocketAddr,
+        CancellationToken,
+    )> {
         let mut rbuf = BytesMut::new();
         let timeout = self.broker.config.server.connect_timeout;
         let shutdown = self.shutdown.clone();
         let first = tokio::select! {
             r = tokio::time::timeout(timeout, self.read_first(&mut rbuf)) => r,
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return None,
         };
         let connect = match first {
             Err(_) => {
                 metrics::connect_timeout();
                 tracing::debug!(peer = %self.peer, "no CONNECT in time");
-                return;
+                return None;
             }
             Ok(Err(Some(DecodeError::UnsupportedProtocol(level)))) => {
                 tracing::info!(peer = %self.peer, level, "unsupported protocol level");
                 let mut out = BytesMut::new();
                 codec::encode_connack(&mut out, false, 1);
                 let _ = self.stream.write_all(&out).await;
-                return;
+                return None;
             }
             Ok(Err(Some(e))) => {
                 metrics::malformed();
                 tracing::warn!(peer = %self.peer, error = %e, "bad first packet");
-                return;
+                return None;
             }
-            Ok(Err(None)) => return,
+            Ok(Err(None)) => return None,
             Ok(Ok(c)) => c,
         };
-        let (reader, writer) = tokio::io::split(self.stream);
-        let mut session = match Session::start(self.broker, connect, self.peer, writer).await {
-            Some(s) => s,
-            None => return,
-        };
-        let end = session.run(reader, rbuf, self.shutdown).await;
-        session.finish(end).await;
+        Some((
+            connect,
+            self.stream,
+            rbuf,
+            self.broker,
+            self.peer,
+            self.shutdown,
+        ))
     }
 
     /// Reads until one whole packet arrives; it must be CONNECT. `Err(None)`: socket closed.
@@ -163,8 +196,7 @@ struct Session<W> {
     peer: SocketAddr,
     conn_id: u64,
     clean: bool,
-    will: Option<Message>,
-    keep_alive: Option<Duration>,
+    will: Option<Box<Message>>,
     mailbox: Arc<Mailbox>,
     writer: W,
     wbuf: BytesMut,
@@ -173,16 +205,23 @@ struct Session<W> {
     next_seq: u64,
     backlog: bool,
     sent_watermark: u64,
-    pending: FuturesOrdered<PendingPublish>,
+    /// Only with a remote store; created on the first publish.
+    pending: Option<Box<FuturesOrdered<PendingPublish>>>,
+    /// QoS 2 packet ids in `pending`: in `incoming_qos2` already (a resend must not be
+    /// routed twice), to be taken out again if they are never stored.
+    storing_qos2: Vec<u16>,
+    /// The mailbox woke while the write buffer was full: deliveries wait in it.
+    mail: bool,
 }
 
-impl<W: AsyncWrite + Unpin> Session<W> {
+impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
     /// Answers CONNECT. `None` if the connection is refused or the socket fails.
     async fn start(
         broker: Arc<Broker>,
         c: Connect,
         peer: SocketAddr,
         mut writer: W,
+        shutdown: CancellationToken,
     ) -> Option<Self> {
         let mut out = BytesMut::new();
         let mut client_id = c.client_id;
@@ -195,7 +234,10 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             client_id = broker.assign_client_id();
         }
         let client: ClientId = Arc::from(client_id);
-        let mailbox = Arc::new(Mailbox::new(broker.config.session.max_mailbox));
+        let mailbox = Arc::new(Mailbox::new(
+            broker.config.session.max_mailbox,
+            c.keep_alive,
+        ));
         let attached = match broker
             .attach(&client, c.clean_session, mailbox.clone())
             .await
@@ -209,18 +251,23 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 return None;
             }
         };
+        // The server may have started stopping while we attached, after its pass that
+        // closes every connection.
+        if shutdown.is_cancelled() {
+            mailbox.kick(Kick::Shutdown);
+        }
         tracing::debug!(client = %client, peer = %peer, clean = c.clean_session, "connected");
         codec::encode_connack(&mut out, attached.session_present, 0);
-        let will = c.last_will.map(|w| Message {
-            topic: Arc::from(w.topic),
-            payload: Bytes::copy_from_slice(&w.message),
-            qos: w.qos,
-            retain: w.retain,
-            expires_at: 0,
+        let will = c.last_will.map(|w| {
+            Box::new(Message {
+                topic: Arc::from(w.topic),
+                payload: Bytes::copy_from_slice(&w.message),
+                qos: w.qos,
+                retain: w.retain,
+                expires_at: 0,
+            })
         });
         let mut s = Session {
-            keep_alive: (c.keep_alive > 0)
-                .then(|| Duration::from_millis(u64::from(c.keep_alive) * 1500)),
             clean: c.clean_session,
             conn_id: attached.conn_id,
             sent_watermark: attached.sent_watermark,
@@ -235,7 +282,9 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             inflight: VecDeque::new(),
             next_seq: 0,
             backlog: true,
-            pending: FuturesOrdered::new(),
+            pending: None,
+            storing_qos2: Vec::new(),
+            mail: false,
         };
         // QoS 2 messages released before the last connection dropped: finish them first.
         for &pkid in &s.data.awaiting_pubcomp {
@@ -244,32 +293,45 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         Some(s)
     }
 
-    async fn run<R: AsyncRead + Unpin>(
-        &mut self,
-        mut reader: R,
-        mut rbuf: BytesMut,
-        shutdown: CancellationToken,
-    ) -> End {
+    /// Not an `async fn`: those keep a second copy of by-value arguments in their state.
+    #[allow(clippy::manual_async_fn)]
+    fn run<R: AsyncRead + Unpin>(
+        mut self,
+        reader: R,
+        rbuf: BytesMut,
+    ) -> impl std::future::Future<Output = (Self, End)> {
+        async move {
+            let end = self.serve(reader, rbuf).await;
+            (self, end)
+        }
+    }
+
+    async fn serve<R: AsyncRead + Unpin>(&mut self, mut reader: R, mut rbuf: BytesMut) -> End {
         let max_packet = self.broker.config.server.max_packet_size;
         let max_wbuf = self.broker.config.server.max_write_buffer;
-        let mut last_seen = Instant::now();
-        let far = Duration::from_secs(86400 * 365);
-        let deadline = sleep_until(last_seen + self.keep_alive.unwrap_or(far));
-        tokio::pin!(deadline);
-        let mut deliveries = VecDeque::new();
 
         // Packets that arrived together with CONNECT.
-        if let Err(end) = self.handle_input(&mut rbuf, max_packet).await {
+        let first = stage(self.handle_input(&mut rbuf, max_packet));
+        if let Err(end) = first.await {
             return end;
         }
         loop {
-            if let Err(e) = self.fill_window().await {
-                return End::Abnormal(format!("store: {e}"));
-            }
             let can_take = self.wbuf.len() < max_wbuf;
-            let can_read = self.pending.len() < MAX_PENDING_PUBLISHES;
+            if self.mail && can_take {
+                self.mail = false;
+                let take = stage(self.take_mail());
+                take.await;
+            }
+            if self.backlog && can_take && self.window_free() > 0 {
+                let fill = stage(self.fill_window());
+                if let Err(e) = fill.await {
+                    return End::Abnormal(format!("store: {e}"));
+                }
+            }
+            let pending = self.pending.as_ref().map_or(0, |p| p.len());
+            let can_read = pending < MAX_PENDING_PUBLISHES;
             tokio::select! {
-                Some((qos, pkid, r)) = self.pending.next(), if !self.pending.is_empty() => {
+                Some((qos, pkid, r)) = next_stored(&mut self.pending), if pending > 0 => {
                     if let Err(end) = self.published(qos, pkid, r) {
                         return end;
                     }
@@ -280,30 +342,21 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                         Ok(_) => {}
                         Err(e) => return End::Abnormal(format!("read: {e}")),
                     }
-                    last_seen = Instant::now();
-                    if let Err(end) = self.handle_input(&mut rbuf, max_packet).await {
+                    self.mailbox.touch(crate::outbox::now_ms());
+                    let input = stage(self.handle_input(&mut rbuf, max_packet));
+                    if let Err(end) = input.await {
                         return end;
                     }
                     if rbuf.is_empty() {
                         rbuf = BytesMut::new();
                     }
                 }
-                _ = self.mailbox.wait_kicked(), if !can_take => {
-                    return End::Abnormal("taken over by a newer connection".into());
-                }
-                _ = self.mailbox.wait(), if can_take => {
-                    if self.mailbox.is_kicked() {
-                        return End::Abnormal("taken over by a newer connection".into());
-                    }
-                    self.mailbox.drain(&mut deliveries);
-                    while let Some(d) = deliveries.pop_front() {
-                        self.take_delivery(d).await;
-                    }
-                    if deliveries.capacity() > 64 {
-                        deliveries = VecDeque::new();
-                    }
-                    if self.mailbox.take_lost_hint() {
-                        self.backlog = true;
+                _ = self.mailbox.wait() => {
+                    match self.mailbox.kicked() {
+                        Some(Kick::Takeover) => return End::Abnormal("taken over by a newer connection".into()),
+                        Some(Kick::Keepalive) => return End::Abnormal("keepalive timeout".into()),
+                        Some(Kick::Shutdown) => return End::Shutdown,
+                        None => self.mail = true,
                     }
                 }
                 r = self.writer.write_buf(&mut self.wbuf), if !self.wbuf.is_empty() => {
@@ -311,21 +364,27 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                         return End::Abnormal(format!("write: {e}"));
                     }
                     if self.wbuf.is_empty() {
-                        if let Err(e) = self.writer.flush().await {
+                        let flush = stage(self.writer.flush());
+                        if let Err(e) = flush.await {
                             return End::Abnormal(format!("flush: {e}"));
                         }
                         self.wbuf = BytesMut::new();
                     }
                 }
-                _ = &mut deadline => {
-                    let ka = self.keep_alive.unwrap_or(far);
-                    if last_seen.elapsed() >= ka {
-                        return End::Abnormal("keepalive timeout".into());
-                    }
-                    deadline.as_mut().reset(last_seen + ka);
-                }
-                _ = shutdown.cancelled() => return End::Shutdown,
             }
+        }
+    }
+
+    /// Takes what the mailbox holds: QoS 0 messages are written, stored ones sent if they
+    /// are next in line.
+    async fn take_mail(&mut self) {
+        let mut deliveries = VecDeque::new();
+        self.mailbox.drain(&mut deliveries);
+        for d in deliveries {
+            self.take_delivery(d).await;
+        }
+        if self.mailbox.take_lost_hint() {
+            self.backlog = true;
         }
     }
 
@@ -429,7 +488,12 @@ impl<W: AsyncWrite + Unpin> Session<W> {
         let stored = self.broker.publish(msg);
         if self.broker.store.is_remote() {
             // Stored concurrently with the next publishes instead of one round trip each.
+            if qos == Qos::ExactlyOnce {
+                self.data.incoming_qos2.insert(pkid);
+                self.storing_qos2.push(pkid);
+            }
             self.pending
+                .get_or_insert_with(Default::default)
                 .push_back(Box::pin(async move { (qos, pkid, stored.await) }));
             return Ok(());
         }
@@ -439,6 +503,13 @@ impl<W: AsyncWrite + Unpin> Session<W> {
 
     /// A publish from this client is stored (or not): acknowledge it.
     fn published(&mut self, qos: Qos, pkid: u16, r: Result<(), StoreError>) -> Result<(), End> {
+        if qos == Qos::ExactlyOnce {
+            self.storing_qos2.retain(|&p| p != pkid);
+            if r.is_err() {
+                // Not stored: the resend after reconnecting must be taken, not skipped.
+                self.data.incoming_qos2.remove(&pkid);
+            }
+        }
         if let Err(e) = r {
             // No acknowledgement: closing makes the client resend after reconnecting.
             tracing::warn!(client = %self.client, error = %e, "publish not stored");
@@ -566,14 +637,19 @@ impl<W: AsyncWrite + Unpin> Session<W> {
     async fn finish(mut self, mut end: End) {
         // Publishes received before the end are still routed (a QoS 0 publish followed by
         // DISCONNECT must arrive), and acknowledged if the socket still takes it.
-        let drain = async {
-            while let Some((qos, pkid, r)) = self.pending.next().await {
-                if let Err(e) = self.published(qos, pkid, r) {
-                    end = e;
+        if let Some(mut pending) = self.pending.take() {
+            let drain = async {
+                while let Some((qos, pkid, r)) = pending.next().await {
+                    if let Err(e) = self.published(qos, pkid, r) {
+                        end = e;
+                    }
                 }
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+        }
+        for pkid in std::mem::take(&mut self.storing_qos2) {
+            self.data.incoming_qos2.remove(&pkid);
+        }
         // Best effort: whatever is already encoded (a final PUBACK) goes out.
         if !self.wbuf.is_empty() {
             let _ = tokio::time::timeout(
@@ -588,7 +664,7 @@ impl<W: AsyncWrite + Unpin> Session<W> {
                 tracing::debug!(client = %self.client, peer = %self.peer, reason = %reason, "connection lost");
                 if let Some(will) = self.will.take() {
                     metrics::will_published();
-                    if let Err(e) = self.broker.publish(will).await {
+                    if let Err(e) = self.broker.publish(*will).await {
                         tracing::warn!(client = %self.client, error = %e, "will not stored");
                     }
                 }
@@ -603,6 +679,23 @@ impl<W: AsyncWrite + Unpin> Session<W> {
             .await;
         self.mailbox.mark_done();
     }
+}
+
+/// Boxes a stage of a connection (see `Connection::run`).
+fn stage<'a, T>(
+    f: impl std::future::Future<Output = T> + Send + 'a,
+) -> Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>> {
+    Box::pin(f)
+}
+
+/// The next finished store of `pending`; never resolves while there is none.
+fn next_stored(
+    pending: &mut Option<Box<FuturesOrdered<PendingPublish>>>,
+) -> impl std::future::Future<Output = Option<(Qos, u16, Result<(), StoreError>)>> + '_ {
+    poll_fn(move |cx| match pending {
+        Some(p) if !p.is_empty() => p.poll_next_unpin(cx),
+        _ => Poll::Pending,
+    })
 }
 
 fn qos_of(code: u8) -> Option<Qos> {

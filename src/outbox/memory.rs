@@ -10,14 +10,27 @@ use crate::codec::Qos;
 use crate::config::OverflowPolicy;
 use crate::metrics;
 
-#[derive(Default)]
+/// One client's queue. It exists only while it holds entries (an idle device costs nothing
+/// here), so its sequence numbers start from the clock: a queue created again later numbers
+/// above everything its predecessor handed out, and a connection's cursor stays valid.
 struct ClientOutbox {
     /// Last sequence number handed out.
     last_seq: u64,
     /// Highest sequence number written to the wire.
     sent: u64,
-    attached: u32,
     entries: VecDeque<Entry>,
+}
+
+impl Default for ClientOutbox {
+    fn default() -> Self {
+        // 1000 numbers per millisecond: more than one client can be sent.
+        let base = now_ms() * 1000;
+        ClientOutbox {
+            last_seq: base,
+            sent: base,
+            entries: VecDeque::new(),
+        }
+    }
 }
 
 impl ClientOutbox {
@@ -41,8 +54,17 @@ impl MemoryOutbox {
         }
     }
 
-    pub(super) fn enqueue(&self, client: &str, qos: Qos, msg: &Arc<Message>) -> Enqueued {
-        let mut ob = self.clients.entry(Arc::from(client)).or_default();
+    /// The client's outbox, created on first use under the caller's key (no copy of the id,
+    /// and no allocation when it exists).
+    fn entry(&self, client: &Arc<str>) -> dashmap::mapref::one::RefMut<'_, Arc<str>, ClientOutbox> {
+        match self.clients.get_mut(&**client) {
+            Some(ob) => ob,
+            None => self.clients.entry(client.clone()).or_default(),
+        }
+    }
+
+    pub(super) fn enqueue(&self, client: &Arc<str>, qos: Qos, msg: &Arc<Message>) -> Enqueued {
+        let mut ob = self.entry(client);
         if ob.entries.len() >= self.limits.max_queued {
             match self.limits.overflow {
                 OverflowPolicy::DropNew => {
@@ -101,16 +123,9 @@ impl MemoryOutbox {
         }
     }
 
-    pub(super) fn attach(&self, client: &str) -> u64 {
-        let mut ob = self.clients.entry(Arc::from(client)).or_default();
-        ob.attached += 1;
-        ob.sent
-    }
-
-    pub(super) fn detach(&self, client: &str) {
-        if let Some(mut ob) = self.clients.get_mut(client) {
-            ob.attached = ob.attached.saturating_sub(1);
-        }
+    /// The sent watermark of a client's queue (0 if it has none).
+    pub(super) fn sent(&self, client: &str) -> u64 {
+        self.clients.get(client).map_or(0, |ob| ob.sent)
     }
 
     pub(super) fn clear(&self, client: &str) {
@@ -132,9 +147,7 @@ impl MemoryOutbox {
             for _ in ob.entries.len()..before {
                 metrics::dropped(metrics::Drop::Expired);
             }
-            // An attached client's counter must keep counting: its connection's cursor
-            // points past the numbers already handed out.
-            ob.attached > 0 || !ob.entries.is_empty()
+            !ob.entries.is_empty()
         });
     }
 }
@@ -143,7 +156,6 @@ impl MemoryOutbox {
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use std::time::Duration;
 
     fn msg(p: &str, expires_at: u64) -> Arc<Message> {
         Arc::new(Message {
@@ -165,33 +177,40 @@ mod tests {
     #[test]
     fn order_ack_and_fetch_from() {
         let s = store(10, OverflowPolicy::DropOldest);
-        for i in 0..5 {
-            assert_eq!(
-                s.enqueue("c", Qos::AtLeastOnce, &msg(&i.to_string(), 0)),
-                Enqueued::Stored(i + 1)
-            );
-        }
-        s.ack("c", 2);
-        let seqs: Vec<u64> = s.fetch("c", 0, 10).iter().map(|e| e.seq).collect();
-        assert_eq!(seqs, [1, 3, 4, 5]);
-        let seqs: Vec<u64> = s.fetch("c", 4, 1).iter().map(|e| e.seq).collect();
-        assert_eq!(seqs, [4]);
+        let seqs: Vec<u64> = (0..5)
+            .map(
+                |i| match s.enqueue(&"c".into(), Qos::AtLeastOnce, &msg(&i.to_string(), 0)) {
+                    Enqueued::Stored(seq) => seq,
+                    Enqueued::Rejected => panic!("rejected"),
+                },
+            )
+            .collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
+        s.ack("c", seqs[1]);
+        let got: Vec<u64> = s.fetch("c", 0, 10).iter().map(|e| e.seq).collect();
+        assert_eq!(got, [seqs[0], seqs[2], seqs[3], seqs[4]]);
+        let got: Vec<u64> = s.fetch("c", seqs[3], 1).iter().map(|e| e.seq).collect();
+        assert_eq!(got, [seqs[3]]);
     }
 
     #[test]
     fn overflow_policies() {
         let s = store(2, OverflowPolicy::DropOldest);
         for i in 0..3 {
-            s.enqueue("c", Qos::AtLeastOnce, &msg(&i.to_string(), 0));
+            s.enqueue(&"c".into(), Qos::AtLeastOnce, &msg(&i.to_string(), 0));
         }
-        let seqs: Vec<u64> = s.fetch("c", 0, 10).iter().map(|e| e.seq).collect();
-        assert_eq!(seqs, [2, 3]);
+        let got: Vec<String> = s
+            .fetch("c", 0, 10)
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.msg.payload).into_owned())
+            .collect();
+        assert_eq!(got, ["1", "2"]);
         let s = store(2, OverflowPolicy::DropNew);
         for i in 0..2 {
-            s.enqueue("c", Qos::AtLeastOnce, &msg(&i.to_string(), 0));
+            s.enqueue(&"c".into(), Qos::AtLeastOnce, &msg(&i.to_string(), 0));
         }
         assert_eq!(
-            s.enqueue("c", Qos::AtLeastOnce, &msg("x", 0)),
+            s.enqueue(&"c".into(), Qos::AtLeastOnce, &msg("x", 0)),
             Enqueued::Rejected
         );
         assert_eq!(s.len("c"), 2);
@@ -200,23 +219,27 @@ mod tests {
     #[test]
     fn expired_entries_are_skipped() {
         let s = store(10, OverflowPolicy::DropOldest);
-        s.enqueue("c", Qos::AtLeastOnce, &msg("old", 1));
-        s.enqueue("c", Qos::AtLeastOnce, &msg("new", 0));
+        s.enqueue(&"c".into(), Qos::AtLeastOnce, &msg("old", 1));
+        s.enqueue(&"c".into(), Qos::AtLeastOnce, &msg("new", 0));
         let got = s.fetch("c", 0, 10);
         assert_eq!(got.len(), 1);
-        assert_eq!(got[0].seq, 2);
+        assert_eq!(&got[0].msg.payload[..], b"new");
     }
 
     #[test]
-    fn sequence_survives_clear_while_attached() {
+    fn sequence_grows_across_a_removed_queue() {
         let s = store(10, OverflowPolicy::DropOldest);
-        s.attach("c");
-        s.enqueue("c", Qos::AtLeastOnce, &msg("a", 0));
+        let Enqueued::Stored(first) = s.enqueue(&"c".into(), Qos::AtLeastOnce, &msg("a", 0)) else {
+            panic!("not stored");
+        };
         s.clear("c");
         s.sweep();
-        assert_eq!(
-            s.enqueue("c", Qos::AtLeastOnce, &msg("b", 0)),
-            Enqueued::Stored(2)
-        );
+        assert_eq!(s.len("c"), 0);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let Enqueued::Stored(second) = s.enqueue(&"c".into(), Qos::AtLeastOnce, &msg("b", 0))
+        else {
+            panic!("not stored");
+        };
+        assert!(second > first);
     }
 }

@@ -78,7 +78,7 @@ pub enum Enqueued {
     Rejected,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -135,7 +135,7 @@ impl Store {
     /// when the future is first polled: calls made in order are stored in order.
     pub fn enqueue(
         &self,
-        client: &str,
+        client: &Arc<str>,
         qos: Qos,
         msg: &Arc<Message>,
     ) -> impl Future<Output = Result<Enqueued, StoreError>> + Send + 'static {
@@ -177,10 +177,10 @@ impl Store {
 
     /// A connection for `client` starts. `clean` drops its queued entries and stored
     /// subscriptions first; the sequence counter keeps counting.
-    pub async fn attach(&self, client: &str, clean: bool) -> Result<Attach, StoreError> {
+    pub async fn attach(&self, client: &Arc<str>, clean: bool) -> Result<Attach, StoreError> {
         match self {
             Store::Memory(m) => {
-                let sent_watermark = m.attach(client);
+                let sent_watermark = m.sent(client);
                 if clean {
                     m.clear(client);
                 }
@@ -190,12 +190,6 @@ impl Store {
                 })
             }
             Store::Redis(r) => r.attach(client, clean).await,
-        }
-    }
-
-    pub async fn detach(&self, client: &str) {
-        if let Store::Memory(m) = self {
-            m.detach(client)
         }
     }
 

@@ -693,7 +693,7 @@ async fn ordered_loop(
             }
             Err(e) => {
                 for o in batch.drain(..) {
-                    let _ = o.reply.send(Err(StoreError::Unavailable(e.to_string())));
+                    let _ = o.reply.send(Err(e.clone()));
                 }
             }
         }

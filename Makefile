@@ -1,0 +1,39 @@
+# Herald. `make test` is the one command that checks everything (see README.md).
+#
+#   make build     release build: target/release/herald
+#   make run       build and run with defaults (MQTT on 0.0.0.0:1883); flags: make run ARGS='--listen 127.0.0.1:1884'
+#   make test      install missing tools (scripts/deps.sh), build, cargo test, interop suite
+#   make deps      only the tool check/install
+#   make unit      only cargo test
+#   make interop   only the interop suite (interop/run.sh) against a fresh release build
+#   make bench     benchmarks (scripts/bench.sh)
+
+SHELL := /bin/bash
+CARGO ?= cargo
+PYTHON ?= python3
+HERALD := target/release/herald
+ARGS ?=
+export PYTHON CARGO
+
+.PHONY: build run test deps unit interop bench
+
+build:
+	$(CARGO) build --release
+
+run:
+	$(CARGO) run --release -- $(ARGS)
+
+test: deps build
+	HERALD=$(HERALD) bash scripts/test.sh
+
+deps:
+	bash scripts/deps.sh
+
+unit:
+	$(CARGO) test --no-fail-fast
+
+interop: deps build
+	bash interop/run.sh $(HERALD)
+
+bench: build
+	bash scripts/bench.sh $(ARGS)

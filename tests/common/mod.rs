@@ -1,0 +1,520 @@
+//! Shared helpers for the integration tests: an in-process Herald on an ephemeral loopback
+//! port, and a raw MQTT 3.1.1 client.
+//!
+//! The raw client encodes packets by hand (so tests can send any protocol name, level, flag
+//! bits or broken length) and decodes what the broker sends with `mqttbytes`. Unlike a real
+//! client library it never acknowledges anything by itself, so tests see DUP flags and packet
+//! ids exactly as the broker wrote them and decide themselves when (and whether) to ack.
+//!
+//! "Nothing else arrives" is checked with a marker rather than a sleep: another client
+//! publishes a marker the receiver is subscribed to, and everything the receiver gets before
+//! the marker is what the broker had routed to it before the marker.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use herald::{Config, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout_at, Instant};
+
+pub use mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet, Publish, SubscribeReasonCode};
+pub use mqttbytes::QoS;
+
+/// How long a test waits for something that should happen at once. Only reached on failure.
+pub const WAIT: Duration = Duration::from_secs(2);
+
+/// Payload of the marker messages (see the module docs).
+pub const MARKER: &[u8] = b"--marker--";
+
+/// Starts Herald with defaults on 127.0.0.1:0.
+pub async fn start() -> Server {
+    start_with(|_| {}).await
+}
+
+/// Starts Herald on 127.0.0.1:0 after `tweak` has adjusted the defaults.
+pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Server {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    tweak(&mut config);
+    Server::start(config).await.expect("start herald")
+}
+
+/// Polls `cond` until it holds; panics after `wait`. For broker-side state that has no wire
+/// signal (a connection's cleanup finishing).
+pub async fn wait_until(wait: Duration, what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + wait;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until the broker has finished the cleanup (will, session save) of `client`'s
+/// connection.
+pub async fn wait_offline(server: &Server, client: &str) {
+    let broker = server.broker().clone();
+    wait_until(WAIT, &format!("{client} is offline"), async || {
+        !broker.is_connected(client)
+    })
+    .await;
+}
+
+/// Outbox length of `client`.
+pub async fn outbox_len(server: &Server, client: &str) -> usize {
+    server.broker().store.len(client).await.expect("store")
+}
+
+/// Current value of one Prometheus series, e.g. `herald_malformed_packets_total` or
+/// `herald_messages_dropped_total{reason="mailbox_full"}`. Metrics are process-global and
+/// tests run in parallel, so tests compare before and after, never exact values.
+pub fn metric(series: &str) -> f64 {
+    herald::metrics::render()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+pub struct Will {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: QoS,
+    pub retain: bool,
+}
+
+/// CONNECT parameters.
+pub struct Opts {
+    pub id: String,
+    pub clean: bool,
+    pub keepalive: u16,
+    pub will: Option<Will>,
+    pub protocol: &'static str,
+    pub level: u8,
+}
+
+impl Opts {
+    pub fn new(id: &str) -> Opts {
+        Opts {
+            id: id.to_string(),
+            clean: true,
+            keepalive: 30,
+            will: None,
+            protocol: "MQTT",
+            level: 4,
+        }
+    }
+
+    pub fn clean(mut self, clean: bool) -> Opts {
+        self.clean = clean;
+        self
+    }
+
+    pub fn keepalive(mut self, secs: u16) -> Opts {
+        self.keepalive = secs;
+        self
+    }
+
+    pub fn will(mut self, topic: &str, payload: &[u8], qos: QoS, retain: bool) -> Opts {
+        self.will = Some(Will {
+            topic: topic.to_string(),
+            payload: payload.to_vec(),
+            qos,
+            retain,
+        });
+        self
+    }
+
+    pub fn protocol(mut self, name: &'static str, level: u8) -> Opts {
+        self.protocol = name;
+        self.level = level;
+        self
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut flags = 0u8;
+        if self.clean {
+            flags |= 0x02;
+        }
+        let mut body = BytesMut::new();
+        put_str(&mut body, self.protocol.as_bytes());
+        body.put_u8(self.level);
+        if let Some(w) = &self.will {
+            flags |= 0x04 | (w.qos as u8) << 3;
+            if w.retain {
+                flags |= 0x20;
+            }
+        }
+        body.put_u8(flags);
+        body.put_u16(self.keepalive);
+        put_str(&mut body, self.id.as_bytes());
+        if let Some(w) = &self.will {
+            put_str(&mut body, w.topic.as_bytes());
+            put_str(&mut body, &w.payload);
+        }
+        frame(0x10, &body)
+    }
+}
+
+fn put_str(buf: &mut BytesMut, s: &[u8]) {
+    buf.put_u16(s.len() as u16);
+    buf.put_slice(s);
+}
+
+/// A whole packet: first byte, remaining length, body.
+pub fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![byte1];
+    let mut len = body.len();
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+/// PUBLISH bytes with every field under the caller's control.
+pub fn publish_bytes(
+    topic: &[u8],
+    payload: &[u8],
+    qos: u8,
+    pkid: u16,
+    retain: bool,
+    dup: bool,
+) -> Vec<u8> {
+    let mut body = BytesMut::new();
+    put_str(&mut body, topic);
+    if qos > 0 {
+        body.put_u16(pkid);
+    }
+    body.put_slice(payload);
+    frame(0x30 | (dup as u8) << 3 | qos << 1 | retain as u8, &body[..])
+}
+
+/// SUBSCRIBE bytes; `byte1` is normally 0x82.
+pub fn subscribe_bytes(byte1: u8, pkid: u16, filters: &[(&str, QoS)]) -> Vec<u8> {
+    let mut body = BytesMut::new();
+    body.put_u16(pkid);
+    for (f, q) in filters {
+        put_str(&mut body, f.as_bytes());
+        body.put_u8(*q as u8);
+    }
+    frame(byte1, &body)
+}
+
+/// What the next read brought.
+#[derive(Debug)]
+pub enum Event {
+    Packet(Packet),
+    Closed,
+    Timeout,
+}
+
+/// A raw MQTT client over one TCP connection.
+pub struct Raw {
+    stream: TcpStream,
+    rbuf: BytesMut,
+    /// Packets read while waiting for something else (an ack), in arrival order.
+    pending: VecDeque<Packet>,
+    next_pkid: u16,
+}
+
+impl Raw {
+    /// Opens the TCP connection only.
+    pub async fn open(addr: SocketAddr) -> Raw {
+        Raw::from_stream(TcpStream::connect(addr).await.expect("tcp connect"))
+    }
+
+    pub fn from_stream(stream: TcpStream) -> Raw {
+        Raw {
+            stream,
+            rbuf: BytesMut::new(),
+            pending: VecDeque::new(),
+            next_pkid: 1,
+        }
+    }
+
+    /// Opens, sends CONNECT and returns the CONNACK.
+    pub async fn connect_with(addr: SocketAddr, opts: &Opts) -> (Raw, ConnAck) {
+        let mut c = Raw::open(addr).await;
+        c.send_raw(&opts.encode()).await.expect("send CONNECT");
+        match c.expect(WAIT).await {
+            Packet::ConnAck(a) => (c, a),
+            p => panic!("expected CONNACK, got {p:?}"),
+        }
+    }
+
+    /// A connected clean-session client; panics unless the broker accepts it.
+    pub async fn connect(addr: SocketAddr, id: &str) -> Raw {
+        Raw::connect_ok(addr, &Opts::new(id)).await.0
+    }
+
+    /// Connects and asserts CONNACK 0; returns session-present too.
+    pub async fn connect_ok(addr: SocketAddr, opts: &Opts) -> (Raw, bool) {
+        let (c, ack) = Raw::connect_with(addr, opts).await;
+        assert_eq!(
+            ack.code,
+            ConnectReturnCode::Success,
+            "CONNACK for {}",
+            opts.id
+        );
+        (c, ack.session_present)
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.send_raw(bytes).await.expect("send to broker");
+    }
+
+    fn pkid(&mut self) -> u16 {
+        let id = self.next_pkid;
+        self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+        id
+    }
+
+    /// The next packet (pending ones first), the end of the connection, or a timeout.
+    pub async fn next(&mut self, wait: Duration) -> Event {
+        if let Some(p) = self.pending.pop_front() {
+            return Event::Packet(p);
+        }
+        self.read_packet(Instant::now() + wait).await
+    }
+
+    async fn read_packet(&mut self, deadline: Instant) -> Event {
+        loop {
+            match mqttbytes::v4::read(&mut self.rbuf, 1 << 24) {
+                Ok(p) => return Event::Packet(p),
+                Err(mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => panic!("broker sent bytes that do not decode: {e:?}"),
+            }
+            match timeout_at(deadline, self.stream.read_buf(&mut self.rbuf)).await {
+                Err(_) => return Event::Timeout,
+                // A reset is a close too: the broker may drop a socket with unread input.
+                Ok(Ok(0)) | Ok(Err(_)) => return Event::Closed,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    pub async fn expect(&mut self, wait: Duration) -> Packet {
+        match self.next(wait).await {
+            Event::Packet(p) => p,
+            e => panic!("expected a packet, got {e:?}"),
+        }
+    }
+
+    pub async fn expect_publish(&mut self) -> Publish {
+        match self.expect(WAIT).await {
+            Packet::Publish(p) => p,
+            p => panic!("expected PUBLISH, got {p:?}"),
+        }
+    }
+
+    /// Asserts the broker closes the connection within `wait` without sending anything.
+    pub async fn expect_closed(&mut self, wait: Duration) {
+        match self.next(wait).await {
+            Event::Closed => {}
+            e => panic!("expected the broker to close the connection, got {e:?}"),
+        }
+    }
+
+    /// Asserts nothing arrives for `wait`. Only for tests about time itself (keepalive).
+    pub async fn expect_silence(&mut self, wait: Duration) {
+        match self.next(wait).await {
+            Event::Timeout => {}
+            e => panic!("expected silence, got {e:?}"),
+        }
+    }
+
+    /// Reads until a packet satisfies `want`; the others are kept for later reads.
+    async fn wait_for(&mut self, what: &str, want: impl Fn(&Packet) -> bool) -> Packet {
+        if let Some(i) = self.pending.iter().position(&want) {
+            return self.pending.remove(i).expect("index from position");
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self.read_packet(deadline).await {
+                Event::Packet(p) if want(&p) => return p,
+                Event::Packet(p) => self.pending.push_back(p),
+                e => panic!("waiting for {what}, got {e:?}"),
+            }
+        }
+    }
+
+    /// SUBSCRIBE and wait for the SUBACK; returns its return codes.
+    pub async fn subscribe(&mut self, filters: &[(&str, QoS)]) -> Vec<SubscribeReasonCode> {
+        let pkid = self.pkid();
+        self.send(&subscribe_bytes(0x82, pkid, filters)).await;
+        match self
+            .wait_for(
+                "SUBACK",
+                |p| matches!(p, Packet::SubAck(a) if a.pkid == pkid),
+            )
+            .await
+        {
+            Packet::SubAck(a) => a.return_codes,
+            _ => unreachable!(),
+        }
+    }
+
+    /// SUBSCRIBE that must be granted as asked.
+    pub async fn sub(&mut self, filter: &str, qos: QoS) {
+        let codes = self.subscribe(&[(filter, qos)]).await;
+        assert_eq!(
+            codes,
+            [SubscribeReasonCode::Success(qos)],
+            "SUBACK for {filter}"
+        );
+    }
+
+    pub async fn unsubscribe(&mut self, filters: &[&str]) {
+        let pkid = self.pkid();
+        let mut body = BytesMut::new();
+        body.put_u16(pkid);
+        for f in filters {
+            put_str(&mut body, f.as_bytes());
+        }
+        self.send(&frame(0xA2, &body)).await;
+        self.wait_for(
+            "UNSUBACK",
+            |p| matches!(p, Packet::UnsubAck(a) if a.pkid == pkid),
+        )
+        .await;
+    }
+
+    /// Sends one PUBLISH; returns the packet id used (0 for QoS 0). Does not wait.
+    pub async fn send_publish(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        qos: QoS,
+        retain: bool,
+    ) -> u16 {
+        let pkid = if qos == QoS::AtMostOnce {
+            0
+        } else {
+            self.pkid()
+        };
+        self.send(&publish_bytes(
+            topic.as_bytes(),
+            payload,
+            qos as u8,
+            pkid,
+            retain,
+            false,
+        ))
+        .await;
+        pkid
+    }
+
+    /// Publishes and completes the QoS flow as a publisher: PUBACK for QoS 1,
+    /// PUBREC/PUBREL/PUBCOMP for QoS 2.
+    pub async fn publish(&mut self, topic: &str, payload: &[u8], qos: QoS, retain: bool) {
+        let pkid = self.send_publish(topic, payload, qos, retain).await;
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
+                self.wait_for(
+                    "PUBACK",
+                    |p| matches!(p, Packet::PubAck(a) if a.pkid == pkid),
+                )
+                .await;
+            }
+            QoS::ExactlyOnce => {
+                self.wait_for(
+                    "PUBREC",
+                    |p| matches!(p, Packet::PubRec(a) if a.pkid == pkid),
+                )
+                .await;
+                self.pubrel(pkid).await;
+                self.wait_for(
+                    "PUBCOMP",
+                    |p| matches!(p, Packet::PubComp(a) if a.pkid == pkid),
+                )
+                .await;
+            }
+        }
+    }
+
+    pub async fn puback(&mut self, pkid: u16) {
+        self.send(&id_packet(0x40, pkid)).await;
+    }
+
+    pub async fn pubrec(&mut self, pkid: u16) {
+        self.send(&id_packet(0x50, pkid)).await;
+    }
+
+    pub async fn pubrel(&mut self, pkid: u16) {
+        self.send(&id_packet(0x62, pkid)).await;
+    }
+
+    pub async fn pubcomp(&mut self, pkid: u16) {
+        self.send(&id_packet(0x70, pkid)).await;
+    }
+
+    /// PINGREQ, and the PINGRESP that must answer it.
+    pub async fn ping(&mut self) {
+        self.send(&[0xC0, 0]).await;
+        self.wait_for("PINGRESP", |p| matches!(p, Packet::PingResp))
+            .await;
+    }
+
+    pub async fn disconnect(mut self) {
+        self.send(&[0xE0, 0]).await;
+        // The broker closes after DISCONNECT; seeing EOF makes the test wait for it.
+        self.expect_closed(WAIT).await;
+    }
+
+    /// Has `publisher` send a QoS 0 marker on `topic` (which this client must be subscribed
+    /// to), and returns every PUBLISH that arrives before it.
+    pub async fn until_marker(&mut self, publisher: &mut Raw, topic: &str) -> Vec<Publish> {
+        publisher
+            .publish(topic, MARKER, QoS::AtMostOnce, false)
+            .await;
+        let mut got = Vec::new();
+        loop {
+            let p = self.expect_publish().await;
+            if p.topic == topic && &p.payload[..] == MARKER {
+                return got;
+            }
+            got.push(p);
+        }
+    }
+
+    /// Asserts that nothing was routed to this client before a marker on `topic`.
+    pub async fn expect_nothing_before_marker(&mut self, publisher: &mut Raw, topic: &str) {
+        let got = self.until_marker(publisher, topic).await;
+        assert!(got.is_empty(), "expected nothing, got {got:?}");
+    }
+}
+
+fn id_packet(byte1: u8, pkid: u16) -> Vec<u8> {
+    frame(byte1, &pkid.to_be_bytes())
+}
+
+/// The payload of a PUBLISH as text, for readable assertions.
+pub fn text(p: &Publish) -> String {
+    String::from_utf8_lossy(&p.payload).into_owned()
+}
