@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Herald against Mosquitto, side by side (issue 3). `make bench` runs this; BENCHMARKS.md
-# holds the figures.
+# Herald against Mosquitto, side by side (issue 3), and Herald with its Redis store
+# (issue 4). `make bench` runs this; BENCHMARKS.md holds the figures.
 #
 #   scripts/bench.sh           full run: idle at 10,000 and 19,000, push to 1,000 devices,
 #                              push at 20,000 msgs/s, QoS 0 with 1 and 4 pairs, offline drain
-#                              of 1,000 x 10 (about 8 minutes)
-#   scripts/bench.sh --quick   the same scenarios, small and short (about 2 minutes)
+#                              of 1,000 x 10, and push, push-rate and drain again against
+#                              Herald --store redis (about 9 minutes)
+#   scripts/bench.sh --quick   the same scenarios, small and short (about 2.5 minutes)
 #   scripts/bench.sh --smoke   a few clients, about a second per scenario, Herald only; exits
 #                              non-zero if any scenario does not deliver everything
 #                              (`make test` runs it so the tool keeps working)
@@ -17,6 +18,13 @@
 #   --no-build         use the binaries in target/release as they are
 #   --no-mosquitto     Herald only
 #   --no-2core         skip the row with Herald on both cores
+#   --redis            include the "Herald (redis)" column (the default, except --smoke)
+#   --no-redis         leave it out
+#   --redis-cpu CPUS   cores for redis-server (taskset -c; default 0, the broker's core)
+#
+# The Redis-backed column of issue 4: `scripts/bench.sh --only "push drain"` (push and
+# push-rate, drain) gives Herald (memory store), Mosquitto (persistence on) and Herald
+# --store redis side by side in one run.
 #
 # Every case starts a fresh broker. Each broker (Herald, Mosquitto) is pinned to core 0 and
 # the load generator to core 1 (`taskset`), so the comparison is per core; the "Herald 2
@@ -25,15 +33,33 @@
 # stopped. Mosquitto runs with its defaults plus: persistence true, max_queued_messages
 # 1000, max_connections -1, anonymous access (the listen backlog is Mosquitto's fixed 100,
 # which is why herald-bench keeps at most 100 handshakes in flight).
+#
+# Herald (redis): for the push, push-rate and drain cases only (the others never touch the
+# store: clean sessions, QoS 0). Each case starts its own redis-server (`redis-server` from
+# PATH, Debian package redis-server) on a free loopback port (never 6379) with a fresh
+# temporary directory and `--appendonly yes --appendfsync everysec --save ""`, then Herald
+# with `--store redis --redis-url redis://127.0.0.1:PORT/0`. Redis is a process of its
+# own: by default it is pinned to core 0 together with Herald, so Herald and its store
+# share the one core Mosquitto gets (Mosquitto's persistence runs inside its one process),
+# and the load generator keeps core 1 to itself. `--redis-cpu 1` puts Redis on the load
+# generator's core instead (Herald + Redis then use more than one core: not a per-core
+# comparison). herald-bench reads Redis's CPU time from /proc (`--store-pid`), so its CPU
+# and CPU per message show next to the broker's.
 set -euo pipefail
 
-ARGV="$*"
+# The command line as given, quoting the arguments with spaces (for the summary).
+ARGV=
+for a in "$@"; do
+    case $a in *' '*) ARGV+="${ARGV:+ }\"$a\"" ;; *) ARGV+="${ARGV:+ }$a" ;; esac
+done
 MODE=full
 OUT=
 ONLY=
 BUILD=1
 MOSQUITTO=1
 TWO_CORE=1
+REDIS=
+REDIS_CPU=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) MODE=quick ;;
@@ -44,6 +70,9 @@ while [ $# -gt 0 ]; do
         --no-build) BUILD=0 ;;
         --no-mosquitto) MOSQUITTO=0 ;;
         --no-2core) TWO_CORE=0 ;;
+        --redis) REDIS=1 ;;
+        --no-redis) REDIS=0 ;;
+        --redis-cpu) REDIS_CPU=$2; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -59,7 +88,11 @@ BENCH=$ROOT/target/release/herald-bench
 if [ "$MODE" = smoke ]; then
     MOSQUITTO=0
     TWO_CORE=0
+    REDIS=${REDIS:-0}
 fi
+REDIS=${REDIS:-1}
+# The scenarios (second field of CASES) run against Herald (redis).
+REDIS_SCENARIOS="push push-rate drain"
 
 # name | herald-bench scenario | arguments
 case $MODE in
@@ -115,15 +148,27 @@ if [ "$MOSQUITTO" = 1 ]; then
     fi
 fi
 
-# Core pinning: brokers on core 0, load generator on core 1.
+REDIS_BIN=
+if [ "$REDIS" = 1 ]; then
+    REDIS_BIN=$(command -v redis-server || true)
+    [ -z "$REDIS_BIN" ] && [ -x /usr/bin/redis-server ] && REDIS_BIN=/usr/bin/redis-server
+    if [ -z "$REDIS_BIN" ]; then
+        echo "bench: redis-server is not installed (Debian: apt-get install redis-server), or use --no-redis" >&2
+        exit 2
+    fi
+fi
+
+# Core pinning: brokers (and Redis, unless --redis-cpu) on core 0, load generator on core 1.
 PIN_BROKER=()
 PIN_BOTH=()
 PIN_BENCH=()
+PIN_REDIS=()
 if [ "$MODE" != smoke ]; then
     if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
         PIN_BROKER=(taskset -c 0)
         PIN_BOTH=(taskset -c 0,1)
         PIN_BENCH=(taskset -c 1)
+        PIN_REDIS=(taskset -c "$REDIS_CPU")
     else
         echo "bench: fewer than 2 cores or no taskset: nothing is pinned" >&2
     fi
@@ -162,12 +207,13 @@ port_in_use() {
     fi
 }
 
-# A free loopback port below the ephemeral range (so no client socket can hold it).
+# A free loopback port below the ephemeral range (so no client socket can hold it), never
+# MQTT's 1883 or Redis's 6379.
 free_port() {
     local p i
     for i in $(seq 1 500); do
         p=$((20000 + RANDOM % 12000))
-        [ "$p" = 1883 ] && continue
+        case $p in 1883 | 6379) continue ;; esac
         port_in_use "$p" || { echo "$p"; return 0; }
     done
     echo "bench: no free port found" >&2
@@ -177,26 +223,59 @@ free_port() {
 BROKER_PID=
 BROKER_PORT=
 BROKER_LOG=
+# redis-server behind Herald (redis), while a herald-redis case runs.
+STORE_PID=
+STORE_PORT=
+STORE_LOG=
 
+# wait_port WHAT PID PORT LOG
 wait_port() {
-    local i
+    local what=$1 pid=$2 port=$3 log=$4 i
     for i in $(seq 1 100); do
-        if ! kill -0 "$BROKER_PID" 2>/dev/null; then
-            echo "bench: the broker exited at start; its log:" >&2
-            cat "$BROKER_LOG" >&2 || true
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "bench: $what exited at start; its log:" >&2
+            cat "$log" >&2 || true
             return 1
         fi
-        (echo -n >"/dev/tcp/127.0.0.1/$BROKER_PORT") 2>/dev/null && return 0
+        (echo -n >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
         sleep 0.1
     done
-    echo "bench: the broker does not listen on $BROKER_PORT after 10 s" >&2
+    echo "bench: $what does not listen on $port after 10 s" >&2
     return 1
 }
 
-# start_broker herald|mosquitto CPUS...
+# A fresh redis-server: free port, empty directory, AOF on (fsync every second), no RDB.
+start_redis() {
+    STORE_PORT=$(free_port)
+    local dir=$TMP/redis-$STORE_PORT
+    mkdir -p "$dir"
+    STORE_LOG=$dir/redis.log
+    "${PIN_REDIS[@]}" "$REDIS_BIN" --bind 127.0.0.1 --port "$STORE_PORT" --dir "$dir" \
+        --appendonly yes --appendfsync everysec --save "" --daemonize no \
+        --logfile "" >"$STORE_LOG" 2>&1 &
+    STORE_PID=$!
+    STARTED+=("$STORE_PID")
+    wait_port redis-server "$STORE_PID" "$STORE_PORT" "$STORE_LOG" || return 1
+    # Listening comes before the AOF is loaded: wait for PONG when redis-cli is at hand.
+    if command -v redis-cli >/dev/null; then
+        local i
+        for i in $(seq 1 100); do
+            [ "$(redis-cli -h 127.0.0.1 -p "$STORE_PORT" ping 2>/dev/null)" = PONG ] && return 0
+            sleep 0.1
+        done
+        echo "bench: redis-server on $STORE_PORT does not answer PING" >&2
+        return 1
+    fi
+}
+
+# start_broker herald|herald-redis|mosquitto CPUS...
 start_broker() {
     local kind=$1
     shift
+    STORE_PID=
+    if [ "$kind" = herald-redis ]; then
+        start_redis || return 1
+    fi
     BROKER_PORT=$(free_port)
     local dir=$TMP/$kind-$BROKER_PORT
     mkdir -p "$dir"
@@ -204,6 +283,10 @@ start_broker() {
     case $kind in
     herald)
         "$@" "$HERALD" --listen "127.0.0.1:$BROKER_PORT" --log-level warn >"$BROKER_LOG" 2>&1 &
+        ;;
+    herald-redis)
+        "$@" "$HERALD" --listen "127.0.0.1:$BROKER_PORT" --log-level warn \
+            --store redis --redis-url "redis://127.0.0.1:$STORE_PORT/0" >"$BROKER_LOG" 2>&1 &
         ;;
     mosquitto)
         cat >"$dir/mosquitto.conf" <<EOF
@@ -227,24 +310,33 @@ EOF
     esac
     BROKER_PID=$!
     STARTED+=("$BROKER_PID")
-    wait_port
+    wait_port "the broker" "$BROKER_PID" "$BROKER_PORT" "$BROKER_LOG"
 }
 
-stop_broker() {
-    local i
-    kill -TERM "$BROKER_PID" 2>/dev/null || true
+# stop_pid PID: TERM, up to 10 s, then KILL; only a process this script started.
+stop_pid() {
+    local pid=$1 i
+    kill -TERM "$pid" 2>/dev/null || true
     for i in $(seq 1 100); do
-        kill -0 "$BROKER_PID" 2>/dev/null || break
+        kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
-    kill -KILL "$BROKER_PID" 2>/dev/null || true
-    wait "$BROKER_PID" 2>/dev/null || true
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
     local keep=()
     local p
     for p in "${STARTED[@]}"; do
-        [ "$p" = "$BROKER_PID" ] || keep+=("$p")
+        [ "$p" = "$pid" ] || keep+=("$p")
     done
     STARTED=("${keep[@]+"${keep[@]}"}")
+}
+
+# The broker first, then its store (Herald may still write to Redis on the way out).
+stop_broker() {
+    stop_pid "$BROKER_PID"
+    if [ -n "$STORE_PID" ]; then
+        stop_pid "$STORE_PID"
+    fi
 }
 
 FAILED=()
@@ -258,12 +350,15 @@ run_case() {
     # shellcheck disable=SC2086
     if ! start_broker "$kind" $pin; then
         FAILED+=("$col/$name (broker did not start)")
+        [ -n "$STORE_PID" ] && stop_pid "$STORE_PID"
         return 0
     fi
-    local rc
+    local rc store=()
+    [ -n "$STORE_PID" ] && store=(--store-pid "$STORE_PID")
     set +e
     # shellcheck disable=SC2086
     "${PIN_BENCH[@]}" "$BENCH" "$scenario" --port "$BROKER_PORT" --broker-pid "$BROKER_PID" \
+        "${store[@]+"${store[@]}"}" \
         --label "$col" --json "$OUT/$col/$name.json" $args | tee "$OUT/$col/$name.txt"
     rc=${PIPESTATUS[0]}
     set -e
@@ -271,14 +366,21 @@ run_case() {
         echo "bench: the broker died during $name; its log:" >&2
         tail -20 "$BROKER_LOG" >&2 || true
     fi
+    if [ -n "$STORE_PID" ] && ! kill -0 "$STORE_PID" 2>/dev/null; then
+        echo "bench: redis-server died during $name; its log:" >&2
+        tail -20 "$STORE_LOG" >&2 || true
+    fi
     stop_broker
     cp "$BROKER_LOG" "$OUT/$col/$name.broker.log" 2>/dev/null || true
+    [ -n "$STORE_PID" ] && { cp "$STORE_LOG" "$OUT/$col/$name.redis.log" 2>/dev/null || true; }
     [ "$rc" = 0 ] || FAILED+=("$col/$name")
 }
 
-COLS=("herald|herald|${PIN_BROKER[*]-}")
-[ "$MOSQUITTO" = 1 ] && COLS+=("mosquitto|mosquitto|${PIN_BROKER[*]-}")
-[ "$TWO_CORE" = 1 ] && COLS+=("herald-2core|herald|${PIN_BOTH[*]-}")
+# column | broker kind | pinning | scenarios it runs (empty: all)
+COLS=("herald|herald|${PIN_BROKER[*]-}|")
+[ "$MOSQUITTO" = 1 ] && COLS+=("mosquitto|mosquitto|${PIN_BROKER[*]-}|")
+[ "$REDIS" = 1 ] && COLS+=("herald-redis|herald-redis|${PIN_BROKER[*]-}|$REDIS_SCENARIOS")
+[ "$TWO_CORE" = 1 ] && COLS+=("herald-2core|herald|${PIN_BOTH[*]-}|")
 
 COMMAND="scripts/bench.sh${ARGV:+ $ARGV}"
 T0=$(date +%s)
@@ -287,7 +389,10 @@ for c in "${CASES[@]}"; do
     selected "$name" || continue
     # The columns of one case run back to back, so load that drifts hits them alike.
     for col in "${COLS[@]}"; do
-        IFS='|' read -r cname kind pin <<<"$col"
+        IFS='|' read -r cname kind pin only <<<"$col"
+        if [ -n "$only" ] && [[ " $only " != *" $scenario "* ]]; then
+            continue
+        fi
         run_case "$cname" "$kind" "$pin" "$name" "$scenario" "$args"
     done
 done
@@ -306,6 +411,13 @@ fi
 # Side-by-side table, and a Markdown summary to paste into BENCHMARKS.md.
 COMPARE=("Herald=$OUT/herald")
 [ "$MOSQUITTO" = 1 ] && COMPARE+=("Mosquitto=$OUT/mosquitto")
+# Herald (redis) is compared with Mosquitto (its ratio and the issue 4 target); without
+# Mosquitto its results are printed as they are.
+DURABLE=()
+if [ "$REDIS" = 1 ] && [ "$MOSQUITTO" = 1 ] && [ -d "$OUT/herald-redis" ]; then
+    COMPARE+=("Herald (redis)=$OUT/herald-redis")
+    DURABLE=(--durable "Herald (redis)")
+fi
 [ "$TWO_CORE" = 1 ] && COMPARE+=("Herald 2 cores=$OUT/herald-2core")
 {
     echo "## Results ($MODE run)"
@@ -314,16 +426,22 @@ COMPARE=("Herald=$OUT/herald")
     echo "- commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
     echo "- machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(awk '/MemTotal/ {printf "%.0f GB", $2/1048576}' /proc/meminfo), Linux $(uname -r)"
     echo "- brokers: Herald $("$HERALD" --version 2>/dev/null | awk '{print $2}'), $([ -n "$MOSQUITTO_BIN" ] && "$MOSQUITTO_BIN" -h 2>/dev/null | head -1)"
-    echo "- pinning: brokers \`${PIN_BROKER[*]-none}\`, Herald 2 cores \`${PIN_BOTH[*]-none}\`, load generator \`${PIN_BENCH[*]-none}\`"
+    echo "- pinning: brokers \`${PIN_BROKER[*]-none}\`, Herald 2 cores \`${PIN_BOTH[*]-none}\`, load generator \`${PIN_BENCH[*]-none}\`$([ "$REDIS" = 1 ] && echo ", redis-server of Herald (redis) \`${PIN_REDIS[*]-none}\`")"
+    if [ "$REDIS" = 1 ]; then
+        echo "- Herald (redis): \`--store redis\`, $("$REDIS_BIN" --version | awk '{print $1, $2, $3}'), \`--appendonly yes --appendfsync everysec --save \"\"\`, a fresh redis-server per case on loopback (push, push-rate, drain only)"
+    fi
     echo "- command: \`$COMMAND\` ($((T1 - T0)) s)"
     echo
 } >"$OUT/summary.md"
 if [ ${#COMPARE[@]} -ge 2 ]; then
     rc=0
-    "$BENCH" compare "${COMPARE[@]}" --markdown "$OUT/table.md" || rc=$?
+    "$BENCH" compare "${COMPARE[@]}" "${DURABLE[@]+"${DURABLE[@]}"}" --markdown "$OUT/table.md" || rc=$?
     cat "$OUT/table.md" >>"$OUT/summary.md"
 else
     cat "$OUT"/herald/*.txt
+fi
+if [ "$MOSQUITTO" = 0 ] && [ -d "$OUT/herald-redis" ]; then
+    cat "$OUT"/herald-redis/*.txt
 fi
 echo
 echo "bench: results in $OUT (summary.md: the table for BENCHMARKS.md)"

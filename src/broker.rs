@@ -329,13 +329,14 @@ impl Broker {
         }
     }
 
-    /// Kicks every connection silent for 1.5 times its keepalive. Run a few times a second
-    /// by the server: one pass over the table instead of a timer per connection.
+    /// Kicks every connection silent for 1.5 times its keepalive, and wakes the ones waiting
+    /// to retry their outbox. Run a few times a second by the server: one pass over the
+    /// table instead of a timer per connection.
     pub fn check_keepalives(&self) {
         let now = now_ms();
         for e in self.clients.iter() {
             if let Some(mb) = &e.conn {
-                mb.check_keepalive(now);
+                mb.check(now);
             }
         }
     }

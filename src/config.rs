@@ -93,10 +93,12 @@ pub struct PushConfig {
 pub struct StoreConfig {
     pub kind: StoreKind,
     /// Redis to use with `kind = "redis"`: `redis://[:password@]host:port/db`, or
-    /// `rediss://` for TLS.
+    /// `redis+sentinel://host:port[,host:port...]/service[/db]` for a Sentinel set.
     pub redis_url: String,
     /// Acknowledge a publish only once this many Redis replicas hold it (Redis `WAIT`).
     pub redis_wait_replicas: u32,
+    /// Memory store: messages held over all clients; beyond it new ones are refused (counted).
+    pub max_messages: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -168,6 +170,7 @@ impl Default for StoreConfig {
             kind: StoreKind::Memory,
             redis_url: "redis://127.0.0.1:6379/0".into(),
             redis_wait_replicas: 0,
+            max_messages: 10_000_000,
         }
     }
 }
@@ -239,6 +242,9 @@ impl Config {
                 "session.max_queued_messages",
                 format!("{} is out of range 1..=60000", s.max_queued_messages),
             );
+        }
+        if self.store.max_messages == 0 {
+            return bad("store.max_messages", "must be at least 1".into());
         }
         if s.max_mailbox == 0 {
             return bad("session.max_mailbox", "must be at least 1".into());

@@ -54,6 +54,8 @@ pub struct Mailbox {
     waker: AtomicWaker,
     signal: AtomicBool,
     lost_hint: AtomicBool,
+    /// The connection could not read its outbox and wants a wake-up from the periodic pass.
+    retry: AtomicBool,
     kick: AtomicU8,
     done: AtomicBool,
     /// Wakes `wait_done`.
@@ -72,6 +74,7 @@ impl Mailbox {
             waker: AtomicWaker::new(),
             signal: AtomicBool::new(false),
             lost_hint: AtomicBool::new(false),
+            retry: AtomicBool::new(false),
             kick: AtomicU8::new(0),
             done: AtomicBool::new(false),
             done_wake: Notify::new(),
@@ -158,8 +161,17 @@ impl Mailbox {
         self.last_seen.store(now_ms, Ordering::Relaxed);
     }
 
-    /// Kicks the connection if the client has been silent for 1.5 times its keepalive.
-    pub fn check_keepalive(&self, now_ms: u64) {
+    /// Asks the periodic pass for a wake-up (after a failed outbox read).
+    pub fn want_retry(&self) {
+        self.retry.store(true, Ordering::Release);
+    }
+
+    /// The periodic pass: kicks the connection if the client has been silent for 1.5 times
+    /// its keepalive, and wakes it if it asked for a retry.
+    pub fn check(&self, now_ms: u64) {
+        if self.retry.swap(false, Ordering::AcqRel) {
+            self.notify();
+        }
         if self.expire_after > 0
             && now_ms.saturating_sub(self.last_seen.load(Ordering::Relaxed)) >= self.expire_after
         {

@@ -24,7 +24,7 @@ struct Handles {
     sent: [Counter; 3],
     acked: Counter,
     stored: Counter,
-    drops: [Counter; 5],
+    drops: [Counter; 6],
     store_errors: Counter,
     takeovers: Counter,
     store_queue_full: Counter,
@@ -41,14 +41,17 @@ pub enum Drop {
     Expired = 3,
     /// No subscriber matched.
     NoReceiver = 4,
+    /// The memory store holds `store.max_messages` already.
+    StoreFull = 5,
 }
 
-const DROP_REASONS: [&str; 5] = [
+const DROP_REASONS: [&str; 6] = [
     "mailbox_full",
     "outbox_full_oldest",
     "outbox_full_new",
     "expired",
     "no_receiver",
+    "store_full",
 ];
 
 fn handles() -> &'static Handles {

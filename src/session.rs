@@ -212,6 +212,8 @@ struct Session<W> {
     storing_qos2: Vec<u16>,
     /// The mailbox woke while the write buffer was full: deliveries wait in it.
     mail: bool,
+    /// Reading the outbox failed; wait for the next wake-up before trying again.
+    retry_later: bool,
 }
 
 impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
@@ -285,6 +287,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
             pending: None,
             storing_qos2: Vec::new(),
             mail: false,
+            retry_later: false,
         };
         // QoS 2 messages released before the last connection dropped: finish them first.
         for &pkid in &s.data.awaiting_pubcomp {
@@ -322,10 +325,14 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
                 let take = stage(self.take_mail());
                 take.await;
             }
-            if self.backlog && can_take && self.window_free() > 0 {
+            if self.backlog && can_take && self.window_free() > 0 && !self.retry_later {
                 let fill = stage(self.fill_window());
                 if let Err(e) = fill.await {
-                    return End::Abnormal(format!("store: {e}"));
+                    // The store is down: keep the connection (and its keepalive) and read
+                    // the outbox again when the broker's periodic pass wakes us.
+                    tracing::debug!(client = %self.client, error = %e, "outbox read failed, retrying later");
+                    self.retry_later = true;
+                    self.mailbox.want_retry();
                 }
             }
             let pending = self.pending.as_ref().map_or(0, |p| p.len());
@@ -356,7 +363,10 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
                         Some(Kick::Takeover) => return End::Abnormal("taken over by a newer connection".into()),
                         Some(Kick::Keepalive) => return End::Abnormal("keepalive timeout".into()),
                         Some(Kick::Shutdown) => return End::Shutdown,
-                        None => self.mail = true,
+                        None => {
+                            self.mail = true;
+                            self.retry_later = false;
+                        }
                     }
                 }
                 r = self.writer.write_buf(&mut self.wbuf), if !self.wbuf.is_empty() => {

@@ -1,6 +1,7 @@
 //! In-process outbox: the embedded default. Lost on restart, said so in the README.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -44,6 +45,9 @@ impl ClientOutbox {
 pub struct MemoryOutbox {
     clients: DashMap<Arc<str>, ClientOutbox>,
     limits: Limits,
+    /// Messages held over all clients. Pushes to client ids nobody ever connects with would
+    /// otherwise grow memory without bound: past `limits.max_total`, new ones are refused.
+    total: AtomicUsize,
 }
 
 impl MemoryOutbox {
@@ -51,6 +55,7 @@ impl MemoryOutbox {
         MemoryOutbox {
             clients: DashMap::new(),
             limits,
+            total: AtomicUsize::new(0),
         }
     }
 
@@ -63,7 +68,16 @@ impl MemoryOutbox {
         }
     }
 
+    fn removed(&self, n: usize) {
+        self.total.fetch_sub(n, Ordering::Relaxed);
+    }
+
     pub(super) fn enqueue(&self, client: &Arc<str>, qos: Qos, msg: &Arc<Message>) -> Enqueued {
+        if self.total.load(Ordering::Relaxed) >= self.limits.max_total {
+            metrics::dropped(metrics::Drop::StoreFull);
+            metrics::limit_hit("store_max_messages");
+            return Enqueued::Rejected;
+        }
         let mut ob = self.entry(client);
         if ob.entries.len() >= self.limits.max_queued {
             match self.limits.overflow {
@@ -73,6 +87,7 @@ impl MemoryOutbox {
                 }
                 OverflowPolicy::DropOldest => {
                     ob.entries.pop_front();
+                    self.removed(1);
                     metrics::dropped(metrics::Drop::OutboxFullOldest);
                 }
             }
@@ -84,6 +99,7 @@ impl MemoryOutbox {
             qos,
             msg: msg.clone(),
         });
+        self.total.fetch_add(1, Ordering::Relaxed);
         metrics::stored();
         Enqueued::Stored(seq)
     }
@@ -100,6 +116,7 @@ impl MemoryOutbox {
         while out.len() < limit && i < ob.entries.len() {
             if ob.entries[i].msg.is_expired(now) {
                 ob.entries.remove(i);
+                self.removed(1);
                 metrics::dropped(metrics::Drop::Expired);
                 continue;
             }
@@ -113,6 +130,7 @@ impl MemoryOutbox {
         if let Some(mut ob) = self.clients.get_mut(client) {
             if let Ok(i) = ob.position(seq) {
                 ob.entries.remove(i);
+                self.removed(1);
             }
         }
     }
@@ -130,6 +148,7 @@ impl MemoryOutbox {
 
     pub(super) fn clear(&self, client: &str) {
         if let Some(mut ob) = self.clients.get_mut(client) {
+            self.removed(ob.entries.len());
             ob.entries.clear();
             ob.entries.shrink_to_fit();
         }
@@ -144,6 +163,7 @@ impl MemoryOutbox {
         self.clients.retain(|_, ob| {
             let before = ob.entries.len();
             ob.entries.retain(|e| !e.msg.is_expired(now));
+            self.removed(before - ob.entries.len());
             for _ in ob.entries.len()..before {
                 metrics::dropped(metrics::Drop::Expired);
             }
@@ -171,6 +191,7 @@ mod tests {
         MemoryOutbox::new(Limits {
             max_queued: max,
             overflow,
+            max_total: 100,
         })
     }
 
@@ -214,6 +235,29 @@ mod tests {
             Enqueued::Rejected
         );
         assert_eq!(s.len("c"), 2);
+    }
+
+    #[test]
+    fn total_cap_refuses_new_messages() {
+        let s = MemoryOutbox::new(Limits {
+            max_queued: 10,
+            overflow: OverflowPolicy::DropOldest,
+            max_total: 2,
+        });
+        let a: Arc<str> = "a".into();
+        let Enqueued::Stored(seq) = s.enqueue(&a, Qos::AtLeastOnce, &msg("1", 0)) else {
+            panic!("not stored");
+        };
+        s.enqueue(&"b".into(), Qos::AtLeastOnce, &msg("2", 0));
+        assert_eq!(
+            s.enqueue(&"c".into(), Qos::AtLeastOnce, &msg("3", 0)),
+            Enqueued::Rejected
+        );
+        s.ack("a", seq);
+        assert!(matches!(
+            s.enqueue(&"c".into(), Qos::AtLeastOnce, &msg("3", 0)),
+            Enqueued::Stored(_)
+        ));
     }
 
     #[test]

@@ -88,6 +88,8 @@ pub enum StoreError {
 pub struct Limits {
     pub max_queued: usize,
     pub overflow: OverflowPolicy,
+    /// Messages held by the memory store over all clients.
+    pub max_total: usize,
 }
 
 /// What the store knows about a client when a connection starts.
@@ -111,6 +113,7 @@ impl Store {
         let limits = Limits {
             max_queued: config.session.max_queued_messages,
             overflow: config.session.overflow,
+            max_total: config.store.max_messages,
         };
         Ok(match config.store.kind {
             StoreKind::Memory => Store::Memory(MemoryOutbox::new(limits)),
@@ -160,7 +163,7 @@ impl Store {
 
     /// The device acknowledged `seq`: delete it. A failure is logged and counted by the
     /// store, not returned: the entry comes back as a duplicate, never lost.
-    pub async fn ack(&self, client: &str, seq: u64) {
+    pub async fn ack(&self, client: &Arc<str>, seq: u64) {
         match self {
             Store::Memory(m) => m.ack(client, seq),
             Store::Redis(r) => r.ack(client, seq).await,
@@ -168,7 +171,7 @@ impl Store {
     }
 
     /// `seq` was written to the wire (best effort, like `ack`).
-    pub async fn mark_sent(&self, client: &str, seq: u64) {
+    pub async fn mark_sent(&self, client: &Arc<str>, seq: u64) {
         match self {
             Store::Memory(m) => m.mark_sent(client, seq),
             Store::Redis(r) => r.mark_sent(client, seq).await,

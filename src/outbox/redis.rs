@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -99,20 +99,28 @@ pub struct RedisOutbox {
     ordered: mpsc::Sender<Ordered>,
 }
 
+/// `herald:<kind>:{<client>}`. Built by hand: this runs several times per message, and
+/// `format!` costs more than the rest of building the command.
 fn key(kind: &str, client: &str) -> String {
-    format!("herald:{kind}:{{{client}}}")
+    let mut k = String::with_capacity(10 + kind.len() + client.len());
+    k.push_str("herald:");
+    k.push_str(kind);
+    k.push_str(":{");
+    k.push_str(client);
+    k.push('}');
+    k
 }
 
-fn encode(msg: &Message) -> Vec<u8> {
-    let mut b = BytesMut::with_capacity(13 + msg.topic.len() + msg.payload.len());
+fn encode(msg: &Message, qos: Qos) -> Vec<u8> {
+    let mut b = Vec::with_capacity(13 + msg.topic.len() + msg.payload.len());
     b.put_u8(1); // envelope version
-    b.put_u8(msg.qos as u8);
+    b.put_u8(qos as u8);
     b.put_u8(msg.retain as u8);
     b.put_u64(msg.expires_at);
     b.put_u16(msg.topic.len() as u16);
     b.put_slice(msg.topic.as_bytes());
     b.put_slice(&msg.payload);
-    b.to_vec()
+    b
 }
 
 fn decode(raw: &[u8]) -> Option<Message> {
@@ -285,8 +293,6 @@ impl RedisOutbox {
         qos: Qos,
         msg: &Message,
     ) -> impl std::future::Future<Output = Result<Enqueued, StoreError>> + Send + 'static {
-        let mut stored = msg.clone();
-        stored.qos = qos;
         let drop_new = self.limits.overflow == OverflowPolicy::DropNew;
         let mut cmd = evalsha(
             &self.scripts.enqueue,
@@ -294,7 +300,7 @@ impl RedisOutbox {
         );
         cmd.arg(self.limits.max_queued)
             .arg(if drop_new { "1" } else { "0" })
-            .arg(encode(&stored))
+            .arg(encode(msg, qos))
             .arg(self.ttl_ms);
         let reply = self.submit(cmd);
         async move {
@@ -345,17 +351,17 @@ impl RedisOutbox {
         }
         for seq in expired {
             metrics::dropped(metrics::Drop::Expired);
-            self.ack(client, seq).await;
+            self.ack(&Arc::from(client), seq).await;
         }
         Ok(out)
     }
 
-    pub(super) async fn ack(&self, client: &str, seq: u64) {
-        let _ = self.writes.send(Write::Ack(Arc::from(client), seq)).await;
+    pub(super) async fn ack(&self, client: &Arc<str>, seq: u64) {
+        let _ = self.writes.send(Write::Ack(client.clone(), seq)).await;
     }
 
-    pub(super) async fn mark_sent(&self, client: &str, seq: u64) {
-        let _ = self.writes.send(Write::Sent(Arc::from(client), seq)).await;
+    pub(super) async fn mark_sent(&self, client: &Arc<str>, seq: u64) {
+        let _ = self.writes.send(Write::Sent(client.clone(), seq)).await;
     }
 
     pub(super) async fn attach(&self, client: &str, clean: bool) -> Result<Attach, StoreError> {
@@ -457,7 +463,7 @@ impl RedisOutbox {
         };
         cmd.arg("herald:retained").arg(&*msg.topic);
         if !msg.payload.is_empty() {
-            cmd.arg(encode(msg));
+            cmd.arg(encode(msg, msg.qos));
         }
         let reply = self.submit(cmd);
         async move {
@@ -651,8 +657,10 @@ async fn ordered_loop(
     while rx.recv_many(&mut batch, 512).await > 0 {
         let mut p = redis::pipe();
         p.ignore_errors();
-        for o in &batch {
-            p.add_command(o.cmd.clone());
+        let mut replies_to = Vec::with_capacity(batch.len());
+        for o in batch.drain(..) {
+            p.add_command(o.cmd);
+            replies_to.push(o.reply);
         }
         if wait_replicas > 0 {
             p.cmd("WAIT")
@@ -687,18 +695,17 @@ async fn ordered_loop(
         });
         match replies {
             Ok(replies) => {
-                for (o, r) in batch.drain(..).zip(replies) {
-                    let _ = o.reply.send(r.map_err(|e| failed(&health, e)));
+                for (reply, r) in replies_to.into_iter().zip(replies) {
+                    let _ = reply.send(r.map_err(|e| failed(&health, e)));
                 }
             }
             Err(e) => {
-                for o in batch.drain(..) {
-                    let _ = o.reply.send(Err(e.clone()));
+                for reply in replies_to {
+                    let _ = reply.send(Err(e.clone()));
                 }
             }
         }
         // Anything not answered above (a short reply) is answered by dropping its sender.
-        batch.clear();
     }
 }
 
@@ -707,22 +714,35 @@ async fn write_loop(link: Arc<Link>, mut rx: mpsc::Receiver<Write>, health: Arc<
     let mut batch = Vec::with_capacity(1024);
     while rx.recv_many(&mut batch, 1024).await > 0 {
         let mut p = redis::pipe();
-        let mut sent: HashMap<Arc<str>, u64> = HashMap::new();
+        let (mut acks, mut sent) = (Vec::new(), Vec::new());
         for w in batch.drain(..) {
             match w {
-                Write::Ack(c, seq) => {
-                    p.zrembyscore(key("outbox", &c), seq, seq).ignore();
-                }
-                Write::Sent(c, seq) => {
-                    let e = sent.entry(c).or_insert(0);
-                    *e = (*e).max(seq);
-                }
+                Write::Ack(c, seq) => acks.push((c, seq)),
+                Write::Sent(c, seq) => sent.push((c, seq)),
             }
         }
-        // A plain SET: one connection writes a client's watermark in increasing order, and
-        // DUP is advisory in MQTT 3.1.1, so a rare race between two nodes costs nothing.
-        for (c, seq) in sent {
-            p.set(key("sent", &c), seq).ignore();
+        // A device acknowledges in order, so one client's acks in a batch are mostly a run
+        // of consecutive numbers: one ZREMRANGEBYSCORE per run.
+        acks.sort_unstable();
+        let mut i = 0;
+        while i < acks.len() {
+            let (client, first) = (&acks[i].0, acks[i].1);
+            let mut last = first;
+            i += 1;
+            while i < acks.len() && acks[i].0 == *client && acks[i].1 == last + 1 {
+                last += 1;
+                i += 1;
+            }
+            p.zrembyscore(key("outbox", client), first, last).ignore();
+        }
+        // A plain SET of each client's highest number: one connection writes a client's
+        // watermark in increasing order, and DUP is advisory in MQTT 3.1.1, so a rare race
+        // between two nodes costs nothing.
+        sent.sort_unstable();
+        for (j, (client, seq)) in sent.iter().enumerate() {
+            if sent.get(j + 1).is_none_or(|next| next.0 != *client) {
+                p.set(key("sent", client), *seq).ignore();
+            }
         }
         let mut conn = link.conn();
         match tokio::time::timeout(CALL_TIMEOUT, p.query_async::<()>(&mut conn)).await {
@@ -750,7 +770,7 @@ mod tests {
             expires_at: 12345,
         };
         let mut member = b"42|".to_vec();
-        member.extend(encode(&m));
+        member.extend(encode(&m, m.qos));
         let (seq, back) = decode_member(&member).unwrap();
         assert_eq!(seq, 42);
         assert_eq!(back, m);

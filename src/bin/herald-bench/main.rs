@@ -15,7 +15,8 @@
 //! - `all`: every scenario in turn against the same broker.
 //! - `compare`: side-by-side table of earlier JSON results (Herald/Mosquitto ratio, targets).
 //!
-//! Give `--broker-pid` to get broker RSS and CPU (from /proc). `scripts/bench.sh` (`make
+//! Give `--broker-pid` to get broker RSS and CPU (from /proc), and `--store-pid` for those of
+//! a store that runs as its own process (redis-server behind Herald --store redis). `scripts/bench.sh` (`make
 //! bench`) runs everything against Herald and Mosquitto; see BENCHMARKS.md.
 
 mod client;
@@ -57,7 +58,8 @@ enum Cmd {
     Drain(Opts),
     /// Every scenario, one after the other.
     All(Opts),
-    /// Side-by-side table of JSON results: `compare Herald=DIR Mosquitto=DIR ...`.
+    /// Side-by-side table of JSON results: `compare Herald=DIR Mosquitto=DIR ...`
+    /// [--durable NAME].
     Compare(CompareArgs),
 }
 
@@ -72,6 +74,10 @@ pub struct Opts {
     /// Broker process id, for RSS and CPU from /proc.
     #[arg(long)]
     pub broker_pid: Option<u32>,
+    /// Process id of the broker's store when it is a process of its own (redis-server for
+    /// Herald --store redis), for its CPU and RSS from /proc.
+    #[arg(long)]
+    pub store_pid: Option<u32>,
     /// Write the results here as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -156,13 +162,17 @@ struct CompareArgs {
     /// Also write the table as Markdown.
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// A column (third or later) of Herald with a durable store: its ratio to column 2 also
+    /// shows the target of issue 4 (QoS 1 push msgs/s >= 1.0). Repeatable.
+    #[arg(long)]
+    durable: Vec<String>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (which, opts) = match cli.cmd {
         Cmd::Compare(a) => {
-            return match report::compare(&a.columns, a.markdown.as_deref()) {
+            return match report::compare(&a.columns, &a.durable, a.markdown.as_deref()) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
                 Err(e) => {

@@ -1,5 +1,5 @@
-//! Broker memory and CPU from /proc: VmRSS from /proc/PID/status, utime + stime from
-//! /proc/PID/stat in clock ticks (`getconf CLK_TCK`, usually 100).
+//! Broker (and store) memory and CPU from /proc: VmRSS from /proc/PID/status, utime + stime
+//! (all threads) from /proc/PID/stat in clock ticks (`getconf CLK_TCK`, usually 100).
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -45,29 +45,36 @@ pub fn fd_limit() -> Option<u64> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
-/// The broker (if its PID is known) and this tool, observed between two points in time.
+/// The broker (if its PID is known), its store (a separate process such as redis-server,
+/// if its PID is known) and this tool, observed between two points in time.
 #[derive(Clone)]
 pub struct Probe {
     pid: Option<String>,
+    store: Option<String>,
 }
 
-/// A reading of both processes' CPU time.
+/// A reading of the processes' CPU time.
 pub struct Mark {
     at: Instant,
     broker: Option<f64>,
+    store: Option<f64>,
     own: Option<f64>,
 }
 
-/// CPU used between two marks, in percent of one core.
+/// CPU used between two marks: seconds, and percent of one core.
 pub struct CpuUse {
+    pub broker_secs: Option<f64>,
     pub broker_pct: Option<f64>,
+    pub store_secs: Option<f64>,
+    pub store_pct: Option<f64>,
     pub own_pct: Option<f64>,
 }
 
 impl Probe {
-    pub fn new(pid: Option<u32>) -> Probe {
+    pub fn new(pid: Option<u32>, store: Option<u32>) -> Probe {
         Probe {
             pid: pid.map(|p| p.to_string()),
+            store: store.map(|p| p.to_string()),
         }
     }
 
@@ -78,14 +85,26 @@ impl Probe {
         }
     }
 
+    pub fn store_alive(&self) -> bool {
+        match &self.store {
+            Some(p) => std::path::Path::new(&format!("/proc/{p}")).exists(),
+            None => true,
+        }
+    }
+
     pub fn rss(&self) -> Option<u64> {
         self.pid.as_deref().and_then(rss_bytes)
+    }
+
+    pub fn store_rss(&self) -> Option<u64> {
+        self.store.as_deref().and_then(rss_bytes)
     }
 
     pub fn mark(&self) -> Mark {
         Mark {
             at: Instant::now(),
             broker: self.pid.as_deref().and_then(cpu_secs),
+            store: self.store.as_deref().and_then(cpu_secs),
             own: cpu_secs("self"),
         }
     }
@@ -93,10 +112,36 @@ impl Probe {
     pub fn since(&self, m: &Mark) -> CpuUse {
         let now = self.mark();
         let secs = now.at.duration_since(m.at).as_secs_f64().max(1e-9);
-        let pct = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / secs * 100.0);
+        let used = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
+        let pct = |u: Option<f64>| u.map(|u| u / secs * 100.0);
+        let broker = used(m.broker, now.broker);
+        let store = used(m.store, now.store);
         CpuUse {
-            broker_pct: pct(m.broker, now.broker),
-            own_pct: pct(m.own, now.own),
+            broker_secs: broker,
+            broker_pct: pct(broker),
+            store_secs: store,
+            store_pct: pct(store),
+            own_pct: pct(used(m.own, now.own)),
+        }
+    }
+}
+
+impl CpuUse {
+    /// Broker and store CPU (and their CPU per message, µs, over `msgs` messages) as metrics
+    /// `<prefix>broker_cpu_pct`, `<prefix>store_cpu_pct`, `<prefix>broker_cpu_us_per_msg`, ...
+    pub fn report(&self, r: &mut crate::report::ScenarioResult, prefix: &str, msgs: u64) {
+        r.opt_metric(&format!("{prefix}broker_cpu_pct"), self.broker_pct);
+        r.opt_metric(&format!("{prefix}store_cpu_pct"), self.store_pct);
+        if msgs > 0 {
+            let per = |s: Option<f64>| s.map(|s| s * 1e6 / msgs as f64);
+            r.opt_metric(
+                &format!("{prefix}broker_cpu_us_per_msg"),
+                per(self.broker_secs),
+            );
+            r.opt_metric(
+                &format!("{prefix}store_cpu_us_per_msg"),
+                per(self.store_secs),
+            );
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Results: the per-run table, the JSON file, and `compare` (side-by-side table with the
-//! Herald/Mosquitto ratio and the targets of issue 3).
+//! Herald/Mosquitto ratio and the targets of issue 3, and of issue 4 for a durable-store column).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -147,6 +147,21 @@ const SPECS: &[Spec] = &[
     spec("push", "p99_us", "latency p99", "ms", None),
     spec("push", "max_us", "latency max", "ms", None),
     spec("push", "broker_cpu_pct", "broker CPU", "%", None),
+    spec("push", "store_cpu_pct", "store (Redis) CPU", "%", None),
+    spec(
+        "push",
+        "broker_cpu_us_per_msg",
+        "broker CPU per message",
+        "us",
+        None,
+    ),
+    spec(
+        "push",
+        "store_cpu_us_per_msg",
+        "store (Redis) CPU per message",
+        "us",
+        None,
+    ),
     spec("push", "bench_cpu_pct", "load generator CPU", "%", None),
     spec(
         "push-rate",
@@ -165,6 +180,21 @@ const SPECS: &[Spec] = &[
     ),
     spec("push-rate", "max_us", "latency max", "ms", None),
     spec("push-rate", "broker_cpu_pct", "broker CPU", "%", None),
+    spec("push-rate", "store_cpu_pct", "store (Redis) CPU", "%", None),
+    spec(
+        "push-rate",
+        "broker_cpu_us_per_msg",
+        "broker CPU per message",
+        "us",
+        None,
+    ),
+    spec(
+        "push-rate",
+        "store_cpu_us_per_msg",
+        "store (Redis) CPU per message",
+        "us",
+        None,
+    ),
     spec(
         "push-rate",
         "bench_cpu_pct",
@@ -183,6 +213,7 @@ const SPECS: &[Spec] = &[
     spec("qos0", "p99_us", "latency p99", "ms", None),
     spec("qos0", "dropped", "dropped", "", None),
     spec("qos0", "broker_cpu_pct", "broker CPU", "%", None),
+    spec("qos0", "store_cpu_pct", "store (Redis) CPU", "%", None),
     spec("qos0", "bench_cpu_pct", "load generator CPU", "%", None),
     spec(
         "drain",
@@ -200,12 +231,49 @@ const SPECS: &[Spec] = &[
         None,
     ),
     spec("drain", "broker_cpu_pct", "broker CPU", "%", None),
+    spec("drain", "store_cpu_pct", "store (Redis) CPU", "%", None),
+    spec(
+        "drain",
+        "broker_cpu_us_per_msg",
+        "broker CPU per message",
+        "us",
+        None,
+    ),
+    spec(
+        "drain",
+        "store_cpu_us_per_msg",
+        "store (Redis) CPU per message",
+        "us",
+        None,
+    ),
     spec("drain", "bench_cpu_pct", "load generator CPU", "%", None),
+    spec(
+        "drain",
+        "publish_rate",
+        "offline publish rate (PUBACKed)",
+        "msg/s",
+        None,
+    ),
+    spec(
+        "drain",
+        "publish_broker_cpu_us_per_msg",
+        "broker CPU per stored message",
+        "us",
+        None,
+    ),
+    spec(
+        "drain",
+        "publish_store_cpu_us_per_msg",
+        "store (Redis) CPU per stored message",
+        "us",
+        None,
+    ),
 ];
 
 fn fmt_value(v: f64, unit: &str) -> String {
     match unit {
         "ms" => format!("{:.2} ms", v / 1000.0),
+        "us" => format!("{v:.1} µs"),
         "MB" => format!("{:.1} MB", v / 1e6),
         "B" => format!("{v:.0} B"),
         "%" => format!("{v:.1} %"),
@@ -253,7 +321,7 @@ pub fn print_run(label: &str, results: &[ScenarioResult]) {
         let mut shown = std::collections::HashSet::new();
         for s in SPECS.iter().filter(|s| s.scenario == r.scenario) {
             if let Some(&v) = r.metrics.get(s.key) {
-                println!("   {:<34} {:>16}", s.label, fmt_value(v, s.unit));
+                println!("   {:<38} {:>14}", s.label, fmt_value(v, s.unit));
                 shown.insert(s.key);
             }
         }
@@ -306,12 +374,25 @@ fn load(path: &Path) -> Result<Vec<ScenarioResult>, String> {
     Ok(out)
 }
 
+/// Targets of issue 4 for a Herald with a durable store (`compare --durable NAME`), as a
+/// ratio of that column to the second (Mosquitto, persistence on): QoS 1 push to online
+/// devices at no less than Mosquitto's msgs/s.
+const DURABLE_TARGETS: &[(&str, &str, &str, f64)] = &[("push", "msgs_per_sec", ">=", 1.0)];
+
+fn target_met(op: &str, t: f64, r: f64) -> bool {
+    (op == ">=" && r >= t) || (op == "<=" && r <= t)
+}
+
 const ORDER: &[&str] = &["idle", "push", "push-rate", "qos0", "drain"];
 
 /// `compare NAME=PATH...`: one row per metric, one column per broker; the ratio is the first
 /// column over the second (Herald/Mosquitto), and each further column gets its own ratio to
-/// the second.
-pub fn compare(columns: &[String], markdown: Option<&Path>) -> Result<bool, String> {
+/// the second. The ratio of a column named in `durable` also shows its issue 4 target.
+pub fn compare(
+    columns: &[String],
+    durable: &[String],
+    markdown: Option<&Path>,
+) -> Result<bool, String> {
     let mut cols: Vec<(String, Vec<ScenarioResult>)> = Vec::new();
     for c in columns {
         let (name, path) = c
@@ -321,6 +402,13 @@ pub fn compare(columns: &[String], markdown: Option<&Path>) -> Result<bool, Stri
     }
     if cols.len() < 2 {
         return Err("compare needs at least two columns".into());
+    }
+    for d in durable {
+        if !cols[2..].iter().any(|(name, _)| name == d) {
+            return Err(format!(
+                "--durable {d}: not a column after the second (the ratio is to the second)"
+            ));
+        }
     }
     let mut variants: Vec<(String, String)> = Vec::new();
     for (_, rs) in &cols {
@@ -366,7 +454,12 @@ pub fn compare(columns: &[String], markdown: Option<&Path>) -> Result<bool, Stri
                 Some(r) => {
                     notes.extend(r.notes.iter().map(|n| format!("{variant} on {name}: {n}")))
                 }
-                None => notes.push(format!("{variant}: no result for {name}")),
+                // A column that ran none of this scenario's kind (bench.sh runs Herald
+                // (redis) only for push, push-rate and drain) is not worth a note.
+                None if cols[ci].1.iter().any(|r| &r.scenario == scenario) => {
+                    notes.push(format!("{variant}: no result for {name}"))
+                }
+                None => {}
             }
         }
         for s in SPECS.iter().filter(|s| s.scenario == scenario) {
@@ -391,7 +484,7 @@ pub fn compare(columns: &[String], markdown: Option<&Path>) -> Result<bool, Stri
                 Some((op, t)) => {
                     row.push(format!("{op} {t:.1}"));
                     row.push(match r01 {
-                        Some(r) if (op == ">=" && r >= t) || (op == "<=" && r <= t) => "yes".into(),
+                        Some(r) if target_met(op, t, r) => "yes".into(),
                         Some(_) => "NO".into(),
                         None => "-".into(),
                     });
@@ -403,11 +496,30 @@ pub fn compare(columns: &[String], markdown: Option<&Path>) -> Result<bool, Stri
             }
             for ci in 2..cols.len() {
                 row.push(show(val(ci)));
-                row.push(
-                    ratio(val(ci), val(1))
-                        .map(|r| format!("{r:.2}"))
-                        .unwrap_or("-".into()),
-                );
+                let rc = ratio(val(ci), val(1));
+                let mut cell = rc.map(|r| format!("{r:.2}")).unwrap_or("-".into());
+                let target = DURABLE_TARGETS
+                    .iter()
+                    .find(|(sc, k, _, _)| *sc == s.scenario && *k == s.key)
+                    .filter(|_| durable.contains(&cols[ci].0));
+                if let Some(&(_, _, op, t)) = target {
+                    let met = match rc {
+                        Some(r) if target_met(op, t, r) => "yes",
+                        Some(_) => "NO",
+                        None => "-",
+                    };
+                    cell = format!("{cell} (target {op} {t:.1}: {met})");
+                    notes.push(format!(
+                        "{variant} {} on {}: {}/{} = {}, target {op} {t:.1} (issue 4): {}",
+                        s.label,
+                        cols[ci].0,
+                        cols[ci].0,
+                        cols[1].0,
+                        rc.map(|r| format!("{r:.2}")).unwrap_or("-".into()),
+                        if met == "yes" { "met" } else { "NOT met" }
+                    ));
+                }
+                row.push(cell);
             }
             rows.push(row);
         }

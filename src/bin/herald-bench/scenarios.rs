@@ -203,7 +203,7 @@ pub async fn idle(o: &Opts, target: &Target, n: usize) -> ScenarioResult {
     if !check_fds(&mut r, n) {
         return r;
     }
-    let probe = Probe::new(o.broker_pid);
+    let probe = Probe::new(o.broker_pid, o.store_pid);
     let rss0 = probe.rss();
     let fleet = Arc::new(Fleet::default());
     let sem = Arc::new(Semaphore::new(o.concurrency));
@@ -282,6 +282,9 @@ pub async fn idle(o: &Opts, target: &Target, n: usize) -> ScenarioResult {
     r.metric("lost_during_idle", fleet.lost.load(Relaxed) as f64);
     if !probe.broker_alive() {
         r.error("the broker process is gone");
+    }
+    if !probe.store_alive() {
+        r.error("the store process is gone");
     }
 
     stop.cancel();
@@ -735,7 +738,7 @@ pub async fn push(o: &Opts, target: &Target, rate: Option<f64>) -> ScenarioResul
         r.error(e);
         return r;
     }
-    let probe = Probe::new(o.broker_pid);
+    let probe = Probe::new(o.broker_pid, o.store_pid);
     let deliveries = Arc::new(Deliveries::new(n as u64));
     let fleet = Arc::new(Fleet::default());
     let stop = CancellationToken::new();
@@ -803,7 +806,7 @@ pub async fn push(o: &Opts, target: &Target, rate: Option<f64>) -> ScenarioResul
             }
         }
         put_latency(&mut r, &deliveries.hist.lock().unwrap());
-        r.opt_metric("broker_cpu_pct", cpu.broker_pct);
+        cpu.report(&mut r, "", delivered);
         r.opt_metric("bench_cpu_pct", cpu.own_pct);
     }
     stop.cancel();
@@ -814,6 +817,9 @@ pub async fn push(o: &Opts, target: &Target, rate: Option<f64>) -> ScenarioResul
     }
     if !probe.broker_alive() {
         r.error("the broker process is gone");
+    }
+    if !probe.store_alive() {
+        r.error("the store process is gone");
     }
     r
 }
@@ -837,7 +843,7 @@ pub async fn drain(o: &Opts, target: &Target) -> ScenarioResult {
         r.error(e);
         return r;
     }
-    let probe = Probe::new(o.broker_pid);
+    let probe = Probe::new(o.broker_pid, o.store_pid);
 
     // 1. Persistent sessions, subscribed, then offline.
     {
@@ -883,13 +889,19 @@ pub async fn drain(o: &Opts, target: &Target) -> ScenarioResult {
         max_lag: None,
         payload: o.payload,
     };
+    let store_mark = probe.mark();
     let st = publish_qos1(o, target, plan, &deliveries).await;
+    // Storing: every message is in the broker's store once it is acknowledged.
+    probe
+        .since(&store_mark)
+        .report(&mut r, "publish_", st.acked);
     report_pub(&mut r, &st);
     if !r.ok {
         return r;
     }
     let rss_queued = probe.rss();
     r.opt_metric("rss_with_queue", rss_queued.map(|v| v as f64));
+    r.opt_metric("store_rss_with_queue", probe.store_rss().map(|v| v as f64));
 
     // 3. Everyone back: time until every message has arrived.
     let fleet = Arc::new(Fleet::default());
@@ -928,7 +940,7 @@ pub async fn drain(o: &Opts, target: &Target) -> ScenarioResult {
         "reconnect_secs",
         fleet.last_connect_ns.load(Relaxed).saturating_sub(t0) as f64 / 1e9,
     );
-    r.opt_metric("broker_cpu_pct", cpu.broker_pct);
+    cpu.report(&mut r, "", delivered);
     r.opt_metric("bench_cpu_pct", cpu.own_pct);
     let np = fleet.not_present.load(Relaxed);
     if np > 0 {
@@ -944,6 +956,9 @@ pub async fn drain(o: &Opts, target: &Target) -> ScenarioResult {
     }
     if !probe.broker_alive() {
         r.error("the broker process is gone");
+    }
+    if !probe.store_alive() {
+        r.error("the store process is gone");
     }
     r
 }
@@ -1006,7 +1021,7 @@ pub async fn qos0(o: &Opts, target: &Target, pairs: usize) -> ScenarioResult {
     r.param("secs", o.secs);
     r.param("payload", o.payload);
     r.param("lag", o.lag);
-    let probe = Probe::new(o.broker_pid);
+    let probe = Probe::new(o.broker_pid, o.store_pid);
     let hist = Arc::new(Mutex::new(new_hist()));
     let fleet = Arc::new(Fleet::default());
     let stop = CancellationToken::new();
@@ -1171,6 +1186,7 @@ pub async fn qos0(o: &Opts, target: &Target, pairs: usize) -> ScenarioResult {
     }
     put_latency(&mut r, &hist.lock().unwrap());
     r.opt_metric("broker_cpu_pct", cpu.broker_pct);
+    r.opt_metric("store_cpu_pct", cpu.store_pct);
     r.opt_metric("bench_cpu_pct", cpu.own_pct);
     if reordered > 0 {
         r.error(format!("{reordered} messages arrived out of order"));
@@ -1189,6 +1205,9 @@ pub async fn qos0(o: &Opts, target: &Target, pairs: usize) -> ScenarioResult {
     fleet.report(&mut r, "");
     if !probe.broker_alive() {
         r.error("the broker process is gone");
+    }
+    if !probe.store_alive() {
+        r.error("the store process is gone");
     }
     r
 }
