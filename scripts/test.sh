@@ -1,29 +1,52 @@
 #!/usr/bin/env bash
 # The body of `make test` (which first runs scripts/deps.sh and builds the release binary):
 #   1. cargo test --no-fail-fast: unit and integration tests (tests/), every test binary even
-#      after a failure, output shown as it runs;
-#   2. interop/run.sh against HERALD (default target/release/herald): third-party clients;
-#   3. scripts/bench.sh --smoke --no-build: the benchmark tool still works (one test).
-# Ends with `total: N passed, N failed` over all three; exits non-zero if anything failed.
+#      after a failure, output shown as it runs; the integration tests' brokers use the memory
+#      store;
+#   2. the behavioural test binaries (REDIS_PASS_TESTS) again with HERALD_TEST_STORE=redis:
+#      each test's broker uses the Redis store, on a private redis-server the test starts
+#      (tests/common/mod.rs);
+#   3. interop/run.sh against HERALD (default target/release/herald): third-party clients;
+#   4. scripts/bench.sh --smoke --no-build: the benchmark tool still works (one test).
+# Ends with `total: N passed, N failed` over all four; exits non-zero if anything failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 CARGO=${CARGO:-cargo}
 HERALD=${HERALD:-target/release/herald}
+# The test binaries (tests/*.rs) whose brokers come from tests/common's `start`, i.e. all but
+# cli (the binary's flags) and redis_durability (Redis store only, already in pass 1).
+REDIS_PASS_TESTS=${REDIS_PASS_TESTS:-sessions push publish subscribe will connect limits malformed}
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+
+# Sums the "test result: ok. 12 passed; 0 failed; 0 ignored; ..." lines of a cargo test log.
+count_cargo() {
+    awk '
+    /^test result: / { for (i = 1; i <= NF; i++) {
+        if ($(i + 1) ~ /^passed;/) p += $i; if ($(i + 1) ~ /^failed;/) f += $i } }
+    END { print p + 0, f + 0 }' "$1"
+}
 
 echo "=== cargo test"
 "$CARGO" test --no-fail-fast 2>&1 | tee "$log"
 cargo_rc=${PIPESTATUS[0]}
-# Lines like "test result: ok. 12 passed; 0 failed; 0 ignored; ..."
-read -r cargo_passed cargo_failed < <(awk '
-    /^test result: / { for (i = 1; i <= NF; i++) {
-        if ($(i + 1) ~ /^passed;/) p += $i; if ($(i + 1) ~ /^failed;/) f += $i } }
-    END { print p + 0, f + 0 }' "$log")
+read -r cargo_passed cargo_failed < <(count_cargo "$log")
 if [ "$cargo_rc" -ne 0 ] && [ "$cargo_failed" -eq 0 ]; then
     cargo_failed=1 # it did not build, or a test binary crashed: count that as a failure
 fi
+
+echo "=== cargo test, Redis store (HERALD_TEST_STORE=redis: $REDIS_PASS_TESTS)"
+redis_args=()
+for t in $REDIS_PASS_TESTS; do redis_args+=(--test "$t"); done
+HERALD_TEST_STORE=redis "$CARGO" test --no-fail-fast "${redis_args[@]}" 2>&1 | tee "$log"
+redis_rc=${PIPESTATUS[0]}
+read -r redis_passed redis_failed < <(count_cargo "$log")
+if [ "$redis_rc" -ne 0 ] && [ "$redis_failed" -eq 0 ]; then
+    redis_failed=1
+fi
+# Checks that do not apply to the Redis store print one such line each (with the reason).
+redis_skipped=$(grep -o 'SKIPPED under HERALD_TEST_STORE=redis' "$log" | wc -l)
 
 echo "=== interop ($HERALD)"
 bash interop/run.sh "$HERALD" 2>&1 | tee "$log"
@@ -46,7 +69,9 @@ fi
 
 echo "=== summary"
 echo "cargo test (exit $cargo_rc): $cargo_passed passed; $cargo_failed failed"
+echo "cargo test, Redis store (exit $redis_rc): $redis_passed passed; $redis_failed failed;" \
+    "$redis_skipped check(s) skipped under Redis (SKIPPED lines above give the reasons)"
 echo "interop (exit $interop_rc): $interop_passed passed; $interop_failed failed"
 echo "bench smoke (exit $bench_rc): $bench_passed passed; $bench_failed failed"
-echo "total: $((cargo_passed + interop_passed + bench_passed)) passed, $((cargo_failed + interop_failed + bench_failed)) failed"
-[ "$cargo_rc" -eq 0 ] && [ "$interop_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+echo "total: $((cargo_passed + redis_passed + interop_passed + bench_passed)) passed, $((cargo_failed + redis_failed + interop_failed + bench_failed)) failed"
+[ "$cargo_rc" -eq 0 ] && [ "$redis_rc" -eq 0 ] && [ "$interop_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -152,12 +152,13 @@ async fn qos2_outbound_flow_pubrec_pubrel_pubcomp() {
         Packet::PubRel(r) => assert_eq!(r.pkid, p.pkid),
         other => panic!("expected PUBREL, got {other:?}"),
     }
+    // Checked before PUBCOMP is sent, so it is PUBREC that released the entry. Waited for:
+    // the Redis store writes acks in the background (see src/outbox/redis.rs).
+    wait_until(WAIT, "PUBREC releases the outbox entry", async || {
+        outbox_len(&server, "q2o-sub").await == 0
+    })
+    .await;
     sub.pubcomp(p.pkid).await;
-    assert_eq!(
-        outbox_len(&server, "q2o-sub").await,
-        0,
-        "PUBREC releases the outbox entry"
-    );
 
     // The flow is finished: nothing is resent, and the connection is in a state to go on.
     publisher

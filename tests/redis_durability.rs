@@ -2,13 +2,12 @@
 //! SIGKILL. What a publisher saw acknowledged must reach the device, in order.
 
 mod common;
-mod redis_support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::process::{self, Herald, RedisServer};
 use common::{text, ConnectReturnCode, Opts, Packet, QoS, Raw, WAIT};
-use redis_support::{Herald, RedisServer};
 
 /// Publishes `n` QoS 1 messages "0".."n-1" to `topic`, pipelined, and waits for every PUBACK.
 async fn publish_acked(addr: SocketAddr, topic: &str, n: usize) {
@@ -208,7 +207,7 @@ async fn redelivery_after_crash_has_dup_and_same_packet_id() {
 
 #[test]
 fn herald_exits_when_redis_is_unreachable_at_start() {
-    let port = redis_support::free_port();
+    let port = process::free_port();
     let out = std::process::Command::new(Herald::binary())
         .args(["--listen", "127.0.0.1:0", "--store", "redis", "--redis-url"])
         .arg(format!("redis://127.0.0.1:{port}/0"))
@@ -255,7 +254,7 @@ async fn sentinel_failover_keeps_acknowledged_messages() {
     let mut info = redis::cmd("INFO");
     info.arg("replication");
     wait_redis::<String>(master.port, info, |r| r.contains("state=online")).await;
-    let sentinel = redis_support::Sentinel::start(master.port, "herald");
+    let sentinel = process::Sentinel::start(master.port, "herald");
     let mut replicas = redis::cmd("SENTINEL");
     replicas.arg("replicas").arg("herald");
     wait_redis::<Vec<redis::Value>>(sentinel.port, replicas, |r| r.len() == 1).await;

@@ -1,5 +1,11 @@
 //! Shared helpers for the integration tests: an in-process Herald on an ephemeral loopback
-//! port, and a raw MQTT 3.1.1 client.
+//! port, and a raw MQTT 3.1.1 client. `process` has the helpers for real processes
+//! (`redis-server`, Sentinel, the `herald` binary).
+//!
+//! The store under test comes from `HERALD_TEST_STORE`: `memory` (the default) or `redis`.
+//! With `redis`, every `start_with` starts a private `redis-server` (free loopback port, temp
+//! dir, AOF) for its broker and kills it when the returned `TestServer` goes away, so the
+//! same tests check both stores (scripts/test.sh runs the behavioural ones both ways).
 //!
 //! The raw client encodes packets by hand (so tests can send any protocol name, level, flag
 //! bits or broken length) and decodes what the broker sends with `mqttbytes`. Unlike a real
@@ -11,11 +17,16 @@
 //! the marker is what the broker had routed to it before the marker.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::collections::VecDeque;
+use std::io::Write;
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
+use herald::config::StoreKind;
 use herald::{Config, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -30,13 +41,67 @@ pub const WAIT: Duration = Duration::from_secs(2);
 /// Payload of the marker messages (see the module docs).
 pub const MARKER: &[u8] = b"--marker--";
 
-/// Starts Herald with defaults on 127.0.0.1:0.
-pub async fn start() -> Server {
+/// The store the tests run against: `HERALD_TEST_STORE=memory` (the default) or `redis`.
+pub fn test_store() -> StoreKind {
+    match std::env::var("HERALD_TEST_STORE").as_deref() {
+        Err(std::env::VarError::NotPresent) | Ok("") | Ok("memory") => StoreKind::Memory,
+        Ok("redis") => StoreKind::Redis,
+        other => panic!("HERALD_TEST_STORE={other:?}: expected `memory` or `redis`"),
+    }
+}
+
+/// For a test, or a check within one, that does not apply to the Redis store: under
+/// `HERALD_TEST_STORE=redis` prints `SKIPPED under HERALD_TEST_STORE=redis: <what>: <reason>`
+/// and returns true, so the caller leaves it out. Written to the process's stderr past the
+/// test harness's capture, so the reason shows in `cargo test` output (scripts/test.sh counts
+/// these lines). Keep such skips rare: the behavioural suite is meant to hold for both stores.
+pub fn skip_under_redis(what: &str, reason: &str) -> bool {
+    if test_store() != StoreKind::Redis {
+        return false;
+    }
+    // One write, so that parallel tests' output does not cut the line.
+    let line = format!("SKIPPED under HERALD_TEST_STORE=redis: {what}: {reason}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    true
+}
+
+/// A Herald started by `start_with`, and under `HERALD_TEST_STORE=redis` the private
+/// `redis-server` it uses, which lives as long as the broker. Derefs to `herald::Server`.
+pub struct TestServer {
+    // Declared first: dropped before the Redis it may still be using.
+    server: Server,
+    redis: Option<process::RedisServer>,
+}
+
+impl Deref for TestServer {
+    type Target = Server;
+
+    fn deref(&self) -> &Server {
+        &self.server
+    }
+}
+
+impl TestServer {
+    /// `Server::shutdown`, then stops the broker's Redis (if any).
+    pub async fn shutdown(self) {
+        self.server.shutdown().await;
+        drop(self.redis);
+    }
+
+    /// The broker's private Redis, under `HERALD_TEST_STORE=redis`.
+    pub fn redis(&self) -> Option<&process::RedisServer> {
+        self.redis.as_ref()
+    }
+}
+
+/// Starts Herald with defaults on 127.0.0.1:0, with the store under test.
+pub async fn start() -> TestServer {
     start_with(|_| {}).await
 }
 
-/// Starts Herald on 127.0.0.1:0 after `tweak` has adjusted the defaults.
-pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Server {
+/// Starts Herald on 127.0.0.1:0 with the store under test (`HERALD_TEST_STORE`), after
+/// `tweak` has adjusted the defaults.
+pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
     if std::env::var_os("RUST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -45,8 +110,22 @@ pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Server {
     }
     let mut config = Config::default();
     config.server.listen = "127.0.0.1:0".parse().unwrap();
+    let redis = match test_store() {
+        StoreKind::Memory => None,
+        StoreKind::Redis => {
+            // Blocks for the few milliseconds redis-server takes to start; nothing else runs
+            // on this test's runtime yet. AOF as always, but fsync once a second instead of
+            // on every write: these tests are about behaviour, not crashes (those are in
+            // tests/redis_durability.rs), and a busy disk must not stall them.
+            let redis = process::RedisServer::start_with(&["--appendfsync", "everysec"]);
+            config.store.kind = StoreKind::Redis;
+            config.store.redis_url = redis.url();
+            Some(redis)
+        }
+    };
     tweak(&mut config);
-    Server::start(config).await.expect("start herald")
+    let server = Server::start(config).await.expect("start herald");
+    TestServer { server, redis }
 }
 
 /// Polls `cond` until it holds; panics after `wait`. For broker-side state that has no wire

@@ -1,6 +1,6 @@
-//! Real processes for the durability tests: a private `redis-server` (free loopback port,
-//! temp dir, AOF with fsync on every write) and the `herald` binary, both killable.
-#![allow(dead_code)]
+//! Real processes for the tests: a private `redis-server` (free loopback port, temp dir, AOF
+//! with fsync on every write), Redis Sentinel and the `herald` binary, each killed on drop.
+//! Used by tests/redis_durability.rs, and by `start_with` under `HERALD_TEST_STORE=redis`.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -26,6 +26,48 @@ fn wait_listening(addr: SocketAddr, child: &mut Child, what: &str) {
     }
 }
 
+/// Waits until the redis-server `child` answers on `port`. Accepting TCP is not enough:
+/// redis-server listens before it has created its AOF files (with fsync, slow on a busy disk),
+/// and another process may have taken the port, in which case `child` exits: `Err`.
+fn wait_redis_ready(port: u16, child: &mut Child) -> Result<(), std::process::ExitStatus> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(status);
+        }
+        // Answered by `child` itself, not by whoever else listens on the port.
+        if redis_pid(addr) == Some(child.id()) {
+            return Ok(());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "redis-server (pid {}) does not answer on {addr}",
+            child.id()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `process_id` from `INFO server` of the Redis on `addr`, if it answers.
+fn redis_pid(addr: SocketAddr) -> Option<u32> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    s.write_all(b"INFO server\r\n").ok()?;
+    let mut r = BufReader::new(s);
+    let mut header = String::new();
+    r.read_line(&mut header).ok()?;
+    // "$<length>\r\n", then the text; anything else ("-LOADING ...") means not ready.
+    let len: usize = header.strip_prefix('$')?.trim_end().parse().ok()?;
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).ok()?;
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|pid| pid.trim().parse().ok())
+}
+
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
@@ -45,6 +87,13 @@ impl RedisServer {
             dir: tempfile::tempdir().expect("temp dir"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
+        // Another process may take the free port before redis-server binds it: try another.
+        for _ in 0..3 {
+            match r.spawn() {
+                Ok(()) => return r,
+                Err(_) => r.port = free_port(),
+            }
+        }
         r.restart();
         r
     }
@@ -60,6 +109,15 @@ impl RedisServer {
 
     /// Starts (again) on the same port and directory, so the AOF is replayed.
     pub fn restart(&mut self) {
+        if let Err(status) = self.spawn() {
+            panic!(
+                "redis-server exited before listening on {}: {status}",
+                self.port
+            );
+        }
+    }
+
+    fn spawn(&mut self) -> Result<(), std::process::ExitStatus> {
         assert!(self.child.is_none(), "redis-server already running");
         let mut child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
@@ -78,12 +136,9 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server not found on PATH: apt-get install redis-server (or make test)");
-        wait_listening(
-            SocketAddr::from(([127, 0, 0, 1], self.port)),
-            &mut child,
-            "redis-server",
-        );
+        wait_redis_ready(self.port, &mut child)?;
         self.child = Some(child);
+        Ok(())
     }
 
     /// SIGKILL: what Redis keeps is what the AOF had.
