@@ -276,3 +276,36 @@ async fn sentinel_failover_keeps_acknowledged_messages() {
     let mut device = connect_when_available(herald.addr, &opts, Duration::from_secs(15)).await;
     receive_in_order(&mut device, 100).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_interrupted_by_an_outage_resumes_on_the_same_connection() {
+    let mut redis = RedisServer::start();
+    let herald = Herald::start(&redis.url(), &[]);
+    register_offline_device(herald.addr, "dev7").await;
+    publish_acked(herald.addr, "push/dev7", 100).await;
+
+    // The first window (32) arrives; Redis goes away before the device acknowledges it, so
+    // reading the next window fails.
+    let (mut device, _) = Raw::connect_ok(herald.addr, &Opts::new("dev7").clean(false)).await;
+    let mut first = Vec::new();
+    for _ in 0..32 {
+        first.push(device.expect_publish().await);
+    }
+    redis.kill();
+    for p in &first {
+        device.puback(p.pkid).await;
+    }
+    // The connection stays up through the outage...
+    device.ping().await;
+
+    redis.restart();
+    // ...and the rest of the queue follows on it once Redis is back, in order.
+    for i in 32..100 {
+        let p = match device.expect(Duration::from_secs(10)).await {
+            Packet::Publish(p) => p,
+            other => panic!("expected message {i}, got {other:?}"),
+        };
+        assert_eq!(text(&p), i.to_string(), "message {i} out of order");
+        device.puback(p.pkid).await;
+    }
+}
