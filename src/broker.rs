@@ -97,10 +97,6 @@ impl Broker {
         format!("herald-{:x}-{n}", self.incarnation)
     }
 
-    pub fn push_topic(&self, client: &str) -> Option<String> {
-        self.push.as_ref().map(|p| p.topic_for(client))
-    }
-
     /// Registers a new connection for `client`, taking over any older one.
     pub async fn attach(
         &self,

@@ -58,10 +58,6 @@ impl PushTemplate {
         }
     }
 
-    pub fn topic_for(&self, client_id: &str) -> String {
-        format!("{}{}{}", self.prefix, client_id, self.suffix)
-    }
-
     /// The client a push topic belongs to, or None if `topic` is not a push topic.
     pub fn client_of<'a>(&self, topic: &'a str) -> Option<&'a str> {
         let rest = topic.strip_prefix(self.prefix.as_str())?;
@@ -112,7 +108,6 @@ mod tests {
     #[test]
     fn push_template() {
         let t = PushTemplate::new("push/{client_id}");
-        assert_eq!(t.topic_for("d1"), "push/d1");
         assert_eq!(t.client_of("push/d1"), Some("d1"));
         assert_eq!(t.client_of("push/"), None);
         assert_eq!(t.client_of("other/d1"), None);
