@@ -14,14 +14,16 @@ const MAILBOX_FULL: &str = r#"herald_messages_dropped_total{reason="mailbox_full
 /// test's reader overflowed".
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Buffers small enough that a reader who stops reading overflows them in a few messages.
+fn small_buffers(c: &mut herald::Config) {
+    c.server.max_write_buffer = 16 * 1024;
+    c.session.max_mailbox = 100;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_reader_drops_qos0_keeps_qos1_and_others_keep_working() {
     let _serial = SERIAL.lock().await;
-    let server = start_with(|c| {
-        c.server.max_write_buffer = 16 * 1024;
-        c.session.max_mailbox = 100;
-    })
-    .await;
+    let server = start_with(small_buffers).await;
     let addr = server.local_addr();
 
     let before = metric(MAILBOX_FULL);
@@ -156,11 +158,7 @@ async fn stalled_reader(server: &herald::Server, opts: Opts, subs: &[(&str, QoS)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn takeover_closes_a_connection_stuck_on_a_full_socket() {
     let _serial = SERIAL.lock().await;
-    let server = start_with(|c| {
-        c.server.max_write_buffer = 16 * 1024;
-        c.session.max_mailbox = 100;
-    })
-    .await;
+    let server = start_with(small_buffers).await;
     let addr = server.local_addr();
     // Keepalive 0: nothing but the takeover can end the old connection.
     let opts = Opts::new("stuck").keepalive(0).clean(false);

@@ -78,6 +78,16 @@ impl Probe {
         }
     }
 
+    /// Records an error for each measured process that is gone.
+    pub fn check_alive(&self, r: &mut crate::report::ScenarioResult) {
+        if !self.broker_alive() {
+            r.error("the broker process is gone");
+        }
+        if !self.store_alive() {
+            r.error("the store process is gone");
+        }
+    }
+
     pub fn broker_alive(&self) -> bool {
         match &self.pid {
             Some(p) => std::path::Path::new(&format!("/proc/{p}")).exists(),

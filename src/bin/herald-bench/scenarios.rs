@@ -280,12 +280,7 @@ pub async fn idle(o: &Opts, target: &Target, n: usize) -> ScenarioResult {
         }
     }
     r.metric("lost_during_idle", fleet.lost.load(Relaxed) as f64);
-    if !probe.broker_alive() {
-        r.error("the broker process is gone");
-    }
-    if !probe.store_alive() {
-        r.error("the store process is gone");
-    }
+    probe.check_alive(&mut r);
 
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await;
@@ -815,12 +810,7 @@ pub async fn push(o: &Opts, target: &Target, rate: Option<f64>) -> ScenarioResul
     if let Err(e) = wipe_sessions(o, target, n).await {
         r.error(e);
     }
-    if !probe.broker_alive() {
-        r.error("the broker process is gone");
-    }
-    if !probe.store_alive() {
-        r.error("the store process is gone");
-    }
+    probe.check_alive(&mut r);
     r
 }
 
@@ -954,12 +944,7 @@ pub async fn drain(o: &Opts, target: &Target) -> ScenarioResult {
     if let Err(e) = wipe_sessions(o, target, n).await {
         r.error(e);
     }
-    if !probe.broker_alive() {
-        r.error("the broker process is gone");
-    }
-    if !probe.store_alive() {
-        r.error("the store process is gone");
-    }
+    probe.check_alive(&mut r);
     r
 }
 
@@ -1203,11 +1188,6 @@ pub async fn qos0(o: &Opts, target: &Target, pairs: usize) -> ScenarioResult {
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
     fleet.report(&mut r, "");
-    if !probe.broker_alive() {
-        r.error("the broker process is gone");
-    }
-    if !probe.store_alive() {
-        r.error("the store process is gone");
-    }
+    probe.check_alive(&mut r);
     r
 }
