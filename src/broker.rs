@@ -19,6 +19,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use futures::future::BoxFuture;
 
+use crate::cluster::{Claim, Cluster, Frame};
 use crate::codec::{min_qos, Qos};
 use crate::config::Config;
 use crate::mailbox::{Delivery, Kick, Mailbox};
@@ -42,6 +43,10 @@ struct ClientState {
     /// The last connection asked for a persistent session.
     persistent: bool,
     saved: Option<Box<SessionData>>,
+    /// Cluster: route epoch of the current connection; 0 while its claim is in flight.
+    epoch: u64,
+    /// Cluster: the highest epoch a kick named while the claim was in flight.
+    kick_floor: u64,
 }
 
 /// What a new connection starts with.
@@ -61,18 +66,22 @@ pub struct Broker {
     clients: DashMap<ClientId, ClientState>,
     next_conn_id: AtomicU64,
     incarnation: u64,
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// How long a new connection waits for the one it replaces to finish its cleanup.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
 
 impl Broker {
-    /// Opens the store and loads what it keeps (subscriptions, retained messages).
-    pub async fn open(config: Config) -> Result<Broker, StoreError> {
+    /// Opens the store and loads what it keeps (subscriptions, retained messages). In a
+    /// cluster a persistent session's subscriptions are loaded by the node it connects to.
+    pub async fn open(config: Config, cluster: Option<Arc<Cluster>>) -> Result<Broker, StoreError> {
         let store = Store::open(&config).await?;
         let router = Router::default();
-        for (client, filter, qos) in store.load_subscriptions().await? {
-            router.subscribe(&Arc::from(client), &filter, qos);
+        if cluster.is_none() {
+            for (client, filter, qos) in store.load_subscriptions().await? {
+                router.subscribe(&Arc::from(client), &filter, qos);
+            }
         }
         for msg in store.load_retained().await? {
             router.retain(&Arc::new(msg));
@@ -88,6 +97,7 @@ impl Broker {
             next_conn_id: AtomicU64::new(1),
             incarnation: now_ms() ^ u64::from(std::process::id()) << 40,
             config,
+            cluster,
         })
     }
 
@@ -111,9 +121,13 @@ impl Broker {
                 conn_id: 0,
                 persistent: false,
                 saved: None,
+                epoch: 0,
+                kick_floor: 0,
             });
             e.conn_id = conn_id;
-            e.conn.replace(mailbox)
+            e.epoch = 0;
+            e.kick_floor = 0;
+            e.conn.replace(mailbox.clone())
         };
         if let Some(old) = old {
             metrics::takeover();
@@ -133,7 +147,15 @@ impl Broker {
             }
             None => (false, None),
         };
-        let stored = match self.store.attach(client, clean).await {
+        let claimed = match (&self.cluster, self.store.redis()) {
+            (Some(c), Some(r)) => c.claim(r, client).await.map(Some),
+            _ => Ok(None),
+        };
+        let stored = match &claimed {
+            Err(e) => Err(e.clone()),
+            Ok(_) => self.store.attach(client, clean).await,
+        };
+        let stored = match stored {
             Ok(a) => {
                 if clean {
                     self.router.unsubscribe_all(client);
@@ -154,6 +176,12 @@ impl Broker {
                 return Err(e);
             }
         };
+        if let Ok(Some(claim)) = claimed {
+            self.claimed(client, conn_id, &mailbox, claim).await;
+            if !clean {
+                self.load_subscriptions(client).await?;
+            }
+        }
         Ok(Attached {
             conn_id,
             session_present: !clean && (existed || stored.session_present),
@@ -165,25 +193,136 @@ impl Broker {
         })
     }
 
+    /// Cluster: this node now owns `client` at `claim.epoch`; tell the previous owner.
+    async fn claimed(&self, client: &ClientId, conn_id: u64, mailbox: &Mailbox, claim: Claim) {
+        let (Some(c), Some(r)) = (&self.cluster, self.store.redis()) else {
+            return;
+        };
+        let kicked_meanwhile = match self.clients.get_mut(client) {
+            Some(mut e) if e.conn_id == conn_id => {
+                e.epoch = claim.epoch;
+                e.kick_floor >= claim.epoch
+            }
+            _ => false,
+        };
+        if kicked_meanwhile {
+            metrics::remote_kick();
+            mailbox.kick(Kick::Takeover);
+        }
+        let Some(prev) = claim.previous else {
+            return;
+        };
+        if let Some(addr) = c.live_elsewhere(r, &prev).await {
+            metrics::forwarded(metrics::Forward::Kick);
+            let kick = Frame::Kick {
+                target_inc: prev.inc,
+                client: client.clone(),
+                epoch: prev.epoch,
+            };
+            c.send(&prev.node, addr, kick, false);
+        }
+    }
+
+    /// Cluster: a persistent session's subscriptions follow it to the node it connects to.
+    async fn load_subscriptions(&self, client: &ClientId) -> Result<(), StoreError> {
+        let mut new_filter = false;
+        for (filter, qos) in self.store.client_subscriptions(client).await? {
+            new_filter |= self.router.subscribe(client, &filter, qos);
+        }
+        if new_filter {
+            self.interest_changed();
+        }
+        Ok(())
+    }
+
+    fn interest_changed(&self) {
+        if let Some(c) = &self.cluster {
+            c.interest_changed();
+        }
+    }
+
+    /// Cluster: `client` connected to another node at an epoch after `epoch`. Close the
+    /// connection here unless it is newer, and forget the session: it lives there now.
+    pub fn remote_kick(&self, client: &str, epoch: u64) {
+        let forget = {
+            let Some(mut e) = self.clients.get_mut(client) else {
+                return;
+            };
+            if e.epoch == 0 {
+                // Our claim is still in flight: decide when it returns.
+                e.kick_floor = e.kick_floor.max(epoch);
+                return;
+            }
+            if e.epoch > epoch {
+                return;
+            }
+            e.persistent = false;
+            e.saved = None;
+            match &e.conn {
+                Some(mb) => {
+                    metrics::remote_kick();
+                    mb.kick(Kick::Takeover);
+                    false
+                }
+                None => true,
+            }
+        };
+        if forget {
+            self.clients
+                .remove_if(client, |_, e| e.conn.is_none() && e.epoch <= epoch);
+        }
+        if self.router.unsubscribe_all(client) {
+            self.interest_changed();
+        }
+    }
+
+    /// Cluster: a peer stored a message for `client` and says it is connected here.
+    pub fn take_forward(&self, client: &str, seq: u64, qos: Qos, msg: Arc<Message>) {
+        if let Some(mb) = self.mailbox(client) {
+            mb.push(match qos {
+                Qos::AtMostOnce => Delivery::Direct(msg),
+                _ => Delivery::Stored { seq, qos, msg },
+            });
+        }
+    }
+
     /// A connection ended. Only the connection that still owns the client id removes state.
     pub async fn detach(&self, client: &ClientId, conn_id: u64, clean: bool, data: SessionData) {
         let mut owner = false;
+        let mut moved = false;
+        let mut epoch = 0;
         if let Some(mut e) = self.clients.get_mut(client) {
             if e.conn_id == conn_id {
                 owner = true;
                 e.conn = None;
+                epoch = e.epoch;
+                // A persistent session that connected to another node meanwhile.
+                moved = !clean && !e.persistent;
             }
-            if !clean {
+            if !clean && e.persistent {
                 e.saved = Some(Box::new(data));
             }
+        }
+        if owner && moved {
+            self.clients
+                .remove_if(client, |_, e| e.conn_id == conn_id && e.conn.is_none());
+            return;
         }
         if owner && clean {
             let removed = self
                 .clients
                 .remove_if(client, |_, e| e.conn_id == conn_id && e.conn.is_none());
             if removed.is_some() {
-                self.router.unsubscribe_all(client);
-                if let Err(e) = self.store.clear(client).await {
+                if self.router.unsubscribe_all(client) {
+                    self.interest_changed();
+                }
+                let cleared = match (&self.cluster, self.store.redis()) {
+                    // Only while the route is still ours: the client may already be on
+                    // another node with a new clean session.
+                    (Some(c), Some(r)) => c.release(r, client, epoch, true).await.map(|_| ()),
+                    _ => self.store.clear(client).await,
+                };
+                if let Err(e) = cleared {
                     tracing::warn!(client = %client, error = %e, "could not clear outbox");
                 }
             }
@@ -214,7 +353,9 @@ impl Broker {
         if persistent {
             self.store.save_subscription(client, filter, qos).await?;
         }
-        self.router.subscribe(client, filter, qos);
+        if self.router.subscribe(client, filter, qos) {
+            self.interest_changed();
+        }
         Ok(qos as u8)
     }
 
@@ -224,7 +365,9 @@ impl Broker {
         persistent: bool,
         filter: &str,
     ) -> Result<(), StoreError> {
-        self.router.unsubscribe(client, filter);
+        if self.router.unsubscribe(client, filter) {
+            self.interest_changed();
+        }
         if persistent {
             self.store.remove_subscription(client, filter).await?;
         }
@@ -242,7 +385,7 @@ impl Broker {
             .router
             .retained_for(filter, now_ms())
             .into_iter()
-            .map(|msg| self.deliver(client.clone(), min_qos(msg.qos, granted), msg))
+            .map(|msg| self.deliver(client.clone(), min_qos(msg.qos, granted), msg, false))
             .collect();
         futures::future::try_join_all(sends).await.map(|_| ())
     }
@@ -265,39 +408,69 @@ impl Broker {
             // subscribers, which would break device isolation.
             msg.retain = false;
             let qos = min_qos(msg.qos, Qos::AtLeastOnce);
-            return Box::pin(self.deliver(Arc::from(owner), qos, Arc::new(msg)));
+            return Box::pin(self.deliver(Arc::from(owner), qos, Arc::new(msg), true));
         }
+        let forwarded = self.cluster.as_ref().and_then(|c| c.forward_publish(&msg));
         let retained = msg.retain.then(|| {
             let retained = Arc::new(msg.clone());
             self.router.retain(&retained);
             msg.retain = false;
             self.store.set_retained(&retained)
         });
-        let msg = Arc::new(msg);
-        let mut receivers = HashMap::new();
-        self.router.matches(&msg.topic, &mut receivers);
-        if receivers.is_empty() {
-            metrics::dropped(metrics::Drop::NoReceiver);
-        }
-        let deliveries: Vec<_> = receivers
-            .into_iter()
-            .map(|(client, sub_qos)| self.deliver(client, min_qos(msg.qos, sub_qos), msg.clone()))
-            .collect();
+        let deliveries = self.deliver_local(Arc::new(msg), forwarded.is_none());
         Box::pin(async move {
             if let Some(r) = retained {
                 r.await?;
+            }
+            if let Some(f) = forwarded {
+                f.await?;
             }
             futures::future::try_join_all(deliveries).await.map(|_| ())
         })
     }
 
+    /// Cluster: an ordinary-topic publish another node received, for subscribers here.
+    /// That node stored the retained copy; this one only keeps it for later subscribers.
+    pub fn publish_from_peer(
+        self: &Arc<Self>,
+        mut msg: Message,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        if msg.retain {
+            self.router.retain(&Arc::new(msg.clone()));
+            msg.retain = false;
+        }
+        let deliveries = self.deliver_local(Arc::new(msg), false);
+        Box::pin(async move { futures::future::try_join_all(deliveries).await.map(|_| ()) })
+    }
+
+    /// Deliveries to this node's subscribers of `msg.topic`, submitted now.
+    fn deliver_local(
+        self: &Arc<Self>,
+        msg: Arc<Message>,
+        count_unmatched: bool,
+    ) -> Vec<impl Future<Output = Result<(), StoreError>> + Send + 'static> {
+        let mut receivers = HashMap::new();
+        self.router.matches(&msg.topic, &mut receivers);
+        if receivers.is_empty() && count_unmatched {
+            metrics::dropped(metrics::Drop::NoReceiver);
+        }
+        receivers
+            .into_iter()
+            .map(|(client, sub_qos)| {
+                self.deliver(client, min_qos(msg.qos, sub_qos), msg.clone(), false)
+            })
+            .collect()
+    }
+
     /// Hands one message to one client: stored first unless QoS 0, then hinted. The store
-    /// is submitted at call time.
+    /// is submitted at call time. `anywhere`: the client may be connected to another node
+    /// (a push), rather than known here (a router match).
     fn deliver(
         self: &Arc<Self>,
         client: ClientId,
         qos: Qos,
         msg: Arc<Message>,
+        anywhere: bool,
     ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
         let stored = (qos != Qos::AtMostOnce).then(|| self.store.enqueue(&client, qos, &msg));
         let broker = self.clone();
@@ -305,6 +478,8 @@ impl Broker {
             let Some(stored) = stored else {
                 if let Some(mb) = broker.mailbox(&client) {
                     mb.push(Delivery::Direct(msg));
+                } else if anywhere {
+                    broker.forward_push(client, 0, qos, msg).await;
                 }
                 return Ok(());
             };
@@ -320,8 +495,67 @@ impl Broker {
             // sees the entry in its first outbox read or gets this hint.
             if let Some(mb) = broker.mailbox(&client) {
                 mb.push(Delivery::Stored { seq, qos, msg });
+            } else if anywhere {
+                broker.forward_push(client, seq, qos, msg).await;
             }
             Ok(())
+        }
+    }
+
+    /// Cluster: tells the node `client` is connected to (if another, live one) that its
+    /// outbox has `seq`. A hint: if it is lost, the owner's sweep or a reconnect finds the
+    /// message in the outbox.
+    async fn forward_push(&self, client: ClientId, seq: u64, qos: Qos, msg: Arc<Message>) {
+        let (Some(c), Some(r)) = (&self.cluster, self.store.redis()) else {
+            return;
+        };
+        let route = match c.route(r, &client).await {
+            Ok(Some(route)) => route,
+            _ => return,
+        };
+        let Some(addr) = c.live_elsewhere(r, &route).await else {
+            return;
+        };
+        metrics::forwarded(metrics::Forward::Push);
+        let frame = Frame::Push {
+            target_inc: route.inc,
+            client,
+            seq,
+            qos,
+            msg,
+        };
+        c.send(&route.node, addr, frame, false);
+    }
+
+    /// Cluster sweep: closes local connections whose client connected to another node since
+    /// (a lost kick), and wakes those whose outbox holds entries they were not told about
+    /// (a lost forward).
+    pub async fn cluster_sweep(&self) {
+        let (Some(c), Some(r)) = (&self.cluster, self.store.redis()) else {
+            return;
+        };
+        let conns: Vec<(ClientId, Arc<Mailbox>, u64)> = self
+            .clients
+            .iter()
+            .filter(|e| e.epoch != 0)
+            .filter_map(|e| e.conn.clone().map(|mb| (e.key().clone(), mb, e.epoch)))
+            .collect();
+        for chunk in conns.chunks(500) {
+            let ids: Vec<&str> = chunk.iter().map(|(id, _, _)| &**id).collect();
+            let Ok(state) = c.sweep_state(r, &ids).await else {
+                return;
+            };
+            for ((_, mb, epoch), (route, newest)) in chunk.iter().zip(state) {
+                let moved = route
+                    .is_some_and(|rt| (*rt.node != *c.id || rt.inc != c.inc) && rt.epoch > *epoch);
+                if moved {
+                    metrics::remote_kick();
+                    mb.kick(Kick::Takeover);
+                } else if newest > mb.seen() {
+                    metrics::sweep_wakeup();
+                    mb.reread();
+                }
+            }
         }
     }
 

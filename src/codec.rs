@@ -380,6 +380,55 @@ pub fn encode_suback(buf: &mut BytesMut, pkid: u16, codes: &[u8]) {
     buf.put_slice(codes);
 }
 
+/// Packets a client receives, as far as the node-to-node link (which is an MQTT client of
+/// its peer) needs them.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ServerPacket {
+    ConnAck(u8),
+    PubAck(u16),
+    PingResp,
+}
+
+/// Takes one CONNACK, PUBACK or PINGRESP off `buf`; anything else is an error.
+pub fn decode_from_server(buf: &mut BytesMut) -> Result<Option<ServerPacket>, DecodeError> {
+    let Some(&byte1) = buf.first() else {
+        return Ok(None);
+    };
+    let want = match byte1 {
+        0x20 | 0x40 => 4,
+        0xD0 => 2,
+        _ => return Err(DecodeError::Malformed("unexpected packet from peer")),
+    };
+    if buf.len() < want {
+        return Ok(None);
+    }
+    if usize::from(buf[1]) != want - 2 {
+        return Err(DecodeError::Malformed("bad remaining length"));
+    }
+    let p = buf.split_to(want);
+    Ok(Some(match byte1 {
+        0x20 => ServerPacket::ConnAck(p[3]),
+        0x40 => ServerPacket::PubAck(u16::from_be_bytes([p[2], p[3]])),
+        _ => ServerPacket::PingResp,
+    }))
+}
+
+/// CONNECT with a clean session, no will, no credentials.
+pub fn encode_connect(buf: &mut BytesMut, client_id: &str, keep_alive: u16) {
+    buf.put_u8(0x10);
+    put_remaining_len(buf, 10 + 2 + client_id.len());
+    buf.put_u16(4);
+    buf.put_slice(b"MQTT");
+    buf.put_slice(&[4, 0x02]);
+    buf.put_u16(keep_alive);
+    buf.put_u16(client_id.len() as u16);
+    buf.put_slice(client_id.as_bytes());
+}
+
+pub fn encode_pingreq(buf: &mut BytesMut) {
+    buf.put_slice(&[0xC0, 0]);
+}
+
 /// Writes a PUBLISH; `pkid` is ignored for QoS 0.
 pub fn encode_publish(
     buf: &mut BytesMut,
@@ -406,6 +455,43 @@ pub fn encode_publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn link_client_side_roundtrip() {
+        let mut b = BytesMut::new();
+        encode_connect(&mut b, "$node/a", 30);
+        match decode(&mut b, 1024) {
+            Ok(Some(Packet::Connect(c))) => {
+                assert_eq!(c.client_id, "$node/a");
+                assert!(c.clean_session);
+                assert_eq!(c.keep_alive, 30);
+            }
+            other => panic!("{other:?}"),
+        }
+        encode_connack(&mut b, false, 0);
+        encode_puback(&mut b, 7);
+        encode_pingresp(&mut b);
+        b.put_u8(0x40);
+        assert_eq!(
+            decode_from_server(&mut b).unwrap(),
+            Some(ServerPacket::ConnAck(0))
+        );
+        assert_eq!(
+            decode_from_server(&mut b).unwrap(),
+            Some(ServerPacket::PubAck(7))
+        );
+        assert_eq!(
+            decode_from_server(&mut b).unwrap(),
+            Some(ServerPacket::PingResp)
+        );
+        assert_eq!(decode_from_server(&mut b).unwrap(), None, "half a PUBACK");
+        encode_pingreq(&mut b);
+        b.put_u8(0);
+        assert!(
+            decode_from_server(&mut b).is_err(),
+            "a PUBACK with the wrong length"
+        );
+    }
 
     fn decode_all(bytes: &[u8]) -> Result<Option<Packet>, DecodeError> {
         decode(&mut BytesMut::from(bytes), 1024)

@@ -34,6 +34,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    pub cluster: ClusterConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -128,6 +129,37 @@ pub enum LogFormat {
 pub struct MetricsConfig {
     /// Prometheus scrape endpoint; off when absent.
     pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Node-to-node listener; setting it turns clustering on (requires the Redis store).
+    pub listen: Option<SocketAddr>,
+    /// Address other nodes dial for this node; default: the bound `listen` address.
+    pub advertise: Option<SocketAddr>,
+    /// Default: `<hostname>:<client port>`.
+    pub node_id: Option<String>,
+    /// How often connected clients' routes and outboxes are re-checked in Redis: the bound
+    /// on the delay a lost forward can cause.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// TTL of the node's alive key (refreshed every third of it): how long a killed node's
+    /// routes are still believed.
+    #[serde(with = "humantime_serde")]
+    pub node_ttl: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            listen: None,
+            advertise: None,
+            node_id: None,
+            sweep_interval: Duration::from_secs(5),
+            node_ttl: Duration::from_secs(10),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -284,6 +316,33 @@ impl Config {
             if let Err(e) = crate::outbox::RedisOutbox::validate_url(&self.store.redis_url) {
                 return bad("store.redis_url", e);
             }
+        }
+        let c = &self.cluster;
+        if let Some(listen) = c.listen {
+            if self.store.kind != StoreKind::Redis {
+                return bad(
+                    "cluster.listen",
+                    "clustering needs the shared store: set store.kind = \"redis\"".into(),
+                );
+            }
+            if listen.ip().is_unspecified() && c.advertise.is_none() {
+                return bad(
+                    "cluster.advertise",
+                    format!("required when cluster.listen is {listen}: other nodes need an address to dial"),
+                );
+            }
+        }
+        if c.node_id
+            .as_ref()
+            .is_some_and(|n| n.is_empty() || n.len() > 200)
+        {
+            return bad("cluster.node_id", "must be 1..=200 characters".into());
+        }
+        if c.sweep_interval < Duration::from_millis(100) {
+            return bad("cluster.sweep_interval", "must be at least 100ms".into());
+        }
+        if c.node_ttl < Duration::from_secs(1) {
+            return bad("cluster.node_ttl", "must be at least 1s".into());
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return bad("log.level", e.to_string());

@@ -9,6 +9,7 @@
 //! - `router`: subscription trie and retained messages for non-push topics.
 //! - `outbox`: the per-client store of unacknowledged QoS 1/2 messages (source of truth).
 //! - `mailbox`: hands live messages (hints) from the broker to a connection task.
+//! - `cluster`: many nodes over one Redis: route table, node-to-node link, forwarding.
 //! - `config`, `metrics`: operations.
 //!
 //! Path of a QoS 1 push: a backend's PUBLISH to `push/dev42` is decoded by `codec` in the
@@ -20,6 +21,7 @@
 //! dev42's PUBACK arrives.
 
 pub mod broker;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod mailbox;

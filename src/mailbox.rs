@@ -62,6 +62,9 @@ pub struct Mailbox {
     done_wake: Notify,
     /// Unix ms of the last packet from the client.
     last_seen: AtomicU64,
+    /// Highest outbox sequence number the connection has written (the cluster sweep
+    /// compares it with the outbox to find lost forwards).
+    seen: AtomicU64,
     /// 1.5 times the keepalive, in ms; 0 = no keepalive.
     expire_after: u64,
     cap: usize,
@@ -79,6 +82,7 @@ impl Mailbox {
             done: AtomicBool::new(false),
             done_wake: Notify::new(),
             last_seen: AtomicU64::new(crate::outbox::now_ms()),
+            seen: AtomicU64::new(0),
             expire_after: u64::from(keep_alive_secs) * 1500,
             cap,
         }
@@ -154,6 +158,20 @@ impl Mailbox {
             3 => Some(Kick::Shutdown),
             _ => None,
         }
+    }
+
+    pub fn saw(&self, seq: u64) {
+        self.seen.store(seq, Ordering::Relaxed);
+    }
+
+    pub fn seen(&self) -> u64 {
+        self.seen.load(Ordering::Relaxed)
+    }
+
+    /// Makes the connection read its outbox again (as if a hint had been dropped).
+    pub fn reread(&self) {
+        self.lost_hint.store(true, Ordering::Release);
+        self.notify();
     }
 
     /// A packet arrived from the client.

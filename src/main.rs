@@ -27,6 +27,16 @@ struct Cli {
     /// Redis URL for --store redis, e.g. redis://127.0.0.1:6379/0 (store.redis_url).
     #[arg(long, value_name = "URL")]
     redis_url: Option<String>,
+    /// This node's id in a cluster (cluster.node_id; default <hostname>:<client port>).
+    #[arg(long, value_name = "ID")]
+    node_id: Option<String>,
+    /// Node-to-node listener; turns clustering on, needs --store redis (cluster.listen).
+    #[arg(long, value_name = "ADDR:PORT")]
+    cluster_listen: Option<SocketAddr>,
+    /// Address other nodes dial for this node (cluster.advertise; default: the bound
+    /// --cluster-listen address).
+    #[arg(long, value_name = "ADDR:PORT")]
+    cluster_advertise: Option<SocketAddr>,
     /// Log filter, e.g. info, debug, herald=trace (log.level).
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
@@ -58,6 +68,15 @@ fn main() -> ExitCode {
     }
     if let Some(u) = cli.redis_url {
         config.store.redis_url = u;
+    }
+    if let Some(n) = cli.node_id {
+        config.cluster.node_id = Some(n);
+    }
+    if let Some(l) = cli.cluster_listen {
+        config.cluster.listen = Some(l);
+    }
+    if let Some(a) = cli.cluster_advertise {
+        config.cluster.advertise = Some(a);
     }
     if let Some(l) = cli.log_level {
         config.log.level = l;

@@ -29,7 +29,26 @@ struct Handles {
     takeovers: Counter,
     store_queue_full: Counter,
     wills: Counter,
+    forwards: [Counter; 3],
+    forwards_received: [Counter; 3],
+    forward_failures: Counter,
+    stale_routes: Counter,
+    sweep_wakeups: Counter,
+    remote_kicks: Counter,
 }
+
+/// What crosses the node-to-node link; each is its own `kind` label.
+#[derive(Debug, Clone, Copy)]
+pub enum Forward {
+    /// A stored push (or a QoS 0 one) for a device on the peer.
+    Push = 0,
+    /// An ordinary-topic publish for the peer's subscribers.
+    Publish = 1,
+    /// "Close your connection of this client."
+    Kick = 2,
+}
+
+const FORWARD_KINDS: [&str; 3] = ["push", "publish", "kick"];
 
 /// Why a message was dropped; each is its own `reason` label.
 #[derive(Debug, Clone, Copy)]
@@ -82,6 +101,14 @@ fn handles() -> &'static Handles {
             takeovers: metrics::counter!("herald_session_takeovers_total"),
             store_queue_full: metrics::counter!("herald_limit_hits_total", "limit" => "store_write_queue"),
             wills: metrics::counter!("herald_wills_published_total"),
+            forwards: FORWARD_KINDS
+                .map(|k| metrics::counter!("herald_cluster_forwards_total", "kind" => k)),
+            forwards_received: FORWARD_KINDS
+                .map(|k| metrics::counter!("herald_cluster_forwards_received_total", "kind" => k)),
+            forward_failures: metrics::counter!("herald_cluster_forward_failures_total"),
+            stale_routes: metrics::counter!("herald_cluster_stale_routes_total"),
+            sweep_wakeups: metrics::counter!("herald_cluster_sweep_wakeups_total"),
+            remote_kicks: metrics::counter!("herald_cluster_remote_kicks_total"),
         }
     })
 }
@@ -151,6 +178,34 @@ pub fn takeover() {
 
 pub fn will_published() {
     handles().wills.increment(1);
+}
+
+pub fn forwarded(kind: Forward) {
+    handles().forwards[kind as usize].increment(1);
+}
+
+pub fn forward_received(kind: Forward) {
+    handles().forwards_received[kind as usize].increment(1);
+}
+
+/// A forward could not be handed to its peer (link down, queue full, no answer).
+pub fn forward_failed() {
+    handles().forward_failures.increment(1);
+}
+
+/// A route naming a dead node or an old incarnation was ignored.
+pub fn stale_route() {
+    handles().stale_routes.increment(1);
+}
+
+/// The sweep found a connected client with outbox entries it had not been told about.
+pub fn sweep_wakeup() {
+    handles().sweep_wakeups.increment(1);
+}
+
+/// A connection closed because its client connected to another node.
+pub fn remote_kick() {
+    handles().remote_kicks.increment(1);
 }
 
 /// The Prometheus text exposition of every metric.

@@ -98,6 +98,30 @@ impl Node {
 struct Table {
     root: Node,
     by_client: HashMap<ClientId, HashMap<String, Qos>>,
+    /// Distinct filters and how many clients hold each: what a cluster node announces.
+    filters: HashMap<Box<str>, usize>,
+}
+
+impl Table {
+    fn add_filter(&mut self, filter: &str) -> bool {
+        let n = self.filters.entry(Box::from(filter)).or_insert(0);
+        *n += 1;
+        *n == 1
+    }
+
+    fn drop_filter(&mut self, filter: &str) -> bool {
+        match self.filters.get_mut(filter) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                self.filters.remove(filter);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -107,37 +131,58 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn subscribe(&self, client: &ClientId, filter: &str, qos: Qos) {
+    /// True if no one here held `filter` before.
+    pub fn subscribe(&self, client: &ClientId, filter: &str, qos: Qos) -> bool {
         let levels: Vec<&str> = filter.split('/').collect();
         let mut t = self.table.write();
         t.root.insert(&levels, client.clone(), qos);
-        t.by_client
+        let new = t
+            .by_client
             .entry(client.clone())
             .or_default()
-            .insert(filter.to_string(), qos);
+            .insert(filter.to_string(), qos)
+            .is_none();
+        new && t.add_filter(filter)
     }
 
-    pub fn unsubscribe(&self, client: &str, filter: &str) {
+    /// True if no one here holds `filter` any more.
+    pub fn unsubscribe(&self, client: &str, filter: &str) -> bool {
         let levels: Vec<&str> = filter.split('/').collect();
         let mut t = self.table.write();
         t.root.remove(&levels, client);
-        if let Some(filters) = t.by_client.get_mut(client) {
-            filters.remove(filter);
-            if filters.is_empty() {
-                t.by_client.remove(client);
-            }
+        let Some(filters) = t.by_client.get_mut(client) else {
+            return false;
+        };
+        let had = filters.remove(filter).is_some();
+        if filters.is_empty() {
+            t.by_client.remove(client);
         }
+        had && t.drop_filter(filter)
     }
 
-    pub fn unsubscribe_all(&self, client: &str) {
+    /// True if some filter is no longer held by anyone here.
+    pub fn unsubscribe_all(&self, client: &str) -> bool {
         let mut t = self.table.write();
         let Some(filters) = t.by_client.remove(client) else {
-            return;
+            return false;
         };
+        let mut gone = false;
         for filter in filters.keys() {
             let levels: Vec<&str> = filter.split('/').collect();
             t.root.remove(&levels, client);
+            gone |= t.drop_filter(filter);
         }
+        gone
+    }
+
+    /// Every filter somebody here subscribes to.
+    pub fn filters(&self) -> Vec<String> {
+        self.table
+            .read()
+            .filters
+            .keys()
+            .map(|f| f.to_string())
+            .collect()
     }
 
     pub fn subscriptions(&self, client: &str) -> Vec<(String, Qos)> {
@@ -213,6 +258,27 @@ mod tests {
         r.unsubscribe_all("a");
         assert_eq!(matched(&r, "x/y/z"), [("b".into(), 1)]);
         assert!(r.subscriptions("a").is_empty());
+    }
+
+    #[test]
+    fn distinct_filters_are_counted() {
+        let r = Router::default();
+        let (a, b): (ClientId, ClientId) = ("a".into(), "b".into());
+        assert!(r.subscribe(&a, "x/#", Qos::AtMostOnce));
+        assert!(
+            !r.subscribe(&a, "x/#", Qos::AtLeastOnce),
+            "a QoS change adds nothing"
+        );
+        assert!(!r.subscribe(&b, "x/#", Qos::AtMostOnce));
+        assert!(r.subscribe(&b, "y", Qos::AtMostOnce));
+        assert!(!r.unsubscribe("a", "x/#"), "b still holds it");
+        assert!(
+            !r.unsubscribe("a", "x/#"),
+            "a second unsubscribe changes nothing"
+        );
+        assert_eq!(r.filters().len(), 2);
+        assert!(r.unsubscribe_all("b"));
+        assert!(r.filters().is_empty());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::Broker;
+use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::metrics;
 use crate::session::Connection;
@@ -45,13 +46,40 @@ impl Server {
             None => None,
         };
         let timeout = config.server.shutdown_timeout;
+        let cluster_listener = match config.cluster.listen {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        let cluster = match &cluster_listener {
+            Some(l) => {
+                let c = &config.cluster;
+                let id = c
+                    .node_id
+                    .clone()
+                    .unwrap_or_else(|| format!("{}:{}", hostname(), local_addr.port()));
+                Some(Arc::new(Cluster::new(
+                    id,
+                    c.advertise.unwrap_or(l.local_addr()?),
+                    c.sweep_interval,
+                    c.node_ttl,
+                )))
+            }
+            None => None,
+        };
         let broker = Arc::new(
-            Broker::open(config)
+            Broker::open(config, cluster.clone())
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))?,
         );
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        if let (Some(c), Some(l), Some(r)) = (&cluster, cluster_listener, broker.store.redis()) {
+            c.register(r)
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            tokio::spawn(c.clone().run(broker.clone(), shutdown.clone()));
+            tokio::spawn(cluster::serve(l, broker.clone(), shutdown.clone()));
+        }
 
         if let Some(l) = metrics_listener {
             let stop = shutdown.clone();
@@ -108,6 +136,9 @@ impl Server {
 
     /// Stops accepting, closes every connection, waits up to `shutdown_timeout`.
     pub async fn shutdown(self) {
+        if let (Some(c), Some(r)) = (&self.broker.cluster, self.broker.store.redis()) {
+            c.unregister(r).await;
+        }
         self.shutdown.cancel();
         self.broker.close_all();
         self.tracker.close();
@@ -168,4 +199,14 @@ async fn serve_tcp(
 ) {
     let _ = stream.set_nodelay(true);
     Connection::new(broker, stream, peer, shutdown).run().await;
+}
+
+/// For the default node id.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "herald".into())
 }

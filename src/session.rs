@@ -640,6 +640,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
             qos: e.qos,
         });
         self.next_seq = e.seq + 1;
+        self.mailbox.saw(e.seq);
         self.broker.store.mark_sent(&self.client, e.seq).await;
         true
     }

@@ -31,7 +31,7 @@ use crate::codec::Qos;
 use crate::config::{Config, OverflowPolicy, StoreKind};
 
 pub use memory::MemoryOutbox;
-pub use redis::RedisOutbox;
+pub use redis::{key as redis_key, RedisOutbox};
 
 /// A message as routed inside Herald. Shared (`Arc`) between all receivers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,6 +247,24 @@ impl Store {
         match self {
             Store::Memory(_) => Ok(Vec::new()),
             Store::Redis(r) => r.load_subscriptions().await,
+        }
+    }
+
+    /// Stored subscriptions of one persistent session.
+    pub async fn client_subscriptions(
+        &self,
+        client: &str,
+    ) -> Result<Vec<(String, Qos)>, StoreError> {
+        match self {
+            Store::Memory(_) => Ok(Vec::new()),
+            Store::Redis(r) => r.client_subscriptions(client).await,
+        }
+    }
+
+    pub fn redis(&self) -> Option<&RedisOutbox> {
+        match self {
+            Store::Redis(r) => Some(r),
+            Store::Memory(_) => None,
         }
     }
 

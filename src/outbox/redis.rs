@@ -101,7 +101,7 @@ pub struct RedisOutbox {
 
 /// `herald:<kind>:{<client>}`. Built by hand: this runs several times per message, and
 /// `format!` costs more than the rest of building the command.
-fn key(kind: &str, client: &str) -> String {
+pub fn key(kind: &str, client: &str) -> String {
     let mut k = String::with_capacity(10 + kind.len() + client.len());
     k.push_str("herald:");
     k.push_str(kind);
@@ -472,6 +472,45 @@ impl RedisOutbox {
                 .map_err(|_| StoreError::Unavailable("store writer stopped".into()))??;
             Ok(())
         }
+    }
+
+    /// Subscriptions stored for one persistent session (a cluster node loads them when the
+    /// client connects to it).
+    pub(super) async fn client_subscriptions(
+        &self,
+        client: &str,
+    ) -> Result<Vec<(String, Qos)>, StoreError> {
+        let mut conn = self.link.conn();
+        let subs: HashMap<String, u8> = self.call(conn.hgetall(key("subs", client))).await?;
+        Ok(subs.into_iter().map(|(f, q)| (f, qos_from(q))).collect())
+    }
+
+    /// Runs a command for another part of Herald (the cluster's route table and node
+    /// registry) with the outbox's connection, health tracking and timeout.
+    pub async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        let mut conn = self.link.conn();
+        self.call(cmd.query_async(&mut conn)).await
+    }
+
+    pub async fn query_pipe<T: redis::FromRedisValue>(
+        &self,
+        p: &redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.link.conn();
+        self.call(p.query_async(&mut conn)).await
+    }
+
+    /// Runs a Lua script (loaded on first use and after a Redis restart).
+    pub async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        call: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.link.conn();
+        self.call(call.invoke_async(&mut conn)).await
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.health.up.load(Ordering::Acquire)
     }
 
     pub(super) async fn load_retained(&self) -> Result<Vec<Message>, StoreError> {

@@ -1,0 +1,594 @@
+//! The node-to-node link: MQTT 3.1.1 itself, so framing, keepalive and acknowledgements come
+//! from the protocol Herald already speaks (design.md section 4).
+//!
+//! A node dials each peer it must reach as an MQTT client (client id `$herald/<node>/<inc>`,
+//! clean session) and forwards PUBLISH packets on internal topics:
+//! - `$cluster/push` (QoS 0): a message already in a device's outbox, `{cid, seq, message}`;
+//!   a hint, so losing it only delays the message (the sweep or a reconnect recovers it).
+//! - `$cluster/pub` (QoS of the message, 0 or 1): an ordinary-topic publish for the peer's
+//!   own subscribers; the peer's PUBACK means it stored the message for them.
+//! - `$cluster/kick` (QoS 0): close your connection of client `cid` unless it is newer than
+//!   `epoch`.
+//!
+//! Each frame names the incarnation it was meant for, so a restarted peer ignores what was
+//! addressed to its previous life. The payload layout is Herald's own, big-endian:
+//! push = inc u64, seq u64, qos u8, retain u8, expires u64, cid (u16 length + bytes),
+//! topic (u16 + bytes), payload (the rest); pub = inc, qos, retain, expires, topic, payload;
+//! kick = inc, epoch u64, cid (the rest).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures::stream::{FuturesOrdered, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::codec::{self, Packet, Qos, ServerPacket};
+use crate::metrics::{self, Forward};
+use crate::outbox::{Message, StoreError};
+
+/// How long a forwarded QoS 1 publish may wait for the peer's PUBACK.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(3);
+/// Frames waiting for a peer's link; beyond this they fail at once (counted).
+const QUEUE: usize = 8192;
+/// Forwarded publishes waiting for their PUBACK on one link.
+const MAX_UNACKED: usize = 8192;
+const PING_EVERY: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+const TOPIC_PUSH: &str = "$cluster/push";
+const TOPIC_PUB: &str = "$cluster/pub";
+const TOPIC_KICK: &str = "$cluster/kick";
+
+/// What one node tells another.
+#[derive(Debug, Clone)]
+pub enum Frame {
+    Push {
+        target_inc: u64,
+        client: Arc<str>,
+        seq: u64,
+        qos: Qos,
+        msg: Arc<Message>,
+    },
+    Publish {
+        target_inc: u64,
+        msg: Message,
+    },
+    Kick {
+        target_inc: u64,
+        client: Arc<str>,
+        epoch: u64,
+    },
+}
+
+fn put_str(b: &mut BytesMut, s: &str) {
+    b.put_u16(s.len() as u16);
+    b.put_slice(s.as_bytes());
+}
+
+fn put_message_head(b: &mut BytesMut, qos: Qos, msg: &Message) {
+    b.put_u8(qos as u8);
+    b.put_u8(msg.retain as u8);
+    b.put_u64(msg.expires_at);
+}
+
+impl Frame {
+    /// Appends the frame as a PUBLISH to `out`; `body` is scratch space.
+    fn encode(&self, out: &mut BytesMut, body: &mut BytesMut, pkid: u16) {
+        body.clear();
+        let (topic, qos) = match self {
+            Frame::Push {
+                target_inc,
+                client,
+                seq,
+                qos,
+                msg,
+            } => {
+                body.put_u64(*target_inc);
+                body.put_u64(*seq);
+                put_message_head(body, *qos, msg);
+                put_str(body, client);
+                put_str(body, &msg.topic);
+                body.put_slice(&msg.payload);
+                (TOPIC_PUSH, Qos::AtMostOnce)
+            }
+            Frame::Publish { target_inc, msg } => {
+                body.put_u64(*target_inc);
+                put_message_head(body, msg.qos, msg);
+                put_str(body, &msg.topic);
+                body.put_slice(&msg.payload);
+                let link_qos = if msg.qos == Qos::AtMostOnce {
+                    Qos::AtMostOnce
+                } else {
+                    Qos::AtLeastOnce
+                };
+                (TOPIC_PUB, link_qos)
+            }
+            Frame::Kick {
+                target_inc,
+                client,
+                epoch,
+            } => {
+                body.put_u64(*target_inc);
+                body.put_u64(*epoch);
+                body.put_slice(client.as_bytes());
+                (TOPIC_KICK, Qos::AtMostOnce)
+            }
+        };
+        codec::encode_publish(out, topic, body, qos, pkid, false, false);
+    }
+
+    fn decode(topic: &str, mut b: Bytes) -> Option<Frame> {
+        fn take_str(b: &mut Bytes) -> Option<Bytes> {
+            if b.remaining() < 2 {
+                return None;
+            }
+            let n = b.get_u16() as usize;
+            (b.remaining() >= n).then(|| b.split_to(n))
+        }
+        fn utf8(b: Bytes) -> Option<Arc<str>> {
+            std::str::from_utf8(&b).ok().map(Arc::from)
+        }
+        fn qos(n: u8) -> Option<Qos> {
+            match n {
+                0 => Some(Qos::AtMostOnce),
+                1 => Some(Qos::AtLeastOnce),
+                2 => Some(Qos::ExactlyOnce),
+                _ => None,
+            }
+        }
+        match topic {
+            TOPIC_PUSH => {
+                if b.remaining() < 8 + 8 + 10 {
+                    return None;
+                }
+                let target_inc = b.get_u64();
+                let seq = b.get_u64();
+                let q = qos(b.get_u8())?;
+                let retain = b.get_u8() == 1;
+                let expires_at = b.get_u64();
+                let client = utf8(take_str(&mut b)?)?;
+                let topic = utf8(take_str(&mut b)?)?;
+                Some(Frame::Push {
+                    target_inc,
+                    client,
+                    seq,
+                    qos: q,
+                    msg: Arc::new(Message {
+                        topic,
+                        payload: b,
+                        qos: q,
+                        retain,
+                        expires_at,
+                    }),
+                })
+            }
+            TOPIC_PUB => {
+                if b.remaining() < 8 + 10 {
+                    return None;
+                }
+                let target_inc = b.get_u64();
+                let q = qos(b.get_u8())?;
+                let retain = b.get_u8() == 1;
+                let expires_at = b.get_u64();
+                let topic = utf8(take_str(&mut b)?)?;
+                Some(Frame::Publish {
+                    target_inc,
+                    msg: Message {
+                        topic,
+                        payload: b,
+                        qos: q,
+                        retain,
+                        expires_at,
+                    },
+                })
+            }
+            TOPIC_KICK => {
+                if b.remaining() < 16 {
+                    return None;
+                }
+                let target_inc = b.get_u64();
+                let epoch = b.get_u64();
+                Some(Frame::Kick {
+                    target_inc,
+                    epoch,
+                    client: utf8(b)?,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+struct Out {
+    frame: Frame,
+    ack: Option<oneshot::Sender<()>>,
+}
+
+/// The sending side of a link to one peer. Dropping it stops the link task.
+pub struct Peer {
+    pub addr: SocketAddr,
+    tx: mpsc::Sender<Out>,
+}
+
+impl Peer {
+    pub fn start(addr: SocketAddr, client_id: String) -> Peer {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(addr, client_id, rx));
+        Peer { addr, tx }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Queues `frame`. `Err` if the queue is full; with `ack`, the receiver completes when
+    /// the peer acknowledged (and fails if the link drops first).
+    pub fn send(&self, frame: Frame, ack: bool) -> Result<Option<oneshot::Receiver<()>>, ()> {
+        let (ack_tx, ack_rx) = if ack {
+            let (t, r) = oneshot::channel();
+            (Some(t), Some(r))
+        } else {
+            (None, None)
+        };
+        self.tx
+            .try_send(Out { frame, ack: ack_tx })
+            .map(|_| ack_rx)
+            .map_err(|_| ())
+    }
+}
+
+/// Keeps a link to `addr` up while the `Peer` exists, reconnecting with backoff.
+async fn run(addr: SocketAddr, client_id: String, mut rx: mpsc::Receiver<Out>) {
+    let mut backoff = Duration::from_millis(100);
+    let mut up = false;
+    loop {
+        match dial(addr, &client_id).await {
+            Ok(stream) => {
+                if !up {
+                    tracing::info!(peer = %addr, "node link up");
+                    up = true;
+                }
+                backoff = Duration::from_millis(100);
+                if !serve_out(stream, &mut rx).await {
+                    return;
+                }
+            }
+            Err(e) => {
+                if up {
+                    tracing::warn!(peer = %addr, error = %e, "node link down");
+                    up = false;
+                }
+            }
+        }
+        // Whatever waits would wait for a link that may not come back soon: push hints
+        // are recovered from the outbox, forwarded publishes fail (no PUBACK upstream).
+        while let Ok(out) = rx.try_recv() {
+            drop(out);
+            metrics::forward_failed();
+        }
+        if rx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn dial(addr: SocketAddr, client_id: &str) -> std::io::Result<TcpStream> {
+    let attempt = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let mut b = BytesMut::new();
+        codec::encode_connect(&mut b, client_id, (PING_EVERY.as_secs() * 3) as u16);
+        stream.write_all(&b).await?;
+        b.clear();
+        loop {
+            if stream.read_buf(&mut b).await? == 0 {
+                return Err(std::io::Error::other("closed before CONNACK"));
+            }
+            match codec::decode_from_server(&mut b) {
+                Ok(Some(ServerPacket::ConnAck(0))) => return Ok(stream),
+                Ok(None) => {}
+                Ok(Some(p)) => return Err(std::io::Error::other(format!("refused: {p:?}"))),
+                Err(e) => return Err(std::io::Error::other(e.to_string())),
+            }
+        }
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("connect timed out")))
+}
+
+/// Sends queued frames until the link fails (true: reconnect) or the `Peer` is dropped
+/// (false).
+async fn serve_out(stream: TcpStream, rx: &mut mpsc::Receiver<Out>) -> bool {
+    let (mut rd, mut wr) = stream.into_split();
+    let mut unacked: HashMap<u16, oneshot::Sender<()>> = HashMap::new();
+    let mut next_pkid: u16 = 0;
+    let (mut rbuf, mut wbuf, mut body) = (BytesMut::new(), BytesMut::new(), BytesMut::new());
+    let mut batch = Vec::with_capacity(256);
+    let mut ping = tokio::time::interval(PING_EVERY);
+    let mut heard = Instant::now();
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, 256), if unacked.len() < MAX_UNACKED => {
+                if n == 0 {
+                    return false;
+                }
+                for out in batch.drain(..) {
+                    let pkid = match out.ack {
+                        Some(ack) => {
+                            next_pkid = next_free(next_pkid, &unacked);
+                            unacked.insert(next_pkid, ack);
+                            next_pkid
+                        }
+                        None => 0,
+                    };
+                    out.frame.encode(&mut wbuf, &mut body, pkid);
+                }
+                match tokio::time::timeout(ACK_TIMEOUT, wr.write_all(&wbuf)).await {
+                    Ok(Ok(())) => wbuf.clear(),
+                    _ => return true,
+                }
+            }
+            r = rd.read_buf(&mut rbuf) => {
+                if !matches!(r, Ok(n) if n > 0) {
+                    return true;
+                }
+                heard = Instant::now();
+                loop {
+                    match codec::decode_from_server(&mut rbuf) {
+                        Ok(Some(ServerPacket::PubAck(id))) => {
+                            if let Some(ack) = unacked.remove(&id) {
+                                let _ = ack.send(());
+                            }
+                        }
+                        Ok(Some(ServerPacket::PingResp)) => {}
+                        Ok(Some(ServerPacket::ConnAck(_))) | Err(_) => return true,
+                        Ok(None) => break,
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                // A peer that stopped answering (blackholed, frozen) is as good as gone.
+                if heard.elapsed() > PING_EVERY * 3 {
+                    return true;
+                }
+                codec::encode_pingreq(&mut wbuf);
+                match tokio::time::timeout(ACK_TIMEOUT, wr.write_all(&wbuf)).await {
+                    Ok(Ok(())) => wbuf.clear(),
+                    _ => return true,
+                }
+            }
+        }
+    }
+}
+
+fn next_free(mut id: u16, used: &HashMap<u16, oneshot::Sender<()>>) -> u16 {
+    loop {
+        id = id.wrapping_add(1).max(1);
+        if !used.contains_key(&id) {
+            return id;
+        }
+    }
+}
+
+/// Accepts peers' links and applies what they send.
+pub async fn serve(listener: TcpListener, broker: Arc<Broker>, stop: CancellationToken) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "node link accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let (broker, stop) = (broker.clone(), stop.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                r = serve_in(stream, &broker) => {
+                    if let Err(e) = r {
+                        tracing::info!(peer = %peer, error = %e, "node link closed");
+                    }
+                }
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+type Storing =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (u16, Result<(), StoreError>)> + Send>>;
+
+async fn serve_in(stream: TcpStream, broker: &Arc<Broker>) -> Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    // Room for a client's largest packet plus the frame's own fields.
+    let max = broker
+        .config
+        .server
+        .max_packet_size
+        .saturating_add(64 * 1024);
+    let mut rbuf = BytesMut::new();
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT * 5, async {
+        loop {
+            match codec::decode(&mut rbuf, max) {
+                Ok(Some(Packet::Connect(c))) => return Ok(c),
+                Ok(Some(_)) => return Err("first packet is not CONNECT".to_string()),
+                Ok(None) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            match rd.read_buf(&mut rbuf).await {
+                Ok(0) | Err(_) => return Err("closed before CONNECT".to_string()),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .map_err(|_| "no CONNECT in time".to_string())??;
+    tracing::debug!(peer = %connect.client_id, "node link accepted");
+    let mut wbuf = BytesMut::new();
+    codec::encode_connack(&mut wbuf, false, 0);
+    let mut storing: FuturesOrdered<Storing> = FuturesOrdered::new();
+    loop {
+        if !wbuf.is_empty() {
+            wr.write_all(&wbuf).await.map_err(|e| e.to_string())?;
+            wbuf.clear();
+        }
+        tokio::select! {
+            Some((pkid, r)) = storing.next(), if !storing.is_empty() => {
+                if pkid != 0 {
+                    // Not stored here: drop the link so the sender fails the publish upstream.
+                    r.map_err(|e| format!("forwarded publish not stored: {e}"))?;
+                    codec::encode_puback(&mut wbuf, pkid);
+                }
+            }
+            r = rd.read_buf(&mut rbuf), if storing.len() < MAX_UNACKED => {
+                match r {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+                while let Some(p) = codec::decode(&mut rbuf, max).map_err(|e| e.to_string())? {
+                    match p {
+                        Packet::Publish(p) => {
+                            let frame = Frame::decode(&p.topic, p.payload)
+                                .ok_or_else(|| format!("bad frame on {}", p.topic))?;
+                            // Packet id 0 marks QoS 0: routed in order, never acknowledged.
+                            let pkid = if p.qos == Qos::AtMostOnce { 0 } else { p.pkid };
+                            match apply(broker, frame) {
+                                Some(store) => {
+                                    storing.push_back(Box::pin(async move { (pkid, store.await) }))
+                                }
+                                None if pkid != 0 => codec::encode_puback(&mut wbuf, pkid),
+                                None => {}
+                            }
+                        }
+                        Packet::PingReq => codec::encode_pingresp(&mut wbuf),
+                        Packet::Disconnect => return Ok(()),
+                        other => return Err(format!("unexpected {other:?}")),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Applies one frame; a forwarded publish returns the future of its local stores.
+fn apply(
+    broker: &Arc<Broker>,
+    frame: Frame,
+) -> Option<futures::future::BoxFuture<'static, Result<(), StoreError>>> {
+    let cluster = broker.cluster.as_ref()?;
+    match frame {
+        Frame::Push {
+            target_inc,
+            client,
+            seq,
+            qos,
+            msg,
+        } => {
+            metrics::forward_received(Forward::Push);
+            if target_inc != cluster.inc {
+                metrics::stale_route();
+                return None;
+            }
+            broker.take_forward(&client, seq, qos, msg);
+            None
+        }
+        Frame::Publish { msg, .. } => {
+            metrics::forward_received(Forward::Publish);
+            // Whatever incarnation it was meant for, its subscribers here are the ones the
+            // local router knows now.
+            Some(broker.publish_from_peer(msg))
+        }
+        Frame::Kick {
+            target_inc,
+            client,
+            epoch,
+        } => {
+            metrics::forward_received(Forward::Kick);
+            if target_inc == cluster.inc {
+                broker.remote_kick(&client, epoch);
+            }
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(f: &Frame) -> Frame {
+        let (mut out, mut body) = (BytesMut::new(), BytesMut::new());
+        f.encode(&mut out, &mut body, 9);
+        match codec::decode(&mut out, 1 << 20) {
+            Ok(Some(Packet::Publish(p))) => Frame::decode(&p.topic, p.payload).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn frames_roundtrip() {
+        let msg = Message {
+            topic: Arc::from("push/d1"),
+            payload: Bytes::from_static(b"hello"),
+            qos: Qos::AtLeastOnce,
+            retain: true,
+            expires_at: 42,
+        };
+        let push = Frame::Push {
+            target_inc: 7,
+            client: Arc::from("d1"),
+            seq: 123,
+            qos: Qos::AtLeastOnce,
+            msg: Arc::new(msg.clone()),
+        };
+        match roundtrip(&push) {
+            Frame::Push {
+                target_inc: 7,
+                client,
+                seq: 123,
+                qos: Qos::AtLeastOnce,
+                msg: m,
+            } => {
+                assert_eq!(&*client, "d1");
+                assert_eq!(*m, msg);
+            }
+            other => panic!("{other:?}"),
+        }
+        match roundtrip(&Frame::Publish {
+            target_inc: 1,
+            msg: msg.clone(),
+        }) {
+            Frame::Publish { msg: m, .. } => assert_eq!(m, msg),
+            other => panic!("{other:?}"),
+        }
+        match roundtrip(&Frame::Kick {
+            target_inc: 3,
+            client: Arc::from("x/y"),
+            epoch: 5,
+        }) {
+            Frame::Kick {
+                target_inc: 3,
+                client,
+                epoch: 5,
+            } => assert_eq!(&*client, "x/y"),
+            other => panic!("{other:?}"),
+        }
+        assert!(Frame::decode(TOPIC_PUSH, Bytes::from_static(b"short")).is_none());
+        assert!(Frame::decode("$cluster/other", Bytes::new()).is_none());
+    }
+}
