@@ -7,6 +7,8 @@
 #   make unit      only cargo test
 #   make interop   only the interop suite (interop/run.sh) against a fresh release build
 #   make bench     benchmarks (scripts/bench.sh)
+#   make cluster   release build, then a 3-node cluster on loopback with a private Redis until
+#                  Ctrl-C (scripts/cluster.sh); flags: make cluster ARGS='--for 30'
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -15,7 +17,7 @@ HERALD := target/release/herald
 ARGS ?=
 export PYTHON CARGO
 
-.PHONY: build run test deps unit interop bench
+.PHONY: build run test deps unit interop bench cluster
 
 build:
 	$(CARGO) build --release
@@ -37,3 +39,6 @@ interop: deps build
 
 bench: build
 	bash scripts/bench.sh $(ARGS)
+
+cluster: build
+	bash scripts/cluster.sh $(ARGS)

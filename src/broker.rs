@@ -423,7 +423,7 @@ impl Broker {
                 r.await?;
             }
             if let Some(f) = forwarded {
-                f.await?;
+                f.await;
             }
             futures::future::try_join_all(deliveries).await.map(|_| ())
         })

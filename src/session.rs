@@ -28,7 +28,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::stream::{FuturesOrdered, StreamExt};
 use mqttbytes::v4::{Connect, Publish};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, SessionData};
@@ -91,20 +91,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
 
     /// This future's size is what every idle connection's task costs, so only the serving
     /// loop is inline; the other stages are boxed (built in a plain function: an async fn
-    /// keeps room for every future it builds inline) and exist only while they run.
-    pub async fn run(self) {
-        let handshake = stage(self.handshake());
-        let Some((connect, stream, rbuf, broker, peer, shutdown)) = handshake.await else {
-            return;
-        };
+    /// keeps room for every future it builds inline) and exist only while they run. Not an
+    /// `async fn` itself: that would keep `self` for the whole life of the connection,
+    /// while the boxed handshake takes it.
+    ///
+    /// Values bound by `let` stay in the future's state until their scope ends, even once
+    /// moved out, so the serving future is built inside the expression that awaits the
+    /// opening stage: nothing but it is kept while the connection is served.
+    #[allow(clippy::manual_async_fn)]
+    pub fn run(self) -> impl std::future::Future<Output = ()> + Send {
+        let opening = stage(self.open());
+        async move {
+            let serving = match opening.await {
+                Some((session, reader, rbuf)) => session.run(reader, rbuf),
+                None => return,
+            };
+            let (session, end) = serving.await;
+            stage(session.finish(end)).await;
+        }
+    }
+
+    /// Handshake and CONNACK: a session ready to serve, or `None` if there is none.
+    async fn open(self) -> Option<(Session<WriteHalf<S>>, ReadHalf<S>, BytesMut)> {
+        let (connect, stream, rbuf, broker, peer, shutdown) = self.handshake().await?;
         let (reader, writer) = tokio::io::split(stream);
-        let start = stage(Session::start(broker, connect, peer, writer, shutdown));
-        let Some(session) = start.await else {
-            return;
-        };
-        let (session, end) = session.run(reader, rbuf).await;
-        let finish = stage(session.finish(end));
-        finish.await;
+        let session = Session::start(broker, connect, peer, writer, shutdown).await?;
+        Some((session, reader, rbuf))
     }
 
     /// Waits for CONNECT, answering what must be answered before a session exists.
@@ -214,6 +226,9 @@ struct Session<W> {
     mail: bool,
     /// Reading the outbox failed; wait for the next wake-up before trying again.
     retry_later: bool,
+    /// The sent watermark for the newest PUBLISH in `wbuf` is being written: the socket
+    /// is not written until it is stored (write-ahead, for DUP after a crash).
+    sent_gate: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
@@ -288,6 +303,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
             storing_qos2: Vec::new(),
             mail: false,
             retry_later: false,
+            sent_gate: None,
         };
         // QoS 2 messages released before the last connection dropped: finish them first.
         for &pkid in &s.data.awaiting_pubcomp {
@@ -300,21 +316,21 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
     #[allow(clippy::manual_async_fn)]
     fn run<R: AsyncRead + Unpin>(
         mut self,
-        reader: R,
-        rbuf: BytesMut,
+        mut reader: R,
+        mut rbuf: BytesMut,
     ) -> impl std::future::Future<Output = (Self, End)> {
         async move {
-            let end = self.serve(reader, rbuf).await;
+            let end = self.serve(&mut reader, &mut rbuf).await;
             (self, end)
         }
     }
 
-    async fn serve<R: AsyncRead + Unpin>(&mut self, mut reader: R, mut rbuf: BytesMut) -> End {
+    async fn serve<R: AsyncRead + Unpin>(&mut self, reader: &mut R, rbuf: &mut BytesMut) -> End {
         let max_packet = self.broker.config.server.max_packet_size;
         let max_wbuf = self.broker.config.server.max_write_buffer;
 
         // Packets that arrived together with CONNECT.
-        let first = stage(self.handle_input(&mut rbuf, max_packet));
+        let first = stage(self.handle_input(rbuf, max_packet));
         if let Err(end) = first.await {
             return end;
         }
@@ -343,19 +359,19 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
                         return end;
                     }
                 }
-                r = read_some(&mut reader, &mut rbuf), if can_read => {
+                r = read_some(reader, rbuf), if can_read => {
                     match r {
                         Ok(0) => return End::Abnormal("connection closed by peer".into()),
                         Ok(_) => {}
                         Err(e) => return End::Abnormal(format!("read: {e}")),
                     }
                     self.mailbox.touch(crate::outbox::now_ms());
-                    let input = stage(self.handle_input(&mut rbuf, max_packet));
+                    let input = stage(self.handle_input(rbuf, max_packet));
                     if let Err(end) = input.await {
                         return end;
                     }
                     if rbuf.is_empty() {
-                        rbuf = BytesMut::new();
+                        *rbuf = BytesMut::new();
                     }
                 }
                 _ = self.mailbox.wait() => {
@@ -369,7 +385,10 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
                         }
                     }
                 }
-                r = self.writer.write_buf(&mut self.wbuf), if !self.wbuf.is_empty() => {
+                _ = gate(&mut self.sent_gate), if self.sent_gate.is_some() => {
+                    self.sent_gate = None;
+                }
+                r = self.writer.write_buf(&mut self.wbuf), if !self.wbuf.is_empty() && self.sent_gate.is_none() => {
                     if let Err(e) = r {
                         return End::Abnormal(format!("write: {e}"));
                     }
@@ -641,7 +660,12 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
         });
         self.next_seq = e.seq + 1;
         self.mailbox.saw(e.seq);
-        self.broker.store.mark_sent(&self.client, e.seq).await;
+        if !dup {
+            // Entries sent in order: the newest watermark covers the ones before it.
+            if let Some(gate) = self.broker.store.mark_sent(&self.client, e.seq).await {
+                self.sent_gate = Some(gate);
+            }
+        }
         true
     }
 
@@ -661,7 +685,11 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
         for pkid in std::mem::take(&mut self.storing_qos2) {
             self.data.incoming_qos2.remove(&pkid);
         }
-        // Best effort: whatever is already encoded (a final PUBACK) goes out.
+        // Best effort: whatever is already encoded (a final PUBACK) goes out, after its
+        // watermark.
+        if let Some(gate) = self.sent_gate.take() {
+            let _ = tokio::time::timeout(Duration::from_millis(200), gate).await;
+        }
         if !self.wbuf.is_empty() {
             let _ = tokio::time::timeout(
                 Duration::from_millis(200),
@@ -697,6 +725,16 @@ fn stage<'a, T>(
     f: impl std::future::Future<Output = T> + Send + 'a,
 ) -> Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>> {
     Box::pin(f)
+}
+
+/// The sent watermark is stored (or failed); never resolves while there is none.
+fn gate(
+    gate: &mut Option<tokio::sync::oneshot::Receiver<()>>,
+) -> impl std::future::Future<Output = ()> + '_ {
+    poll_fn(move |cx| match gate {
+        Some(g) => std::future::Future::poll(Pin::new(g), cx).map(|_| ()),
+        None => Poll::Pending,
+    })
 }
 
 /// The next finished store of `pending`; never resolves while there is none.

@@ -247,13 +247,14 @@ impl Peer {
 /// Keeps a link to `addr` up while the `Peer` exists, reconnecting with backoff.
 async fn run(addr: SocketAddr, client_id: String, mut rx: mpsc::Receiver<Out>) {
     let mut backoff = Duration::from_millis(100);
-    let mut up = false;
+    // Logged on each change, and the first failure too: None = not tried yet.
+    let mut up = None;
     loop {
         match dial(addr, &client_id).await {
             Ok(stream) => {
-                if !up {
+                if up != Some(true) {
                     tracing::info!(peer = %addr, "node link up");
-                    up = true;
+                    up = Some(true);
                 }
                 backoff = Duration::from_millis(100);
                 if !serve_out(stream, &mut rx).await {
@@ -261,9 +262,9 @@ async fn run(addr: SocketAddr, client_id: String, mut rx: mpsc::Receiver<Out>) {
                 }
             }
             Err(e) => {
-                if up {
+                if up != Some(false) {
                     tracing::warn!(peer = %addr, error = %e, "node link down");
-                    up = false;
+                    up = Some(false);
                 }
             }
         }

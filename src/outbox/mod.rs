@@ -170,11 +170,20 @@ impl Store {
         }
     }
 
-    /// `seq` was written to the wire (best effort, like `ack`).
-    pub async fn mark_sent(&self, client: &Arc<str>, seq: u64) {
+    /// `seq` is about to be written to the wire. With Redis the PUBLISH must wait for the
+    /// returned receiver: the watermark is written ahead, so that a resend after a crash of
+    /// this node carries DUP = 1 (design.md, invariant 5). Best effort, like `ack`.
+    pub async fn mark_sent(
+        &self,
+        client: &Arc<str>,
+        seq: u64,
+    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
         match self {
-            Store::Memory(m) => m.mark_sent(client, seq),
-            Store::Redis(r) => r.mark_sent(client, seq).await,
+            Store::Memory(m) => {
+                m.mark_sent(client, seq);
+                None
+            }
+            Store::Redis(r) => Some(r.mark_sent(client, seq).await),
         }
     }
 

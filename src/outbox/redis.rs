@@ -81,7 +81,8 @@ const MAX_QUEUED_WRITES: usize = 65_536;
 
 enum Write {
     Ack(Arc<str>, u64),
-    Sent(Arc<str>, u64),
+    /// The watermark, and who waits for it before writing the PUBLISH.
+    Sent(Arc<str>, u64, oneshot::Sender<()>),
 }
 
 struct Health {
@@ -360,8 +361,15 @@ impl RedisOutbox {
         let _ = self.writes.send(Write::Ack(client.clone(), seq)).await;
     }
 
-    pub(super) async fn mark_sent(&self, client: &Arc<str>, seq: u64) {
-        let _ = self.writes.send(Write::Sent(client.clone(), seq)).await;
+    /// Queues the watermark write; the receiver completes once Redis has it (or the write
+    /// failed: the message is then sent anyway, DUP being the only thing at stake).
+    pub(super) async fn mark_sent(&self, client: &Arc<str>, seq: u64) -> oneshot::Receiver<()> {
+        let (done, rx) = oneshot::channel();
+        let _ = self
+            .writes
+            .send(Write::Sent(client.clone(), seq, done))
+            .await;
+        rx
     }
 
     pub(super) async fn attach(&self, client: &str, clean: bool) -> Result<Attach, StoreError> {
@@ -753,11 +761,14 @@ async fn write_loop(link: Arc<Link>, mut rx: mpsc::Receiver<Write>, health: Arc<
     let mut batch = Vec::with_capacity(1024);
     while rx.recv_many(&mut batch, 1024).await > 0 {
         let mut p = redis::pipe();
-        let (mut acks, mut sent) = (Vec::new(), Vec::new());
+        let (mut acks, mut sent, mut waiting) = (Vec::new(), Vec::new(), Vec::new());
         for w in batch.drain(..) {
             match w {
                 Write::Ack(c, seq) => acks.push((c, seq)),
-                Write::Sent(c, seq) => sent.push((c, seq)),
+                Write::Sent(c, seq, done) => {
+                    sent.push((c, seq));
+                    waiting.push(done);
+                }
             }
         }
         // A device acknowledges in order, so one client's acks in a batch are mostly a run
@@ -791,6 +802,9 @@ async fn write_loop(link: Arc<Link>, mut rx: mpsc::Receiver<Write>, health: Arc<
                 let _ = failed(&health, e);
             }
             Err(_) => mark_down(&health, "timed out"),
+        }
+        for done in waiting {
+            let _ = done.send(());
         }
     }
 }

@@ -1,9 +1,11 @@
 //! Real processes for the tests: a private `redis-server` (free loopback port, temp dir, AOF
 //! with fsync on every write), Redis Sentinel and the `herald` binary, each killed on drop.
-//! Used by tests/redis_durability.rs, and by `start_with` under `HERALD_TEST_STORE=redis`.
+//! Used by tests/redis_durability.rs, tests/cluster.rs, and by `start_with` under
+//! `HERALD_TEST_STORE=redis`.
 
+use std::fs::OpenOptions;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,14 +18,26 @@ pub fn free_port() -> u16 {
 
 /// Waits until something accepts TCP connections on `addr`.
 fn wait_listening(addr: SocketAddr, child: &mut Child, what: &str) {
+    if let Err(e) = try_wait_listening(addr, child, what) {
+        panic!("{e}");
+    }
+}
+
+/// `wait_listening` that returns what went wrong instead of panicking.
+fn try_wait_listening(addr: SocketAddr, child: &mut Child, what: &str) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited before listening on {addr}: {status}");
+            return Err(format!(
+                "{what} exited before listening on {addr}: {status}"
+            ));
         }
-        assert!(Instant::now() < deadline, "{what} not listening on {addr}");
+        if Instant::now() >= deadline {
+            return Err(format!("{what} not listening on {addr}"));
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
+    Ok(())
 }
 
 /// Waits until the redis-server `child` answers on `port`. Accepting TCP is not enough:
@@ -211,6 +225,8 @@ pub struct Herald {
     child: Option<Child>,
     pub addr: SocketAddr,
     args: Vec<String>,
+    /// Where stderr (the log) goes, appended to across restarts; inherited when `None`.
+    log: Option<PathBuf>,
 }
 
 impl Herald {
@@ -232,9 +248,33 @@ impl Herald {
             child: None,
             addr,
             args,
+            log: None,
         };
         h.restart();
         h
+    }
+
+    /// The herald binary with exactly `args` (which must make it listen on `addr`; nothing
+    /// is added), its stderr appended to `log`. `restart` reuses the same arguments.
+    pub fn start_args(addr: SocketAddr, args: Vec<String>, log: &Path) -> Herald {
+        let mut h = Herald {
+            child: None,
+            addr,
+            args,
+            log: Some(log.to_path_buf()),
+        };
+        h.restart();
+        h
+    }
+
+    /// The log file given to `start_args`, if any.
+    pub fn log(&self) -> Option<&Path> {
+        self.log.as_deref()
+    }
+
+    /// Pid of the running process.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     pub fn binary() -> PathBuf {
@@ -243,12 +283,31 @@ impl Herald {
 
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "herald already running");
+        let stderr = match &self.log {
+            Some(path) => Stdio::from(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .expect("open herald log file"),
+            ),
+            None => Stdio::inherit(),
+        };
         let mut child = Command::new(Self::binary())
             .args(&self.args)
             .stdout(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start herald");
-        wait_listening(self.addr, &mut child, "herald");
+        if let Err(e) = try_wait_listening(self.addr, &mut child, "herald") {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = match &self.log {
+                Some(p) => std::fs::read_to_string(p).unwrap_or_default(),
+                None => String::new(),
+            };
+            panic!("{e}\nherald {:?}\n{log}", self.args);
+        }
         self.child = Some(child);
     }
 
