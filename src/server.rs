@@ -181,35 +181,24 @@ async fn accept_loop(
             continue;
         }
         active.fetch_add(1, Ordering::Relaxed);
-        let conn = serve_tcp(
-            broker.clone(),
-            stream,
-            peer,
-            shutdown.clone(),
-            active.clone(),
-        );
-        tracker.spawn(conn);
+        let (broker, shutdown, active) = (broker.clone(), shutdown.clone(), active.clone());
+        tracker.spawn(async move {
+            metrics::connection_opened();
+            serve_tcp(broker, stream, peer, shutdown).await;
+            metrics::connection_closed();
+            active.fetch_sub(1, Ordering::Relaxed);
+        });
     }
 }
 
-/// One connection's task. Its future is what an idle connection costs, so it is built from
-/// the connection's own future plus a counter, instead of an `async fn` that would keep a
-/// second copy of every argument next to it.
-fn serve_tcp(
+async fn serve_tcp(
     broker: Arc<Broker>,
     stream: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
-    active: Arc<AtomicUsize>,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
+) {
     let _ = stream.set_nodelay(true);
-    let run = Connection::new(broker, stream, peer, shutdown).run();
-    async move {
-        metrics::connection_opened();
-        run.await;
-        metrics::connection_closed();
-        active.fetch_sub(1, Ordering::Relaxed);
-    }
+    Connection::new(broker, stream, peer, shutdown).run().await;
 }
 
 /// For the default node id.

@@ -28,7 +28,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::stream::{FuturesOrdered, StreamExt};
 use mqttbytes::v4::{Connect, Publish};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, SessionData};
@@ -91,32 +91,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
 
     /// This future's size is what every idle connection's task costs, so only the serving
     /// loop is inline; the other stages are boxed (built in a plain function: an async fn
-    /// keeps room for every future it builds inline) and exist only while they run. Not an
-    /// `async fn` itself: that would keep `self` for the whole life of the connection,
-    /// while the boxed handshake takes it.
-    ///
-    /// Values bound by `let` stay in the future's state until their scope ends, even once
-    /// moved out, so the serving future is built inside the expression that awaits the
-    /// opening stage: nothing but it is kept while the connection is served.
-    #[allow(clippy::manual_async_fn)]
-    pub fn run(self) -> impl std::future::Future<Output = ()> + Send {
-        let opening = stage(self.open());
-        async move {
-            let serving = match opening.await {
-                Some((session, reader, rbuf)) => session.run(reader, rbuf),
-                None => return,
-            };
-            let (session, end) = serving.await;
-            stage(session.finish(end)).await;
-        }
-    }
-
-    /// Handshake and CONNACK: a session ready to serve, or `None` if there is none.
-    async fn open(self) -> Option<(Session<WriteHalf<S>>, ReadHalf<S>, BytesMut)> {
-        let (connect, stream, rbuf, broker, peer, shutdown) = self.handshake().await?;
+    /// keeps room for every future it builds inline) and exist only while they run.
+    pub async fn run(self) {
+        let handshake = stage(self.handshake());
+        let Some((connect, stream, rbuf, broker, peer, shutdown)) = handshake.await else {
+            return;
+        };
         let (reader, writer) = tokio::io::split(stream);
-        let session = Session::start(broker, connect, peer, writer, shutdown).await?;
-        Some((session, reader, rbuf))
+        let start = stage(Session::start(broker, connect, peer, writer, shutdown));
+        let Some(session) = start.await else {
+            return;
+        };
+        let (session, end) = session.run(reader, rbuf).await;
+        let finish = stage(session.finish(end));
+        finish.await;
     }
 
     /// Waits for CONNECT, answering what must be answered before a session exists.
