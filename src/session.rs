@@ -582,8 +582,10 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
                 if self.backlog || seq < self.next_seq {
                     return;
                 }
-                let in_order =
-                    seq == self.next_seq || self.next_seq == 0 && self.inflight.is_empty();
+                // Before the first entry is read the connection does not know where the
+                // outbox starts: hints (from several publishers, or forwarded by other nodes)
+                // may arrive out of order, so the outbox is read instead.
+                let in_order = seq == self.next_seq && self.next_seq != 0;
                 if in_order
                     && self.window_free() > 0
                     && self.send_entry(Entry { seq, qos, msg }).await

@@ -1595,3 +1595,56 @@ async fn default_node_id_is_hostname_and_client_port() {
         Some(format!("{host}:{}", node.addr().port()))
     );
 }
+
+/// Forwards for one device can overtake each other (each waits for its own route lookup).
+/// A fresh connection that has not read any entry yet must then read its outbox rather
+/// than take the first hint as the start: with the sweep out of reach, every message still
+/// arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overtaking_forwards_to_fresh_devices_lose_nothing() {
+    const DEVICES: usize = 40;
+    const EACH: usize = 25;
+    let cluster = Cluster::new(Some("[cluster]\nsweep_interval = \"60s\"\n"));
+    let a = cluster.node("a").await;
+    let b = cluster.node("b").await;
+    let mut devices = Vec::new();
+    for i in 0..DEVICES {
+        let (d, _) = Raw::connect_ok(b.addr(), &Opts::new(&format!("ovt-{i}")).clean(false)).await;
+        devices.push(d);
+    }
+    let mut backend = Raw::connect(a.addr(), "backend-ovt").await;
+    let mut unacked = std::collections::HashSet::new();
+    for n in 0..EACH {
+        for i in 0..DEVICES {
+            let pkid = backend
+                .send_publish(
+                    &format!("push/ovt-{i}"),
+                    n.to_string().as_bytes(),
+                    QoS::AtLeastOnce,
+                    false,
+                )
+                .await;
+            unacked.insert(pkid);
+        }
+    }
+    while !unacked.is_empty() {
+        match backend.expect(Duration::from_secs(10)).await {
+            Packet::PubAck(ack) => assert!(unacked.remove(&ack.pkid)),
+            p => panic!("backend got {p:?}"),
+        }
+    }
+    let receivers = devices
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut d)| async move {
+            let mut got = std::collections::BTreeSet::new();
+            while got.len() < EACH {
+                let Some(p) = recv_within(&mut d, Duration::from_secs(5)).await else {
+                    panic!("ovt-{i}: only {} of {EACH} arrived: {got:?}", got.len());
+                };
+                try_puback(&mut d, p.pkid).await;
+                got.insert(text(&p).parse::<usize>().expect("numeric payload"));
+            }
+        });
+    futures::future::join_all(receivers).await;
+}

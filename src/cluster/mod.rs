@@ -111,7 +111,9 @@ pub struct Cluster {
     node_ttl: Duration,
     /// Other live nodes, as last read from Redis.
     nodes: RwLock<HashMap<Arc<str>, NodeInfo>>,
-    looked_up: Mutex<HashMap<Arc<str>, Instant>>,
+    /// When each node was last looked up in Redis. An async lock: callers that miss the
+    /// cache together wait for one lookup instead of each giving up or each asking.
+    looked_up: tokio::sync::Mutex<HashMap<Arc<str>, Instant>>,
     peers: Mutex<HashMap<Arc<str>, link::Peer>>,
     /// Other nodes' filters; the router's "clients" are node ids.
     remote: RwLock<Arc<Router>>,
@@ -166,7 +168,7 @@ impl Cluster {
             sweep_interval,
             node_ttl,
             nodes: RwLock::default(),
-            looked_up: Mutex::default(),
+            looked_up: tokio::sync::Mutex::default(),
             peers: Mutex::default(),
             remote: RwLock::default(),
             interest_version: AtomicU64::new(0),
@@ -332,30 +334,29 @@ impl Cluster {
             }
             return None;
         }
-        let cached = self.nodes.read().get(route.node.as_str()).copied();
-        let info = match cached {
-            Some(i) if i.inc == route.inc => return Some(i.addr),
-            Some(i) if !self.may_look_up(&route.node) => return Some(i.addr),
-            None if !self.may_look_up(&route.node) => None,
-            _ => self.look_up(redis, &route.node).await,
+        let node = route.node.as_str();
+        let cached = self.nodes.read().get(node).copied();
+        if let Some(i) = cached.filter(|i| i.inc == route.inc) {
+            return Some(i.addr);
+        }
+        let (info, fresh) = {
+            let mut recent = self.looked_up.lock().await;
+            let now = Instant::now();
+            match recent.get(node) {
+                Some(t) if now.duration_since(*t) < LOOKUP_EVERY => {
+                    (self.nodes.read().get(node).copied(), false)
+                }
+                _ => {
+                    recent.insert(Arc::from(node), now);
+                    (self.look_up(redis, node).await, true)
+                }
+            }
         };
         match info {
-            Some(i) if i.inc == route.inc => Some(i.addr),
+            Some(i) if i.inc == route.inc || !fresh => Some(i.addr),
             _ => {
                 metrics::stale_route();
                 None
-            }
-        }
-    }
-
-    fn may_look_up(&self, node: &str) -> bool {
-        let mut l = self.looked_up.lock();
-        let now = Instant::now();
-        match l.get(node) {
-            Some(t) if now.duration_since(*t) < LOOKUP_EVERY => false,
-            _ => {
-                l.insert(Arc::from(node), now);
-                true
             }
         }
     }
