@@ -10,6 +10,10 @@
 #   scripts/bench.sh --smoke   a few clients, about a second per scenario, Herald only; exits
 #                              non-zero if any scenario does not deliver everything
 #                              (`make test` runs it so the tool keeps working)
+#   scripts/bench.sh --cluster [--quick ...]
+#                              the cluster benchmark of issue 5 instead (publish on node A,
+#                              devices on node B, against one node): runs
+#                              scripts/bench-cluster.sh with the other options (see its --help)
 #
 # Options:
 #   --out DIR          keep results there (default: target/bench/<mode>-<date>,
@@ -46,6 +50,13 @@
 # comparison). herald-bench reads Redis's CPU time from /proc (`--store-pid`), so its CPU
 # and CPU per message show next to the broker's.
 set -euo pipefail
+
+# --cluster: the cluster benchmark (issue 5) is a script of its own; it takes the other options.
+for a in "$@"; do
+    if [ "$a" = --cluster ]; then
+        exec bash "$(dirname "$0")/bench-cluster.sh" "$@"
+    fi
+done
 
 # The command line as given, quoting the arguments with spaces (for the summary).
 ARGV=

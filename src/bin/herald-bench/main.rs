@@ -15,12 +15,18 @@
 //! - `all`: every scenario in turn against the same broker.
 //! - `compare`: side-by-side table of earlier JSON results (Herald/Mosquitto ratio, targets).
 //!
-//! Give `--broker-pid` to get broker RSS and CPU (from /proc), and `--store-pid` for those of
-//! a store that runs as its own process (redis-server behind Herald --store redis). `scripts/bench.sh` (`make
-//! bench`) runs everything against Herald and Mosquitto; see BENCHMARKS.md.
+//! - `cluster-report`: the cluster table of issue 5 (local against forwarded).
+//!
+//! Give `--broker-pid` to get broker RSS and CPU (from /proc), repeated for the nodes of a
+//! cluster (summed), and `--store-pid` for those of a store that runs as its own process
+//! (redis-server behind Herald --store redis). `--publish-host/--publish-port` send the
+//! publisher of push, push-rate and drain to another node than the devices (cluster: publish
+//! on node A, devices on node B). `scripts/bench.sh` (`make bench`) runs everything against
+//! Herald and Mosquitto, `scripts/bench.sh --cluster` the cluster cases; see BENCHMARKS.md.
 
 mod client;
 mod procstat;
+mod redisstat;
 mod report;
 mod scenarios;
 
@@ -61,6 +67,9 @@ enum Cmd {
     /// Side-by-side table of JSON results: `compare Herald=DIR Mosquitto=DIR ...`
     /// [--durable NAME].
     Compare(CompareArgs),
+    /// Cluster table (issue 5): local (publisher and devices on one node) against forwarded
+    /// (publisher on node A, devices on node B), with the targets.
+    ClusterReport(ClusterReportArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -71,13 +80,29 @@ pub struct Opts {
     /// Broker port.
     #[arg(long)]
     pub port: u16,
-    /// Broker process id, for RSS and CPU from /proc.
+    /// Broker process id, for RSS and CPU from /proc. Repeatable: the nodes of a cluster,
+    /// whose RSS and CPU are summed (and also shown per node, in the order given).
     #[arg(long)]
-    pub broker_pid: Option<u32>,
+    pub broker_pid: Vec<u32>,
     /// Process id of the broker's store when it is a process of its own (redis-server for
     /// Herald --store redis), for its CPU and RSS from /proc.
     #[arg(long)]
     pub store_pid: Option<u32>,
+    /// Address of the broker's Redis store: push and push-rate also report the commands it
+    /// ran per message (`INFO commandstats` before and after the measured phase).
+    #[arg(long)]
+    pub store_addr: Option<SocketAddr>,
+    /// push, push-rate, drain: the publisher connects here instead of --host (e.g. cluster
+    /// node A while the devices are on node B).
+    #[arg(long)]
+    pub publish_host: Option<String>,
+    /// push, push-rate, drain: the publisher's port (default: --port).
+    #[arg(long)]
+    pub publish_port: Option<u16>,
+    /// Name of the result (the "variant" that `compare` and `cluster-report` match on)
+    /// instead of the scenario's own, e.g. push-rate-2000. Only with a single scenario.
+    #[arg(long)]
+    pub variant: Option<String>,
     /// Write the results here as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -134,6 +159,10 @@ pub struct Opts {
     /// push, push-rate, drain: unacknowledged (no PUBACK yet) messages at most.
     #[arg(long, default_value_t = 1000)]
     pub window: u64,
+    /// push, push-rate: first send one message to each device and wait until all have
+    /// arrived (not counted in the figures), e.g. so that a cluster's node link is up.
+    #[arg(long)]
+    pub warmup: bool,
     /// push: published but not yet delivered messages at most (and at most 500 per device).
     #[arg(long, default_value_t = 20_000)]
     pub max_lag: u64,
@@ -168,6 +197,42 @@ struct CompareArgs {
     durable: Vec<String>,
 }
 
+#[derive(Args, Debug)]
+struct ClusterReportArgs {
+    /// Results with publisher and devices on one node (cluster on): a directory of JSON
+    /// files, several runs of a variant allowed.
+    #[arg(long)]
+    local: PathBuf,
+    /// Results with the publisher on node A and the devices on node B.
+    #[arg(long)]
+    forwarded: PathBuf,
+    /// Results of one node without cluster flags, shown for reference.
+    #[arg(long)]
+    plain: Option<PathBuf>,
+    /// Also write the tables as Markdown.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
+    (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.find(|a| a.is_ipv4()))
+}
+
+fn target_for(o: &Opts, addr: SocketAddr) -> Target {
+    Target {
+        addr,
+        first_source: u32::from(o.source_base),
+        sources: if addr.ip().is_loopback() {
+            o.sources
+        } else {
+            0
+        },
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (which, opts) = match cli.cmd {
@@ -181,6 +246,21 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::ClusterReport(a) => {
+            return match report::cluster_report(
+                &a.local,
+                &a.forwarded,
+                a.plain.as_deref(),
+                a.markdown.as_deref(),
+            ) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("herald-bench: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Cmd::Idle(o) => ("idle", o),
         Cmd::Push(o) => ("push", o),
         Cmd::PushRate(o) => ("push-rate", o),
@@ -188,26 +268,22 @@ fn main() -> ExitCode {
         Cmd::Drain(o) => ("drain", o),
         Cmd::All(o) => ("all", o),
     };
-    let addr: SocketAddr = match (opts.host.as_str(), opts.port)
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.find(|a| a.is_ipv4()))
-    {
-        Some(a) => a,
-        None => {
-            eprintln!("herald-bench: cannot resolve {}:{}", opts.host, opts.port);
-            return ExitCode::from(2);
-        }
+    let Some(addr) = resolve(&opts.host, opts.port) else {
+        eprintln!("herald-bench: cannot resolve {}:{}", opts.host, opts.port);
+        return ExitCode::from(2);
     };
-    let target = Target {
-        addr,
-        first_source: u32::from(opts.source_base),
-        sources: if addr.ip().is_loopback() {
-            opts.sources
-        } else {
-            0
-        },
+    let target = target_for(&opts, addr);
+    let pub_host = opts.publish_host.as_deref().unwrap_or(&opts.host);
+    let pub_port = opts.publish_port.unwrap_or(opts.port);
+    let Some(pub_addr) = resolve(pub_host, pub_port) else {
+        eprintln!("herald-bench: cannot resolve {pub_host}:{pub_port}");
+        return ExitCode::from(2);
     };
+    let pub_target = target_for(&opts, pub_addr);
+    if opts.variant.is_some() && which == "all" {
+        eprintln!("herald-bench: --variant names the result of a single scenario, not `all`");
+        return ExitCode::from(2);
+    }
     client::now_ns();
     let rt = if opts.threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -230,14 +306,22 @@ fn main() -> ExitCode {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let results = rt.block_on(run(which, &opts, &target));
+    let mut results = rt.block_on(run(which, &opts, &target, &pub_target));
+    if let Some(v) = &opts.variant {
+        for r in &mut results {
+            r.variant = v.clone();
+        }
+    }
     report::print_run(&opts.label, &results);
     if let Some(path) = &opts.json {
         let file = RunFile {
             tool: format!("herald-bench {}", env!("CARGO_PKG_VERSION")),
             label: opts.label.clone(),
             broker: format!("{}:{}", opts.host, opts.port),
-            broker_pid: opts.broker_pid,
+            publish_broker: (pub_addr != addr).then(|| pub_addr.to_string()),
+            broker_pid: opts.broker_pid.first().copied(),
+            broker_pids: opts.broker_pid.clone(),
+            store_pid: opts.store_pid,
             unix_time: started,
             results: results.clone(),
         };
@@ -254,17 +338,19 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(which: &str, o: &Opts, target: &Target) -> Vec<ScenarioResult> {
+async fn run(which: &str, o: &Opts, target: &Target, pub_target: &Target) -> Vec<ScenarioResult> {
     let mut out = Vec::new();
     let all = which == "all";
     if all || which == "idle" {
         out.push(progress(scenarios::idle(o, target, o.clients).await));
     }
     if all || which == "push" {
-        out.push(progress(scenarios::push(o, target, None).await));
+        out.push(progress(scenarios::push(o, target, pub_target, None).await));
     }
     if all || which == "push-rate" {
-        out.push(progress(scenarios::push(o, target, Some(o.rate)).await));
+        out.push(progress(
+            scenarios::push(o, target, pub_target, Some(o.rate)).await,
+        ));
     }
     if all || which == "qos0" {
         for &p in &o.pairs {
@@ -272,7 +358,7 @@ async fn run(which: &str, o: &Opts, target: &Target) -> Vec<ScenarioResult> {
         }
     }
     if all || which == "drain" {
-        out.push(progress(scenarios::drain(o, target).await));
+        out.push(progress(scenarios::drain(o, target, pub_target).await));
     }
     out
 }

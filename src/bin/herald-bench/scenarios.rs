@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::client::{self, now_ns, Client, Hello, Ignore, OnPublish, Target};
 use crate::procstat::{self, Probe};
+use crate::redisstat;
 use crate::report::ScenarioResult;
 use crate::Opts;
 
@@ -203,7 +204,7 @@ pub async fn idle(o: &Opts, target: &Target, n: usize) -> ScenarioResult {
     if !check_fds(&mut r, n) {
         return r;
     }
-    let probe = Probe::new(o.broker_pid, o.store_pid);
+    let probe = Probe::new(&o.broker_pid, o.store_pid);
     let rss0 = probe.rss();
     let fleet = Arc::new(Fleet::default());
     let sem = Arc::new(Semaphore::new(o.concurrency));
@@ -299,6 +300,8 @@ struct Deliveries {
     dups: AtomicU64,
     /// A device got message n+k (k > 0) while expecting n: reordered or lost.
     gaps: AtomicU64,
+    /// Warm-up messages (sequence numbers with `WARMUP` set), counted apart.
+    warm: AtomicU64,
     misrouted: AtomicU64,
     bad_payload: AtomicU64,
     last_ns: AtomicU64,
@@ -313,6 +316,7 @@ impl Deliveries {
             delivered: AtomicU64::new(0),
             dups: AtomicU64::new(0),
             gaps: AtomicU64::new(0),
+            warm: AtomicU64::new(0),
             misrouted: AtomicU64::new(0),
             bad_payload: AtomicU64::new(0),
             last_ns: AtomicU64::new(0),
@@ -323,14 +327,18 @@ impl Deliveries {
 
     /// Waits until `n` messages have been delivered. False on timeout.
     async fn wait(&self, n: u64, timeout: Duration) -> bool {
+        self.wait_for(&self.delivered, n, timeout).await
+    }
+
+    async fn wait_for(&self, count: &AtomicU64, n: u64, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             let notified = self.notify.notified();
-            if self.delivered.load(Relaxed) >= n {
+            if count.load(Relaxed) >= n {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.delivered.load(Relaxed) >= n;
+                return count.load(Relaxed) >= n;
             }
         }
     }
@@ -363,6 +371,7 @@ impl Deliveries {
 struct Device {
     shared: Arc<Deliveries>,
     index: u64,
+    warm: u64,
     next: u64,
     new: u64,
     latency: bool,
@@ -374,6 +383,7 @@ impl Device {
         Device {
             shared,
             index,
+            warm: 0,
             next: 0,
             new: 0,
             latency,
@@ -388,6 +398,14 @@ impl OnPublish for Device {
             self.shared.bad_payload.fetch_add(1, Relaxed);
             return;
         };
+        if seq & WARMUP != 0 {
+            if (seq & !WARMUP) % self.shared.devices != self.index {
+                self.shared.misrouted.fetch_add(1, Relaxed);
+            } else {
+                self.warm += 1;
+            }
+            return;
+        }
         if seq % self.shared.devices != self.index {
             self.shared.misrouted.fetch_add(1, Relaxed);
             return;
@@ -408,6 +426,11 @@ impl OnPublish for Device {
     }
 
     fn batch_end(&mut self, now: u64) {
+        if self.warm > 0 {
+            self.shared.warm.fetch_add(self.warm, Relaxed);
+            self.warm = 0;
+            self.shared.notify.notify_one();
+        }
         if !self.samples.is_empty() {
             let mut h = self.shared.hist.lock().unwrap();
             for &s in &self.samples {
@@ -513,9 +536,14 @@ fn spawn_devices(
 // ---------------------------------------------------------------------------------------
 // the QoS 1 publisher
 
+/// Set in the sequence number of warm-up messages (`--warmup`), which devices count apart.
+const WARMUP: u64 = 1 << 63;
+
 struct PubPlan {
     /// Messages go to push/<prefix><seq % devices>.
     devices: usize,
+    /// Added to the sequence number in the payload (`WARMUP` for warm-up messages).
+    seq_base: u64,
     /// Stop after this many messages...
     count: Option<u64>,
     /// ...or after this long.
@@ -654,7 +682,15 @@ async fn publish_qos1(o: &Opts, target: &Target, plan: PubPlan, d: &Arc<Deliveri
         for _ in 0..batch {
             let topic = &topics[(sent % plan.devices as u64) as usize];
             let pkid = (sent % 65535) as u16 + 1;
-            client::encode_publish(&mut wbuf, topic, 1, pkid, ts, sent, plan.payload);
+            client::encode_publish(
+                &mut wbuf,
+                topic,
+                1,
+                pkid,
+                ts,
+                plan.seq_base | sent,
+                plan.payload,
+            );
             sent += 1;
         }
         if let Err(e) = wr.write_all(&wbuf).await {
@@ -710,11 +746,59 @@ fn report_pub(r: &mut ScenarioResult, st: &PubStats) {
 // ---------------------------------------------------------------------------------------
 // push and push-rate
 
-pub async fn push(o: &Opts, target: &Target, rate: Option<f64>) -> ScenarioResult {
+/// `--warmup`: one message to each device, all delivered before the measured phase starts
+/// (so a cluster's node-to-node link is up and every connection has sent something). One
+/// message per device is in flight at a time, so none can overtake another of the same
+/// device. Devices count these apart (`WARMUP`); the figures never include them.
+async fn warm_up(
+    o: &Opts,
+    pub_target: &Target,
+    n: usize,
+    d: &Arc<Deliveries>,
+    r: &mut ScenarioResult,
+) {
+    let plan = PubPlan {
+        devices: n,
+        seq_base: WARMUP,
+        count: Some(n as u64),
+        duration: None,
+        rate: None,
+        window: o.window,
+        max_lag: None,
+        payload: o.payload,
+    };
+    let t0 = now_ns();
+    let st = publish_qos1(o, pub_target, plan, d).await;
+    let done = d
+        .wait_for(&d.warm, n as u64, Duration::from_secs_f64(o.timeout))
+        .await;
+    r.metric("warmup_secs", (now_ns() - t0) as f64 / 1e9);
+    if let Some(e) = st.error {
+        r.error(format!("warm-up: {e}"));
+    } else if !done {
+        r.error(format!(
+            "warm-up: {} of {n} messages delivered",
+            d.warm.load(Relaxed)
+        ));
+    }
+}
+
+/// `target`: where the devices connect; `pub_target`: where the publisher does (the same
+/// broker, or another node of a cluster).
+pub async fn push(
+    o: &Opts,
+    target: &Target,
+    pub_target: &Target,
+    rate: Option<f64>,
+) -> ScenarioResult {
     let name = if rate.is_some() { "push-rate" } else { "push" };
     let mut r = ScenarioResult::new(name, name);
     let n = o.devices;
     r.param("devices", n);
+    if pub_target.addr != target.addr {
+        r.param("devices_on", target.addr.to_string());
+        r.param("publisher_on", pub_target.addr.to_string());
+    }
     r.param("window", o.window);
     r.param("payload", o.payload);
     match (rate, o.messages) {
@@ -733,7 +817,7 @@ pub async fn push(o: &Opts, target: &Target, rate: Option<f64>) -> ScenarioResul
         r.error(e);
         return r;
     }
-    let probe = Probe::new(o.broker_pid, o.store_pid);
+    let probe = Probe::new(&o.broker_pid, o.store_pid);
     let deliveries = Arc::new(Deliveries::new(n as u64));
     let fleet = Arc::new(Fleet::default());
     let stop = CancellationToken::new();
@@ -759,9 +843,14 @@ pub async fn push(o: &Opts, target: &Target, rate: Option<f64>) -> ScenarioResul
             fleet.connected.load(Relaxed)
         ));
     } else {
+        if o.warmup {
+            warm_up(o, pub_target, n, &deliveries, &mut r).await;
+        }
+        let redis0 = o.store_addr.map(redisstat::read);
         let mark = probe.mark();
         let plan = PubPlan {
             devices: n,
+            seq_base: 0,
             count: if rate.is_none() { o.messages } else { None },
             duration: (rate.is_some() || o.messages.is_none())
                 .then(|| Duration::from_secs_f64(o.secs)),
@@ -774,14 +863,20 @@ pub async fn push(o: &Opts, target: &Target, rate: Option<f64>) -> ScenarioResul
                 .then_some(o.max_lag.min(n as u64 * 500).max(1)),
             payload: o.payload,
         };
-        let st = publish_qos1(o, target, plan, &deliveries).await;
+        let st = publish_qos1(o, pub_target, plan, &deliveries).await;
         deliveries
             .wait(st.sent, Duration::from_secs_f64(o.timeout))
             .await;
         let cpu = probe.since(&mark);
+        let redis1 = o.store_addr.map(redisstat::read);
         report_pub(&mut r, &st);
         deliveries.report(&mut r, st.sent);
         let delivered = deliveries.delivered.load(Relaxed);
+        match (redis0, redis1) {
+            (Some(Ok(a)), Some(Ok(b))) => redisstat::report(&mut r, &a, &b, delivered),
+            (Some(Err(e)), _) | (_, Some(Err(e))) => r.notes.push(format!("redis stats: {e}")),
+            _ => {}
+        }
         let secs = deliveries.last_ns.load(Relaxed).saturating_sub(st.start_ns) as f64 / 1e9;
         if secs > 0.0 {
             r.metric("msgs_per_sec", delivered as f64 / secs);
@@ -817,12 +912,16 @@ pub async fn push(o: &Opts, target: &Target, rate: Option<f64>) -> ScenarioResul
 // ---------------------------------------------------------------------------------------
 // drain
 
-pub async fn drain(o: &Opts, target: &Target) -> ScenarioResult {
+pub async fn drain(o: &Opts, target: &Target, pub_target: &Target) -> ScenarioResult {
     let mut r = ScenarioResult::new("drain", "drain");
     let n = o.devices;
     let per = o.per_device;
     let total = n as u64 * per;
     r.param("devices", n);
+    if pub_target.addr != target.addr {
+        r.param("devices_on", target.addr.to_string());
+        r.param("publisher_on", pub_target.addr.to_string());
+    }
     r.param("per_device", per);
     r.param("window", o.window);
     r.param("payload", o.payload);
@@ -833,7 +932,7 @@ pub async fn drain(o: &Opts, target: &Target) -> ScenarioResult {
         r.error(e);
         return r;
     }
-    let probe = Probe::new(o.broker_pid, o.store_pid);
+    let probe = Probe::new(&o.broker_pid, o.store_pid);
 
     // 1. Persistent sessions, subscribed, then offline.
     {
@@ -872,6 +971,7 @@ pub async fn drain(o: &Opts, target: &Target) -> ScenarioResult {
     let deliveries = Arc::new(Deliveries::new(n as u64));
     let plan = PubPlan {
         devices: n,
+        seq_base: 0,
         count: Some(total),
         duration: None,
         rate: None,
@@ -880,7 +980,7 @@ pub async fn drain(o: &Opts, target: &Target) -> ScenarioResult {
         payload: o.payload,
     };
     let store_mark = probe.mark();
-    let st = publish_qos1(o, target, plan, &deliveries).await;
+    let st = publish_qos1(o, pub_target, plan, &deliveries).await;
     // Storing: every message is in the broker's store once it is acknowledged.
     probe
         .since(&store_mark)
@@ -1006,7 +1106,7 @@ pub async fn qos0(o: &Opts, target: &Target, pairs: usize) -> ScenarioResult {
     r.param("secs", o.secs);
     r.param("payload", o.payload);
     r.param("lag", o.lag);
-    let probe = Probe::new(o.broker_pid, o.store_pid);
+    let probe = Probe::new(&o.broker_pid, o.store_pid);
     let hist = Arc::new(Mutex::new(new_hist()));
     let fleet = Arc::new(Fleet::default());
     let stop = CancellationToken::new();
