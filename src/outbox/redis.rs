@@ -15,24 +15,27 @@
 //!
 //! Enqueue and attach are one Lua call each and are awaited: the publisher's PUBACK waits for
 //! them. Acks and sent watermarks are written by a background task in pipelines: losing one
-//! only means a duplicate later, never a lost message. Many concurrent calls share one
-//! multiplexed connection, so they are pipelined by the driver; no connection is held per
-//! MQTT client.
+//! only means a duplicate later, never a lost message. No connection is held per MQTT
+//! client: the hot path (enqueues and retained writes in submission order, then acks and
+//! watermarks) runs on two connections of its own, one per writer task, speaking RESP
+//! through `resp.rs` (pipelines encoded in place, replies read in place); every other call
+//! shares one redis-rs multiplexed connection, pipelined by the driver.
 //!
 //! Availability: any I/O error or timeout marks the store down (logged once). While down,
 //! calls fail at once without touching Redis (CONNECT gets CONNACK 3, QoS 1 is not
 //! acknowledged), and one task pings Redis with backoff until it answers (logged once).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes};
+use bytes::{BufMut, Bytes, BytesMut};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::resp::{self, Replies, Reply};
 use super::{now_ms, Attach, Enqueued, Entry, Limits, Message, StoreError};
 use crate::codec::Qos;
 use crate::config::OverflowPolicy;
@@ -69,11 +72,41 @@ return {present, sent}
 /// Upper bound on any one Redis call, so that a stalled Redis never hangs a client.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The answer to an ordered write: for an enqueue (sequence number or 0, dropped entries).
+type OrderedReply = oneshot::Sender<Result<(u64, u64), StoreError>>;
+
 /// A write whose order matters (enqueue, retained): submitted synchronously, so the order of
 /// calls is the order Redis applies them in, whatever order their futures are polled in.
-struct Ordered {
-    cmd: redis::Cmd,
-    reply: oneshot::Sender<Result<redis::Value, StoreError>>,
+/// Encoded by the writer task, straight into its pipeline buffer.
+enum Ordered {
+    Enqueue {
+        client: Arc<str>,
+        qos: Qos,
+        msg: Arc<Message>,
+        reply: OrderedReply,
+    },
+    /// HSET of the retained message of `topic`, or HDEL without an envelope.
+    Retained {
+        topic: Arc<str>,
+        envelope: Option<Vec<u8>>,
+        reply: OrderedReply,
+    },
+}
+
+impl Ordered {
+    fn reply(self) -> OrderedReply {
+        match self {
+            Ordered::Enqueue { reply, .. } | Ordered::Retained { reply, .. } => reply,
+        }
+    }
+}
+
+/// What every enqueue passes to the script besides the message.
+struct EnqueueArgs {
+    sha: String,
+    cap: u64,
+    drop_new: bool,
+    ttl_ms: u64,
 }
 
 /// Ordered writes waiting for the next pipeline; beyond this, publishes are refused (counted).
@@ -91,8 +124,6 @@ struct Health {
 
 pub struct RedisOutbox {
     link: Arc<Link>,
-    limits: Limits,
-    ttl_ms: u64,
     scripts: Arc<Scripts>,
     health: Arc<Health>,
     writes: mpsc::Sender<Write>,
@@ -111,8 +142,11 @@ fn key(kind: &str, client: &str) -> String {
     k
 }
 
-fn encode(msg: &Message, qos: Qos) -> Vec<u8> {
-    let mut b = Vec::with_capacity(13 + msg.topic.len() + msg.payload.len());
+fn envelope_len(msg: &Message) -> usize {
+    13 + msg.topic.len() + msg.payload.len()
+}
+
+fn put_envelope(b: &mut impl BufMut, msg: &Message, qos: Qos) {
     b.put_u8(1); // envelope version
     b.put_u8(qos as u8);
     b.put_u8(msg.retain as u8);
@@ -120,6 +154,11 @@ fn encode(msg: &Message, qos: Qos) -> Vec<u8> {
     b.put_u16(msg.topic.len() as u16);
     b.put_slice(msg.topic.as_bytes());
     b.put_slice(&msg.payload);
+}
+
+fn encode(msg: &Message, qos: Qos) -> Vec<u8> {
+    let mut b = Vec::with_capacity(envelope_len(msg));
+    put_envelope(&mut b, msg, qos);
     b
 }
 
@@ -211,19 +250,24 @@ impl RedisOutbox {
             wake: Notify::new(),
         });
         let (tx, rx) = mpsc::channel(MAX_QUEUED_WRITES);
-        tokio::spawn(write_loop(link.clone(), rx, health.clone()));
+        tokio::spawn(write_loop(Hot::new(&link), rx, health.clone()));
         let (ordered, orx) = mpsc::channel(MAX_QUEUED_WRITES);
+        let args = EnqueueArgs {
+            sha: scripts.enqueue.get_hash().to_string(),
+            cap: limits.max_queued as u64,
+            drop_new: limits.overflow == OverflowPolicy::DropNew,
+            ttl_ms: ttl.as_millis() as u64,
+        };
         tokio::spawn(ordered_loop(
-            link.clone(),
+            Hot::new(&link),
             orx,
             health.clone(),
+            args,
             wait_replicas,
         ));
         tokio::spawn(health_loop(link.clone(), health.clone(), scripts.clone()));
         Ok(RedisOutbox {
             link,
-            limits,
-            ttl_ms: ttl.as_millis() as u64,
             scripts,
             health,
             writes: tx,
@@ -269,46 +313,43 @@ impl RedisOutbox {
         }
     }
 
-    /// Queues `cmd` behind every write submitted before it.
-    fn submit(&self, cmd: redis::Cmd) -> oneshot::Receiver<Result<redis::Value, StoreError>> {
+    /// Queues a write behind every write submitted before it; `make` gets the reply sender.
+    fn submit(
+        &self,
+        make: impl FnOnce(OrderedReply) -> Ordered,
+    ) -> oneshot::Receiver<Result<(u64, u64), StoreError>> {
         let (reply, rx) = oneshot::channel();
         if let Err(e) = self.check_up() {
             let _ = reply.send(Err(e));
             return rx;
         }
-        if let Err(e) = self.ordered.try_send(Ordered { cmd, reply }) {
+        if let Err(e) = self.ordered.try_send(make(reply)) {
             let (why, o) = match e {
                 mpsc::error::TrySendError::Full(o) => ("store write queue full", o),
                 mpsc::error::TrySendError::Closed(o) => ("store writer stopped", o),
             };
             metrics::limit_hit("store_write_queue");
-            let _ = o.reply.send(Err(StoreError::Unavailable(why.into())));
+            let _ = o.reply().send(Err(StoreError::Unavailable(why.into())));
         }
         rx
     }
 
     pub(super) fn enqueue(
         &self,
-        client: &str,
+        client: &Arc<str>,
         qos: Qos,
-        msg: &Message,
+        msg: &Arc<Message>,
     ) -> impl std::future::Future<Output = Result<Enqueued, StoreError>> + Send + 'static {
-        let drop_new = self.limits.overflow == OverflowPolicy::DropNew;
-        let mut cmd = evalsha(
-            &self.scripts.enqueue,
-            &[key("outbox", client), key("seq", client)],
-        );
-        cmd.arg(self.limits.max_queued)
-            .arg(if drop_new { "1" } else { "0" })
-            .arg(encode(msg, qos))
-            .arg(self.ttl_ms);
-        let reply = self.submit(cmd);
+        let reply = self.submit(|reply| Ordered::Enqueue {
+            client: client.clone(),
+            qos,
+            msg: msg.clone(),
+            reply,
+        });
         async move {
-            let value = reply
+            let (seq, dropped) = reply
                 .await
                 .map_err(|_| StoreError::Unavailable("store writer stopped".into()))??;
-            let (seq, dropped): (u64, u64) = redis::from_redis_value(value)
-                .map_err(|e| StoreError::Unavailable(format!("unexpected enqueue reply: {e}")))?;
             for _ in 0..dropped {
                 metrics::dropped(metrics::Drop::OutboxFullOldest);
             }
@@ -456,16 +497,12 @@ impl RedisOutbox {
         &self,
         msg: &Message,
     ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
-        let mut cmd = if msg.payload.is_empty() {
-            redis::cmd("HDEL")
-        } else {
-            redis::cmd("HSET")
-        };
-        cmd.arg("herald:retained").arg(&*msg.topic);
-        if !msg.payload.is_empty() {
-            cmd.arg(encode(msg, msg.qos));
-        }
-        let reply = self.submit(cmd);
+        let envelope = (!msg.payload.is_empty()).then(|| encode(msg, msg.qos));
+        let reply = self.submit(|reply| Ordered::Retained {
+            topic: msg.topic.clone(),
+            envelope,
+            reply,
+        });
         async move {
             reply
                 .await
@@ -486,7 +523,17 @@ impl RedisOutbox {
 /// every outage so that a failover is followed.
 struct Link {
     sentinel: Option<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
-    current: parking_lot::RwLock<ConnectionManager>,
+    current: parking_lot::RwLock<Current>,
+    /// Bumped when the store comes back after an outage: the hot-path connections (`Hot`)
+    /// are made again then, to whatever server `current` names.
+    epoch: AtomicU64,
+}
+
+/// The server in use: a connection manager for the cold commands, and its address and
+/// settings for the hot path's own connections.
+struct Current {
+    manager: ConnectionManager,
+    info: redis::ConnectionInfo,
 }
 
 fn manager_config() -> redis::aio::ConnectionManagerConfig {
@@ -498,40 +545,50 @@ fn manager_config() -> redis::aio::ConnectionManagerConfig {
         .set_max_delay(Duration::from_millis(500))
 }
 
-async fn manager(client: redis::Client) -> redis::RedisResult<ConnectionManager> {
-    match tokio::time::timeout(
+async fn current(client: redis::Client) -> redis::RedisResult<Current> {
+    let info = client.get_connection_info().clone();
+    let manager = match tokio::time::timeout(
         CALL_TIMEOUT,
         ConnectionManager::new_with_config(client, manager_config()),
     )
     .await
     {
-        Ok(r) => r,
-        Err(_) => Err(redis::RedisError::from(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "connect timed out",
-        ))),
-    }
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            )))
+        }
+    };
+    Ok(Current { manager, info })
 }
 
 impl Link {
     async fn open(url: &str) -> redis::RedisResult<Link> {
         let Some(rest) = url.strip_prefix("redis+sentinel://") else {
-            let current = manager(redis::Client::open(url)?).await?;
+            let current = current(redis::Client::open(url)?).await?;
             return Ok(Link {
                 sentinel: None,
                 current: parking_lot::RwLock::new(current),
+                epoch: AtomicU64::new(0),
             });
         };
         let mut sentinel = sentinel_client(rest)?;
-        let current = manager(sentinel.async_get_client().await?).await?;
+        let current = current(sentinel.async_get_client().await?).await?;
         Ok(Link {
             sentinel: Some(tokio::sync::Mutex::new(sentinel)),
             current: parking_lot::RwLock::new(current),
+            epoch: AtomicU64::new(0),
         })
     }
 
     fn conn(&self) -> ConnectionManager {
-        self.current.read().clone()
+        self.current.read().manager.clone()
+    }
+
+    fn info(&self) -> redis::ConnectionInfo {
+        self.current.read().info.clone()
     }
 
     /// After an outage: with Sentinel, connect to whoever is master now. A plain URL's
@@ -539,10 +596,69 @@ impl Link {
     async fn refresh(&self) -> redis::RedisResult<()> {
         if let Some(sentinel) = &self.sentinel {
             let client = sentinel.lock().await.async_get_client().await?;
-            let fresh = manager(client).await?;
+            let fresh = current(client).await?;
             *self.current.write() = fresh;
         }
         Ok(())
+    }
+}
+
+/// A hot-path connection of one writer task: made on first use, dropped after any failure,
+/// and made again after an outage (the server may have restarted or changed).
+struct Hot {
+    link: Arc<Link>,
+    conn: Option<resp::Conn>,
+    epoch: u64,
+}
+
+impl Hot {
+    fn new(link: &Arc<Link>) -> Hot {
+        Hot {
+            link: link.clone(),
+            conn: None,
+            epoch: 0,
+        }
+    }
+
+    /// One pipeline of `replies` commands, under the call timeout. Any failure drops the
+    /// connection and marks the store down.
+    async fn round_trip(
+        &mut self,
+        out: &[u8],
+        replies: usize,
+        health: &Health,
+    ) -> Result<&[u8], StoreError> {
+        let Hot { link, conn, epoch } = self;
+        let attempt = async {
+            let now = link.epoch.load(Ordering::Acquire);
+            let c = match conn {
+                Some(c) if *epoch == now => c,
+                _ => {
+                    *conn = None;
+                    let fresh = resp::Conn::connect(&link.info()).await?;
+                    *epoch = now;
+                    conn.insert(fresh)
+                }
+            };
+            c.round_trip(out, replies).await
+        };
+        let why = match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("redis call timed out".to_string()),
+        };
+        match why {
+            None => match conn {
+                Some(c) => Ok(c.replies()),
+                None => Err(StoreError::Unavailable("redis connection lost".into())),
+            },
+            Some(why) => {
+                *conn = None;
+                mark_down(health, &why);
+                metrics::store_error();
+                Err(StoreError::Unavailable(why))
+            }
+        }
     }
 }
 
@@ -609,6 +725,26 @@ fn failed(health: &Health, e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// An error reply on the hot path, with the same rules as `failed`.
+fn error_reply(health: &Health, e: &[u8]) -> StoreError {
+    let why = String::from_utf8_lossy(e).into_owned();
+    if e.starts_with(b"NOSCRIPT") || e.starts_with(b"READONLY") {
+        mark_down(health, &why);
+    }
+    metrics::store_error();
+    StoreError::Unavailable(why)
+}
+
+/// Redis answered out of step with what was asked: nothing on that connection can be
+/// trusted any more.
+fn out_of_step(health: &Health, hot: &mut Hot, e: resp::Error) -> StoreError {
+    hot.conn = None;
+    let why = e.to_string();
+    mark_down(health, &why);
+    metrics::store_error();
+    StoreError::Unavailable(why)
+}
+
 fn mark_down(health: &Health, why: &str) {
     if health.up.swap(false, Ordering::AcqRel) {
         tracing::error!(
@@ -631,6 +767,7 @@ async fn health_loop(link: Arc<Link>, health: Arc<Health>, scripts: Arc<Scripts>
             };
             let ready = tokio::time::timeout(CALL_TIMEOUT, attempt).await;
             if matches!(ready, Ok(Ok(()))) {
+                link.epoch.fetch_add(1, Ordering::AcqRel);
                 health.up.store(true, Ordering::Release);
                 tracing::warn!("redis available again");
                 break;
@@ -641,6 +778,70 @@ async fn health_loop(link: Arc<Link>, health: Arc<Health>, scripts: Arc<Scripts>
     }
 }
 
+/// Appends one ordered write to the pipeline in `out`.
+fn encode_ordered(out: &mut BytesMut, o: &Ordered, args: &EnqueueArgs) {
+    match o {
+        Ordered::Enqueue {
+            client, qos, msg, ..
+        } => {
+            resp::array(out, 9);
+            resp::bulk(out, b"EVALSHA");
+            resp::bulk(out, args.sha.as_bytes());
+            resp::bulk(out, b"2");
+            resp::bulk_key(out, "outbox", client);
+            resp::bulk_key(out, "seq", client);
+            resp::bulk_u64(out, args.cap);
+            resp::bulk(out, if args.drop_new { b"1" } else { b"0" });
+            resp::bulk_header(out, envelope_len(msg));
+            put_envelope(out, msg, *qos);
+            resp::end(out);
+            resp::bulk_u64(out, args.ttl_ms);
+        }
+        Ordered::Retained {
+            topic, envelope, ..
+        } => {
+            resp::array(out, if envelope.is_some() { 4 } else { 3 });
+            resp::bulk(out, if envelope.is_some() { b"HSET" } else { b"HDEL" });
+            resp::bulk(out, b"herald:retained");
+            resp::bulk(out, topic.as_bytes());
+            if let Some(e) = envelope {
+                resp::bulk(out, e);
+            }
+        }
+    }
+}
+
+/// Reads the reply of one ordered write: the enqueue script's `{seq, dropped}`, or any
+/// integer (HSET, HDEL). An error reply is that write's failure; anything else means the
+/// stream is out of step.
+fn ordered_reply(
+    r: &mut Replies<'_>,
+    health: &Health,
+) -> Result<Result<(u64, u64), StoreError>, resp::Error> {
+    let first = r.next()?;
+    Ok(match first {
+        Reply::Error(e) => Err(error_reply(health, e)),
+        Reply::Int(_) => Ok((0, 0)),
+        Reply::Array(Some(2)) => match (r.next()?, r.next()?) {
+            (Reply::Int(seq), Reply::Int(dropped)) if seq >= 0 && dropped >= 0 => {
+                Ok((seq as u64, dropped as u64))
+            }
+            other => {
+                return Err(resp::Error::Protocol(format!(
+                    "unexpected enqueue reply {other:?}"
+                )))
+            }
+        },
+        other => {
+            r.skip(other)?;
+            metrics::store_error();
+            Err(StoreError::Unavailable(format!(
+                "unexpected reply {other:?}"
+            )))
+        }
+    })
+}
+
 /// Applies ordered writes in pipelines, in submission order: while one pipeline is out, the
 /// next one fills, so the batch size follows the load.
 ///
@@ -648,79 +849,104 @@ async fn health_loop(link: Arc<Link>, health: Arc<Health>, scripts: Arc<Scripts>
 /// once that many replicas have them, so a Sentinel failover cannot lose an acknowledged
 /// message. Without it, replication is asynchronous and a failover may lose the last writes.
 async fn ordered_loop(
-    link: Arc<Link>,
+    mut hot: Hot,
     mut rx: mpsc::Receiver<Ordered>,
     health: Arc<Health>,
+    args: EnqueueArgs,
     wait_replicas: u32,
 ) {
     let mut batch = Vec::with_capacity(512);
+    let mut results = Vec::with_capacity(512);
+    let mut out = BytesMut::with_capacity(64 * 1024);
     while rx.recv_many(&mut batch, 512).await > 0 {
-        let mut p = redis::pipe();
-        p.ignore_errors();
-        let mut replies_to = Vec::with_capacity(batch.len());
-        for o in batch.drain(..) {
-            p.add_command(o.cmd);
-            replies_to.push(o.reply);
+        if !health.up.load(Ordering::Acquire) {
+            // Submitted just before the store went down: fail at once, like new calls.
+            for o in batch.drain(..) {
+                let _ = o
+                    .reply()
+                    .send(Err(StoreError::Unavailable("redis is down".into())));
+            }
+            continue;
         }
+        out.clear();
+        for o in &batch {
+            encode_ordered(&mut out, o, &args);
+        }
+        let mut replies = batch.len();
         if wait_replicas > 0 {
-            p.cmd("WAIT")
-                .arg(wait_replicas)
-                .arg(CALL_TIMEOUT.as_millis() as u64 / 2);
+            resp::array(&mut out, 3);
+            resp::bulk(&mut out, b"WAIT");
+            resp::bulk_u64(&mut out, wait_replicas as u64);
+            resp::bulk_u64(&mut out, CALL_TIMEOUT.as_millis() as u64 / 2);
+            replies += 1;
         }
-        let mut conn = link.conn();
-        let replies: Result<Vec<redis::RedisResult<redis::Value>>, StoreError> =
-            match tokio::time::timeout(CALL_TIMEOUT, p.query_async(&mut conn)).await {
-                Ok(Ok(r)) => Ok(r),
-                Ok(Err(e)) => Err(failed(&health, e)),
-                Err(_) => {
-                    mark_down(&health, "timed out");
-                    Err(StoreError::Unavailable("redis call timed out".into()))
+        results.clear();
+        let outcome = match hot.round_trip(&out, replies, &health).await {
+            Ok(buf) => {
+                let mut r = Replies::new(buf);
+                let parsed = (|| {
+                    for _ in 0..batch.len() {
+                        results.push(ordered_reply(&mut r, &health)?);
+                    }
+                    if wait_replicas == 0 {
+                        return Ok(None);
+                    }
+                    Ok(Some(match r.next()? {
+                        Reply::Int(n) => n.max(0) as u64,
+                        other => {
+                            r.skip(other)?;
+                            0
+                        }
+                    }))
+                })();
+                match parsed {
+                    Ok(None) => Ok(()),
+                    Ok(Some(acked)) if acked >= wait_replicas as u64 => Ok(()),
+                    Ok(Some(acked)) => {
+                        metrics::store_error();
+                        Err(StoreError::Unavailable(format!(
+                            "{acked} of {wait_replicas} replicas confirmed the write"
+                        )))
+                    }
+                    Err(e) => Err(out_of_step(&health, &mut hot, e)),
                 }
-            };
-        let replies = replies.and_then(|mut r| {
-            if wait_replicas == 0 {
-                return Ok(r);
             }
-            let acked = match r.pop() {
-                Some(Ok(v)) => redis::from_redis_value::<u32>(v).unwrap_or(0),
-                _ => 0,
-            };
-            if acked < wait_replicas {
-                metrics::store_error();
-                return Err(StoreError::Unavailable(format!(
-                    "{acked} of {wait_replicas} replicas confirmed the write"
-                )));
-            }
-            Ok(r)
-        });
-        match replies {
-            Ok(replies) => {
-                for (reply, r) in replies_to.into_iter().zip(replies) {
-                    let _ = reply.send(r.map_err(|e| failed(&health, e)));
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {
+                for (o, r) in batch.drain(..).zip(results.drain(..)) {
+                    let _ = o.reply().send(r);
                 }
             }
             Err(e) => {
-                for reply in replies_to {
-                    let _ = reply.send(Err(e.clone()));
+                for o in batch.drain(..) {
+                    let _ = o.reply().send(Err(e.clone()));
                 }
             }
         }
-        // Anything not answered above (a short reply) is answered by dropping its sender.
     }
 }
 
 /// Writes acks and sent watermarks in pipelines: one round trip for everything queued.
-async fn write_loop(link: Arc<Link>, mut rx: mpsc::Receiver<Write>, health: Arc<Health>) {
+async fn write_loop(mut hot: Hot, mut rx: mpsc::Receiver<Write>, health: Arc<Health>) {
     let mut batch = Vec::with_capacity(1024);
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    let (mut acks, mut sent) = (Vec::new(), Vec::new());
     while rx.recv_many(&mut batch, 1024).await > 0 {
-        let mut p = redis::pipe();
-        let (mut acks, mut sent) = (Vec::new(), Vec::new());
+        if !health.up.load(Ordering::Acquire) {
+            // Lost acks come back as duplicates after a reconnect: late, never lost.
+            batch.clear();
+            continue;
+        }
         for w in batch.drain(..) {
             match w {
                 Write::Ack(c, seq) => acks.push((c, seq)),
                 Write::Sent(c, seq) => sent.push((c, seq)),
             }
         }
+        out.clear();
+        let mut commands = 0;
         // A device acknowledges in order, so one client's acks in a batch are mostly a run
         // of consecutive numbers: one ZREMRANGEBYSCORE per run.
         acks.sort_unstable();
@@ -733,7 +959,12 @@ async fn write_loop(link: Arc<Link>, mut rx: mpsc::Receiver<Write>, health: Arc<
                 last += 1;
                 i += 1;
             }
-            p.zrembyscore(key("outbox", client), first, last).ignore();
+            resp::array(&mut out, 4);
+            resp::bulk(&mut out, b"ZREMRANGEBYSCORE");
+            resp::bulk_key(&mut out, "outbox", client);
+            resp::bulk_u64(&mut out, first);
+            resp::bulk_u64(&mut out, last);
+            commands += 1;
         }
         // A plain SET of each client's highest number: one connection writes a client's
         // watermark in increasing order, and DUP is advisory in MQTT 3.1.1, so a rare race
@@ -741,17 +972,32 @@ async fn write_loop(link: Arc<Link>, mut rx: mpsc::Receiver<Write>, health: Arc<
         sent.sort_unstable();
         for (j, (client, seq)) in sent.iter().enumerate() {
             if sent.get(j + 1).is_none_or(|next| next.0 != *client) {
-                p.set(key("sent", client), *seq).ignore();
+                resp::array(&mut out, 3);
+                resp::bulk(&mut out, b"SET");
+                resp::bulk_key(&mut out, "sent", client);
+                resp::bulk_u64(&mut out, *seq);
+                commands += 1;
             }
         }
-        let mut conn = link.conn();
-        match tokio::time::timeout(CALL_TIMEOUT, p.query_async::<()>(&mut conn)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                // Lost acks come back as duplicates after a reconnect: late, never lost.
-                let _ = failed(&health, e);
+        acks.clear();
+        sent.clear();
+        // On failure the store is marked down; lost acks come back as duplicates later.
+        if let Ok(buf) = hot.round_trip(&out, commands, &health).await {
+            let mut r = Replies::new(buf);
+            let checked = (|| {
+                for _ in 0..commands {
+                    match r.next()? {
+                        Reply::Error(e) => {
+                            let _ = error_reply(&health, e);
+                        }
+                        other => r.skip(other)?,
+                    }
+                }
+                Ok(())
+            })();
+            if let Err(e) = checked {
+                let _ = out_of_step(&health, &mut hot, e);
             }
-            Err(_) => mark_down(&health, "timed out"),
         }
     }
 }
