@@ -41,20 +41,51 @@ use crate::codec::Qos;
 use crate::config::OverflowPolicy;
 use crate::metrics;
 
+/// Enqueues a batch of messages, in order: KEYS are the outbox and seq keys of each message,
+/// ARGV the cap, the drop-new flag, the TTL in ms (0: none) and each message's envelope.
+/// Returns the seq (0: rejected, outbox full) and dropped count of each message, or -1 and
+/// the error of a message whose commands failed (the others are stored all the same, as
+/// one script per message would have). The TTL of each outbox that took a message is
+/// refreshed once: the script runs at one instant, so once is the same as per message.
+///
+/// Keys of many clients in one call: fine on one Redis (plain or behind Sentinel). Redis
+/// Cluster would need one call per hash slot (group the batch by `{client}` slot).
 const ENQUEUE: &str = r#"
 local cap = tonumber(ARGV[1])
-local n = redis.call('ZCARD', KEYS[1])
-local dropped = 0
-if n >= cap then
-  if ARGV[2] == '1' then return {0, 0} end
-  dropped = n - cap + 1
-  redis.call('ZPOPMIN', KEYS[1], dropped)
+local drop_new = ARGV[2] == '1'
+local ttl = ARGV[3]
+local function one(box, counter, envelope)
+  local n = redis.call('ZCARD', box)
+  local dropped = 0
+  if n >= cap then
+    if drop_new then return 0, 0 end
+    dropped = n - cap + 1
+    redis.call('ZPOPMIN', box, dropped)
+  end
+  local seq = redis.call('INCR', counter)
+  -- One number-to-string conversion, used for the score and the member.
+  local s = tostring(seq)
+  redis.call('ZADD', box, s, s .. '|' .. envelope)
+  return seq, dropped
 end
-local seq = redis.call('INCR', KEYS[2])
-redis.call('ZADD', KEYS[1], seq, seq .. '|' .. ARGV[3])
-local ttl = tonumber(ARGV[4])
-if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
-return {seq, dropped}
+local out = {}
+local refresh = {}
+for i = 1, #ARGV - 3 do
+  local box = KEYS[2 * i - 1]
+  local ok, seq, dropped = pcall(one, box, KEYS[2 * i], ARGV[i + 3])
+  if ok then
+    out[2 * i - 1] = seq
+    out[2 * i] = dropped
+    if seq ~= 0 then refresh[box] = true end
+  else
+    out[2 * i - 1] = -1
+    out[2 * i] = type(seq) == 'table' and seq.err or tostring(seq)
+  end
+end
+if ttl ~= '0' then
+  for box in pairs(refresh) do redis.call('PEXPIRE', box, ttl) end
+end
+return out
 "#;
 
 const ATTACH: &str = r#"
@@ -778,65 +809,89 @@ async fn health_loop(link: Arc<Link>, health: Arc<Health>, scripts: Arc<Scripts>
     }
 }
 
-/// Appends one ordered write to the pipeline in `out`.
-fn encode_ordered(out: &mut BytesMut, o: &Ordered, args: &EnqueueArgs) {
-    match o {
-        Ordered::Enqueue {
-            client, qos, msg, ..
-        } => {
-            resp::array(out, 9);
-            resp::bulk(out, b"EVALSHA");
-            resp::bulk(out, args.sha.as_bytes());
-            resp::bulk(out, b"2");
+/// Appends the enqueue script for `run` (all `Ordered::Enqueue`) to the pipeline in `out`.
+fn encode_enqueues(out: &mut BytesMut, run: &[Ordered], args: &EnqueueArgs) {
+    resp::array(out, 6 + 3 * run.len());
+    resp::bulk(out, b"EVALSHA");
+    resp::bulk(out, args.sha.as_bytes());
+    resp::bulk_u64(out, 2 * run.len() as u64);
+    for o in run {
+        if let Ordered::Enqueue { client, .. } = o {
             resp::bulk_key(out, "outbox", client);
             resp::bulk_key(out, "seq", client);
-            resp::bulk_u64(out, args.cap);
-            resp::bulk(out, if args.drop_new { b"1" } else { b"0" });
+        }
+    }
+    resp::bulk_u64(out, args.cap);
+    resp::bulk(out, if args.drop_new { b"1" } else { b"0" });
+    resp::bulk_u64(out, args.ttl_ms);
+    for o in run {
+        if let Ordered::Enqueue { qos, msg, .. } = o {
             resp::bulk_header(out, envelope_len(msg));
             put_envelope(out, msg, *qos);
             resp::end(out);
-            resp::bulk_u64(out, args.ttl_ms);
-        }
-        Ordered::Retained {
-            topic, envelope, ..
-        } => {
-            resp::array(out, if envelope.is_some() { 4 } else { 3 });
-            resp::bulk(out, if envelope.is_some() { b"HSET" } else { b"HDEL" });
-            resp::bulk(out, b"herald:retained");
-            resp::bulk(out, topic.as_bytes());
-            if let Some(e) = envelope {
-                resp::bulk(out, e);
-            }
         }
     }
 }
 
-/// Reads the reply of one ordered write: the enqueue script's `{seq, dropped}`, or any
-/// integer (HSET, HDEL). An error reply is that write's failure; anything else means the
-/// stream is out of step.
-fn ordered_reply(
+/// Appends a retained write (HSET, or HDEL without an envelope) to the pipeline in `out`.
+fn encode_retained(out: &mut BytesMut, topic: &str, envelope: Option<&[u8]>) {
+    resp::array(out, if envelope.is_some() { 4 } else { 3 });
+    resp::bulk(out, if envelope.is_some() { b"HSET" } else { b"HDEL" });
+    resp::bulk(out, b"herald:retained");
+    resp::bulk(out, topic.as_bytes());
+    if let Some(e) = envelope {
+        resp::bulk(out, e);
+    }
+}
+
+/// Reads the enqueue script's reply for a run of `n` messages into `results`. An error
+/// reply fails the whole run; anything else unexpected means the stream is out of step.
+fn enqueue_replies(
     r: &mut Replies<'_>,
+    n: usize,
     health: &Health,
-) -> Result<Result<(u64, u64), StoreError>, resp::Error> {
-    let first = r.next()?;
-    Ok(match first {
-        Reply::Error(e) => Err(error_reply(health, e)),
-        Reply::Int(_) => Ok((0, 0)),
-        Reply::Array(Some(2)) => match (r.next()?, r.next()?) {
+    results: &mut Vec<Result<(u64, u64), StoreError>>,
+) -> Result<(), resp::Error> {
+    match r.next()? {
+        Reply::Array(Some(len)) if len == 2 * n => {}
+        Reply::Error(e) => {
+            let e = error_reply(health, e);
+            results.extend(std::iter::repeat_n(Err(e), n));
+            return Ok(());
+        }
+        other => {
+            return Err(resp::Error::Protocol(format!(
+                "unexpected enqueue reply {other:?}"
+            )))
+        }
+    }
+    for _ in 0..n {
+        results.push(match (r.next()?, r.next()?) {
             (Reply::Int(seq), Reply::Int(dropped)) if seq >= 0 && dropped >= 0 => {
                 Ok((seq as u64, dropped as u64))
             }
+            (Reply::Int(-1), Reply::Bulk(Some(e))) => Err(error_reply(health, e)),
             other => {
                 return Err(resp::Error::Protocol(format!(
                     "unexpected enqueue reply {other:?}"
                 )))
             }
-        },
+        });
+    }
+    Ok(())
+}
+
+/// Reads the reply of a retained write (an integer, or an error).
+fn retained_reply(
+    r: &mut Replies<'_>,
+    health: &Health,
+) -> Result<Result<(u64, u64), StoreError>, resp::Error> {
+    Ok(match r.next()? {
+        Reply::Int(_) => Ok((0, 0)),
+        Reply::Error(e) => Err(error_reply(health, e)),
         other => {
-            r.skip(other)?;
-            metrics::store_error();
-            Err(StoreError::Unavailable(format!(
-                "unexpected reply {other:?}"
+            return Err(resp::Error::Protocol(format!(
+                "unexpected retained reply {other:?}"
             )))
         }
     })
@@ -857,6 +912,9 @@ async fn ordered_loop(
 ) {
     let mut batch = Vec::with_capacity(512);
     let mut results = Vec::with_capacity(512);
+    // The batch in pipeline order: a run of this many enqueues (one script call), or 0 for
+    // a retained write.
+    let mut parts = Vec::with_capacity(16);
     let mut out = BytesMut::with_capacity(64 * 1024);
     while rx.recv_many(&mut batch, 512).await > 0 {
         if !health.up.load(Ordering::Acquire) {
@@ -869,10 +927,28 @@ async fn ordered_loop(
             continue;
         }
         out.clear();
-        for o in &batch {
-            encode_ordered(&mut out, o, &args);
+        parts.clear();
+        let mut i = 0;
+        while i < batch.len() {
+            if let Ordered::Retained {
+                topic, envelope, ..
+            } = &batch[i]
+            {
+                encode_retained(&mut out, topic, envelope.as_deref());
+                parts.push(0);
+                i += 1;
+                continue;
+            }
+            // Retained writes split runs, so that the pipeline keeps submission order.
+            let run = batch[i..]
+                .iter()
+                .take_while(|o| matches!(o, Ordered::Enqueue { .. }))
+                .count();
+            encode_enqueues(&mut out, &batch[i..i + run], &args);
+            parts.push(run);
+            i += run;
         }
-        let mut replies = batch.len();
+        let mut replies = parts.len();
         if wait_replicas > 0 {
             resp::array(&mut out, 3);
             resp::bulk(&mut out, b"WAIT");
@@ -885,8 +961,12 @@ async fn ordered_loop(
             Ok(buf) => {
                 let mut r = Replies::new(buf);
                 let parsed = (|| {
-                    for _ in 0..batch.len() {
-                        results.push(ordered_reply(&mut r, &health)?);
+                    for &n in &parts {
+                        if n == 0 {
+                            results.push(retained_reply(&mut r, &health)?);
+                        } else {
+                            enqueue_replies(&mut r, n, &health, &mut results)?;
+                        }
                     }
                     if wait_replicas == 0 {
                         return Ok(None);
