@@ -146,6 +146,8 @@ const MAX_QUEUED_WRITES: usize = 65_536;
 enum Write {
     Ack(Arc<str>, u64),
     Sent(Arc<str>, u64),
+    /// Answered once every write queued before it is applied (or given up).
+    Barrier(oneshot::Sender<()>),
 }
 
 struct Health {
@@ -437,6 +439,13 @@ impl RedisOutbox {
     }
 
     pub(super) async fn attach(&self, client: &str, clean: bool) -> Result<Attach, StoreError> {
+        // Watermarks go over the writer's own connection: wait for the ones queued so far
+        // (a connection taken over a moment ago), or this read could miss them and resend
+        // without DUP.
+        let (done, flushed) = oneshot::channel();
+        if self.writes.send(Write::Barrier(done)).await.is_ok() {
+            let _ = tokio::time::timeout(CALL_TIMEOUT, flushed).await;
+        }
         let mut conn = self.link.conn();
         let keys = [
             key("outbox", client),
@@ -1012,73 +1021,104 @@ async fn ordered_loop(
 async fn write_loop(mut hot: Hot, mut rx: mpsc::Receiver<Write>, health: Arc<Health>) {
     let mut batch = Vec::with_capacity(1024);
     let mut out = BytesMut::with_capacity(64 * 1024);
-    let (mut acks, mut sent) = (Vec::new(), Vec::new());
+    let (mut acks, mut sent, mut barriers) = (Vec::new(), Vec::new(), Vec::new());
     while rx.recv_many(&mut batch, 1024).await > 0 {
-        if !health.up.load(Ordering::Acquire) {
-            // Lost acks come back as duplicates after a reconnect: late, never lost.
-            batch.clear();
-            continue;
-        }
         for w in batch.drain(..) {
             match w {
                 Write::Ack(c, seq) => acks.push((c, seq)),
                 Write::Sent(c, seq) => sent.push((c, seq)),
+                Write::Barrier(b) => barriers.push(b),
             }
         }
-        out.clear();
-        let mut commands = 0;
-        // A device acknowledges in order, so one client's acks in a batch are mostly a run
-        // of consecutive numbers: one ZREMRANGEBYSCORE per run.
-        acks.sort_unstable();
-        let mut i = 0;
-        while i < acks.len() {
-            let (client, first) = (&acks[i].0, acks[i].1);
-            let mut last = first;
+        if health.up.load(Ordering::Acquire) {
+            apply(&mut hot, &mut out, &mut acks, &mut sent, &health).await;
+        }
+        // Lost acks (Redis down) come back as duplicates after a reconnect: late, never
+        // lost.
+        acks.clear();
+        sent.clear();
+        for b in barriers.drain(..) {
+            let _ = b.send(());
+        }
+    }
+}
+
+/// Writes one batch of acks and watermarks. On failure the store is marked down.
+async fn apply(
+    hot: &mut Hot,
+    out: &mut BytesMut,
+    acks: &mut [(Arc<str>, u64)],
+    sent: &mut [(Arc<str>, u64)],
+    health: &Health,
+) {
+    out.clear();
+    let mut commands = 0;
+    // A device acknowledges in order, so one client's acks in a batch are mostly a run of
+    // consecutive numbers: one ZREMRANGEBYSCORE per run.
+    acks.sort_unstable();
+    let mut i = 0;
+    while i < acks.len() {
+        let (client, first) = (&acks[i].0, acks[i].1);
+        let mut last = first;
+        i += 1;
+        while i < acks.len() && acks[i].0 == *client && acks[i].1 == last + 1 {
+            last += 1;
             i += 1;
-            while i < acks.len() && acks[i].0 == *client && acks[i].1 == last + 1 {
-                last += 1;
-                i += 1;
-            }
-            resp::array(&mut out, 4);
-            resp::bulk(&mut out, b"ZREMRANGEBYSCORE");
-            resp::bulk_key(&mut out, "outbox", client);
-            resp::bulk_u64(&mut out, first);
-            resp::bulk_u64(&mut out, last);
-            commands += 1;
         }
-        // A plain SET of each client's highest number: one connection writes a client's
-        // watermark in increasing order, and DUP is advisory in MQTT 3.1.1, so a rare race
-        // between two nodes costs nothing.
-        sent.sort_unstable();
-        for (j, (client, seq)) in sent.iter().enumerate() {
-            if sent.get(j + 1).is_none_or(|next| next.0 != *client) {
-                resp::array(&mut out, 3);
-                resp::bulk(&mut out, b"SET");
-                resp::bulk_key(&mut out, "sent", client);
-                resp::bulk_u64(&mut out, *seq);
+        resp::array(out, 4);
+        resp::bulk(out, b"ZREMRANGEBYSCORE");
+        resp::bulk_key(out, "outbox", client);
+        resp::bulk_u64(out, first);
+        resp::bulk_u64(out, last);
+        commands += 1;
+    }
+    // A plain SET of each client's highest number: one connection writes a client's
+    // watermark in increasing order, and DUP is advisory in MQTT 3.1.1, so a rare race
+    // between two nodes costs nothing. The watermark only matters for entries still queued,
+    // so a number acknowledged in this same batch is left out: its ack comes first in the
+    // pipeline, so the SET could only take effect with it. A client whose numbers were all
+    // acknowledged gets no SET (many of them, with devices online).
+    sent.sort_unstable();
+    let mut a = 0;
+    let mut highest = None;
+    for (j, (client, seq)) in sent.iter().enumerate() {
+        let here = (&**client, *seq);
+        while a < acks.len() && (&*acks[a].0, acks[a].1) < here {
+            a += 1;
+        }
+        if acks.get(a).is_none_or(|(c, s)| (&**c, *s) != here) {
+            highest = Some(*seq);
+        }
+        if sent.get(j + 1).is_none_or(|next| next.0 != *client) {
+            if let Some(seq) = highest.take() {
+                resp::array(out, 3);
+                resp::bulk(out, b"SET");
+                resp::bulk_key(out, "sent", client);
+                resp::bulk_u64(out, seq);
                 commands += 1;
             }
         }
-        acks.clear();
-        sent.clear();
-        // On failure the store is marked down; lost acks come back as duplicates later.
-        if let Ok(buf) = hot.round_trip(&out, commands, &health).await {
-            let mut r = Replies::new(buf);
-            let checked = (|| {
-                for _ in 0..commands {
-                    match r.next()? {
-                        Reply::Error(e) => {
-                            let _ = error_reply(&health, e);
-                        }
-                        other => r.skip(other)?,
-                    }
+    }
+    if commands == 0 {
+        return;
+    }
+    let Ok(buf) = hot.round_trip(out, commands, health).await else {
+        return;
+    };
+    let mut r = Replies::new(buf);
+    let checked = (|| {
+        for _ in 0..commands {
+            match r.next()? {
+                Reply::Error(e) => {
+                    let _ = error_reply(health, e);
                 }
-                Ok(())
-            })();
-            if let Err(e) = checked {
-                let _ = out_of_step(&health, &mut hot, e);
+                other => r.skip(other)?,
             }
         }
+        Ok(())
+    })();
+    if let Err(e) = checked {
+        let _ = out_of_step(health, hot, e);
     }
 }
 
@@ -1102,5 +1142,180 @@ mod tests {
         assert_eq!(back, m);
         assert!(decode(b"\x02garbage-----").is_none());
         assert!(decode(&[1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]).is_none());
+    }
+
+    /// A private redis-server (no persistence) on a free loopback port, killed on drop.
+    struct TestRedis {
+        child: std::process::Child,
+        port: u16,
+    }
+
+    impl TestRedis {
+        fn start() -> TestRedis {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .unwrap();
+            let child = std::process::Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server in PATH");
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(std::time::Instant::now() < deadline, "redis-server not up");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            TestRedis { child, port }
+        }
+
+        fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}/0", self.port)
+        }
+    }
+
+    impl Drop for TestRedis {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn msg(payload: &'static [u8]) -> Arc<Message> {
+        Arc::new(Message {
+            topic: "push/x".into(),
+            payload: Bytes::from_static(payload),
+            qos: Qos::AtLeastOnce,
+            retain: false,
+            expires_at: 0,
+        })
+    }
+
+    async fn outbox(redis: &TestRedis, overflow: OverflowPolicy) -> RedisOutbox {
+        let limits = Limits {
+            max_queued: 2,
+            overflow,
+            max_total: 0,
+        };
+        RedisOutbox::connect(&redis.url(), limits, Duration::from_secs(60), 0)
+            .await
+            .unwrap()
+    }
+
+    /// Enqueues submitted together share one script call: a failing client (a key of the
+    /// wrong type) fails alone, the cap applies message by message, and each outbox gets
+    /// its TTL.
+    #[tokio::test]
+    async fn one_batch_keeps_per_message_semantics() {
+        let redis = TestRedis::start();
+        let store = outbox(&redis, OverflowPolicy::DropOldest).await;
+        let mut raw = redis::Client::open(redis.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = raw.set("herald:outbox:{bad}", "x").await.unwrap();
+        let (a, bad): (Arc<str>, Arc<str>) = ("a".into(), "bad".into());
+        // Submitted before any is awaited: one pipeline, one script call.
+        let calls = [
+            store.enqueue(&a, Qos::AtLeastOnce, &msg(b"1")),
+            store.enqueue(&bad, Qos::AtLeastOnce, &msg(b"x")),
+            store.enqueue(&a, Qos::AtLeastOnce, &msg(b"2")),
+            store.enqueue(&a, Qos::AtLeastOnce, &msg(b"3")),
+        ];
+        let mut results = Vec::new();
+        for c in calls {
+            results.push(c.await);
+        }
+        assert!(matches!(results[0], Ok(Enqueued::Stored(1))));
+        assert!(results[1].is_err(), "{:?}", results[1]);
+        assert!(matches!(results[2], Ok(Enqueued::Stored(2))));
+        assert!(matches!(results[3], Ok(Enqueued::Stored(3))));
+        // Cap 2, drop oldest: 1 went.
+        let left: Vec<u64> = store
+            .fetch("a", 0, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(left, [2, 3]);
+        let ttl: i64 = raw.pttl("herald:outbox:{a}").await.unwrap();
+        assert!(ttl > 50_000, "outbox TTL {ttl}");
+        // An error reply of one command is not an outage.
+        assert!(store.check_up().is_ok());
+        assert!(matches!(
+            store.enqueue(&a, Qos::AtLeastOnce, &msg(b"4")).await,
+            Ok(Enqueued::Stored(4))
+        ));
+    }
+
+    #[tokio::test]
+    async fn drop_new_rejects_without_a_sequence_number() {
+        let redis = TestRedis::start();
+        let store = outbox(&redis, OverflowPolicy::DropNew).await;
+        let a: Arc<str> = "a".into();
+        let calls = [
+            store.enqueue(&a, Qos::AtLeastOnce, &msg(b"1")),
+            store.enqueue(&a, Qos::AtLeastOnce, &msg(b"2")),
+            store.enqueue(&a, Qos::AtLeastOnce, &msg(b"3")),
+        ];
+        let mut results = Vec::new();
+        for c in calls {
+            results.push(c.await.unwrap());
+        }
+        assert_eq!(
+            results,
+            [Enqueued::Stored(1), Enqueued::Stored(2), Enqueued::Rejected]
+        );
+        store.ack(&a, 1).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.len("a").await.unwrap() != 1 {
+            assert!(std::time::Instant::now() < deadline, "ack not applied");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            store
+                .enqueue(&a, Qos::AtLeastOnce, &msg(b"4"))
+                .await
+                .unwrap(),
+            Enqueued::Stored(3)
+        );
+    }
+
+    /// The sent watermark covers every number written and not acknowledged.
+    #[tokio::test]
+    async fn sent_watermark_skips_numbers_acknowledged_with_it() {
+        let redis = TestRedis::start();
+        let store = outbox(&redis, OverflowPolicy::DropOldest).await;
+        let mut raw = redis::Client::open(redis.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        // Queued before the writer runs: one batch. a: 5 and 7 acknowledged, 6 not; b: all.
+        for (c, seq) in [(&a, 5), (&a, 6), (&a, 7), (&b, 9)] {
+            store.mark_sent(c, seq).await;
+        }
+        for (c, seq) in [(&a, 5), (&a, 7), (&b, 9)] {
+            store.ack(c, seq).await;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let sent: Option<u64> = raw.get("herald:sent:{a}").await.unwrap();
+            if let Some(sent) = sent {
+                assert_eq!(sent, 6);
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "watermark not written"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let b_sent: Option<u64> = raw.get("herald:sent:{b}").await.unwrap();
+        assert_eq!(b_sent, None);
     }
 }
