@@ -41,59 +41,64 @@ fn protocol(why: impl Into<String>) -> Error {
     Error::Protocol(why.into())
 }
 
-/// Decimal digits of `v`, without allocating.
-struct Digits {
-    buf: [u8; 20],
-    start: usize,
+/// Writes the decimal digits of `v` ending just before `buf[end]`; returns where they start.
+fn digits(buf: &mut [u8], end: usize, mut v: u64) -> usize {
+    let mut i = end;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            return i;
+        }
+    }
 }
 
-impl Digits {
-    fn new(mut v: u64) -> Digits {
-        let mut buf = [0u8; 20];
-        let mut i = buf.len();
-        loop {
-            i -= 1;
-            buf[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        Digits { buf, start: i }
-    }
-
-    fn as_bytes(&self) -> &[u8] {
-        &self.buf[self.start..]
-    }
+/// `<kind><n>\r\n`, written with one copy (this runs a dozen times per message).
+fn header(b: &mut BytesMut, kind: u8, n: u64) {
+    let mut buf = [0u8; 24];
+    buf[21] = b'\r';
+    buf[22] = b'\n';
+    let start = digits(&mut buf, 21, n) - 1;
+    buf[start] = kind;
+    b.extend_from_slice(&buf[start..23]);
 }
 
 /// `*<n>\r\n`: a command of `n` arguments follows.
 pub(super) fn array(b: &mut BytesMut, n: usize) {
-    b.put_u8(b'*');
-    b.put_slice(Digits::new(n as u64).as_bytes());
-    b.put_slice(b"\r\n");
+    header(b, b'*', n as u64);
 }
 
 /// The header of a bulk string of `len` bytes; the caller writes exactly `len` bytes, then
 /// `end`.
 pub(super) fn bulk_header(b: &mut BytesMut, len: usize) {
-    b.put_u8(b'$');
-    b.put_slice(Digits::new(len as u64).as_bytes());
-    b.put_slice(b"\r\n");
+    header(b, b'$', len as u64);
 }
 
 pub(super) fn end(b: &mut BytesMut) {
-    b.put_slice(b"\r\n");
+    b.extend_from_slice(b"\r\n");
 }
 
 pub(super) fn bulk(b: &mut BytesMut, s: &[u8]) {
     bulk_header(b, s.len());
-    b.put_slice(s);
+    b.extend_from_slice(s);
     end(b);
 }
 
+/// `v` in decimal as a bulk string, written with one copy.
 pub(super) fn bulk_u64(b: &mut BytesMut, v: u64) {
-    bulk(b, Digits::new(v).as_bytes());
+    let mut buf = [0u8; 32];
+    buf[30] = b'\r';
+    buf[31] = b'\n';
+    let start = digits(&mut buf, 30, v);
+    let len = 30 - start;
+    // "$<len>\r\n" in front; len has at most 2 digits.
+    let mut i = start - 2;
+    buf[i] = b'\r';
+    buf[i + 1] = b'\n';
+    i = digits(&mut buf, i, len as u64) - 1;
+    buf[i] = b'$';
+    b.extend_from_slice(&buf[i..]);
 }
 
 /// The key `herald:<kind>:{<client>}` as a bulk string, written in place.
@@ -125,10 +130,19 @@ pub(super) struct Replies<'a> {
 
 /// The line at `buf[pos..]` without its CRLF, and where the next one starts; `None` if the
 /// buffer ends first.
-fn line(buf: &[u8], pos: usize) -> Option<(&[u8], usize)> {
-    let rest = buf.get(pos..)?;
-    let cr = rest.windows(2).position(|w| w == b"\r\n")?;
-    Some((&rest[..cr], pos + cr + 2))
+fn line(buf: &[u8], pos: usize) -> Result<Option<(&[u8], usize)>, Error> {
+    let Some(rest) = buf.get(pos..) else {
+        return Ok(None);
+    };
+    // Lines here (headers, integers, status and error text) never hold a CR of their own.
+    let Some(cr) = rest.iter().position(|&b| b == b'\r') else {
+        return Ok(None);
+    };
+    match rest.get(cr + 1) {
+        None => Ok(None),
+        Some(b'\n') => Ok(Some((&rest[..cr], pos + cr + 2))),
+        Some(_) => Err(protocol("CR without LF")),
+    }
 }
 
 fn int(digits: &[u8]) -> Result<i64, Error> {
@@ -152,7 +166,7 @@ fn int(digits: &[u8]) -> Result<i64, Error> {
 /// Parses one element at `pos`: the element and where the next starts, or `None` if the
 /// buffer ends first.
 fn element(buf: &[u8], pos: usize) -> Result<Option<(Reply<'_>, usize)>, Error> {
-    let Some((l, next)) = line(buf, pos) else {
+    let Some((l, next)) = line(buf, pos)? else {
         return Ok(None);
     };
     let Some((&kind, body)) = l.split_first() else {
@@ -367,8 +381,16 @@ mod tests {
             &b[..],
             &b"*3\r\n$3\r\nSET\r\n$19\r\nherald:sent:{dev|1}\r\n$13\r\n1234567890123\r\n"[..]
         );
-        assert_eq!(Digits::new(0).as_bytes(), b"0");
-        assert_eq!(Digits::new(u64::MAX).as_bytes(), b"18446744073709551615");
+        for v in [0, 7, 10, 99, 12345, u64::MAX] {
+            let mut b = BytesMut::new();
+            bulk_u64(&mut b, v);
+            let s = v.to_string();
+            assert_eq!(&b[..], format!("${}\r\n{s}\r\n", s.len()).as_bytes());
+        }
+        let mut b = BytesMut::new();
+        array(&mut b, 0);
+        bulk_header(&mut b, 1234);
+        assert_eq!(&b[..], b"*0\r\n$1234\r\n");
     }
 
     #[test]
@@ -410,7 +432,13 @@ mod tests {
         ] {
             assert_eq!(complete(partial, 0).unwrap(), None, "{partial:?}");
         }
-        for bad in [&b"?x\r\n"[..], b":1x\r\n", b"$3\r\nabcde\r\n", b"\r\n"] {
+        for bad in [
+            &b"?x\r\n"[..],
+            b":1x\r\n",
+            b"$3\r\nabcde\r\n",
+            b"\r\n",
+            b"+a\rb\r\n",
+        ] {
             assert!(complete(bad, 0).is_err(), "{bad:?}");
         }
     }
