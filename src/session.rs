@@ -346,6 +346,13 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
                     if let Err(end) = self.published(qos, pkid, r) {
                         return end;
                     }
+                    // A remote store finishes publishes in batches: acknowledge every one
+                    // that is done now, so that one write carries them all.
+                    while let Some((qos, pkid, r)) = ready_stored(&mut self.pending).await {
+                        if let Err(end) = self.published(qos, pkid, r) {
+                            return end;
+                        }
+                    }
                 }
                 r = read_some(reader, rbuf), if can_read => {
                     match r {
@@ -734,6 +741,23 @@ fn next_stored(
     poll_fn(move |cx| match pending {
         Some(p) if !p.is_empty() => p.poll_next_unpin(cx),
         _ => Poll::Pending,
+    })
+}
+
+/// A finished store of `pending` if there is one now; never waits.
+fn ready_stored(
+    pending: &mut Option<Box<FuturesOrdered<PendingPublish>>>,
+) -> impl std::future::Future<Output = Option<(Qos, u16, Result<(), StoreError>)>> + '_ {
+    // Polled with the task's own context (not a no-op waker), so a `Pending` here leaves
+    // the task registered for the next completion.
+    poll_fn(move |cx| {
+        Poll::Ready(match pending {
+            Some(p) if !p.is_empty() => match p.poll_next_unpin(cx) {
+                Poll::Ready(next) => next,
+                Poll::Pending => None,
+            },
+            _ => None,
+        })
     })
 }
 

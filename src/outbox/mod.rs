@@ -18,6 +18,7 @@
 
 mod memory;
 mod redis;
+mod resp;
 
 use std::future::{ready, Future};
 use std::sync::Arc;

@@ -15,43 +15,77 @@
 //!
 //! Enqueue and attach are one Lua call each and are awaited: the publisher's PUBACK waits for
 //! them. Acks and sent watermarks are written by a background task in pipelines: losing one
-//! only means a duplicate later, never a lost message. Many concurrent calls share one
-//! multiplexed connection, so they are pipelined by the driver; no connection is held per
-//! MQTT client.
+//! only means a duplicate later, never a lost message. No connection is held per MQTT
+//! client: the hot path (enqueues and retained writes in submission order, then acks and
+//! watermarks) runs on two connections of its own, one per writer task, speaking RESP
+//! through `resp.rs` (pipelines encoded in place, replies read in place); every other call
+//! shares one redis-rs multiplexed connection, pipelined by the driver.
 //!
 //! Availability: any I/O error or timeout marks the store down (logged once). While down,
 //! calls fail at once without touching Redis (CONNECT gets CONNACK 3, QoS 1 is not
 //! acknowledged), and one task pings Redis with backoff until it answers (logged once).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes};
+use bytes::{BufMut, Bytes, BytesMut};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::resp::{self, Replies, Reply};
 use super::{now_ms, Attach, Enqueued, Entry, Limits, Message, StoreError};
 use crate::codec::Qos;
 use crate::config::OverflowPolicy;
 use crate::metrics;
 
+/// Enqueues a batch of messages, in order: KEYS are the outbox and seq keys of each message,
+/// ARGV the cap, the drop-new flag, the TTL in ms (0: none) and each message's envelope.
+/// Returns the seq (0: rejected, outbox full) and dropped count of each message, or -1 and
+/// the error of a message whose commands failed (the others are stored all the same, as
+/// one script per message would have). The TTL of each outbox that took a message is
+/// refreshed once: the script runs at one instant, so once is the same as per message.
+///
+/// Keys of many clients in one call: fine on one Redis (plain or behind Sentinel). Redis
+/// Cluster would need one call per hash slot (group the batch by `{client}` slot).
 const ENQUEUE: &str = r#"
 local cap = tonumber(ARGV[1])
-local n = redis.call('ZCARD', KEYS[1])
-local dropped = 0
-if n >= cap then
-  if ARGV[2] == '1' then return {0, 0} end
-  dropped = n - cap + 1
-  redis.call('ZPOPMIN', KEYS[1], dropped)
+local drop_new = ARGV[2] == '1'
+local ttl = ARGV[3]
+local function one(box, counter, envelope)
+  local n = redis.call('ZCARD', box)
+  local dropped = 0
+  if n >= cap then
+    if drop_new then return 0, 0 end
+    dropped = n - cap + 1
+    redis.call('ZPOPMIN', box, dropped)
+  end
+  local seq = redis.call('INCR', counter)
+  -- One number-to-string conversion, used for the score and the member.
+  local s = tostring(seq)
+  redis.call('ZADD', box, s, s .. '|' .. envelope)
+  return seq, dropped
 end
-local seq = redis.call('INCR', KEYS[2])
-redis.call('ZADD', KEYS[1], seq, seq .. '|' .. ARGV[3])
-local ttl = tonumber(ARGV[4])
-if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
-return {seq, dropped}
+local out = {}
+local refresh = {}
+for i = 1, #ARGV - 3 do
+  local box = KEYS[2 * i - 1]
+  local ok, seq, dropped = pcall(one, box, KEYS[2 * i], ARGV[i + 3])
+  if ok then
+    out[2 * i - 1] = seq
+    out[2 * i] = dropped
+    if seq ~= 0 then refresh[box] = true end
+  else
+    out[2 * i - 1] = -1
+    out[2 * i] = type(seq) == 'table' and seq.err or tostring(seq)
+  end
+end
+if ttl ~= '0' then
+  for box in pairs(refresh) do redis.call('PEXPIRE', box, ttl) end
+end
+return out
 "#;
 
 const ATTACH: &str = r#"
@@ -69,11 +103,41 @@ return {present, sent}
 /// Upper bound on any one Redis call, so that a stalled Redis never hangs a client.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The answer to an ordered write: for an enqueue (sequence number or 0, dropped entries).
+type OrderedReply = oneshot::Sender<Result<(u64, u64), StoreError>>;
+
 /// A write whose order matters (enqueue, retained): submitted synchronously, so the order of
 /// calls is the order Redis applies them in, whatever order their futures are polled in.
-struct Ordered {
-    cmd: redis::Cmd,
-    reply: oneshot::Sender<Result<redis::Value, StoreError>>,
+/// Encoded by the writer task, straight into its pipeline buffer.
+enum Ordered {
+    Enqueue {
+        client: Arc<str>,
+        qos: Qos,
+        msg: Arc<Message>,
+        reply: OrderedReply,
+    },
+    /// HSET of the retained message of `topic`, or HDEL without an envelope.
+    Retained {
+        topic: Arc<str>,
+        envelope: Option<Vec<u8>>,
+        reply: OrderedReply,
+    },
+}
+
+impl Ordered {
+    fn reply(self) -> OrderedReply {
+        match self {
+            Ordered::Enqueue { reply, .. } | Ordered::Retained { reply, .. } => reply,
+        }
+    }
+}
+
+/// What every enqueue passes to the script besides the message.
+struct EnqueueArgs {
+    sha: String,
+    cap: u64,
+    drop_new: bool,
+    ttl_ms: u64,
 }
 
 /// Ordered writes waiting for the next pipeline; beyond this, publishes are refused (counted).
@@ -81,8 +145,9 @@ const MAX_QUEUED_WRITES: usize = 65_536;
 
 enum Write {
     Ack(Arc<str>, u64),
-    /// The watermark, and who waits for it before writing the PUBLISH.
-    Sent(Arc<str>, u64, oneshot::Sender<()>),
+    Sent(Arc<str>, u64),
+    /// Answered once every write queued before it is applied (or given up).
+    Barrier(oneshot::Sender<()>),
 }
 
 struct Health {
@@ -92,8 +157,6 @@ struct Health {
 
 pub struct RedisOutbox {
     link: Arc<Link>,
-    limits: Limits,
-    ttl_ms: u64,
     scripts: Arc<Scripts>,
     health: Arc<Health>,
     writes: mpsc::Sender<Write>,
@@ -112,8 +175,11 @@ pub fn key(kind: &str, client: &str) -> String {
     k
 }
 
-fn encode(msg: &Message, qos: Qos) -> Vec<u8> {
-    let mut b = Vec::with_capacity(13 + msg.topic.len() + msg.payload.len());
+fn envelope_len(msg: &Message) -> usize {
+    13 + msg.topic.len() + msg.payload.len()
+}
+
+fn put_envelope(b: &mut impl BufMut, msg: &Message, qos: Qos) {
     b.put_u8(1); // envelope version
     b.put_u8(qos as u8);
     b.put_u8(msg.retain as u8);
@@ -121,6 +187,11 @@ fn encode(msg: &Message, qos: Qos) -> Vec<u8> {
     b.put_u16(msg.topic.len() as u16);
     b.put_slice(msg.topic.as_bytes());
     b.put_slice(&msg.payload);
+}
+
+fn encode(msg: &Message, qos: Qos) -> Vec<u8> {
+    let mut b = Vec::with_capacity(envelope_len(msg));
+    put_envelope(&mut b, msg, qos);
     b
 }
 
@@ -212,19 +283,24 @@ impl RedisOutbox {
             wake: Notify::new(),
         });
         let (tx, rx) = mpsc::channel(MAX_QUEUED_WRITES);
-        tokio::spawn(write_loop(link.clone(), rx, health.clone()));
+        tokio::spawn(write_loop(Hot::new(&link), rx, health.clone()));
         let (ordered, orx) = mpsc::channel(MAX_QUEUED_WRITES);
+        let args = EnqueueArgs {
+            sha: scripts.enqueue.get_hash().to_string(),
+            cap: limits.max_queued as u64,
+            drop_new: limits.overflow == OverflowPolicy::DropNew,
+            ttl_ms: ttl.as_millis() as u64,
+        };
         tokio::spawn(ordered_loop(
-            link.clone(),
+            Hot::new(&link),
             orx,
             health.clone(),
+            args,
             wait_replicas,
         ));
         tokio::spawn(health_loop(link.clone(), health.clone(), scripts.clone()));
         Ok(RedisOutbox {
             link,
-            limits,
-            ttl_ms: ttl.as_millis() as u64,
             scripts,
             health,
             writes: tx,
@@ -270,46 +346,43 @@ impl RedisOutbox {
         }
     }
 
-    /// Queues `cmd` behind every write submitted before it.
-    fn submit(&self, cmd: redis::Cmd) -> oneshot::Receiver<Result<redis::Value, StoreError>> {
+    /// Queues a write behind every write submitted before it; `make` gets the reply sender.
+    fn submit(
+        &self,
+        make: impl FnOnce(OrderedReply) -> Ordered,
+    ) -> oneshot::Receiver<Result<(u64, u64), StoreError>> {
         let (reply, rx) = oneshot::channel();
         if let Err(e) = self.check_up() {
             let _ = reply.send(Err(e));
             return rx;
         }
-        if let Err(e) = self.ordered.try_send(Ordered { cmd, reply }) {
+        if let Err(e) = self.ordered.try_send(make(reply)) {
             let (why, o) = match e {
                 mpsc::error::TrySendError::Full(o) => ("store write queue full", o),
                 mpsc::error::TrySendError::Closed(o) => ("store writer stopped", o),
             };
             metrics::limit_hit("store_write_queue");
-            let _ = o.reply.send(Err(StoreError::Unavailable(why.into())));
+            let _ = o.reply().send(Err(StoreError::Unavailable(why.into())));
         }
         rx
     }
 
     pub(super) fn enqueue(
         &self,
-        client: &str,
+        client: &Arc<str>,
         qos: Qos,
-        msg: &Message,
+        msg: &Arc<Message>,
     ) -> impl std::future::Future<Output = Result<Enqueued, StoreError>> + Send + 'static {
-        let drop_new = self.limits.overflow == OverflowPolicy::DropNew;
-        let mut cmd = evalsha(
-            &self.scripts.enqueue,
-            &[key("outbox", client), key("seq", client)],
-        );
-        cmd.arg(self.limits.max_queued)
-            .arg(if drop_new { "1" } else { "0" })
-            .arg(encode(msg, qos))
-            .arg(self.ttl_ms);
-        let reply = self.submit(cmd);
+        let reply = self.submit(|reply| Ordered::Enqueue {
+            client: client.clone(),
+            qos,
+            msg: msg.clone(),
+            reply,
+        });
         async move {
-            let value = reply
+            let (seq, dropped) = reply
                 .await
                 .map_err(|_| StoreError::Unavailable("store writer stopped".into()))??;
-            let (seq, dropped): (u64, u64) = redis::from_redis_value(value)
-                .map_err(|e| StoreError::Unavailable(format!("unexpected enqueue reply: {e}")))?;
             for _ in 0..dropped {
                 metrics::dropped(metrics::Drop::OutboxFullOldest);
             }
@@ -365,14 +438,19 @@ impl RedisOutbox {
     /// failed: the message is then sent anyway, DUP being the only thing at stake).
     pub(super) async fn mark_sent(&self, client: &Arc<str>, seq: u64) -> oneshot::Receiver<()> {
         let (done, rx) = oneshot::channel();
-        let _ = self
-            .writes
-            .send(Write::Sent(client.clone(), seq, done))
-            .await;
+        let _ = self.writes.send(Write::Sent(client.clone(), seq)).await;
+        let _ = self.writes.send(Write::Barrier(done)).await;
         rx
     }
 
     pub(super) async fn attach(&self, client: &str, clean: bool) -> Result<Attach, StoreError> {
+        // Watermarks go over the writer's own connection: wait for the ones queued so far
+        // (a connection taken over a moment ago), or this read could miss them and resend
+        // without DUP.
+        let (done, flushed) = oneshot::channel();
+        if self.writes.send(Write::Barrier(done)).await.is_ok() {
+            let _ = tokio::time::timeout(CALL_TIMEOUT, flushed).await;
+        }
         let mut conn = self.link.conn();
         let keys = [
             key("outbox", client),
@@ -464,16 +542,12 @@ impl RedisOutbox {
         &self,
         msg: &Message,
     ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
-        let mut cmd = if msg.payload.is_empty() {
-            redis::cmd("HDEL")
-        } else {
-            redis::cmd("HSET")
-        };
-        cmd.arg("herald:retained").arg(&*msg.topic);
-        if !msg.payload.is_empty() {
-            cmd.arg(encode(msg, msg.qos));
-        }
-        let reply = self.submit(cmd);
+        let envelope = (!msg.payload.is_empty()).then(|| encode(msg, msg.qos));
+        let reply = self.submit(|reply| Ordered::Retained {
+            topic: msg.topic.clone(),
+            envelope,
+            reply,
+        });
         async move {
             reply
                 .await
@@ -533,7 +607,17 @@ impl RedisOutbox {
 /// every outage so that a failover is followed.
 struct Link {
     sentinel: Option<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
-    current: parking_lot::RwLock<ConnectionManager>,
+    current: parking_lot::RwLock<Current>,
+    /// Bumped when the store comes back after an outage: the hot-path connections (`Hot`)
+    /// are made again then, to whatever server `current` names.
+    epoch: AtomicU64,
+}
+
+/// The server in use: a connection manager for the cold commands, and its address and
+/// settings for the hot path's own connections.
+struct Current {
+    manager: ConnectionManager,
+    info: redis::ConnectionInfo,
 }
 
 fn manager_config() -> redis::aio::ConnectionManagerConfig {
@@ -545,40 +629,50 @@ fn manager_config() -> redis::aio::ConnectionManagerConfig {
         .set_max_delay(Duration::from_millis(500))
 }
 
-async fn manager(client: redis::Client) -> redis::RedisResult<ConnectionManager> {
-    match tokio::time::timeout(
+async fn current(client: redis::Client) -> redis::RedisResult<Current> {
+    let info = client.get_connection_info().clone();
+    let manager = match tokio::time::timeout(
         CALL_TIMEOUT,
         ConnectionManager::new_with_config(client, manager_config()),
     )
     .await
     {
-        Ok(r) => r,
-        Err(_) => Err(redis::RedisError::from(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "connect timed out",
-        ))),
-    }
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            )))
+        }
+    };
+    Ok(Current { manager, info })
 }
 
 impl Link {
     async fn open(url: &str) -> redis::RedisResult<Link> {
         let Some(rest) = url.strip_prefix("redis+sentinel://") else {
-            let current = manager(redis::Client::open(url)?).await?;
+            let current = current(redis::Client::open(url)?).await?;
             return Ok(Link {
                 sentinel: None,
                 current: parking_lot::RwLock::new(current),
+                epoch: AtomicU64::new(0),
             });
         };
         let mut sentinel = sentinel_client(rest)?;
-        let current = manager(sentinel.async_get_client().await?).await?;
+        let current = current(sentinel.async_get_client().await?).await?;
         Ok(Link {
             sentinel: Some(tokio::sync::Mutex::new(sentinel)),
             current: parking_lot::RwLock::new(current),
+            epoch: AtomicU64::new(0),
         })
     }
 
     fn conn(&self) -> ConnectionManager {
-        self.current.read().clone()
+        self.current.read().manager.clone()
+    }
+
+    fn info(&self) -> redis::ConnectionInfo {
+        self.current.read().info.clone()
     }
 
     /// After an outage: with Sentinel, connect to whoever is master now. A plain URL's
@@ -586,10 +680,69 @@ impl Link {
     async fn refresh(&self) -> redis::RedisResult<()> {
         if let Some(sentinel) = &self.sentinel {
             let client = sentinel.lock().await.async_get_client().await?;
-            let fresh = manager(client).await?;
+            let fresh = current(client).await?;
             *self.current.write() = fresh;
         }
         Ok(())
+    }
+}
+
+/// A hot-path connection of one writer task: made on first use, dropped after any failure,
+/// and made again after an outage (the server may have restarted or changed).
+struct Hot {
+    link: Arc<Link>,
+    conn: Option<resp::Conn>,
+    epoch: u64,
+}
+
+impl Hot {
+    fn new(link: &Arc<Link>) -> Hot {
+        Hot {
+            link: link.clone(),
+            conn: None,
+            epoch: 0,
+        }
+    }
+
+    /// One pipeline of `replies` commands, under the call timeout. Any failure drops the
+    /// connection and marks the store down.
+    async fn round_trip(
+        &mut self,
+        out: &[u8],
+        replies: usize,
+        health: &Health,
+    ) -> Result<&[u8], StoreError> {
+        let Hot { link, conn, epoch } = self;
+        let attempt = async {
+            let now = link.epoch.load(Ordering::Acquire);
+            let c = match conn {
+                Some(c) if *epoch == now => c,
+                _ => {
+                    *conn = None;
+                    let fresh = resp::Conn::connect(&link.info()).await?;
+                    *epoch = now;
+                    conn.insert(fresh)
+                }
+            };
+            c.round_trip(out, replies).await
+        };
+        let why = match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("redis call timed out".to_string()),
+        };
+        match why {
+            None => match conn {
+                Some(c) => Ok(c.replies()),
+                None => Err(StoreError::Unavailable("redis connection lost".into())),
+            },
+            Some(why) => {
+                *conn = None;
+                mark_down(health, &why);
+                metrics::store_error();
+                Err(StoreError::Unavailable(why))
+            }
+        }
     }
 }
 
@@ -656,6 +809,26 @@ fn failed(health: &Health, e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// An error reply on the hot path, with the same rules as `failed`.
+fn error_reply(health: &Health, e: &[u8]) -> StoreError {
+    let why = String::from_utf8_lossy(e).into_owned();
+    if e.starts_with(b"NOSCRIPT") || e.starts_with(b"READONLY") {
+        mark_down(health, &why);
+    }
+    metrics::store_error();
+    StoreError::Unavailable(why)
+}
+
+/// Redis answered out of step with what was asked: nothing on that connection can be
+/// trusted any more.
+fn out_of_step(health: &Health, hot: &mut Hot, e: resp::Error) -> StoreError {
+    hot.conn = None;
+    let why = e.to_string();
+    mark_down(health, &why);
+    metrics::store_error();
+    StoreError::Unavailable(why)
+}
+
 fn mark_down(health: &Health, why: &str) {
     if health.up.swap(false, Ordering::AcqRel) {
         tracing::error!(
@@ -678,6 +851,7 @@ async fn health_loop(link: Arc<Link>, health: Arc<Health>, scripts: Arc<Scripts>
             };
             let ready = tokio::time::timeout(CALL_TIMEOUT, attempt).await;
             if matches!(ready, Ok(Ok(()))) {
+                link.epoch.fetch_add(1, Ordering::AcqRel);
                 health.up.store(true, Ordering::Release);
                 tracing::warn!("redis available again");
                 break;
@@ -688,6 +862,94 @@ async fn health_loop(link: Arc<Link>, health: Arc<Health>, scripts: Arc<Scripts>
     }
 }
 
+/// Appends the enqueue script for `run` (all `Ordered::Enqueue`) to the pipeline in `out`.
+fn encode_enqueues(out: &mut BytesMut, run: &[Ordered], args: &EnqueueArgs) {
+    resp::array(out, 6 + 3 * run.len());
+    resp::bulk(out, b"EVALSHA");
+    resp::bulk(out, args.sha.as_bytes());
+    resp::bulk_u64(out, 2 * run.len() as u64);
+    for o in run {
+        if let Ordered::Enqueue { client, .. } = o {
+            resp::bulk_key(out, "outbox", client);
+            resp::bulk_key(out, "seq", client);
+        }
+    }
+    resp::bulk_u64(out, args.cap);
+    resp::bulk(out, if args.drop_new { b"1" } else { b"0" });
+    resp::bulk_u64(out, args.ttl_ms);
+    for o in run {
+        if let Ordered::Enqueue { qos, msg, .. } = o {
+            resp::bulk_header(out, envelope_len(msg));
+            put_envelope(out, msg, *qos);
+            resp::end(out);
+        }
+    }
+}
+
+/// Appends a retained write (HSET, or HDEL without an envelope) to the pipeline in `out`.
+fn encode_retained(out: &mut BytesMut, topic: &str, envelope: Option<&[u8]>) {
+    resp::array(out, if envelope.is_some() { 4 } else { 3 });
+    resp::bulk(out, if envelope.is_some() { b"HSET" } else { b"HDEL" });
+    resp::bulk(out, b"herald:retained");
+    resp::bulk(out, topic.as_bytes());
+    if let Some(e) = envelope {
+        resp::bulk(out, e);
+    }
+}
+
+/// Reads the enqueue script's reply for a run of `n` messages into `results`. An error
+/// reply fails the whole run; anything else unexpected means the stream is out of step.
+fn enqueue_replies(
+    r: &mut Replies<'_>,
+    n: usize,
+    health: &Health,
+    results: &mut Vec<Result<(u64, u64), StoreError>>,
+) -> Result<(), resp::Error> {
+    match r.next()? {
+        Reply::Array(Some(len)) if len == 2 * n => {}
+        Reply::Error(e) => {
+            let e = error_reply(health, e);
+            results.extend(std::iter::repeat_n(Err(e), n));
+            return Ok(());
+        }
+        other => {
+            return Err(resp::Error::Protocol(format!(
+                "unexpected enqueue reply {other:?}"
+            )))
+        }
+    }
+    for _ in 0..n {
+        results.push(match (r.next()?, r.next()?) {
+            (Reply::Int(seq), Reply::Int(dropped)) if seq >= 0 && dropped >= 0 => {
+                Ok((seq as u64, dropped as u64))
+            }
+            (Reply::Int(-1), Reply::Bulk(Some(e))) => Err(error_reply(health, e)),
+            other => {
+                return Err(resp::Error::Protocol(format!(
+                    "unexpected enqueue reply {other:?}"
+                )))
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Reads the reply of a retained write (an integer, or an error).
+fn retained_reply(
+    r: &mut Replies<'_>,
+    health: &Health,
+) -> Result<Result<(u64, u64), StoreError>, resp::Error> {
+    Ok(match r.next()? {
+        Reply::Int(_) => Ok((0, 0)),
+        Reply::Error(e) => Err(error_reply(health, e)),
+        other => {
+            return Err(resp::Error::Protocol(format!(
+                "unexpected retained reply {other:?}"
+            )))
+        }
+    })
+}
+
 /// Applies ordered writes in pipelines, in submission order: while one pipeline is out, the
 /// next one fills, so the batch size follows the load.
 ///
@@ -695,117 +957,244 @@ async fn health_loop(link: Arc<Link>, health: Arc<Health>, scripts: Arc<Scripts>
 /// once that many replicas have them, so a Sentinel failover cannot lose an acknowledged
 /// message. Without it, replication is asynchronous and a failover may lose the last writes.
 async fn ordered_loop(
-    link: Arc<Link>,
+    mut hot: Hot,
     mut rx: mpsc::Receiver<Ordered>,
     health: Arc<Health>,
+    args: EnqueueArgs,
     wait_replicas: u32,
 ) {
     let mut batch = Vec::with_capacity(512);
+    let mut results = Vec::with_capacity(512);
+    // The batch in pipeline order: a run of this many enqueues (one script call), or 0 for
+    // a retained write.
+    let mut parts = Vec::with_capacity(16);
+    let mut out = BytesMut::with_capacity(64 * 1024);
     while rx.recv_many(&mut batch, 512).await > 0 {
-        let mut p = redis::pipe();
-        p.ignore_errors();
-        let mut replies_to = Vec::with_capacity(batch.len());
-        for o in batch.drain(..) {
-            p.add_command(o.cmd);
-            replies_to.push(o.reply);
+        if !health.up.load(Ordering::Acquire) {
+            // Submitted just before the store went down: fail at once, like new calls.
+            for o in batch.drain(..) {
+                let _ = o
+                    .reply()
+                    .send(Err(StoreError::Unavailable("redis is down".into())));
+            }
+            continue;
         }
+        out.clear();
+        parts.clear();
+        let mut i = 0;
+        while i < batch.len() {
+            if let Ordered::Retained {
+                topic, envelope, ..
+            } = &batch[i]
+            {
+                encode_retained(&mut out, topic, envelope.as_deref());
+                parts.push(0);
+                i += 1;
+                continue;
+            }
+            // Retained writes split runs, so that the pipeline keeps submission order.
+            let run = batch[i..]
+                .iter()
+                .take_while(|o| matches!(o, Ordered::Enqueue { .. }))
+                .count();
+            encode_enqueues(&mut out, &batch[i..i + run], &args);
+            parts.push(run);
+            i += run;
+        }
+        let mut replies = parts.len();
         if wait_replicas > 0 {
-            p.cmd("WAIT")
-                .arg(wait_replicas)
-                .arg(CALL_TIMEOUT.as_millis() as u64 / 2);
+            resp::array(&mut out, 3);
+            resp::bulk(&mut out, b"WAIT");
+            resp::bulk_u64(&mut out, wait_replicas as u64);
+            resp::bulk_u64(&mut out, CALL_TIMEOUT.as_millis() as u64 / 2);
+            replies += 1;
         }
-        let mut conn = link.conn();
-        let replies: Result<Vec<redis::RedisResult<redis::Value>>, StoreError> =
-            match tokio::time::timeout(CALL_TIMEOUT, p.query_async(&mut conn)).await {
-                Ok(Ok(r)) => Ok(r),
-                Ok(Err(e)) => Err(failed(&health, e)),
-                Err(_) => {
-                    mark_down(&health, "timed out");
-                    Err(StoreError::Unavailable("redis call timed out".into()))
+        results.clear();
+        let outcome = match hot.round_trip(&out, replies, &health).await {
+            Ok(buf) => {
+                let mut r = Replies::new(buf);
+                let parsed = (|| {
+                    for &n in &parts {
+                        if n == 0 {
+                            results.push(retained_reply(&mut r, &health)?);
+                        } else {
+                            enqueue_replies(&mut r, n, &health, &mut results)?;
+                        }
+                    }
+                    if wait_replicas == 0 {
+                        return Ok(None);
+                    }
+                    Ok(Some(match r.next()? {
+                        Reply::Int(n) => n.max(0) as u64,
+                        other => {
+                            r.skip(other)?;
+                            0
+                        }
+                    }))
+                })();
+                match parsed {
+                    Ok(None) => Ok(()),
+                    Ok(Some(acked)) if acked >= wait_replicas as u64 => Ok(()),
+                    Ok(Some(acked)) => {
+                        metrics::store_error();
+                        Err(StoreError::Unavailable(format!(
+                            "{acked} of {wait_replicas} replicas confirmed the write"
+                        )))
+                    }
+                    Err(e) => Err(out_of_step(&health, &mut hot, e)),
                 }
-            };
-        let replies = replies.and_then(|mut r| {
-            if wait_replicas == 0 {
-                return Ok(r);
             }
-            let acked = match r.pop() {
-                Some(Ok(v)) => redis::from_redis_value::<u32>(v).unwrap_or(0),
-                _ => 0,
-            };
-            if acked < wait_replicas {
-                metrics::store_error();
-                return Err(StoreError::Unavailable(format!(
-                    "{acked} of {wait_replicas} replicas confirmed the write"
-                )));
-            }
-            Ok(r)
-        });
-        match replies {
-            Ok(replies) => {
-                for (reply, r) in replies_to.into_iter().zip(replies) {
-                    let _ = reply.send(r.map_err(|e| failed(&health, e)));
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {
+                for (o, r) in batch.drain(..).zip(results.drain(..)) {
+                    let _ = o.reply().send(r);
                 }
             }
             Err(e) => {
-                for reply in replies_to {
-                    let _ = reply.send(Err(e.clone()));
+                for o in batch.drain(..) {
+                    let _ = o.reply().send(Err(e.clone()));
                 }
             }
         }
-        // Anything not answered above (a short reply) is answered by dropping its sender.
     }
 }
 
 /// Writes acks and sent watermarks in pipelines: one round trip for everything queued.
-async fn write_loop(link: Arc<Link>, mut rx: mpsc::Receiver<Write>, health: Arc<Health>) {
+async fn write_loop(mut hot: Hot, mut rx: mpsc::Receiver<Write>, health: Arc<Health>) {
     let mut batch = Vec::with_capacity(1024);
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    let (mut acks, mut sent, mut barriers) = (Vec::new(), Vec::new(), Vec::new());
     while rx.recv_many(&mut batch, 1024).await > 0 {
-        let mut p = redis::pipe();
-        let (mut acks, mut sent, mut waiting) = (Vec::new(), Vec::new(), Vec::new());
         for w in batch.drain(..) {
             match w {
-                Write::Ack(c, seq) => acks.push((c, seq)),
-                Write::Sent(c, seq, done) => {
-                    sent.push((c, seq));
-                    waiting.push(done);
+                Write::Ack(c, seq) => acks.push(Keyed::new(c, seq)),
+                Write::Sent(c, seq) => sent.push(Keyed::new(c, seq)),
+                Write::Barrier(b) => barriers.push(b),
+            }
+        }
+        if health.up.load(Ordering::Acquire) {
+            apply(&mut hot, &mut out, &mut acks, &mut sent, &health).await;
+        }
+        // Lost acks (Redis down) come back as duplicates after a reconnect: late, never
+        // lost.
+        acks.clear();
+        sent.clear();
+        for b in barriers.drain(..) {
+            let _ = b.send(());
+        }
+    }
+}
+
+/// A client's sequence number, ordered by a hash of the client id first: sorting a batch
+/// then compares integers, not strings. Equal hashes of different clients (however rare)
+/// only split a client's numbers into more runs, which stays correct: each run is written
+/// in ascending order.
+struct Keyed {
+    hash: u64,
+    seq: u64,
+    client: Arc<str>,
+}
+
+impl Keyed {
+    fn new(client: Arc<str>, seq: u64) -> Keyed {
+        // FNV-1a: a few instructions per byte of a short id, no state.
+        let mut hash = 0xcbf2_9ce4_8422_2325_u64;
+        for &b in client.as_bytes() {
+            hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        Keyed { hash, seq, client }
+    }
+
+    fn order(&self, other: &Keyed) -> std::cmp::Ordering {
+        (self.hash, self.seq)
+            .cmp(&(other.hash, other.seq))
+            .then_with(|| self.client.cmp(&other.client))
+    }
+
+    /// Same client (a pointer comparison when both come from one connection).
+    fn same_client(&self, other: &Keyed) -> bool {
+        self.hash == other.hash && self.client == other.client
+    }
+}
+
+/// Writes one batch of acks and watermarks. On failure the store is marked down.
+async fn apply(
+    hot: &mut Hot,
+    out: &mut BytesMut,
+    acks: &mut [Keyed],
+    sent: &mut [Keyed],
+    health: &Health,
+) {
+    out.clear();
+    let mut commands = 0;
+    // A device acknowledges in order, so one client's acks in a batch are mostly a run of
+    // consecutive numbers: one ZREMRANGEBYSCORE per run.
+    acks.sort_unstable_by(Keyed::order);
+    let mut i = 0;
+    while i < acks.len() {
+        let run = &acks[i];
+        let mut last = run.seq;
+        let mut j = i + 1;
+        while j < acks.len() && acks[j].seq == last + 1 && acks[j].same_client(run) {
+            last += 1;
+            j += 1;
+        }
+        resp::array(out, 4);
+        resp::bulk(out, b"ZREMRANGEBYSCORE");
+        resp::bulk_key(out, "outbox", &run.client);
+        resp::bulk_u64(out, run.seq);
+        resp::bulk_u64(out, last);
+        commands += 1;
+        i = j;
+    }
+    // A plain SET of each client's highest number: one connection writes a client's
+    // watermark in increasing order, and DUP is advisory in MQTT 3.1.1, so a rare race
+    // between two nodes costs nothing. The watermark only matters for entries still queued,
+    // so a number acknowledged in this same batch is left out: its ack comes first in the
+    // pipeline, so the SET could only take effect with it. A client whose numbers were all
+    // acknowledged gets no SET (many of them, with devices online).
+    sent.sort_unstable_by(Keyed::order);
+    let mut a = 0;
+    let mut highest = None;
+    for (j, here) in sent.iter().enumerate() {
+        while a < acks.len() && acks[a].order(here).is_lt() {
+            a += 1;
+        }
+        if acks.get(a).is_none_or(|ack| ack.order(here).is_ne()) {
+            highest = Some(here.seq);
+        }
+        if sent.get(j + 1).is_none_or(|next| !next.same_client(here)) {
+            if let Some(seq) = highest.take() {
+                resp::array(out, 3);
+                resp::bulk(out, b"SET");
+                resp::bulk_key(out, "sent", &here.client);
+                resp::bulk_u64(out, seq);
+                commands += 1;
+            }
+        }
+    }
+    if commands == 0 {
+        return;
+    }
+    let Ok(buf) = hot.round_trip(out, commands, health).await else {
+        return;
+    };
+    let mut r = Replies::new(buf);
+    let checked = (|| {
+        for _ in 0..commands {
+            match r.next()? {
+                Reply::Error(e) => {
+                    let _ = error_reply(health, e);
                 }
+                other => r.skip(other)?,
             }
         }
-        // A device acknowledges in order, so one client's acks in a batch are mostly a run
-        // of consecutive numbers: one ZREMRANGEBYSCORE per run.
-        acks.sort_unstable();
-        let mut i = 0;
-        while i < acks.len() {
-            let (client, first) = (&acks[i].0, acks[i].1);
-            let mut last = first;
-            i += 1;
-            while i < acks.len() && acks[i].0 == *client && acks[i].1 == last + 1 {
-                last += 1;
-                i += 1;
-            }
-            p.zrembyscore(key("outbox", client), first, last).ignore();
-        }
-        // A plain SET of each client's highest number: one connection writes a client's
-        // watermark in increasing order, and DUP is advisory in MQTT 3.1.1, so a rare race
-        // between two nodes costs nothing.
-        sent.sort_unstable();
-        for (j, (client, seq)) in sent.iter().enumerate() {
-            if sent.get(j + 1).is_none_or(|next| next.0 != *client) {
-                p.set(key("sent", client), *seq).ignore();
-            }
-        }
-        let mut conn = link.conn();
-        match tokio::time::timeout(CALL_TIMEOUT, p.query_async::<()>(&mut conn)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                // Lost acks come back as duplicates after a reconnect: late, never lost.
-                let _ = failed(&health, e);
-            }
-            Err(_) => mark_down(&health, "timed out"),
-        }
-        for done in waiting {
-            let _ = done.send(());
-        }
+        Ok(())
+    })();
+    if let Err(e) = checked {
+        let _ = out_of_step(health, hot, e);
     }
 }
 
@@ -829,5 +1218,180 @@ mod tests {
         assert_eq!(back, m);
         assert!(decode(b"\x02garbage-----").is_none());
         assert!(decode(&[1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]).is_none());
+    }
+
+    /// A private redis-server (no persistence) on a free loopback port, killed on drop.
+    struct TestRedis {
+        child: std::process::Child,
+        port: u16,
+    }
+
+    impl TestRedis {
+        fn start() -> TestRedis {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .unwrap();
+            let child = std::process::Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server in PATH");
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(std::time::Instant::now() < deadline, "redis-server not up");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            TestRedis { child, port }
+        }
+
+        fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}/0", self.port)
+        }
+    }
+
+    impl Drop for TestRedis {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn msg(payload: &'static [u8]) -> Arc<Message> {
+        Arc::new(Message {
+            topic: "push/x".into(),
+            payload: Bytes::from_static(payload),
+            qos: Qos::AtLeastOnce,
+            retain: false,
+            expires_at: 0,
+        })
+    }
+
+    async fn outbox(redis: &TestRedis, overflow: OverflowPolicy) -> RedisOutbox {
+        let limits = Limits {
+            max_queued: 2,
+            overflow,
+            max_total: 0,
+        };
+        RedisOutbox::connect(&redis.url(), limits, Duration::from_secs(60), 0)
+            .await
+            .unwrap()
+    }
+
+    /// Enqueues submitted together share one script call: a failing client (a key of the
+    /// wrong type) fails alone, the cap applies message by message, and each outbox gets
+    /// its TTL.
+    #[tokio::test]
+    async fn one_batch_keeps_per_message_semantics() {
+        let redis = TestRedis::start();
+        let store = outbox(&redis, OverflowPolicy::DropOldest).await;
+        let mut raw = redis::Client::open(redis.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = raw.set("herald:outbox:{bad}", "x").await.unwrap();
+        let (a, bad): (Arc<str>, Arc<str>) = ("a".into(), "bad".into());
+        // Submitted before any is awaited: one pipeline, one script call.
+        let calls = [
+            store.enqueue(&a, Qos::AtLeastOnce, &msg(b"1")),
+            store.enqueue(&bad, Qos::AtLeastOnce, &msg(b"x")),
+            store.enqueue(&a, Qos::AtLeastOnce, &msg(b"2")),
+            store.enqueue(&a, Qos::AtLeastOnce, &msg(b"3")),
+        ];
+        let mut results = Vec::new();
+        for c in calls {
+            results.push(c.await);
+        }
+        assert!(matches!(results[0], Ok(Enqueued::Stored(1))));
+        assert!(results[1].is_err(), "{:?}", results[1]);
+        assert!(matches!(results[2], Ok(Enqueued::Stored(2))));
+        assert!(matches!(results[3], Ok(Enqueued::Stored(3))));
+        // Cap 2, drop oldest: 1 went.
+        let left: Vec<u64> = store
+            .fetch("a", 0, 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(left, [2, 3]);
+        let ttl: i64 = raw.pttl("herald:outbox:{a}").await.unwrap();
+        assert!(ttl > 50_000, "outbox TTL {ttl}");
+        // An error reply of one command is not an outage.
+        assert!(store.check_up().is_ok());
+        assert!(matches!(
+            store.enqueue(&a, Qos::AtLeastOnce, &msg(b"4")).await,
+            Ok(Enqueued::Stored(4))
+        ));
+    }
+
+    #[tokio::test]
+    async fn drop_new_rejects_without_a_sequence_number() {
+        let redis = TestRedis::start();
+        let store = outbox(&redis, OverflowPolicy::DropNew).await;
+        let a: Arc<str> = "a".into();
+        let calls = [
+            store.enqueue(&a, Qos::AtLeastOnce, &msg(b"1")),
+            store.enqueue(&a, Qos::AtLeastOnce, &msg(b"2")),
+            store.enqueue(&a, Qos::AtLeastOnce, &msg(b"3")),
+        ];
+        let mut results = Vec::new();
+        for c in calls {
+            results.push(c.await.unwrap());
+        }
+        assert_eq!(
+            results,
+            [Enqueued::Stored(1), Enqueued::Stored(2), Enqueued::Rejected]
+        );
+        store.ack(&a, 1).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.len("a").await.unwrap() != 1 {
+            assert!(std::time::Instant::now() < deadline, "ack not applied");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            store
+                .enqueue(&a, Qos::AtLeastOnce, &msg(b"4"))
+                .await
+                .unwrap(),
+            Enqueued::Stored(3)
+        );
+    }
+
+    /// The sent watermark covers every number written and not acknowledged.
+    #[tokio::test]
+    async fn sent_watermark_skips_numbers_acknowledged_with_it() {
+        let redis = TestRedis::start();
+        let store = outbox(&redis, OverflowPolicy::DropOldest).await;
+        let mut raw = redis::Client::open(redis.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        // Queued before the writer runs: one batch. a: 5 and 7 acknowledged, 6 not; b: all.
+        for (c, seq) in [(&a, 5), (&a, 6), (&a, 7), (&b, 9)] {
+            store.mark_sent(c, seq).await;
+        }
+        for (c, seq) in [(&a, 5), (&a, 7), (&b, 9)] {
+            store.ack(c, seq).await;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let sent: Option<u64> = raw.get("herald:sent:{a}").await.unwrap();
+            if let Some(sent) = sent {
+                assert_eq!(sent, 6);
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "watermark not written"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let b_sent: Option<u64> = raw.get("herald:sent:{b}").await.unwrap();
+        assert_eq!(b_sent, None);
     }
 }
