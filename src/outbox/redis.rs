@@ -1,25 +1,29 @@
 //! Redis outbox: durable, shared by every node of a cluster.
 //!
-//! Keys (all of one client under the hash tag `{cid}`, so each Lua script touches one slot and
-//! also runs on Redis Cluster):
+//! Keys (all of one client under the hash tag `{cid}`, so a script touching one client
+//! touches one slot and also runs on Redis Cluster; the enqueue script batches many clients,
+//! see `ENQUEUE` for what Cluster would need):
 //! - `herald:seq:{cid}`: INCR counter; never expires, so sequence numbers (and packet ids)
 //!   never repeat for a client while one of its connections may still hold a cursor.
 //! - `herald:outbox:{cid}`: ZSET, score = seq, member = `<seq>|<envelope>`. Its TTL is
 //!   refreshed to `message_ttl` on every enqueue; single messages expire by the time in
 //!   their envelope, checked on read.
-//! - `herald:sent:{cid}`: highest seq written to the wire (DUP on redelivery).
+//! - `herald:sent:{cid}`: highest seq written to the wire and still queued when written
+//!   (DUP on redelivery; a number acknowledged by then needs no resend, see `apply`).
 //! - `herald:session:{cid}`: present while the client has a persistent session.
 //! - `herald:subs:{cid}`: HASH filter -> QoS of a persistent session.
 //! - `herald:subscribers`: SET of client ids with subscriptions (an index read at start).
 //! - `herald:retained`: HASH topic -> envelope.
 //!
-//! Enqueue and attach are one Lua call each and are awaited: the publisher's PUBACK waits for
-//! them. Acks and sent watermarks are written by a background task in pipelines: losing one
-//! only means a duplicate later, never a lost message. No connection is held per MQTT
-//! client: the hot path (enqueues and retained writes in submission order, then acks and
-//! watermarks) runs on two connections of its own, one per writer task, speaking RESP
-//! through `resp.rs` (pipelines encoded in place, replies read in place); every other call
-//! shares one redis-rs multiplexed connection, pipelined by the driver.
+//! Enqueues and attach are awaited: the publisher's PUBACK waits for the enqueue's reply.
+//! Enqueues are queued in call order and written in pipelines, one Lua call per run of
+//! enqueues (not per message: Redis spends less per message). Acks and sent watermarks are
+//! written by a background task in pipelines: losing one only means a duplicate later (or a
+//! resend without DUP), never a lost message; attach waits for the ones queued before it.
+//! No connection is held per MQTT client: the hot path (enqueues and retained writes, then
+//! acks and watermarks) runs on two connections of its own, one per writer task, speaking
+//! RESP through `resp.rs` (pipelines encoded in place, replies read in place); every other
+//! call shares one redis-rs multiplexed connection, pipelined by the driver.
 //!
 //! Availability: any I/O error or timeout marks the store down (logged once). While down,
 //! calls fail at once without touching Redis (CONNECT gets CONNACK 3, QoS 1 is not
