@@ -18,8 +18,11 @@
 //! Enqueues and attach are awaited: the publisher's PUBACK waits for the enqueue's reply.
 //! Enqueues are queued in call order and written in pipelines, one Lua call per run of
 //! enqueues (not per message: Redis spends less per message). Acks and sent watermarks are
-//! written by a background task in pipelines: losing one only means a duplicate later (or a
-//! resend without DUP), never a lost message; attach waits for the ones queued before it.
+//! written by a background task in pipelines: losing an ack only means a duplicate later,
+//! never a lost message. A watermark is written ahead: `mark_sent` queues it with a barrier
+//! and the connection writes the PUBLISH once the barrier answers, so a resend after a crash
+//! carries DUP = 1 (if the write fails the PUBLISH still goes out, DUP being all that is at
+//! stake). Attach waits for the watermarks queued before it.
 //! No connection is held per MQTT client: the hot path (enqueues and retained writes, then
 //! acks and watermarks) runs on two connections of its own, one per writer task, speaking
 //! RESP through `resp.rs` (pipelines encoded in place, replies read in place); every other
