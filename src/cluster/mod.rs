@@ -191,20 +191,15 @@ impl Cluster {
         if let Some(p) = previous {
             tracing::warn!(node = %self.id, previous = %p, "node id was alive under another incarnation: replacing it (restart, or two nodes share an id)");
         }
+        // A new incarnation starts with no subscribers: drop the filters of the last one
+        // before anyone can see this node alive.
         let mut p = redis::pipe();
-        p.cmd("SET")
-            .arg(alive_key(&self.id))
-            .arg(self.alive_value())
-            .arg("PX")
-            .arg(self.node_ttl.as_millis() as u64)
-            .ignore()
-            .sadd("herald:nodes", &*self.id)
-            .ignore()
-            .del(filters_key(&self.id))
+        p.del(filters_key(&self.id))
             .ignore()
             .incr("herald:interest", 1)
             .ignore();
         redis.query_pipe::<()>(&p).await?;
+        self.heartbeat(redis).await?;
         tracing::info!(node = %self.id, incarnation = self.inc, advertise = %self.advertise, "joined the cluster");
         self.refresh(redis).await
     }
