@@ -19,12 +19,12 @@ use std::time::Duration;
 use dashmap::DashMap;
 use futures::future::BoxFuture;
 
-use crate::cluster::{Claim, Cluster, Frame};
+use crate::cluster::{Claim, Cluster, Frame, Route};
 use crate::codec::{min_qos, Qos};
 use crate::config::Config;
 use crate::mailbox::{Delivery, Kick, Mailbox};
 use crate::metrics;
-use crate::outbox::{now_ms, Enqueued, Message, Store, StoreError};
+use crate::outbox::{now_ms, Enqueued, Message, RouteHint, Store, StoreError};
 use crate::router::{ClientId, Router};
 use crate::topic::PushTemplate;
 
@@ -472,20 +472,21 @@ impl Broker {
         msg: Arc<Message>,
         anywhere: bool,
     ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
-        let stored = (qos != Qos::AtMostOnce).then(|| self.store.enqueue(&client, qos, &msg));
+        let stored =
+            (qos != Qos::AtMostOnce).then(|| self.store.enqueue_routed(&client, qos, &msg));
         let broker = self.clone();
         async move {
             let Some(stored) = stored else {
                 if let Some(mb) = broker.mailbox(&client) {
                     mb.push(Delivery::Direct(msg));
                 } else if anywhere {
-                    broker.forward_push(client, 0, qos, msg).await;
+                    broker.forward_push(client, 0, qos, msg, None).await;
                 }
                 return Ok(());
             };
-            let seq = match stored.await {
-                Ok(Enqueued::Stored(seq)) => seq,
-                Ok(Enqueued::Rejected) => return Ok(()),
+            let (seq, route) = match stored.await {
+                Ok((Enqueued::Stored(seq), route)) => (seq, route),
+                Ok((Enqueued::Rejected, _)) => return Ok(()),
                 Err(e) => {
                     metrics::store_error();
                     return Err(e);
@@ -495,8 +496,8 @@ impl Broker {
             // sees the entry in its first outbox read or gets this hint.
             if let Some(mb) = broker.mailbox(&client) {
                 mb.push(Delivery::Stored { seq, qos, msg });
-            } else if anywhere {
-                broker.forward_push(client, seq, qos, msg).await;
+            } else if anywhere && route.is_some() {
+                broker.forward_push(client, seq, qos, msg, route).await;
             }
             Ok(())
         }
@@ -504,14 +505,29 @@ impl Broker {
 
     /// Cluster: tells the node `client` is connected to (if another, live one) that its
     /// outbox has `seq`. A hint: if it is lost, the owner's sweep or a reconnect finds the
-    /// message in the outbox.
-    async fn forward_push(&self, client: ClientId, seq: u64, qos: Qos, msg: Arc<Message>) {
+    /// message in the outbox. `known`: the route the store read with the enqueue; without
+    /// it (QoS 0, nothing stored) the route is read here.
+    async fn forward_push(
+        &self,
+        client: ClientId,
+        seq: u64,
+        qos: Qos,
+        msg: Arc<Message>,
+        known: Option<RouteHint>,
+    ) {
         let (Some(c), Some(r)) = (&self.cluster, self.store.redis()) else {
             return;
         };
-        let route = match c.route(r, &client).await {
-            Ok(Some(route)) => route,
-            _ => return,
+        let route = match known {
+            Some(h) => Route {
+                node: h.node.into(),
+                inc: h.inc,
+                epoch: 0,
+            },
+            None => match c.route(r, &client).await {
+                Ok(Some(route)) => route,
+                _ => return,
+            },
         };
         let Some(addr) = c.live_elsewhere(r, &route).await else {
             return;

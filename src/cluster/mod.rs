@@ -10,8 +10,9 @@
 //!   "clients" are node ids), refreshed twice a second; both are hints.
 //!
 //! The path of a push to a device on another node: the receiving node stores the message
-//! in the device's outbox (Redis), acknowledges the publisher, reads the device's route and,
-//! if the route names a live node (alive key present with the route's incarnation), sends it
+//! in the device's outbox (Redis; the enqueue script also returns the device's route, read
+//! right after the store, so forwarding costs no extra round trip), acknowledges the
+//! publisher and, if the route names a live node (alive key present with the route's incarnation), sends it
 //! `{cid, seq, message}` over the node-to-node link (hop 1); the owner hands it to the
 //! connection (hop 2). A forward lost on the way (link down, node restarting) only delays the
 //! message: the owner re-reads the outbox on reconnect, and its periodic sweep wakes every

@@ -71,6 +71,13 @@ pub fn packet_id(seq: u64) -> u16 {
     (seq % 65535) as u16 + 1
 }
 
+/// Where a client was connected when its message was stored (cluster nodes, Redis store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteHint {
+    pub node: Box<str>,
+    pub inc: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enqueued {
     /// Stored under this sequence number.
@@ -124,6 +131,7 @@ impl Store {
                     limits,
                     config.session.message_ttl,
                     config.store.redis_wait_replicas,
+                    config.cluster.listen.is_some(),
                 )
                 .await?,
             )),
@@ -146,6 +154,21 @@ impl Store {
         match self {
             Store::Memory(m) => Either::Left(ready(Ok(m.enqueue(client, qos, msg)))),
             Store::Redis(r) => Either::Right(r.enqueue(client, qos, msg)),
+        }
+    }
+
+    /// `enqueue`, and where the client is connected according to the route table, read
+    /// right after the store (a cluster node with the Redis store; `None` otherwise).
+    pub fn enqueue_routed(
+        &self,
+        client: &Arc<str>,
+        qos: Qos,
+        msg: &Arc<Message>,
+    ) -> impl Future<Output = Result<(Enqueued, Option<RouteHint>), StoreError>> + Send + 'static
+    {
+        match self {
+            Store::Memory(m) => Either::Left(ready(Ok((m.enqueue(client, qos, msg), None)))),
+            Store::Redis(r) => Either::Right(r.enqueue_routed(client, qos, msg)),
         }
     }
 

@@ -43,16 +43,19 @@ use redis::{AsyncCommands, Script};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::resp::{self, Replies, Reply};
-use super::{now_ms, Attach, Enqueued, Entry, Limits, Message, StoreError};
+use super::{now_ms, Attach, Enqueued, Entry, Limits, Message, RouteHint, StoreError};
 use crate::codec::Qos;
 use crate::config::OverflowPolicy;
 use crate::metrics;
 
-/// Enqueues a batch of messages, in order: KEYS are the outbox and seq keys of each message,
-/// ARGV the cap, the drop-new flag, the TTL in ms (0: none) and each message's envelope.
-/// Returns the seq (0: rejected, outbox full) and dropped count of each message, or -1 and
-/// the error of a message whose commands failed (the others are stored all the same, as
-/// one script per message would have). The TTL of each outbox that took a message is
+/// Enqueues a batch of messages, in order: KEYS are the outbox and seq keys of each message
+/// (and, in a cluster, its route key: stride 3), ARGV the cap, the drop-new flag, the TTL in
+/// ms (0: none), the stride and each message's envelope. Returns the seq (0: rejected,
+/// outbox full) and dropped count of each message, or -1 and the error of a message whose
+/// commands failed (the others are stored all the same, as one script per message would
+/// have); with stride 3 also the route's node and incarnation (nil without a route), read
+/// after the store, so that the node that stored the message knows where to forward it
+/// without another round trip. The TTL of each outbox that took a message is
 /// refreshed once: the script runs at one instant, so once is the same as per message.
 ///
 /// Keys of many clients in one call: fine on one Redis (plain or behind Sentinel). Redis
@@ -75,18 +78,27 @@ local function one(box, counter, envelope)
   redis.call('ZADD', box, s, s .. '|' .. envelope)
   return seq, dropped
 end
+local stride = tonumber(ARGV[4])
+local per = stride == 3 and 4 or 2
 local out = {}
 local refresh = {}
-for i = 1, #ARGV - 3 do
-  local box = KEYS[2 * i - 1]
-  local ok, seq, dropped = pcall(one, box, KEYS[2 * i], ARGV[i + 3])
+for i = 1, #ARGV - 4 do
+  local k = stride * (i - 1)
+  local o = per * (i - 1)
+  local box = KEYS[k + 1]
+  local ok, seq, dropped = pcall(one, box, KEYS[k + 2], ARGV[i + 4])
   if ok then
-    out[2 * i - 1] = seq
-    out[2 * i] = dropped
+    out[o + 1] = seq
+    out[o + 2] = dropped
     if seq ~= 0 then refresh[box] = true end
   else
-    out[2 * i - 1] = -1
-    out[2 * i] = type(seq) == 'table' and seq.err or tostring(seq)
+    out[o + 1] = -1
+    out[o + 2] = type(seq) == 'table' and seq.err or tostring(seq)
+  end
+  if per == 4 then
+    local route = redis.call('HMGET', KEYS[k + 3], 'node', 'inc')
+    out[o + 3] = route[1]
+    out[o + 4] = route[2]
   end
 end
 if ttl ~= '0' then
@@ -111,7 +123,17 @@ return {present, sent}
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The answer to an ordered write: for an enqueue (sequence number or 0, dropped entries).
-type OrderedReply = oneshot::Sender<Result<(u64, u64), StoreError>>;
+type OrderedReply = oneshot::Sender<Result<Applied, StoreError>>;
+
+/// What Redis answered for one ordered write.
+#[derive(Debug, Default, Clone)]
+struct Applied {
+    /// The enqueue's sequence number (0: rejected), and entries dropped for room.
+    seq: u64,
+    dropped: u64,
+    /// The client's route after the store (cluster only).
+    route: Option<RouteHint>,
+}
 
 /// A write whose order matters (enqueue, retained): submitted synchronously, so the order of
 /// calls is the order Redis applies them in, whatever order their futures are polled in.
@@ -145,6 +167,8 @@ struct EnqueueArgs {
     cap: u64,
     drop_new: bool,
     ttl_ms: u64,
+    /// Read each receiver's route with its enqueue (a cluster node).
+    routes: bool,
 }
 
 /// Ordered writes waiting for the next pipeline; beyond this, publishes are refused (counted).
@@ -276,6 +300,7 @@ impl RedisOutbox {
         limits: Limits,
         ttl: Duration,
         wait_replicas: u32,
+        routes: bool,
     ) -> Result<RedisOutbox, StoreError> {
         let unavailable =
             |e: &dyn std::fmt::Display| StoreError::Unavailable(format!("{url}: {e}"));
@@ -297,6 +322,7 @@ impl RedisOutbox {
             cap: limits.max_queued as u64,
             drop_new: limits.overflow == OverflowPolicy::DropNew,
             ttl_ms: ttl.as_millis() as u64,
+            routes,
         };
         tokio::spawn(ordered_loop(
             Hot::new(&link),
@@ -357,7 +383,7 @@ impl RedisOutbox {
     fn submit(
         &self,
         make: impl FnOnce(OrderedReply) -> Ordered,
-    ) -> oneshot::Receiver<Result<(u64, u64), StoreError>> {
+    ) -> oneshot::Receiver<Result<Applied, StoreError>> {
         let (reply, rx) = oneshot::channel();
         if let Err(e) = self.check_up() {
             let _ = reply.send(Err(e));
@@ -380,6 +406,20 @@ impl RedisOutbox {
         qos: Qos,
         msg: &Arc<Message>,
     ) -> impl std::future::Future<Output = Result<Enqueued, StoreError>> + Send + 'static {
+        let routed = self.enqueue_routed(client, qos, msg);
+        async move { routed.await.map(|(e, _)| e) }
+    }
+
+    /// `enqueue`, with the client's route as it was right after the store (a cluster node;
+    /// `None` elsewhere or without a route).
+    pub(super) fn enqueue_routed(
+        &self,
+        client: &Arc<str>,
+        qos: Qos,
+        msg: &Arc<Message>,
+    ) -> impl std::future::Future<Output = Result<(Enqueued, Option<RouteHint>), StoreError>>
+           + Send
+           + 'static {
         let reply = self.submit(|reply| Ordered::Enqueue {
             client: client.clone(),
             qos,
@@ -387,7 +427,11 @@ impl RedisOutbox {
             reply,
         });
         async move {
-            let (seq, dropped) = reply
+            let Applied {
+                seq,
+                dropped,
+                route,
+            } = reply
                 .await
                 .map_err(|_| StoreError::Unavailable("store writer stopped".into()))??;
             for _ in 0..dropped {
@@ -395,10 +439,10 @@ impl RedisOutbox {
             }
             if seq == 0 {
                 metrics::dropped(metrics::Drop::OutboxFullNew);
-                return Ok(Enqueued::Rejected);
+                return Ok((Enqueued::Rejected, None));
             }
             metrics::stored();
-            Ok(Enqueued::Stored(seq))
+            Ok((Enqueued::Stored(seq), route))
         }
     }
 
@@ -871,19 +915,24 @@ async fn health_loop(link: Arc<Link>, health: Arc<Health>, scripts: Arc<Scripts>
 
 /// Appends the enqueue script for `run` (all `Ordered::Enqueue`) to the pipeline in `out`.
 fn encode_enqueues(out: &mut BytesMut, run: &[Ordered], args: &EnqueueArgs) {
-    resp::array(out, 6 + 3 * run.len());
+    let stride = if args.routes { 3 } else { 2 };
+    resp::array(out, 7 + (stride + 1) * run.len());
     resp::bulk(out, b"EVALSHA");
     resp::bulk(out, args.sha.as_bytes());
-    resp::bulk_u64(out, 2 * run.len() as u64);
+    resp::bulk_u64(out, (stride * run.len()) as u64);
     for o in run {
         if let Ordered::Enqueue { client, .. } = o {
             resp::bulk_key(out, "outbox", client);
             resp::bulk_key(out, "seq", client);
+            if args.routes {
+                resp::bulk_key(out, "route", client);
+            }
         }
     }
     resp::bulk_u64(out, args.cap);
     resp::bulk(out, if args.drop_new { b"1" } else { b"0" });
     resp::bulk_u64(out, args.ttl_ms);
+    resp::bulk_u64(out, stride as u64);
     for o in run {
         if let Ordered::Enqueue { qos, msg, .. } = o {
             resp::bulk_header(out, envelope_len(msg));
@@ -909,11 +958,13 @@ fn encode_retained(out: &mut BytesMut, topic: &str, envelope: Option<&[u8]>) {
 fn enqueue_replies(
     r: &mut Replies<'_>,
     n: usize,
+    routes: bool,
     health: &Health,
-    results: &mut Vec<Result<(u64, u64), StoreError>>,
+    results: &mut Vec<Result<Applied, StoreError>>,
 ) -> Result<(), resp::Error> {
+    let per = if routes { 4 } else { 2 };
     match r.next()? {
-        Reply::Array(Some(len)) if len == 2 * n => {}
+        Reply::Array(Some(len)) if len == per * n => {}
         Reply::Error(e) => {
             let e = error_reply(health, e);
             results.extend(std::iter::repeat_n(Err(e), n));
@@ -926,17 +977,41 @@ fn enqueue_replies(
         }
     }
     for _ in 0..n {
-        results.push(match (r.next()?, r.next()?) {
-            (Reply::Int(seq), Reply::Int(dropped)) if seq >= 0 && dropped >= 0 => {
-                Ok((seq as u64, dropped as u64))
-            }
+        let mut applied = match (r.next()?, r.next()?) {
+            (Reply::Int(seq), Reply::Int(dropped)) if seq >= 0 && dropped >= 0 => Ok(Applied {
+                seq: seq as u64,
+                dropped: dropped as u64,
+                route: None,
+            }),
             (Reply::Int(-1), Reply::Bulk(Some(e))) => Err(error_reply(health, e)),
             other => {
                 return Err(resp::Error::Protocol(format!(
                     "unexpected enqueue reply {other:?}"
                 )))
             }
-        });
+        };
+        if routes {
+            let route = match (r.next()?, r.next()?) {
+                (Reply::Bulk(Some(node)), Reply::Bulk(Some(inc))) => {
+                    let node = std::str::from_utf8(node).ok();
+                    let inc = std::str::from_utf8(inc).ok().and_then(|i| i.parse().ok());
+                    node.zip(inc).map(|(node, inc)| RouteHint {
+                        node: Box::from(node),
+                        inc,
+                    })
+                }
+                (Reply::Bulk(_), Reply::Bulk(_)) => None,
+                other => {
+                    return Err(resp::Error::Protocol(format!(
+                        "unexpected route in enqueue reply {other:?}"
+                    )))
+                }
+            };
+            if let Ok(a) = &mut applied {
+                a.route = route;
+            }
+        }
+        results.push(applied);
     }
     Ok(())
 }
@@ -945,9 +1020,9 @@ fn enqueue_replies(
 fn retained_reply(
     r: &mut Replies<'_>,
     health: &Health,
-) -> Result<Result<(u64, u64), StoreError>, resp::Error> {
+) -> Result<Result<Applied, StoreError>, resp::Error> {
     Ok(match r.next()? {
-        Reply::Int(_) => Ok((0, 0)),
+        Reply::Int(_) => Ok(Applied::default()),
         Reply::Error(e) => Err(error_reply(health, e)),
         other => {
             return Err(resp::Error::Protocol(format!(
@@ -1025,7 +1100,7 @@ async fn ordered_loop(
                         if n == 0 {
                             results.push(retained_reply(&mut r, &health)?);
                         } else {
-                            enqueue_replies(&mut r, n, &health, &mut results)?;
+                            enqueue_replies(&mut r, n, args.routes, &health, &mut results)?;
                         }
                     }
                     if wait_replicas == 0 {
@@ -1276,14 +1351,59 @@ mod tests {
     }
 
     async fn outbox(redis: &TestRedis, overflow: OverflowPolicy) -> RedisOutbox {
+        outbox_with(redis, overflow, false).await
+    }
+
+    async fn outbox_with(redis: &TestRedis, overflow: OverflowPolicy, routes: bool) -> RedisOutbox {
         let limits = Limits {
             max_queued: 2,
             overflow,
             max_total: 0,
         };
-        RedisOutbox::connect(&redis.url(), limits, Duration::from_secs(60), 0)
+        RedisOutbox::connect(&redis.url(), limits, Duration::from_secs(60), 0, routes)
             .await
             .unwrap()
+    }
+
+    /// A cluster node reads each receiver's route with its enqueue: present, absent, and a
+    /// failing client in the same script call.
+    #[tokio::test]
+    async fn routed_enqueue_returns_the_route_read_after_the_store() {
+        let redis = TestRedis::start();
+        let store = outbox_with(&redis, OverflowPolicy::DropOldest, true).await;
+        let mut raw = redis::Client::open(redis.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = raw
+            .hset_multiple(
+                "herald:route:{a}",
+                &[("node", "n1"), ("inc", "42"), ("epoch", "3")],
+            )
+            .await
+            .unwrap();
+        let _: () = raw.set("herald:outbox:{bad}", "x").await.unwrap();
+        let (a, b, bad): (Arc<str>, Arc<str>, Arc<str>) = ("a".into(), "b".into(), "bad".into());
+        let calls = [
+            store.enqueue_routed(&a, Qos::AtLeastOnce, &msg(b"1")),
+            store.enqueue_routed(&bad, Qos::AtLeastOnce, &msg(b"x")),
+            store.enqueue_routed(&b, Qos::AtLeastOnce, &msg(b"2")),
+        ];
+        let mut results = Vec::new();
+        for c in calls {
+            results.push(c.await);
+        }
+        let hint = RouteHint {
+            node: "n1".into(),
+            inc: 42,
+        };
+        assert_eq!(
+            results[0].as_ref().unwrap(),
+            &(Enqueued::Stored(1), Some(hint))
+        );
+        assert!(results[1].is_err(), "{:?}", results[1]);
+        assert_eq!(results[2].as_ref().unwrap(), &(Enqueued::Stored(1), None));
     }
 
     /// Enqueues submitted together share one script call: a failing client (a key of the
