@@ -582,8 +582,12 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
                 if self.backlog || seq < self.next_seq {
                     return;
                 }
-                let in_order =
-                    seq == self.next_seq || self.next_seq == 0 && self.inflight.is_empty();
+                // Before the first entry of a connection there is no cursor to compare with
+                // (`next_seq` 0), and hints may arrive out of order (a remote store finishes
+                // publishes in batches, and their futures run in any order): taking the
+                // first hint as the start could skip a lower number whose hint comes next.
+                // The first entry is read from the outbox instead, once per connection.
+                let in_order = seq == self.next_seq && self.next_seq != 0;
                 if in_order
                     && self.window_free() > 0
                     && self.send_entry(Entry { seq, qos, msg }).await
