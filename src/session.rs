@@ -589,9 +589,11 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
                 if self.backlog || seq < self.next_seq {
                     return;
                 }
-                // Before the first entry is read the connection does not know where the
-                // outbox starts: hints (from several publishers, or forwarded by other nodes)
-                // may arrive out of order, so the outbox is read instead.
+                // Before the first entry of a connection there is no cursor to compare with
+                // (`next_seq` 0), and hints may arrive out of order (a remote store finishes
+                // publishes in batches, forwards from other nodes overtake each other):
+                // taking the first hint as the start could skip a lower number whose hint
+                // comes next. The first entry is read from the outbox instead.
                 let in_order = seq == self.next_seq && self.next_seq != 0;
                 if in_order
                     && self.window_free() > 0
