@@ -111,15 +111,6 @@ SETUPS=()
 [ "$PLAIN" = 1 ] && SETUPS+=(plain)
 SETUPS+=(local forwarded)
 
-selected() {
-    [ -z "$ONLY" ] && return 0
-    local w
-    for w in $ONLY; do
-        case "$1" in "$w"*) return 0 ;; esac
-    done
-    return 1
-}
-
 if [ "$BUILD" = 1 ]; then
     echo "bench-cluster: building herald and herald-bench (release)" >&2
     "$CARGO" build --release --bin herald --bin herald-bench >&2
@@ -133,7 +124,6 @@ if [ -z "$REDIS_BIN" ]; then
     echo "bench-cluster: redis-server is not installed (Debian: apt-get install redis-server)" >&2
     exit 2
 fi
-REDIS_CLI=$(command -v redis-cli || true)
 
 PIN_NODE=()
 PIN_BENCH=()
@@ -146,109 +136,19 @@ else
     echo "bench-cluster: fewer than 2 cores or no taskset: nothing is pinned" >&2
 fi
 
+ME=bench-cluster
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/herald-bench-cluster.XXXXXX")
 STARTED=()
-cleanup() {
-    local pid
-    for pid in "${STARTED[@]+"${STARTED[@]}"}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${STARTED[@]+"${STARTED[@]}"}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    rm -rf "$TMP"
-}
+# shellcheck source=scripts/bench-lib.sh
+source "$ROOT/scripts/bench-lib.sh"
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 OUT=${OUT:-$ROOT/target/bench/cluster-$MODE-$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 
-port_in_use() {
-    if command -v ss >/dev/null; then
-        ss -Htan "sport = :$1" 2>/dev/null | grep -q .
-    else
-        (echo -n >"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-    fi
-}
-
 # FREE := a free loopback port below the ephemeral range, never 1883 or 6379, and never one
 # handed out earlier in this run (a process may not have bound it yet).
-TAKEN=" "
-FREE=
-free_port() {
-    local p i
-    for i in $(seq 1 500); do
-        p=$((20000 + RANDOM % 12000))
-        case $p in 1883 | 6379) continue ;; esac
-        [[ "$TAKEN" == *" $p "* ]] && continue
-        port_in_use "$p" && continue
-        TAKEN+="$p "
-        FREE=$p
-        return 0
-    done
-    echo "bench-cluster: no free port found" >&2
-    return 1
-}
-
-# wait_port WHAT PID PORT LOG
-wait_port() {
-    local what=$1 pid=$2 port=$3 log=$4 i
-    for i in $(seq 1 100); do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "bench-cluster: $what exited at start; its log:" >&2
-            tail -20 "$log" >&2 || true
-            return 1
-        fi
-        (echo -n >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "bench-cluster: $what does not listen on $port after 10 s" >&2
-    return 1
-}
-
-# stop_pid PID: TERM, up to 10 s, then KILL; only a process this script started.
-stop_pid() {
-    local pid=$1 i p keep=()
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 100); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    for p in "${STARTED[@]+"${STARTED[@]}"}"; do
-        [ "$p" = "$pid" ] || keep+=("$p")
-    done
-    STARTED=("${keep[@]+"${keep[@]}"}")
-}
-
-REDIS_PID=
-REDIS_PORT=
-REDIS_LOG=
-start_redis() {
-    free_port || return 1
-    REDIS_PORT=$FREE
-    local dir=$TMP/redis-$REDIS_PORT
-    mkdir -p "$dir"
-    REDIS_LOG=$dir/redis.log
-    "${PIN_NODE[@]}" "$REDIS_BIN" --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$dir" \
-        --appendonly yes --appendfsync everysec --save "" --daemonize no \
-        --logfile "" >"$REDIS_LOG" 2>&1 &
-    REDIS_PID=$!
-    STARTED+=("$REDIS_PID")
-    wait_port redis-server "$REDIS_PID" "$REDIS_PORT" "$REDIS_LOG" || return 1
-    # Listening comes before the AOF is loaded: wait for PONG when redis-cli is at hand.
-    if [ -n "$REDIS_CLI" ]; then
-        local i
-        for i in $(seq 1 100); do
-            [ "$("$REDIS_CLI" -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ] && return 0
-            sleep 0.1
-        done
-        echo "bench-cluster: redis-server on $REDIS_PORT does not answer PING" >&2
-        return 1
-    fi
-}
 
 NODE_PIDS=()
 NODE_PORTS=()
@@ -305,7 +205,7 @@ run_case() {
     NODE_METRICS=()
     NODE_LOGS=()
     local ok=1
-    start_redis || ok=0
+    start_redis "${PIN_NODE[@]+"${PIN_NODE[@]}"}" || ok=0
     if [ "$ok" = 1 ]; then
         case $setup in
         plain) start_node - 0 || ok=0 ;;

@@ -132,15 +132,6 @@ smoke) CASES=(
 ) ;;
 esac
 
-selected() {
-    [ -z "$ONLY" ] && return 0
-    local w
-    for w in $ONLY; do
-        case "$1" in "$w"*) return 0 ;; esac
-    done
-    return 1
-}
-
 if [ "$BUILD" = 1 ]; then
     echo "bench: building herald and herald-bench (release)" >&2
     "$CARGO" build --release --bin herald --bin herald-bench >&2
@@ -185,18 +176,11 @@ if [ "$MODE" != smoke ]; then
     fi
 fi
 
+ME=bench
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/herald-bench.XXXXXX")
 STARTED=()
-cleanup() {
-    local pid
-    for pid in "${STARTED[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${STARTED[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    rm -rf "$TMP"
-}
+# shellcheck source=scripts/bench-lib.sh
+source "$ROOT/scripts/bench-lib.sh"
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -210,84 +194,22 @@ if [ -z "$OUT" ]; then
 fi
 mkdir -p "$OUT"
 
-port_in_use() {
-    if command -v ss >/dev/null; then
-        ss -Htan "sport = :$1" 2>/dev/null | grep -q .
-    else
-        (echo -n >"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-    fi
-}
-
-# A free loopback port below the ephemeral range (so no client socket can hold it), never
-# MQTT's 1883 or Redis's 6379.
-free_port() {
-    local p i
-    for i in $(seq 1 500); do
-        p=$((20000 + RANDOM % 12000))
-        case $p in 1883 | 6379) continue ;; esac
-        port_in_use "$p" || { echo "$p"; return 0; }
-    done
-    echo "bench: no free port found" >&2
-    return 1
-}
-
 BROKER_PID=
 BROKER_PORT=
 BROKER_LOG=
-# redis-server behind Herald (redis), while a herald-redis case runs.
-STORE_PID=
-STORE_PORT=
-STORE_LOG=
-
-# wait_port WHAT PID PORT LOG
-wait_port() {
-    local what=$1 pid=$2 port=$3 log=$4 i
-    for i in $(seq 1 100); do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "bench: $what exited at start; its log:" >&2
-            cat "$log" >&2 || true
-            return 1
-        fi
-        (echo -n >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "bench: $what does not listen on $port after 10 s" >&2
-    return 1
-}
-
-# A fresh redis-server: free port, empty directory, AOF on (fsync every second), no RDB.
-start_redis() {
-    STORE_PORT=$(free_port)
-    local dir=$TMP/redis-$STORE_PORT
-    mkdir -p "$dir"
-    STORE_LOG=$dir/redis.log
-    "${PIN_REDIS[@]}" "$REDIS_BIN" --bind 127.0.0.1 --port "$STORE_PORT" --dir "$dir" \
-        --appendonly yes --appendfsync everysec --save "" --daemonize no \
-        --logfile "" >"$STORE_LOG" 2>&1 &
-    STORE_PID=$!
-    STARTED+=("$STORE_PID")
-    wait_port redis-server "$STORE_PID" "$STORE_PORT" "$STORE_LOG" || return 1
-    # Listening comes before the AOF is loaded: wait for PONG when redis-cli is at hand.
-    if command -v redis-cli >/dev/null; then
-        local i
-        for i in $(seq 1 100); do
-            [ "$(redis-cli -h 127.0.0.1 -p "$STORE_PORT" ping 2>/dev/null)" = PONG ] && return 0
-            sleep 0.1
-        done
-        echo "bench: redis-server on $STORE_PORT does not answer PING" >&2
-        return 1
-    fi
-}
+# redis-server behind Herald (redis), while a herald-redis case runs: REDIS_PID, REDIS_PORT
+# and REDIS_LOG (set by start_redis).
 
 # start_broker herald|herald-redis|mosquitto CPUS...
 start_broker() {
     local kind=$1
     shift
-    STORE_PID=
+    REDIS_PID=
     if [ "$kind" = herald-redis ]; then
-        start_redis || return 1
+        start_redis "${PIN_REDIS[@]}" || return 1
     fi
-    BROKER_PORT=$(free_port)
+    free_port || return 1
+    BROKER_PORT=$FREE
     local dir=$TMP/$kind-$BROKER_PORT
     mkdir -p "$dir"
     BROKER_LOG=$dir/broker.log
@@ -297,7 +219,7 @@ start_broker() {
         ;;
     herald-redis)
         "$@" "$HERALD" --listen "127.0.0.1:$BROKER_PORT" --log-level warn \
-            --store redis --redis-url "redis://127.0.0.1:$STORE_PORT/0" >"$BROKER_LOG" 2>&1 &
+            --store redis --redis-url "redis://127.0.0.1:$REDIS_PORT/0" >"$BROKER_LOG" 2>&1 &
         ;;
     mosquitto)
         cat >"$dir/mosquitto.conf" <<EOF
@@ -324,29 +246,11 @@ EOF
     wait_port "the broker" "$BROKER_PID" "$BROKER_PORT" "$BROKER_LOG"
 }
 
-# stop_pid PID: TERM, up to 10 s, then KILL; only a process this script started.
-stop_pid() {
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 100); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    local keep=()
-    local p
-    for p in "${STARTED[@]}"; do
-        [ "$p" = "$pid" ] || keep+=("$p")
-    done
-    STARTED=("${keep[@]+"${keep[@]}"}")
-}
-
 # The broker first, then its store (Herald may still write to Redis on the way out).
 stop_broker() {
     stop_pid "$BROKER_PID"
-    if [ -n "$STORE_PID" ]; then
-        stop_pid "$STORE_PID"
+    if [ -n "$REDIS_PID" ]; then
+        stop_pid "$REDIS_PID"
     fi
 }
 
@@ -361,11 +265,11 @@ run_case() {
     # shellcheck disable=SC2086
     if ! start_broker "$kind" $pin; then
         FAILED+=("$col/$name (broker did not start)")
-        [ -n "$STORE_PID" ] && stop_pid "$STORE_PID"
+        [ -n "$REDIS_PID" ] && stop_pid "$REDIS_PID"
         return 0
     fi
     local rc store=()
-    [ -n "$STORE_PID" ] && store=(--store-pid "$STORE_PID")
+    [ -n "$REDIS_PID" ] && store=(--store-pid "$REDIS_PID")
     set +e
     # shellcheck disable=SC2086
     "${PIN_BENCH[@]}" "$BENCH" "$scenario" --port "$BROKER_PORT" --broker-pid "$BROKER_PID" \
@@ -377,13 +281,13 @@ run_case() {
         echo "bench: the broker died during $name; its log:" >&2
         tail -20 "$BROKER_LOG" >&2 || true
     fi
-    if [ -n "$STORE_PID" ] && ! kill -0 "$STORE_PID" 2>/dev/null; then
+    if [ -n "$REDIS_PID" ] && ! kill -0 "$REDIS_PID" 2>/dev/null; then
         echo "bench: redis-server died during $name; its log:" >&2
-        tail -20 "$STORE_LOG" >&2 || true
+        tail -20 "$REDIS_LOG" >&2 || true
     fi
     stop_broker
     cp "$BROKER_LOG" "$OUT/$col/$name.broker.log" 2>/dev/null || true
-    [ -n "$STORE_PID" ] && { cp "$STORE_LOG" "$OUT/$col/$name.redis.log" 2>/dev/null || true; }
+    [ -n "$REDIS_PID" ] && { cp "$REDIS_LOG" "$OUT/$col/$name.redis.log" 2>/dev/null || true; }
     [ "$rc" = 0 ] || FAILED+=("$col/$name")
 }
 
