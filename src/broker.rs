@@ -219,7 +219,8 @@ impl Broker {
                 client: client.clone(),
                 epoch: prev.epoch,
             };
-            c.send(&prev.node, addr, kick, false);
+            // A lost kick is found by the sweep (the route names a newer epoch).
+            let _ = c.send(&prev.node, addr, kick, false);
         }
     }
 
@@ -540,7 +541,7 @@ impl Broker {
             qos,
             msg,
         };
-        c.send(&route.node, addr, frame, false);
+        let _ = c.send(&route.node, addr, frame, false);
     }
 
     /// Cluster sweep: closes local connections whose client connected to another node since

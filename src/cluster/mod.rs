@@ -371,31 +371,29 @@ impl Cluster {
         info
     }
 
-    /// Hands `frame` to the link towards `node` (created on first use). With `ack`, the
-    /// returned receiver completes once the peer acknowledged it.
-    pub fn send(
+    /// Hands `frame` to the link towards `node` (created on first use). `Err` (counted) if
+    /// the link's queue is full; with `ack`, the receiver completes once the peer
+    /// acknowledged the frame.
+    pub(crate) fn send(
         &self,
         node: &str,
         addr: SocketAddr,
         frame: Frame,
         ack: bool,
-    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
+    ) -> Result<Option<tokio::sync::oneshot::Receiver<()>>, ()> {
         let mut peers = self.peers.lock();
-        let peer = match peers.get(node) {
-            Some(p) if p.addr == addr && !p.is_closed() => p,
-            _ => {
-                let p = link::Peer::start(addr, format!("$herald/{}/{}", self.id, self.inc));
-                peers.insert(Arc::from(node), p);
-                peers.get(node)?
-            }
-        };
-        match peer.send(frame, ack) {
-            Ok(r) => Some(r.unwrap_or_else(|| tokio::sync::oneshot::channel().1)),
-            Err(()) => {
-                metrics::forward_failed();
-                None
-            }
+        if !peers
+            .get(node)
+            .is_some_and(|p| p.addr == addr && !p.is_closed())
+        {
+            let p = link::Peer::start(addr, format!("$herald/{}/{}", self.id, self.inc));
+            peers.insert(Arc::from(node), p);
         }
+        let sent = peers.get(node).map_or(Err(()), |p| p.send(frame, ack));
+        if sent.is_err() {
+            metrics::forward_failed();
+        }
+        sent
     }
 
     /// Nodes other than this one that must see a publish on `topic`.
@@ -434,13 +432,8 @@ impl Cluster {
                 msg: msg.clone(),
             };
             metrics::forwarded(metrics::Forward::Publish);
-            match self.send(&node, info.addr, frame, ack) {
-                Some(rx) if ack => waits.push((node, rx)),
-                Some(_) => {}
-                None if ack => {
-                    waits.push((node, tokio::sync::oneshot::channel().1));
-                }
-                None => {}
+            if let Ok(Some(rx)) = self.send(&node, info.addr, frame, ack) {
+                waits.push((node, rx));
             }
         }
         Some(async move {
