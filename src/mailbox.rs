@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use futures::task::AtomicWaker;
 use parking_lot::Mutex;
-use std::future::{poll_fn, Future};
-use std::task::Poll;
+
+use std::task::{Context, Poll};
 use tokio::sync::Notify;
 
 use crate::codec::Qos;
@@ -127,20 +127,18 @@ impl Mailbox {
         self.lost_hint.swap(false, Ordering::AcqRel)
     }
 
-    /// Resolves when something was pushed or the connection was kicked since the last time
-    /// it resolved. Only one task may wait.
-    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
-        poll_fn(move |cx| {
-            if self.signal.swap(false, Ordering::AcqRel) {
-                return Poll::Ready(());
-            }
-            self.waker.register(cx.waker());
-            if self.signal.swap(false, Ordering::AcqRel) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
+    /// Ready when something was pushed or the connection was kicked since the last time it
+    /// was ready. Only one task may wait.
+    pub fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.signal.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        if self.signal.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
     /// Asks the connection to close. The first reason sticks.

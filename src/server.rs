@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use futures::FutureExt;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -180,25 +181,31 @@ async fn accept_loop(
             drop(stream);
             continue;
         }
-        active.fetch_add(1, Ordering::Relaxed);
-        let (broker, shutdown, active) = (broker.clone(), shutdown.clone(), active.clone());
-        tracker.spawn(async move {
-            metrics::connection_opened();
-            serve_tcp(broker, stream, peer, shutdown).await;
-            metrics::connection_closed();
-            active.fetch_sub(1, Ordering::Relaxed);
-        });
+        let open = Open::new(active.clone());
+        let _ = stream.set_nodelay(true);
+        // `map` holds the counter next to the connection's future; an async block awaiting
+        // it would hold the future twice (every idle connection pays for its task's size).
+        let conn = Connection::new(broker.clone(), stream, peer, shutdown.clone()).run();
+        tracker.spawn(conn.map(move |()| drop(open)));
     }
 }
 
-async fn serve_tcp(
-    broker: Arc<Broker>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    shutdown: CancellationToken,
-) {
-    let _ = stream.set_nodelay(true);
-    Connection::new(broker, stream, peer, shutdown).run().await;
+/// One open connection, counted for `max_connections` and the metrics until dropped.
+struct Open(Arc<AtomicUsize>);
+
+impl Open {
+    fn new(active: Arc<AtomicUsize>) -> Open {
+        active.fetch_add(1, Ordering::Relaxed);
+        metrics::connection_opened();
+        Open(active)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        metrics::connection_closed();
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// For the default node id.

@@ -22,10 +22,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures::stream::{FuturesOrdered, StreamExt};
 use mqttbytes::v4::{Connect, Publish};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -43,17 +43,18 @@ thread_local! {
 }
 
 /// Reads whatever the socket has into `dst` without keeping a buffer of its own while idle.
-async fn read_some<R: AsyncRead + Unpin>(reader: &mut R, dst: &mut BytesMut) -> io::Result<usize> {
-    poll_fn(|cx| {
-        SCRATCH.with(|s| {
-            let mut s = s.borrow_mut();
-            let mut rb = ReadBuf::new(&mut s[..]);
-            ready!(Pin::new(&mut *reader).poll_read(cx, &mut rb))?;
-            dst.extend_from_slice(rb.filled());
-            Poll::Ready(Ok(rb.filled().len()))
-        })
+fn poll_read_some<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    cx: &mut Context<'_>,
+    dst: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let mut rb = ReadBuf::new(&mut s[..]);
+        ready!(Pin::new(&mut *reader).poll_read(cx, &mut rb))?;
+        dst.extend_from_slice(rb.filled());
+        Poll::Ready(Ok(rb.filled().len()))
     })
-    .await
 }
 
 /// Why a connection ended.
@@ -89,22 +90,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
         }
     }
 
-    /// This future's size is what every idle connection's task costs, so only the serving
-    /// loop is inline; the other stages are boxed (built in a plain function: an async fn
-    /// keeps room for every future it builds inline) and exist only while they run.
-    pub async fn run(self) {
-        let handshake = stage(self.handshake());
-        let Some((connect, stream, rbuf, broker, peer, shutdown)) = handshake.await else {
-            return;
-        };
-        let (reader, writer) = tokio::io::split(stream);
-        let start = stage(Session::start(broker, connect, peer, writer, shutdown));
-        let Some(session) = start.await else {
-            return;
-        };
-        let (session, end) = session.run(reader, rbuf).await;
-        let finish = stage(session.finish(end));
-        finish.await;
+    /// The connection's task. Its size is what every idle connection costs, so it is built
+    /// by a plain function (an async fn would keep its by-value arguments for its whole
+    /// life): the opening stage is boxed and exists only while it runs, the session is held
+    /// once, and only the serving loop's small state is inline.
+    pub fn run(self) -> impl std::future::Future<Output = ()> + Send {
+        let open = stage(self.open());
+        async move {
+            let Some(mut session) = open.await else {
+                return;
+            };
+            let end = session.serve().await;
+            stage(session.finish(end)).await;
+        }
+    }
+
+    /// Handshake, then the session's start: the CONNACK is queued.
+    async fn open(self) -> Option<Session<S>> {
+        let (connect, stream, rbuf, broker, peer, shutdown) = self.handshake().await?;
+        Session::start(broker, connect, peer, stream, rbuf, shutdown).await
     }
 
     /// Waits for CONNECT, answering what must be answered before a session exists.
@@ -169,7 +173,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
                 Ok(None) => {}
                 Err(e) => return Err(Some(e)),
             }
-            match read_some(&mut self.stream, rbuf).await {
+            match poll_fn(|cx| poll_read_some(&mut self.stream, cx, rbuf)).await {
                 Ok(0) | Err(_) => return Err(None),
                 Ok(_) => {}
             }
@@ -190,7 +194,7 @@ struct InFlight {
     qos: Qos,
 }
 
-struct Session<W> {
+struct Session<S> {
     broker: Arc<Broker>,
     client: ClientId,
     peer: SocketAddr,
@@ -198,7 +202,10 @@ struct Session<W> {
     clean: bool,
     will: Option<Box<Message>>,
     mailbox: Arc<Mailbox>,
-    writer: W,
+    /// The socket, read and written by this task alone (no split halves: they cost a shared
+    /// allocation per connection).
+    io: S,
+    rbuf: BytesMut,
     wbuf: BytesMut,
     data: SessionData,
     inflight: VecDeque<InFlight>,
@@ -219,13 +226,26 @@ struct Session<W> {
     sent_gate: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
-impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
+/// What woke the serving loop. Every source is polled on every wake-up, so a busy one
+/// (a publisher that never stops sending, a full mailbox) cannot starve the others.
+#[derive(Default)]
+struct Woke {
+    stored: Option<(Qos, u16, Result<(), StoreError>)>,
+    read: Option<io::Result<usize>>,
+    mail: bool,
+    /// The write buffer went out completely.
+    written: bool,
+    write_error: Option<io::Error>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     /// Answers CONNECT. `None` if the connection is refused or the socket fails.
     async fn start(
         broker: Arc<Broker>,
         c: Connect,
         peer: SocketAddr,
-        mut writer: W,
+        mut io: S,
+        rbuf: BytesMut,
         shutdown: CancellationToken,
     ) -> Option<Self> {
         let mut out = BytesMut::new();
@@ -233,7 +253,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
         if client_id.is_empty() {
             if !c.clean_session {
                 codec::encode_connack(&mut out, false, 2);
-                let _ = writer.write_all(&out).await;
+                let _ = io.write_all(&out).await;
                 return None;
             }
             client_id = broker.assign_client_id();
@@ -251,7 +271,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
             Err(e) => {
                 tracing::warn!(client = %client, error = %e, "store unavailable, refusing CONNECT");
                 codec::encode_connack(&mut out, false, 3);
-                let _ = writer.write_all(&out).await;
+                let _ = io.write_all(&out).await;
                 mailbox.mark_done();
                 return None;
             }
@@ -282,7 +302,8 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
             peer,
             will,
             mailbox,
-            writer,
+            io,
+            rbuf,
             wbuf: out,
             inflight: VecDeque::new(),
             next_seq: 0,
@@ -300,25 +321,12 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
         Some(s)
     }
 
-    /// Not an `async fn`: those keep a second copy of by-value arguments in their state.
-    #[allow(clippy::manual_async_fn)]
-    fn run<R: AsyncRead + Unpin>(
-        mut self,
-        mut reader: R,
-        mut rbuf: BytesMut,
-    ) -> impl std::future::Future<Output = (Self, End)> {
-        async move {
-            let end = self.serve(&mut reader, &mut rbuf).await;
-            (self, end)
-        }
-    }
-
-    async fn serve<R: AsyncRead + Unpin>(&mut self, reader: &mut R, rbuf: &mut BytesMut) -> End {
+    async fn serve(&mut self) -> End {
         let max_packet = self.broker.config.server.max_packet_size;
         let max_wbuf = self.broker.config.server.max_write_buffer;
 
         // Packets that arrived together with CONNECT.
-        let first = stage(self.handle_input(rbuf, max_packet));
+        let first = stage(self.handle_input(max_packet));
         if let Err(end) = first.await {
             return end;
         }
@@ -339,63 +347,106 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
                     self.mailbox.want_retry();
                 }
             }
-            let pending = self.pending.as_ref().map_or(0, |p| p.len());
-            let can_read = pending < MAX_PENDING_PUBLISHES;
-            tokio::select! {
-                Some((qos, pkid, r)) = next_stored(&mut self.pending), if pending > 0 => {
+            let woke = poll_fn(|cx| self.poll_io(cx)).await;
+            if let Some(e) = woke.write_error {
+                return End::Abnormal(format!("write: {e}"));
+            }
+            if woke.written {
+                if let Err(e) = poll_fn(|cx| Pin::new(&mut self.io).poll_flush(cx)).await {
+                    return End::Abnormal(format!("flush: {e}"));
+                }
+                self.wbuf = BytesMut::new();
+            }
+            if let Some((qos, pkid, r)) = woke.stored {
+                if let Err(end) = self.published(qos, pkid, r) {
+                    return end;
+                }
+                // A remote store finishes publishes in batches: acknowledge every one
+                // that is done now, so that one write carries them all.
+                while let Some((qos, pkid, r)) = ready_stored(&mut self.pending).await {
                     if let Err(end) = self.published(qos, pkid, r) {
                         return end;
                     }
-                    // A remote store finishes publishes in batches: acknowledge every one
-                    // that is done now, so that one write carries them all.
-                    while let Some((qos, pkid, r)) = ready_stored(&mut self.pending).await {
-                        if let Err(end) = self.published(qos, pkid, r) {
-                            return end;
-                        }
-                    }
                 }
-                r = read_some(reader, rbuf), if can_read => {
-                    match r {
-                        Ok(0) => return End::Abnormal("connection closed by peer".into()),
-                        Ok(_) => {}
-                        Err(e) => return End::Abnormal(format!("read: {e}")),
+            }
+            if woke.mail {
+                match self.mailbox.kicked() {
+                    Some(Kick::Takeover) => {
+                        return End::Abnormal("taken over by a newer connection".into())
                     }
-                    self.mailbox.touch(crate::outbox::now_ms());
-                    let input = stage(self.handle_input(rbuf, max_packet));
-                    if let Err(end) = input.await {
-                        return end;
-                    }
-                    if rbuf.is_empty() {
-                        *rbuf = BytesMut::new();
-                    }
-                }
-                _ = self.mailbox.wait() => {
-                    match self.mailbox.kicked() {
-                        Some(Kick::Takeover) => return End::Abnormal("taken over by a newer connection".into()),
-                        Some(Kick::Keepalive) => return End::Abnormal("keepalive timeout".into()),
-                        Some(Kick::Shutdown) => return End::Shutdown,
-                        None => {
-                            self.mail = true;
-                            self.retry_later = false;
-                        }
-                    }
-                }
-                _ = gate(&mut self.sent_gate), if self.sent_gate.is_some() => {
-                    self.sent_gate = None;
-                }
-                r = self.writer.write_buf(&mut self.wbuf), if !self.wbuf.is_empty() && self.sent_gate.is_none() => {
-                    if let Err(e) = r {
-                        return End::Abnormal(format!("write: {e}"));
-                    }
-                    if self.wbuf.is_empty() {
-                        let flush = stage(self.writer.flush());
-                        if let Err(e) = flush.await {
-                            return End::Abnormal(format!("flush: {e}"));
-                        }
-                        self.wbuf = BytesMut::new();
+                    Some(Kick::Keepalive) => return End::Abnormal("keepalive timeout".into()),
+                    Some(Kick::Shutdown) => return End::Shutdown,
+                    None => {
+                        self.mail = true;
+                        self.retry_later = false;
                     }
                 }
             }
+            if let Some(r) = woke.read {
+                match r {
+                    Ok(0) => return End::Abnormal("connection closed by peer".into()),
+                    Ok(_) => {}
+                    Err(e) => return End::Abnormal(format!("read: {e}")),
+                }
+                self.mailbox.touch(crate::outbox::now_ms());
+                let input = stage(self.handle_input(max_packet));
+                if let Err(end) = input.await {
+                    return end;
+                }
+                if self.rbuf.is_empty() {
+                    self.rbuf = BytesMut::new();
+                }
+            }
+        }
+    }
+
+    /// Polls every source of work once: finished stores, the mailbox, the sent watermark,
+    /// the socket's write side (until it would block or the buffer is out) and read side.
+    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Woke> {
+        let mut woke = Woke::default();
+        if let Some(p) = self.pending.as_mut().filter(|p| !p.is_empty()) {
+            if let Poll::Ready(Some(done)) = p.poll_next_unpin(cx) {
+                woke.stored = Some(done);
+            }
+        }
+        woke.mail = self.mailbox.poll_wait(cx).is_ready();
+        if let Some(g) = self.sent_gate.as_mut() {
+            if std::future::Future::poll(Pin::new(g), cx).is_ready() {
+                self.sent_gate = None;
+            }
+        }
+        while !self.wbuf.is_empty() && self.sent_gate.is_none() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.wbuf) {
+                Poll::Ready(Ok(0)) => {
+                    woke.write_error = Some(io::ErrorKind::WriteZero.into());
+                    break;
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.wbuf.advance(n);
+                    woke.written = self.wbuf.is_empty();
+                }
+                Poll::Ready(Err(e)) => {
+                    woke.write_error = Some(e);
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        let pending = self.pending.as_ref().map_or(0, |p| p.len());
+        if pending < MAX_PENDING_PUBLISHES {
+            if let Poll::Ready(r) = poll_read_some(&mut self.io, cx, &mut self.rbuf) {
+                woke.read = Some(r);
+            }
+        }
+        let any = woke.stored.is_some()
+            || woke.read.is_some()
+            || woke.mail
+            || woke.written
+            || woke.write_error.is_some();
+        if any {
+            Poll::Ready(woke)
+        } else {
+            Poll::Pending
         }
     }
 
@@ -413,9 +464,9 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
     }
 
     /// Decodes and handles every complete packet in `rbuf`.
-    async fn handle_input(&mut self, rbuf: &mut BytesMut, max_packet: usize) -> Result<(), End> {
+    async fn handle_input(&mut self, max_packet: usize) -> Result<(), End> {
         loop {
-            match codec::decode(rbuf, max_packet) {
+            match codec::decode(&mut self.rbuf, max_packet) {
                 Ok(Some(p)) => self.handle_packet(p).await?,
                 Ok(None) => return Ok(()),
                 Err(e) => {
@@ -690,13 +741,10 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Session<W> {
             let _ = tokio::time::timeout(Duration::from_millis(200), gate).await;
         }
         if !self.wbuf.is_empty() {
-            let _ = tokio::time::timeout(
-                Duration::from_millis(200),
-                self.writer.write_all(&self.wbuf),
-            )
-            .await;
+            let _ = tokio::time::timeout(Duration::from_millis(200), self.io.write_all(&self.wbuf))
+                .await;
         }
-        let _ = tokio::time::timeout(Duration::from_millis(200), self.writer.shutdown()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(200), self.io.shutdown()).await;
         match &end {
             End::Abnormal(reason) => {
                 tracing::debug!(client = %self.client, peer = %self.peer, reason = %reason, "connection lost");
@@ -724,26 +772,6 @@ fn stage<'a, T>(
     f: impl std::future::Future<Output = T> + Send + 'a,
 ) -> Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>> {
     Box::pin(f)
-}
-
-/// The sent watermark is stored (or failed); never resolves while there is none.
-fn gate(
-    gate: &mut Option<tokio::sync::oneshot::Receiver<()>>,
-) -> impl std::future::Future<Output = ()> + '_ {
-    poll_fn(move |cx| match gate {
-        Some(g) => std::future::Future::poll(Pin::new(g), cx).map(|_| ()),
-        None => Poll::Pending,
-    })
-}
-
-/// The next finished store of `pending`; never resolves while there is none.
-fn next_stored(
-    pending: &mut Option<Box<FuturesOrdered<PendingPublish>>>,
-) -> impl std::future::Future<Output = Option<(Qos, u16, Result<(), StoreError>)>> + '_ {
-    poll_fn(move |cx| match pending {
-        Some(p) if !p.is_empty() => p.poll_next_unpin(cx),
-        _ => Poll::Pending,
-    })
 }
 
 /// A finished store of `pending` if there is one now; never waits.
