@@ -53,7 +53,8 @@ struct ClientState {
 pub struct Attached {
     pub conn_id: u64,
     pub session_present: bool,
-    pub data: SessionData,
+    /// QoS 2 state carried over; `None` while there is none (most sessions never use QoS 2).
+    pub data: Option<Box<SessionData>>,
     /// Outbox entries at or below this sequence number may have been sent before: DUP = 1.
     pub sent_watermark: u64,
 }
@@ -185,10 +186,7 @@ impl Broker {
         Ok(Attached {
             conn_id,
             session_present: !clean && (existed || stored.session_present),
-            data: match saved {
-                Some(d) if !clean => *d,
-                _ => SessionData::default(),
-            },
+            data: saved.filter(|_| !clean),
             sent_watermark: stored.sent_watermark,
         })
     }
@@ -288,7 +286,13 @@ impl Broker {
     }
 
     /// A connection ended. Only the connection that still owns the client id removes state.
-    pub async fn detach(&self, client: &ClientId, conn_id: u64, clean: bool, data: SessionData) {
+    pub async fn detach(
+        &self,
+        client: &ClientId,
+        conn_id: u64,
+        clean: bool,
+        data: Option<Box<SessionData>>,
+    ) {
         let mut owner = false;
         let mut moved = false;
         let mut epoch = 0;
@@ -301,7 +305,7 @@ impl Broker {
                 moved = !clean && !e.persistent;
             }
             if !clean && e.persistent {
-                e.saved = Some(Box::new(data));
+                e.saved = data;
             }
         }
         if owner && moved {

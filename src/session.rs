@@ -68,6 +68,16 @@ enum End {
     Abnormal(String),
 }
 
+impl End {
+    fn kicked(kick: Kick) -> End {
+        match kick {
+            Kick::Takeover => End::Abnormal("taken over by a newer connection".into()),
+            Kick::Keepalive => End::Abnormal("keepalive timeout".into()),
+            Kick::Shutdown => End::Shutdown,
+        }
+    }
+}
+
 pub struct Connection<S> {
     broker: Arc<Broker>,
     stream: S,
@@ -197,7 +207,6 @@ struct InFlight {
 struct Session<S> {
     broker: Arc<Broker>,
     client: ClientId,
-    peer: SocketAddr,
     conn_id: u64,
     clean: bool,
     will: Option<Box<Message>>,
@@ -207,16 +216,14 @@ struct Session<S> {
     io: S,
     rbuf: BytesMut,
     wbuf: BytesMut,
-    data: SessionData,
+    /// QoS 2 state, allocated on first use.
+    data: Option<Box<SessionData>>,
     inflight: VecDeque<InFlight>,
     next_seq: u64,
     backlog: bool,
     sent_watermark: u64,
     /// Only with a remote store; created on the first publish.
-    pending: Option<Box<FuturesOrdered<PendingPublish>>>,
-    /// QoS 2 packet ids in `pending`: in `incoming_qos2` already (a resend must not be
-    /// routed twice), to be taken out again if they are never stored.
-    storing_qos2: Vec<u16>,
+    pending: Option<Box<Pending>>,
     /// The mailbox woke while the write buffer was full: deliveries wait in it.
     mail: bool,
     /// Reading the outbox failed; wait for the next wake-up before trying again.
@@ -226,16 +233,24 @@ struct Session<S> {
     sent_gate: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
-/// What woke the serving loop. Every source is polled on every wake-up, so a busy one
-/// (a publisher that never stops sending, a full mailbox) cannot starve the others.
+/// Publishes from this client still being stored.
+#[derive(Default)]
+struct Pending {
+    stores: FuturesOrdered<PendingPublish>,
+    /// QoS 2 packet ids among `stores`: in `incoming_qos2` already (a resend must not be
+    /// routed twice), to be taken out again if they are never stored.
+    qos2: Vec<u16>,
+}
+
+/// What the serving loop has to do after a wake-up.
 #[derive(Default)]
 struct Woke {
-    stored: Option<(Qos, u16, Result<(), StoreError>)>,
-    read: Option<io::Result<usize>>,
-    mail: bool,
+    /// Bytes arrived in the read buffer.
+    input: bool,
     /// The write buffer went out completely.
     written: bool,
-    write_error: Option<io::Error>,
+    /// The mailbox has something (`Session::mail` is set).
+    mail: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
@@ -299,7 +314,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             data: attached.data,
             broker,
             client,
-            peer,
             will,
             mailbox,
             io,
@@ -309,14 +323,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             next_seq: 0,
             backlog: true,
             pending: None,
-            storing_qos2: Vec::new(),
             mail: false,
             retry_later: false,
             sent_gate: None,
         };
         // QoS 2 messages released before the last connection dropped: finish them first.
-        for &pkid in &s.data.awaiting_pubcomp {
-            codec::encode_pubrel(&mut s.wbuf, pkid);
+        if let Some(d) = &s.data {
+            for &pkid in &d.awaiting_pubcomp {
+                codec::encode_pubrel(&mut s.wbuf, pkid);
+            }
         }
         Some(s)
     }
@@ -347,47 +362,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                     self.mailbox.want_retry();
                 }
             }
-            let woke = poll_fn(|cx| self.poll_io(cx)).await;
-            if let Some(e) = woke.write_error {
-                return End::Abnormal(format!("write: {e}"));
-            }
+            let woke = match poll_fn(|cx| self.poll_io(cx)).await {
+                Ok(w) => w,
+                Err(end) => return end,
+            };
             if woke.written {
                 if let Err(e) = poll_fn(|cx| Pin::new(&mut self.io).poll_flush(cx)).await {
                     return End::Abnormal(format!("flush: {e}"));
                 }
                 self.wbuf = BytesMut::new();
             }
-            if let Some((qos, pkid, r)) = woke.stored {
-                if let Err(end) = self.published(qos, pkid, r) {
-                    return end;
-                }
-                // A remote store finishes publishes in batches: acknowledge every one
-                // that is done now, so that one write carries them all.
-                while let Some((qos, pkid, r)) = ready_stored(&mut self.pending).await {
-                    if let Err(end) = self.published(qos, pkid, r) {
-                        return end;
-                    }
-                }
-            }
-            if woke.mail {
-                match self.mailbox.kicked() {
-                    Some(Kick::Takeover) => {
-                        return End::Abnormal("taken over by a newer connection".into())
-                    }
-                    Some(Kick::Keepalive) => return End::Abnormal("keepalive timeout".into()),
-                    Some(Kick::Shutdown) => return End::Shutdown,
-                    None => {
-                        self.mail = true;
-                        self.retry_later = false;
-                    }
-                }
-            }
-            if let Some(r) = woke.read {
-                match r {
-                    Ok(0) => return End::Abnormal("connection closed by peer".into()),
-                    Ok(_) => {}
-                    Err(e) => return End::Abnormal(format!("read: {e}")),
-                }
+            if woke.input {
                 self.mailbox.touch(crate::outbox::now_ms());
                 let input = stage(self.handle_input(max_packet));
                 if let Err(end) = input.await {
@@ -402,14 +387,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 
     /// Polls every source of work once: finished stores, the mailbox, the sent watermark,
     /// the socket's write side (until it would block or the buffer is out) and read side.
-    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Woke> {
+    /// Finished stores are acknowledged here, all at once, so that one write carries every
+    /// PUBACK; kicks and a closed socket end the loop.
+    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Result<Woke, End>> {
         let mut woke = Woke::default();
-        if let Some(p) = self.pending.as_mut().filter(|p| !p.is_empty()) {
-            if let Poll::Ready(Some(done)) = p.poll_next_unpin(cx) {
-                woke.stored = Some(done);
+        while let Some(p) = self.pending.as_mut().filter(|p| !p.stores.is_empty()) {
+            match p.stores.poll_next_unpin(cx) {
+                Poll::Ready(Some((qos, pkid, r))) => {
+                    if let Err(end) = self.published(qos, pkid, r) {
+                        return Poll::Ready(Err(end));
+                    }
+                }
+                _ => break,
             }
         }
-        woke.mail = self.mailbox.poll_wait(cx).is_ready();
+        if self.mailbox.poll_wait(cx).is_ready() {
+            if let Some(kick) = self.mailbox.kicked() {
+                return Poll::Ready(Err(End::kicked(kick)));
+            }
+            self.mail = true;
+            self.retry_later = false;
+            woke.mail = true;
+        }
         if let Some(g) = self.sent_gate.as_mut() {
             if std::future::Future::poll(Pin::new(g), cx).is_ready() {
                 self.sent_gate = None;
@@ -418,33 +417,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         while !self.wbuf.is_empty() && self.sent_gate.is_none() {
             match Pin::new(&mut self.io).poll_write(cx, &self.wbuf) {
                 Poll::Ready(Ok(0)) => {
-                    woke.write_error = Some(io::ErrorKind::WriteZero.into());
-                    break;
+                    return Poll::Ready(Err(End::Abnormal("write: socket closed".into())))
                 }
                 Poll::Ready(Ok(n)) => {
                     self.wbuf.advance(n);
                     woke.written = self.wbuf.is_empty();
                 }
                 Poll::Ready(Err(e)) => {
-                    woke.write_error = Some(e);
-                    break;
+                    return Poll::Ready(Err(End::Abnormal(format!("write: {e}"))))
                 }
                 Poll::Pending => break,
             }
         }
-        let pending = self.pending.as_ref().map_or(0, |p| p.len());
+        let pending = self.pending.as_ref().map_or(0, |p| p.stores.len());
         if pending < MAX_PENDING_PUBLISHES {
-            if let Poll::Ready(r) = poll_read_some(&mut self.io, cx, &mut self.rbuf) {
-                woke.read = Some(r);
+            match poll_read_some(&mut self.io, cx, &mut self.rbuf) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(End::Abnormal("connection closed by peer".into())))
+                }
+                Poll::Ready(Ok(_)) => woke.input = true,
+                Poll::Ready(Err(e)) => {
+                    return Poll::Ready(Err(End::Abnormal(format!("read: {e}"))))
+                }
+                Poll::Pending => {}
             }
         }
-        let any = woke.stored.is_some()
-            || woke.read.is_some()
-            || woke.mail
-            || woke.written
-            || woke.write_error.is_some();
-        if any {
-            Poll::Ready(woke)
+        if woke.input || woke.written || woke.mail {
+            Poll::Ready(Ok(woke))
         } else {
             Poll::Pending
         }
@@ -471,7 +470,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     metrics::malformed();
-                    tracing::warn!(client = %self.client, peer = %self.peer, error = %e, "closing connection");
+                    tracing::warn!(client = %self.client, error = %e, "closing connection");
                     return Err(End::Abnormal(e.to_string()));
                 }
             }
@@ -485,18 +484,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 self.acked(pkid, Qos::AtLeastOnce).await?;
             }
             Packet::PubRec(pkid) => {
-                if self.acked(pkid, Qos::ExactlyOnce).await?
-                    || self.data.awaiting_pubcomp.contains(&pkid)
-                {
-                    if !self.data.awaiting_pubcomp.contains(&pkid) {
-                        self.data.awaiting_pubcomp.push(pkid);
+                if self.acked(pkid, Qos::ExactlyOnce).await? || self.awaiting_pubcomp(pkid) {
+                    if !self.awaiting_pubcomp(pkid) {
+                        self.data_mut().awaiting_pubcomp.push(pkid);
                     }
                     codec::encode_pubrel(&mut self.wbuf, pkid);
                 }
             }
-            Packet::PubComp(pkid) => self.data.awaiting_pubcomp.retain(|&p| p != pkid),
+            Packet::PubComp(pkid) => {
+                if let Some(d) = self.data.as_mut() {
+                    d.awaiting_pubcomp.retain(|&p| p != pkid);
+                }
+            }
             Packet::PubRel(pkid) => {
-                self.data.incoming_qos2.remove(&pkid);
+                if let Some(d) = self.data.as_mut() {
+                    d.incoming_qos2.remove(&pkid);
+                }
                 codec::encode_pubcomp(&mut self.wbuf, pkid);
             }
             Packet::Subscribe(s) => {
@@ -546,7 +549,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     async fn handle_publish(&mut self, p: Publish) -> Result<(), End> {
         metrics::received(p.qos as u8);
         let (qos, pkid) = (p.qos, p.pkid);
-        if qos == Qos::ExactlyOnce && self.data.incoming_qos2.contains(&pkid) {
+        if qos == Qos::ExactlyOnce
+            && self
+                .data
+                .as_ref()
+                .is_some_and(|d| d.incoming_qos2.contains(&pkid))
+        {
             // A resend of a message we already took: acknowledge, do not route twice.
             codec::encode_pubrec(&mut self.wbuf, pkid);
             return Ok(());
@@ -564,11 +572,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         if self.broker.store.is_remote() {
             // Stored concurrently with the next publishes instead of one round trip each.
             if qos == Qos::ExactlyOnce {
-                self.data.incoming_qos2.insert(pkid);
-                self.storing_qos2.push(pkid);
+                self.data_mut().incoming_qos2.insert(pkid);
             }
-            self.pending
-                .get_or_insert_with(Default::default)
+            let p = self.pending.get_or_insert_with(Default::default);
+            if qos == Qos::ExactlyOnce {
+                p.qos2.push(pkid);
+            }
+            p.stores
                 .push_back(Box::pin(async move { (qos, pkid, stored.await) }));
             return Ok(());
         }
@@ -579,10 +589,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     /// A publish from this client is stored (or not): acknowledge it.
     fn published(&mut self, qos: Qos, pkid: u16, r: Result<(), StoreError>) -> Result<(), End> {
         if qos == Qos::ExactlyOnce {
-            self.storing_qos2.retain(|&p| p != pkid);
+            if let Some(p) = self.pending.as_mut() {
+                p.qos2.retain(|&p| p != pkid);
+            }
             if r.is_err() {
                 // Not stored: the resend after reconnecting must be taken, not skipped.
-                self.data.incoming_qos2.remove(&pkid);
+                if let Some(d) = self.data.as_mut() {
+                    d.incoming_qos2.remove(&pkid);
+                }
             }
         }
         if let Err(e) = r {
@@ -594,7 +608,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             Qos::AtMostOnce => {}
             Qos::AtLeastOnce => codec::encode_puback(&mut self.wbuf, pkid),
             Qos::ExactlyOnce => {
-                self.data.incoming_qos2.insert(pkid);
+                self.data_mut().incoming_qos2.insert(pkid);
                 codec::encode_pubrec(&mut self.wbuf, pkid);
             }
         }
@@ -617,8 +631,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         Ok(true)
     }
 
+    fn data_mut(&mut self) -> &mut SessionData {
+        self.data.get_or_insert_with(Default::default)
+    }
+
+    fn awaiting_pubcomp(&self, pkid: u16) -> bool {
+        self.data
+            .as_ref()
+            .is_some_and(|d| d.awaiting_pubcomp.contains(&pkid))
+    }
+
     fn window_free(&self) -> usize {
-        let used = self.inflight.len() + self.data.awaiting_pubcomp.len();
+        let used = self.inflight.len() + self.data.as_ref().map_or(0, |d| d.awaiting_pubcomp.len());
         self.broker.config.session.max_inflight.saturating_sub(used)
     }
 
@@ -687,9 +711,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     /// 65535 entries back), in which case it waits.
     async fn send_entry(&mut self, e: Entry) -> bool {
         let pkid = packet_id(e.seq);
-        if self.inflight.iter().any(|f| f.pkid == pkid)
-            || self.data.awaiting_pubcomp.contains(&pkid)
-        {
+        if self.inflight.iter().any(|f| f.pkid == pkid) || self.awaiting_pubcomp(pkid) {
             return false;
         }
         let dup = e.seq <= self.sent_watermark;
@@ -722,9 +744,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     async fn finish(mut self, mut end: End) {
         // Publishes received before the end are still routed (a QoS 0 publish followed by
         // DISCONNECT must arrive), and acknowledged if the socket still takes it.
-        if let Some(mut pending) = self.pending.take() {
+        if self.pending.is_some() {
             let drain = async {
-                while let Some((qos, pkid, r)) = pending.next().await {
+                while let Some((qos, pkid, r)) = poll_fn(|cx| match self.pending.as_mut() {
+                    Some(p) => p.stores.poll_next_unpin(cx),
+                    None => Poll::Ready(None),
+                })
+                .await
+                {
                     if let Err(e) = self.published(qos, pkid, r) {
                         end = e;
                     }
@@ -732,8 +759,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             };
             let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
         }
-        for pkid in std::mem::take(&mut self.storing_qos2) {
-            self.data.incoming_qos2.remove(&pkid);
+        if let (Some(p), Some(d)) = (self.pending.take(), self.data.as_mut()) {
+            for pkid in p.qos2 {
+                d.incoming_qos2.remove(&pkid);
+            }
         }
         // Best effort: whatever is already encoded (a final PUBACK) goes out, after its
         // watermark.
@@ -747,7 +776,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         let _ = tokio::time::timeout(Duration::from_millis(200), self.io.shutdown()).await;
         match &end {
             End::Abnormal(reason) => {
-                tracing::debug!(client = %self.client, peer = %self.peer, reason = %reason, "connection lost");
+                tracing::debug!(client = %self.client, reason = %reason, "connection lost");
                 if let Some(will) = self.will.take() {
                     metrics::will_published();
                     if let Err(e) = self.broker.publish(*will).await {
@@ -756,10 +785,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 }
             }
             End::Clean | End::Shutdown => {
-                tracing::debug!(client = %self.client, peer = %self.peer, "disconnected");
+                tracing::debug!(client = %self.client, "disconnected");
             }
         }
-        let data = std::mem::take(&mut self.data);
+        let data = self.data.take();
         self.broker
             .detach(&self.client, self.conn_id, self.clean, data)
             .await;
@@ -772,23 +801,6 @@ fn stage<'a, T>(
     f: impl std::future::Future<Output = T> + Send + 'a,
 ) -> Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>> {
     Box::pin(f)
-}
-
-/// A finished store of `pending` if there is one now; never waits.
-fn ready_stored(
-    pending: &mut Option<Box<FuturesOrdered<PendingPublish>>>,
-) -> impl std::future::Future<Output = Option<(Qos, u16, Result<(), StoreError>)>> + '_ {
-    // Polled with the task's own context (not a no-op waker), so a `Pending` here leaves
-    // the task registered for the next completion.
-    poll_fn(move |cx| {
-        Poll::Ready(match pending {
-            Some(p) if !p.is_empty() => match p.poll_next_unpin(cx) {
-                Poll::Ready(next) => next,
-                Poll::Pending => None,
-            },
-            _ => None,
-        })
-    })
 }
 
 fn qos_of(code: u8) -> Option<Qos> {
