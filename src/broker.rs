@@ -51,7 +51,6 @@ struct ClientState {
 
 /// What a new connection starts with.
 pub struct Attached {
-    pub conn_id: u64,
     pub session_present: bool,
     /// QoS 2 state carried over; `None` while there is none (most sessions never use QoS 2).
     pub data: Option<Box<SessionData>>,
@@ -102,6 +101,11 @@ impl Broker {
         })
     }
 
+    /// A connection's id (its mailbox holds it).
+    pub fn new_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// A unique id for a client that connected with an empty one.
     pub fn assign_client_id(&self) -> String {
         let n = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
@@ -115,7 +119,7 @@ impl Broker {
         clean: bool,
         mailbox: Arc<Mailbox>,
     ) -> Result<Attached, StoreError> {
-        let conn_id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let conn_id = mailbox.conn_id();
         let old = {
             let mut e = self.clients.entry(client.clone()).or_insert(ClientState {
                 conn: None,
@@ -184,7 +188,6 @@ impl Broker {
             }
         }
         Ok(Attached {
-            conn_id,
             session_present: !clean && (existed || stored.session_present),
             data: saved.filter(|_| !clean),
             sent_watermark: stored.sent_watermark,
@@ -278,10 +281,11 @@ impl Broker {
     /// Cluster: a peer stored a message for `client` and says it is connected here.
     pub fn take_forward(&self, client: &str, seq: u64, qos: Qos, msg: Arc<Message>) {
         if let Some(mb) = self.mailbox(client) {
-            mb.push(match qos {
+            let d = match qos {
                 Qos::AtMostOnce => Delivery::Direct(msg),
                 _ => Delivery::Stored { seq, qos, msg },
-            });
+            };
+            mb.push(d, self.config.session.max_mailbox);
         }
     }
 
@@ -483,7 +487,7 @@ impl Broker {
         async move {
             let Some(stored) = stored else {
                 if let Some(mb) = broker.mailbox(&client) {
-                    mb.push(Delivery::Direct(msg));
+                    mb.push(Delivery::Direct(msg), broker.config.session.max_mailbox);
                 } else if anywhere {
                     broker.forward_push(client, 0, qos, msg, None).await;
                 }
@@ -500,7 +504,10 @@ impl Broker {
             // Looked up after the store so that a connection registered meanwhile either
             // sees the entry in its first outbox read or gets this hint.
             if let Some(mb) = broker.mailbox(&client) {
-                mb.push(Delivery::Stored { seq, qos, msg });
+                mb.push(
+                    Delivery::Stored { seq, qos, msg },
+                    broker.config.session.max_mailbox,
+                );
             } else if anywhere && route.is_some() {
                 broker.forward_push(client, seq, qos, msg, route).await;
             }

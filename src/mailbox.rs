@@ -58,8 +58,6 @@ pub struct Mailbox {
     retry: AtomicBool,
     kick: AtomicU8,
     done: AtomicBool,
-    /// Wakes `wait_done`.
-    done_wake: Notify,
     /// Unix ms of the last packet from the client.
     last_seen: AtomicU64,
     /// Highest outbox sequence number the connection has written (the cluster sweep
@@ -67,11 +65,16 @@ pub struct Mailbox {
     seen: AtomicU64,
     /// 1.5 times the keepalive, in ms; 0 = no keepalive.
     expire_after: u64,
-    cap: usize,
+    /// Tells this connection from a newer one of the same client.
+    conn_id: u64,
 }
 
+/// Wakes every `wait_done`: one for the process instead of one per mailbox, since only a
+/// takeover waits and every idle connection would pay for its own.
+static DONE: Notify = Notify::const_new();
+
 impl Mailbox {
-    pub fn new(cap: usize, keep_alive_secs: u16) -> Mailbox {
+    pub fn new(keep_alive_secs: u16, conn_id: u64) -> Mailbox {
         Mailbox {
             queue: Mutex::new(VecDeque::new()),
             waker: AtomicWaker::new(),
@@ -80,18 +83,18 @@ impl Mailbox {
             retry: AtomicBool::new(false),
             kick: AtomicU8::new(0),
             done: AtomicBool::new(false),
-            done_wake: Notify::new(),
             last_seen: AtomicU64::new(crate::outbox::now_ms()),
             seen: AtomicU64::new(0),
             expire_after: u64::from(keep_alive_secs) * 1500,
-            cap,
+            conn_id,
         }
     }
 
-    pub fn push(&self, d: Delivery) {
+    /// Queues `d` unless `cap` items wait already (`session.max_mailbox`).
+    pub fn push(&self, d: Delivery, cap: usize) {
         {
             let mut q = self.queue.lock();
-            if q.len() >= self.cap {
+            if q.len() >= cap {
                 match d {
                     Delivery::Direct(_) => {
                         metrics::dropped(metrics::Drop::MailboxFull);
@@ -158,6 +161,10 @@ impl Mailbox {
         }
     }
 
+    pub fn conn_id(&self) -> u64 {
+        self.conn_id
+    }
+
     pub fn saw(&self, seq: u64) {
         self.seen.store(seq, Ordering::Relaxed);
     }
@@ -198,12 +205,12 @@ impl Mailbox {
     /// The connection has finished its cleanup (will published, session saved).
     pub fn mark_done(&self) {
         self.done.store(true, Ordering::Release);
-        self.done_wake.notify_waiters();
+        DONE.notify_waiters();
     }
 
     pub async fn wait_done(self: &Arc<Self>) {
         loop {
-            let notified = self.done_wake.notified();
+            let notified = DONE.notified();
             if self.done.load(Ordering::Acquire) {
                 return;
             }

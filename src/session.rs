@@ -207,7 +207,6 @@ struct InFlight {
 struct Session<S> {
     broker: Arc<Broker>,
     client: ClientId,
-    conn_id: u64,
     clean: bool,
     will: Option<Box<Message>>,
     mailbox: Arc<Mailbox>,
@@ -274,10 +273,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             client_id = broker.assign_client_id();
         }
         let client: ClientId = Arc::from(client_id);
-        let mailbox = Arc::new(Mailbox::new(
-            broker.config.session.max_mailbox,
-            c.keep_alive,
-        ));
+        let mailbox = Arc::new(Mailbox::new(c.keep_alive, broker.new_conn_id()));
         let attached = match broker
             .attach(&client, c.clean_session, mailbox.clone())
             .await
@@ -309,7 +305,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         });
         let mut s = Session {
             clean: c.clean_session,
-            conn_id: attached.conn_id,
             sent_watermark: attached.sent_watermark,
             data: attached.data,
             broker,
@@ -337,16 +332,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     }
 
     async fn serve(&mut self) -> End {
-        let max_packet = self.broker.config.server.max_packet_size;
-        let max_wbuf = self.broker.config.server.max_write_buffer;
-
         // Packets that arrived together with CONNECT.
-        let first = stage(self.handle_input(max_packet));
+        let first = stage(self.handle_input());
         if let Err(end) = first.await {
             return end;
         }
         loop {
-            let can_take = self.wbuf.len() < max_wbuf;
+            let can_take = self.wbuf.len() < self.broker.config.server.max_write_buffer;
             if self.mail && can_take {
                 self.mail = false;
                 let take = stage(self.take_mail());
@@ -374,7 +366,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             }
             if woke.input {
                 self.mailbox.touch(crate::outbox::now_ms());
-                let input = stage(self.handle_input(max_packet));
+                let input = stage(self.handle_input());
                 if let Err(end) = input.await {
                     return end;
                 }
@@ -463,7 +455,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     }
 
     /// Decodes and handles every complete packet in `rbuf`.
-    async fn handle_input(&mut self, max_packet: usize) -> Result<(), End> {
+    async fn handle_input(&mut self) -> Result<(), End> {
+        let max_packet = self.broker.config.server.max_packet_size;
         loop {
             match codec::decode(&mut self.rbuf, max_packet) {
                 Ok(Some(p)) => self.handle_packet(p).await?,
@@ -790,7 +783,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         }
         let data = self.data.take();
         self.broker
-            .detach(&self.client, self.conn_id, self.clean, data)
+            .detach(&self.client, self.mailbox.conn_id(), self.clean, data)
             .await;
         self.mailbox.mark_done();
     }
