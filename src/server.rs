@@ -5,10 +5,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::broker::Broker;
 use crate::cluster::{self, Cluster};
@@ -22,7 +21,7 @@ pub struct Server {
     metrics_addr: Option<SocketAddr>,
     broker: Arc<Broker>,
     shutdown: CancellationToken,
-    tracker: TaskTracker,
+    connections: Arc<Connections>,
     timeout: Duration,
 }
 
@@ -73,7 +72,7 @@ impl Server {
                 .map_err(|e| std::io::Error::other(e.to_string()))?,
         );
         let shutdown = CancellationToken::new();
-        let tracker = TaskTracker::new();
+        let connections = Arc::new(Connections::default());
         if let (Some(c), Some(l), Some(r)) = (&cluster, cluster_listener, broker.store.redis()) {
             c.register(r)
                 .await
@@ -110,7 +109,7 @@ impl Server {
             listener,
             broker.clone(),
             shutdown.clone(),
-            tracker.clone(),
+            connections.clone(),
         ));
         tracing::info!(listen = %local_addr, metrics = ?metrics_addr, "herald started");
         Ok(Server {
@@ -118,7 +117,7 @@ impl Server {
             metrics_addr,
             broker,
             shutdown,
-            tracker,
+            connections,
             timeout,
         })
     }
@@ -142,8 +141,7 @@ impl Server {
         }
         self.shutdown.cancel();
         self.broker.close_all();
-        self.tracker.close();
-        if tokio::time::timeout(self.timeout, self.tracker.wait())
+        if tokio::time::timeout(self.timeout, self.connections.all_closed())
             .await
             .is_err()
         {
@@ -157,9 +155,8 @@ async fn accept_loop(
     listener: TcpListener,
     broker: Arc<Broker>,
     shutdown: CancellationToken,
-    tracker: TaskTracker,
+    connections: Arc<Connections>,
 ) {
-    let active = Arc::new(AtomicUsize::new(0));
     let max = broker.config.server.max_connections;
     loop {
         let accepted = tokio::select! {
@@ -175,36 +172,55 @@ async fn accept_loop(
                 continue;
             }
         };
-        if active.load(Ordering::Relaxed) >= max {
+        if connections.open.load(Ordering::Relaxed) >= max {
             metrics::rejected_max_connections();
             tracing::warn!(peer = %peer, max, "max_connections reached, closing new connection");
             drop(stream);
             continue;
         }
-        let open = Open::new(active.clone());
+        let open = Open::new(&connections);
         let _ = stream.set_nodelay(true);
-        // `map` holds the counter next to the connection's future; an async block awaiting
-        // it would hold the future twice (every idle connection pays for its task's size).
-        let conn = Connection::new(broker.clone(), stream, peer, shutdown.clone()).run();
-        tracker.spawn(conn.map(move |()| drop(open)));
+        tokio::spawn(Connection::new(broker.clone(), stream, peer, shutdown.clone()).run(open));
     }
 }
 
-/// One open connection, counted for `max_connections` and the metrics until dropped.
-struct Open(Arc<AtomicUsize>);
+/// The open connections: counted for `max_connections`, waited for at shutdown.
+#[derive(Default)]
+struct Connections {
+    open: AtomicUsize,
+    none_open: Notify,
+}
+
+impl Connections {
+    async fn all_closed(&self) {
+        loop {
+            let notified = self.none_open.notified();
+            if self.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// One open connection, counted until dropped. Its task holds it; a task tracker would
+/// add a token of its own to every connection's task.
+struct Open(Arc<Connections>);
 
 impl Open {
-    fn new(active: Arc<AtomicUsize>) -> Open {
-        active.fetch_add(1, Ordering::Relaxed);
+    fn new(c: &Arc<Connections>) -> Open {
+        c.open.fetch_add(1, Ordering::AcqRel);
         metrics::connection_opened();
-        Open(active)
+        Open(c.clone())
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
         metrics::connection_closed();
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.none_open.notify_waiters();
+        }
     }
 }
 
