@@ -43,10 +43,32 @@ struct ClientState {
     /// The last connection asked for a persistent session.
     persistent: bool,
     saved: Option<Box<SessionData>>,
-    /// Cluster: route epoch of the current connection; 0 while its claim is in flight.
-    epoch: u64,
-    /// Cluster: the highest epoch a kick named while the claim was in flight.
-    kick_floor: u64,
+    /// Cluster: the route epoch of the current connection, or, while its claim is in flight
+    /// (`CLAIMING` set), the highest epoch a kick named meanwhile. One word instead of two:
+    /// every client has an entry.
+    route: u64,
+}
+
+const CLAIMING: u64 = 1 << 63;
+
+impl ClientState {
+    /// The route epoch; 0 while the claim is in flight (or without a cluster).
+    fn epoch(&self) -> u64 {
+        if self.route & CLAIMING != 0 {
+            0
+        } else {
+            self.route
+        }
+    }
+
+    /// While the claim is in flight: the highest epoch a kick named.
+    fn kick_floor(&self) -> u64 {
+        if self.route & CLAIMING != 0 {
+            self.route & !CLAIMING
+        } else {
+            0
+        }
+    }
 }
 
 /// What a new connection starts with.
@@ -126,12 +148,10 @@ impl Broker {
                 conn_id: 0,
                 persistent: false,
                 saved: None,
-                epoch: 0,
-                kick_floor: 0,
+                route: CLAIMING,
             });
             e.conn_id = conn_id;
-            e.epoch = 0;
-            e.kick_floor = 0;
+            e.route = CLAIMING;
             e.conn.replace(mailbox.clone())
         };
         if let Some(old) = old {
@@ -201,8 +221,9 @@ impl Broker {
         };
         let kicked_meanwhile = match self.clients.get_mut(client) {
             Some(mut e) if e.conn_id == conn_id => {
-                e.epoch = claim.epoch;
-                e.kick_floor >= claim.epoch
+                let floor = e.kick_floor();
+                e.route = claim.epoch & !CLAIMING;
+                floor >= claim.epoch
             }
             _ => false,
         };
@@ -250,12 +271,12 @@ impl Broker {
             let Some(mut e) = self.clients.get_mut(client) else {
                 return;
             };
-            if e.epoch == 0 {
+            if e.epoch() == 0 {
                 // Our claim is still in flight: decide when it returns.
-                e.kick_floor = e.kick_floor.max(epoch);
+                e.route = CLAIMING | e.kick_floor().max(epoch & !CLAIMING);
                 return;
             }
-            if e.epoch > epoch {
+            if e.epoch() > epoch {
                 return;
             }
             e.persistent = false;
@@ -271,7 +292,7 @@ impl Broker {
         };
         if forget {
             self.clients
-                .remove_if(client, |_, e| e.conn.is_none() && e.epoch <= epoch);
+                .remove_if(client, |_, e| e.conn.is_none() && e.epoch() <= epoch);
         }
         if self.router.unsubscribe_all(client) {
             self.interest_changed();
@@ -304,7 +325,7 @@ impl Broker {
             if e.conn_id == conn_id {
                 owner = true;
                 e.conn = None;
-                epoch = e.epoch;
+                epoch = e.epoch();
                 // A persistent session that connected to another node meanwhile.
                 moved = !clean && !e.persistent;
             }
@@ -565,8 +586,8 @@ impl Broker {
         let conns: Vec<(ClientId, Arc<Mailbox>, u64)> = self
             .clients
             .iter()
-            .filter(|e| e.epoch != 0)
-            .filter_map(|e| e.conn.clone().map(|mb| (e.key().clone(), mb, e.epoch)))
+            .filter(|e| e.epoch() != 0)
+            .filter_map(|e| e.conn.clone().map(|mb| (e.key().clone(), mb, e.epoch())))
             .collect();
         for chunk in conns.chunks(500) {
             let ids: Vec<&str> = chunk.iter().map(|(id, _, _)| &**id).collect();

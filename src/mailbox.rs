@@ -10,7 +10,6 @@
 //! shutdown) and where its keepalive clock lives: one broker-wide task checks every
 //! connection's `last_seen` instead of each connection owning a timer.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
@@ -48,7 +47,7 @@ pub enum Kick {
 }
 
 pub struct Mailbox {
-    queue: Mutex<VecDeque<Delivery>>,
+    queue: Mutex<Vec<Delivery>>,
     /// The one connection task waiting on this mailbox; lighter than a `Notify`, which
     /// matters because the wait is part of every idle connection's state.
     waker: AtomicWaker,
@@ -76,7 +75,7 @@ static DONE: Notify = Notify::const_new();
 impl Mailbox {
     pub fn new(keep_alive_secs: u16, conn_id: u64) -> Mailbox {
         Mailbox {
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Vec::new()),
             waker: AtomicWaker::new(),
             signal: AtomicBool::new(false),
             lost_hint: AtomicBool::new(false),
@@ -105,7 +104,7 @@ impl Mailbox {
                     }
                 }
             } else {
-                q.push_back(d);
+                q.push(d);
             }
         }
         self.notify();
@@ -117,7 +116,7 @@ impl Mailbox {
     }
 
     /// Moves everything queued into `out`.
-    pub fn drain(&self, out: &mut VecDeque<Delivery>) {
+    pub fn drain(&self, out: &mut Vec<Delivery>) {
         let mut q = self.queue.lock();
         out.append(&mut q);
         if q.capacity() > 64 {

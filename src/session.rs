@@ -16,7 +16,6 @@
 //! newer live message.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
@@ -447,7 +446,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     /// Takes what the mailbox holds: QoS 0 messages are written, stored ones sent if they
     /// are next in line.
     async fn take_mail(&mut self) {
-        let mut deliveries = VecDeque::new();
+        let mut deliveries = Vec::new();
         self.mailbox.drain(&mut deliveries);
         for d in deliveries {
             self.take_delivery(d).await;
