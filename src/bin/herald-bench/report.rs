@@ -147,6 +147,13 @@ const SPECS: &[Spec] = &[
         None,
     ),
     spec(
+        "idle",
+        "connect_cpu_us",
+        "broker CPU per connection",
+        "us",
+        None,
+    ),
+    spec(
         "push",
         "msgs_per_sec",
         "delivered",

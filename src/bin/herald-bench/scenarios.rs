@@ -256,6 +256,14 @@ pub async fn idle(o: &Opts, target: &Target, n: usize) -> ScenarioResult {
     }
     r.opt_metric("connect_cpu_pct", connect_cpu.broker_pct);
     r.opt_metric("connect_bench_cpu_pct", connect_cpu.own_pct);
+    // What a connection costs the broker, whoever set the pace (the load generator's core
+    // can be the limit of the connect rate).
+    if connected > 0 {
+        r.opt_metric(
+            "connect_cpu_us",
+            connect_cpu.broker_secs.map(|s| s * 1e6 / connected as f64),
+        );
+    }
     let rss1 = probe.rss();
 
     let idle_mark = probe.mark();
