@@ -2,12 +2,17 @@
 //!
 //! A single task per connection reads packets, drains the mailbox and writes, so the
 //! per-connection state needs no locks. Memory at idle is what decides how many phones a
-//! node holds, so an idle connection keeps only what it must: the read and write buffers are
-//! released whenever they are empty (socket reads go through one scratch buffer per worker
-//! thread), keepalive is checked by one broker-wide task (see `mailbox`), shutdown arrives
-//! through the mailbox too, and every step that awaits something larger (storing, reading
-//! the outbox, the handshake, the end) runs in a boxed future that exists only while it
-//! runs, so the idle task's state machine holds just the few futures it waits on.
+//! node holds, so an idle connection keeps only what it must (about 1 KB in all, see
+//! BENCHMARKS.md):
+//! - the task is a `Session` and a small waiting state: it waits in one poll over every
+//!   source (`Session::poll_io`: finished stores, the mailbox, the socket), not in a
+//!   `select!` of futures, and owns the socket whole instead of split halves;
+//! - every step that awaits something larger (the handshake, storing, reading the outbox,
+//!   the end) runs in a boxed future that exists only while it runs;
+//! - the read and write buffers are released whenever they are empty (socket reads go
+//!   through one scratch buffer per worker thread), QoS 2 state is boxed on first use;
+//! - keepalive is checked by one broker-wide task and shutdown arrives through the mailbox
+//!   (see `mailbox`), so there is no timer or cancellation future per connection.
 //!
 //! Outbound QoS 1/2 follows the outbox: `next_seq` is the first sequence number not yet
 //! written; `backlog` says the outbox may hold entries the connection has not seen (start of
