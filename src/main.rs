@@ -1,6 +1,6 @@
 // jemalloc: size classes without per-allocation headers, and 128-byte-aligned blocks (every
 // task and socket registration of tokio) without padding. An idle connection costs about
-// 1,030 bytes with it and 1,150 with glibc's malloc (BENCHMARKS.md).
+// 1,000 bytes with it and about 115 more with glibc's malloc (BENCHMARKS.md).
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
