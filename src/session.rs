@@ -413,6 +413,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 self.sent_gate = None;
             }
         }
+        let mut wrote = false;
         while !self.wbuf.is_empty() && self.sent_gate.is_none() {
             match Pin::new(&mut self.io).poll_write(cx, &self.wbuf) {
                 Poll::Ready(Ok(0)) => {
@@ -420,6 +421,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 }
                 Poll::Ready(Ok(n)) => {
                     self.wbuf.advance(n);
+                    wrote = true;
                     woke.written = self.wbuf.is_empty();
                 }
                 Poll::Ready(Err(e)) => {
@@ -441,7 +443,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 Poll::Pending => {}
             }
         }
-        if woke.input || woke.written || woke.mail {
+        // Deliveries wait in the mailbox while the write buffer is full: take them as soon as
+        // it has room, not only once it is empty. (Taking them clears `mail`: no spinning.)
+        let room =
+            wrote && self.mail && self.wbuf.len() < self.broker.config.server.max_write_buffer;
+        if woke.input || woke.written || woke.mail || room {
             Poll::Ready(Ok(woke))
         } else {
             Poll::Pending
