@@ -1,5 +1,5 @@
-# Process and port helpers shared by scripts/bench.sh and scripts/bench-cluster.sh (sourced,
-# not run). The caller sets ME (the name its messages start with), TMP (a directory it
+# Process and port helpers shared by scripts/bench.sh, scripts/bench-cluster.sh and
+# scripts/cluster.sh (sourced, not run). The caller sets ME (the name its messages start with), TMP (a directory it
 # removes at exit), STARTED=() (the pids it started: the only ones it ever stops) and, for
 # start_redis, REDIS_BIN; `cleanup` is meant for its EXIT trap.
 

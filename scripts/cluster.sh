@@ -41,7 +41,11 @@ if [ -n "$FOR" ] && ! [[ "$FOR" =~ ^[0-9]+$ ]]; then
 fi
 [ -x "$HERALD" ] || { echo "cluster.sh: $HERALD not found: run 'make build' (or make cluster)" >&2; exit 1; }
 command -v redis-server >/dev/null || { echo "cluster.sh: redis-server not on PATH (apt-get install redis-server)" >&2; exit 1; }
-PYTHON=${PYTHON:-python3}
+ME=cluster.sh
+REDIS_BIN=redis-server
+STARTED=()
+# shellcheck source=scripts/bench-lib.sh
+source "$ROOT/scripts/bench-lib.sh"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/herald-cluster.XXXXXX")
 PIDS=()        # every process this script started, and only those
@@ -73,7 +77,7 @@ cleanup() {
     done
     if [ "$KEEP_LOGS" -eq 1 ]; then
         mkdir -p "$ROOT/target/cluster-logs"
-        cp "$TMP"/*.log "$ROOT/target/cluster-logs/" 2>/dev/null || true
+        cp "$TMP"/*.log "$REDIS_LOG" "$ROOT/target/cluster-logs/" 2>/dev/null || true
         echo "logs kept in target/cluster-logs/"
     fi
     rm -rf "$TMP"
@@ -85,44 +89,10 @@ trap cleanup EXIT
 # Ctrl-C and SIGTERM are the normal way to stop: exit 0 after the cleanup.
 trap 'exit 0' INT TERM
 
-# A free loopback port: the kernel's choice for a socket bound to port 0.
-free_port() {
-    "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-port_free() {
-    "$PYTHON" -c 'import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-try:
-    s.bind(("127.0.0.1", int(sys.argv[1])))
-except OSError:
-    sys.exit(1)' "$1"
-}
-# Waits until something accepts TCP on 127.0.0.1:$1 while pid $2 lives.
-wait_port() {
-    local port=$1 pid=$2 what=$3 i
-    for i in $(seq 200); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            return 0
-        fi
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "cluster.sh: $what exited before listening on port $port" >&2
-            return 1
-        fi
-        sleep 0.05
-    done
-    echo "cluster.sh: $what not listening on port $port after 10 s" >&2
-    return 1
-}
-
 # Redis.
-REDIS_PORT=$(free_port)
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$TMP" \
-    --appendonly yes --appendfsync everysec --save "" \
-    --logfile "$TMP/redis.log" --daemonize no >/dev/null 2>&1 &
-PIDS+=($!)
+start_redis || exit 1
+PIDS+=("$REDIS_PID")
 NAMES+=(redis-server)
-wait_port "$REDIS_PORT" "${PIDS[-1]}" redis-server || { cat "$TMP/redis.log" >&2; exit 1; }
 REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0
 
 # MQTT ports.
@@ -132,7 +102,11 @@ if [ -n "$PORTS" ]; then
 else
     MQTT=()
     for p in 1883 1884 1885; do
-        if port_free "$p"; then MQTT+=("$p"); else MQTT+=("$(free_port)"); fi
+        if port_in_use "$p"; then
+            free_port || exit 1
+            p=$FREE
+        fi
+        MQTT+=("$p")
     done
 fi
 
@@ -140,8 +114,10 @@ IDS=(a b c)
 declare -A CLUSTER_PORT METRICS_PORT
 for i in 0 1 2; do
     id=${IDS[$i]}
-    CLUSTER_PORT[$id]=$(free_port)
-    METRICS_PORT[$id]=$(free_port)
+    free_port || exit 1
+    CLUSTER_PORT[$id]=$FREE
+    free_port || exit 1
+    METRICS_PORT[$id]=$FREE
     "$HERALD" --node-id "$id" \
         --listen "127.0.0.1:${MQTT[$i]}" \
         --store redis --redis-url "$REDIS_URL" \
@@ -151,7 +127,7 @@ for i in 0 1 2; do
         >"$TMP/$id.log" 2>&1 &
     PIDS+=($!)
     NAMES+=("herald $id")
-    wait_port "${MQTT[$i]}" "${PIDS[-1]}" "herald node $id" || { cat "$TMP/$id.log" >&2; exit 1; }
+    wait_port "herald node $id" "${PIDS[-1]}" "${MQTT[$i]}" "$TMP/$id.log" || exit 1
 done
 
 cat <<EOF
@@ -184,7 +160,7 @@ check_alive() {
             echo "cluster.sh: ${NAMES[$i]} (pid ${PIDS[$i]}) exited; its log:" >&2
             case ${NAMES[$i]} in
                 herald*) tail -n 50 "$TMP/${NAMES[$i]#herald }.log" >&2 ;;
-                *) tail -n 50 "$TMP/redis.log" >&2 ;;
+                *) tail -n 50 "$REDIS_LOG" >&2 ;;
             esac
             return 1
         fi
