@@ -585,42 +585,16 @@ pub fn compare(
         }
     }
 
-    // Text table.
-    let widths: Vec<usize> = (0..header.len())
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].chars().count())
-                .chain([header[i].chars().count()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: &[String]| {
-        cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                if i < 2 {
-                    format!("{c:<w$}", w = widths[i])
-                } else {
-                    format!("{c:>w$}", w = widths[i])
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("  ")
-    };
-    println!("{}", line(&header));
-    println!(
-        "{}",
-        "-".repeat(widths.iter().sum::<usize>() + 2 * (widths.len() - 1))
-    );
-    let mut last = String::new();
-    for r in &rows {
+    // Text table, a blank line between scenarios.
+    let (top, lines) = text_table(&header, &rows, 2);
+    println!("{top}");
+    let mut last = "";
+    for (r, l) in rows.iter().zip(&lines) {
         if r[0] != last && !last.is_empty() {
             println!();
         }
-        last = r[0].clone();
-        println!("{}", line(r));
+        last = &r[0];
+        println!("{l}");
     }
     for n in &notes {
         println!("note: {n}");
@@ -702,22 +676,27 @@ fn md_table(out: &mut String, head: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-fn text_table(head: &[&str], rows: &[Vec<String>]) {
+/// A text table with the first `left` columns left-aligned and the rest right-aligned: the
+/// header with its rule under it, and one line per row.
+fn text_table<S: AsRef<str>>(
+    head: &[S],
+    rows: &[Vec<String>],
+    left: usize,
+) -> (String, Vec<String>) {
     let widths: Vec<usize> = (0..head.len())
         .map(|i| {
             rows.iter()
                 .map(|r| r[i].chars().count())
-                .chain([head[i].chars().count()])
+                .chain([head[i].as_ref().chars().count()])
                 .max()
                 .unwrap_or(0)
         })
         .collect();
-    let line = |cells: Vec<&str>| {
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
         cells
-            .iter()
             .enumerate()
             .map(|(i, c)| {
-                if i < 3 {
+                if i < left {
                     format!("{c:<w$}", w = widths[i])
                 } else {
                     format!("{c:>w$}", w = widths[i])
@@ -726,13 +705,21 @@ fn text_table(head: &[&str], rows: &[Vec<String>]) {
             .collect::<Vec<_>>()
             .join("  ")
     };
-    println!("{}", line(head.to_vec()));
-    println!(
-        "{}",
-        "-".repeat(widths.iter().sum::<usize>() + 2 * (widths.len() - 1))
-    );
-    for r in rows {
-        println!("{}", line(r.iter().map(String::as_str).collect()));
+    let rule = "-".repeat(widths.iter().sum::<usize>() + 2 * (widths.len() - 1));
+    let top = format!("{}\n{rule}", line(&mut head.iter().map(AsRef::as_ref)));
+    let lines = rows
+        .iter()
+        .map(|r| line(&mut r.iter().map(String::as_str)))
+        .collect();
+    (top, lines)
+}
+
+/// `text_table` with the first three columns left-aligned, printed.
+fn print_table(head: &[&str], rows: &[Vec<String>]) {
+    let (top, lines) = text_table(head, rows, 3);
+    println!("{top}");
+    for l in lines {
+        println!("{l}");
     }
 }
 
@@ -922,9 +909,9 @@ pub fn cluster_report(
         ]);
     }
 
-    text_table(&runs_head, &runs);
+    print_table(&runs_head, &runs);
     println!();
-    text_table(&tgt_head, &tgts);
+    print_table(&tgt_head, &tgts);
     for n in &notes {
         println!("note: {n}");
     }
