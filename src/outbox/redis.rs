@@ -1331,6 +1331,15 @@ mod tests {
         fn url(&self) -> String {
             format!("redis://127.0.0.1:{}/0", self.port)
         }
+
+        /// A plain connection, to set up or inspect keys behind the store's back.
+        async fn conn(&self) -> redis::aio::MultiplexedConnection {
+            redis::Client::open(self.url())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap()
+        }
     }
 
     impl Drop for TestRedis {
@@ -1371,11 +1380,7 @@ mod tests {
     async fn routed_enqueue_returns_the_route_read_after_the_store() {
         let redis = TestRedis::start();
         let store = outbox_with(&redis, OverflowPolicy::DropOldest, true).await;
-        let mut raw = redis::Client::open(redis.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut raw = redis.conn().await;
         let _: () = raw
             .hset_multiple(
                 "herald:route:{a}",
@@ -1413,11 +1418,7 @@ mod tests {
     async fn one_batch_keeps_per_message_semantics() {
         let redis = TestRedis::start();
         let store = outbox(&redis, OverflowPolicy::DropOldest).await;
-        let mut raw = redis::Client::open(redis.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut raw = redis.conn().await;
         let _: () = raw.set("herald:outbox:{bad}", "x").await.unwrap();
         let (a, bad): (Arc<str>, Arc<str>) = ("a".into(), "bad".into());
         // Submitted before any is awaited: one pipeline, one script call.
@@ -1492,11 +1493,7 @@ mod tests {
     async fn sent_watermark_skips_numbers_acknowledged_with_it() {
         let redis = TestRedis::start();
         let store = outbox(&redis, OverflowPolicy::DropOldest).await;
-        let mut raw = redis::Client::open(redis.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut raw = redis.conn().await;
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
         // Queued before the writer runs: one batch. a: 5 and 7 acknowledged, 6 not; b: all.
         for (c, seq) in [(&a, 5), (&a, 6), (&a, 7), (&b, 9)] {
