@@ -122,59 +122,49 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
     }
 
     /// Handshake, then the session's start: the CONNACK is queued.
-    async fn open(self) -> Option<Session<S>> {
-        let (connect, stream, rbuf, broker, peer, shutdown) = self.handshake().await?;
-        Session::start(broker, connect, peer, stream, rbuf, shutdown).await
+    async fn open(mut self) -> Option<Session<S>> {
+        let mut rbuf = BytesMut::new();
+        let connect = self.handshake(&mut rbuf).await?;
+        Session::start(
+            self.broker,
+            connect,
+            self.peer,
+            self.stream,
+            rbuf,
+            self.shutdown,
+        )
+        .await
     }
 
     /// Waits for CONNECT, answering what must be answered before a session exists.
-    #[allow(clippy::type_complexity)]
-    async fn handshake(
-        mut self,
-    ) -> Option<(
-        Connect,
-        S,
-        BytesMut,
-        Arc<Broker>,
-        SocketAddr,
-        CancellationToken,
-    )> {
-        let mut rbuf = BytesMut::new();
+    async fn handshake(&mut self, rbuf: &mut BytesMut) -> Option<Connect> {
         let timeout = self.broker.config.server.connect_timeout;
         let shutdown = self.shutdown.clone();
         let first = tokio::select! {
-            r = tokio::time::timeout(timeout, self.read_first(&mut rbuf)) => r,
+            r = tokio::time::timeout(timeout, self.read_first(rbuf)) => r,
             _ = shutdown.cancelled() => return None,
         };
-        let connect = match first {
+        match first {
             Err(_) => {
                 metrics::connect_timeout();
                 tracing::debug!(peer = %self.peer, "no CONNECT in time");
-                return None;
+                None
             }
             Ok(Err(Some(DecodeError::UnsupportedProtocol(level)))) => {
                 tracing::info!(peer = %self.peer, level, "unsupported protocol level");
                 let mut out = BytesMut::new();
                 codec::encode_connack(&mut out, false, 1);
                 let _ = self.stream.write_all(&out).await;
-                return None;
+                None
             }
             Ok(Err(Some(e))) => {
                 metrics::malformed();
                 tracing::warn!(peer = %self.peer, error = %e, "bad first packet");
-                return None;
+                None
             }
-            Ok(Err(None)) => return None,
-            Ok(Ok(c)) => c,
-        };
-        Some((
-            connect,
-            self.stream,
-            rbuf,
-            self.broker,
-            self.peer,
-            self.shutdown,
-        ))
+            Ok(Err(None)) => None,
+            Ok(Ok(c)) => Some(c),
+        }
     }
 
     /// Reads until one whole packet arrives; it must be CONNECT. `Err(None)`: socket closed.
