@@ -35,13 +35,25 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub cluster: ClusterConfig,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// MQTT over TCP.
-    pub listen: SocketAddr,
+    /// MQTT over TCP; `""` turns it off (a TLS-only deployment).
+    #[serde(deserialize_with = "listen_addr")]
+    pub listen: Option<SocketAddr>,
+    /// MQTT over TLS (conventionally port 8883); needs `tls.cert` and `tls.key`.
+    #[serde(deserialize_with = "listen_addr")]
+    pub tls_listen: Option<SocketAddr>,
+    /// MQTT over WebSocket (path `/mqtt`).
+    #[serde(deserialize_with = "listen_addr")]
+    pub ws_listen: Option<SocketAddr>,
+    /// MQTT over WebSocket over TLS (same certificate as `tls_listen`).
+    #[serde(deserialize_with = "listen_addr")]
+    pub wss_listen: Option<SocketAddr>,
     /// Connections beyond this are closed right after accept.
     pub max_connections: usize,
     /// A socket that has not sent CONNECT within this time is closed.
@@ -98,6 +110,9 @@ pub struct StoreConfig {
     pub redis_url: String,
     /// Acknowledge a publish only once this many Redis replicas hold it (Redis `WAIT`).
     pub redis_wait_replicas: u32,
+    /// PEM CA bundle that signs the Redis server's certificate, for `rediss://` (managed
+    /// Redis with a private CA); default: the system's roots.
+    pub redis_ca: Option<PathBuf>,
     /// Memory store: messages held over all clients; beyond it new ones are refused (counted).
     pub max_messages: usize,
 }
@@ -148,6 +163,111 @@ pub struct ClusterConfig {
     /// routes are still believed.
     #[serde(with = "humantime_serde")]
     pub node_ttl: Duration,
+    /// Shared secret every node presents on the node-to-node link (its CONNECT password).
+    /// Required when clustering is on; also read from `HERALD_CLUSTER_SECRET`.
+    pub secret: Option<Secret>,
+    /// TLS on the node-to-node link, with `tls.cert`/`tls.key`; peers are verified against
+    /// `tls_ca`.
+    pub tls: bool,
+    /// CA that signs the other nodes' certificates (default: `tls.client_ca`).
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// TLS for the MQTT listeners (and the cluster link with `cluster.tls`).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (RSA, ECDSA or Ed25519; PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// PEM CA: when set, every TLS client must present a certificate it signed.
+    pub client_ca: Option<PathBuf>,
+    /// `"cert"`: a client certificate's CN (or first DNS SAN) is the device's identity and
+    /// must equal its client id.
+    pub identity: TlsIdentity,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsIdentity {
+    #[default]
+    None,
+    Cert,
+}
+
+/// Who may connect and what they may do.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Default: true only when no authentication source is configured.
+    pub allow_anonymous: Option<bool>,
+    /// Users in Mosquitto's `user:hash` format, argon2id hashes (`herald passwd`).
+    pub password_file: Option<PathBuf>,
+    /// Mosquitto-style acl_file, plus `clientid` lines.
+    pub acl_file: Option<PathBuf>,
+    /// HS256 key of device tokens (JWT sent as the MQTT password).
+    pub jwt_hs256_secret: Option<Secret>,
+    /// PEM public key of device tokens signed with RS256 or ES256.
+    pub jwt_public_key: Option<PathBuf>,
+    /// Failed logins from one address within `failure_window` after which further
+    /// attempts from it are closed before any password work.
+    pub max_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub failure_window: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            allow_anonymous: None,
+            password_file: None,
+            acl_file: None,
+            jwt_hs256_secret: None,
+            jwt_public_key: None,
+            max_failures: 10,
+            failure_window: Duration::from_secs(60),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Any source that can prove who a client is, besides client certificates.
+    pub fn has_source(&self) -> bool {
+        self.password_file.is_some()
+            || self.jwt_hs256_secret.is_some()
+            || self.jwt_public_key.is_some()
+    }
+}
+
+/// A secret from the config: never printed, not even by `{:?}`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A listener address; `""` means off.
+fn listen_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
 impl Default for ClusterConfig {
@@ -158,6 +278,9 @@ impl Default for ClusterConfig {
             node_id: None,
             sweep_interval: Duration::from_secs(5),
             node_ttl: Duration::from_secs(10),
+            secret: None,
+            tls: false,
+            tls_ca: None,
         }
     }
 }
@@ -165,7 +288,10 @@ impl Default for ClusterConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            listen: Some(SocketAddr::from(([0, 0, 0, 0], 1883))),
+            tls_listen: None,
+            ws_listen: None,
+            wss_listen: None,
             max_connections: 100_000,
             connect_timeout: Duration::from_secs(10),
             max_packet_size: 1024 * 1024,
@@ -202,6 +328,7 @@ impl Default for StoreConfig {
             kind: StoreKind::Memory,
             redis_url: "redis://127.0.0.1:6379/0".into(),
             redis_wait_replicas: 0,
+            redis_ca: None,
             max_messages: 10_000_000,
         }
     }
@@ -344,10 +471,81 @@ impl Config {
         if c.node_ttl < Duration::from_secs(1) {
             return bad("cluster.node_ttl", "must be at least 1s".into());
         }
+        self.validate_security(origin)?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return bad("log.level", e.to_string());
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// Listeners, TLS, authentication and the cluster secret.
+    fn validate_security(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: &str| {
+            Err(ConfigError::Invalid {
+                file: origin.to_string(),
+                key: key.to_string(),
+                reason: reason.to_string(),
+            })
+        };
+        let s = &self.server;
+        if s.listen.is_none()
+            && s.tls_listen.is_none()
+            && s.ws_listen.is_none()
+            && s.wss_listen.is_none()
+        {
+            return bad(
+                "server.listen",
+                "no client listener: set at least one of listen, tls_listen, ws_listen, wss_listen",
+            );
+        }
+        let needs_cert = s.tls_listen.is_some() || s.wss_listen.is_some() || self.cluster.tls;
+        if needs_cert && self.tls.cert.is_none() {
+            return bad("tls.cert", "required by server.tls_listen, server.wss_listen or cluster.tls");
+        }
+        if needs_cert && self.tls.key.is_none() {
+            return bad("tls.key", "required by server.tls_listen, server.wss_listen or cluster.tls");
+        }
+        if self.tls.client_ca.is_some() && s.tls_listen.is_none() && s.wss_listen.is_none() {
+            return bad("tls.client_ca", "set, but there is no TLS listener (server.tls_listen or server.wss_listen)");
+        }
+        if self.tls.identity == TlsIdentity::Cert && self.tls.client_ca.is_none() {
+            return bad("tls.identity", "\"cert\" needs tls.client_ca (the CA of the device certificates)");
+        }
+        let a = &self.auth;
+        if a.jwt_hs256_secret.is_some() && a.jwt_public_key.is_some() {
+            return bad("auth.jwt_public_key", "set only one of auth.jwt_hs256_secret and auth.jwt_public_key");
+        }
+        if a.jwt_hs256_secret.as_ref().is_some_and(|k| k.expose().len() < 32) {
+            return bad("auth.jwt_hs256_secret", "must be at least 32 bytes (a shorter HMAC key can be guessed offline from any token)");
+        }
+        if a.max_failures == 0 {
+            return bad("auth.max_failures", "must be at least 1");
+        }
+        if a.acl_file.is_some() && !a.has_source() && self.tls.identity != TlsIdentity::Cert {
+            return bad("auth.acl_file", "set, but no authentication source (password_file, a JWT key or tls.identity = \"cert\") names anyone");
+        }
+        let c = &self.cluster;
+        if c.listen.is_some() {
+            match &c.secret {
+                None => return bad("cluster.secret", "required when clustering is on (cluster.listen): the node-to-node listener accepts only nodes that present it; set it in the file or in HERALD_CLUSTER_SECRET"),
+                Some(k) if k.expose().len() < 16 => return bad("cluster.secret", "must be at least 16 characters"),
+                Some(_) => {}
+            }
+        }
+        if c.tls && c.tls_ca.is_none() && self.tls.client_ca.is_none() {
+            return bad("cluster.tls_ca", "cluster.tls needs the CA of the nodes' certificates (cluster.tls_ca, or tls.client_ca)");
+        }
+        Ok(())
+    }
+
+    /// Whether clients without credentials may connect (`auth.allow_anonymous`, else true
+    /// only when nothing can authenticate anyone).
+    pub fn allow_anonymous(&self) -> bool {
+        self.auth
+            .allow_anonymous
+            .unwrap_or(!self.auth.has_source() && self.tls.identity != TlsIdentity::Cert)
     }
 }
 
@@ -385,6 +583,42 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("session.max_inflight"), "{e}");
+    }
+
+    #[test]
+    fn empty_listen_turns_tcp_off() {
+        let e = Config::from_toml("[server]\nlisten = \"\"\n", "h.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no client listener"), "{e}");
+        let c = Config::from_toml(
+            "[server]\nlisten = \"\"\nws_listen = \"127.0.0.1:8080\"\n",
+            "h.toml",
+        )
+        .unwrap();
+        assert!(c.server.listen.is_none());
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let c = Config::from_toml(
+            "[auth]\njwt_hs256_secret = \"0123456789abcdef0123456789abcdef-sekrit\"\n",
+            "h.toml",
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("sekrit"));
+        assert!(!c.allow_anonymous());
+    }
+
+    #[test]
+    fn cluster_needs_secret() {
+        let e = Config::from_toml(
+            "[store]\nkind = \"redis\"\n[cluster]\nlisten = \"127.0.0.1:7000\"\n",
+            "h.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cluster.secret"), "{e}");
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! hint), writes PUBLISH with packet id `seq % 65535 + 1`, and deletes the outbox entry when
 //! dev42's PUBACK arrives.
 
+pub mod auth;
 pub mod broker;
 pub mod cluster;
 pub mod codec;
@@ -31,6 +32,7 @@ pub mod router;
 pub mod server;
 pub mod session;
 pub mod topic;
+pub mod transport;
 
 pub use config::Config;
 pub use server::Server;

@@ -64,7 +64,7 @@ fn main() -> ExitCode {
         None => (Config::default(), "defaults".to_string()),
     };
     if let Some(l) = cli.listen {
-        config.server.listen = l;
+        config.server.listen = Some(l);
     }
     if let Some(m) = cli.metrics_listen {
         config.metrics.listen = Some(m);

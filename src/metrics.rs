@@ -35,6 +35,8 @@ struct Handles {
     stale_routes: Counter,
     sweep_wakeups: Counter,
     remote_kicks: Counter,
+    auth_failures: [Counter; AUTH_FAILURES.len()],
+    acl_denied: [Counter; 2],
 }
 
 /// What crosses the node-to-node link; each is its own `kind` label.
@@ -73,6 +75,52 @@ const DROP_REASONS: [&str; 6] = [
     "store_full",
 ];
 
+/// Why a login was refused; each is its own `reason` label of `herald_auth_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// A password-file user with the wrong password.
+    BadPassword = 0,
+    /// A username that is not in the password file (and no token key to try).
+    UnknownUser = 1,
+    /// A token with a bad signature, a malformed one, or `alg: none`.
+    BadToken = 2,
+    /// A valid token past its `exp`.
+    ExpiredToken = 3,
+    /// The proven identity (token `sub`, certificate) is not the client id asked for, or a
+    /// user asked for a client id its ACL does not give it.
+    ClientId = 4,
+    /// No credentials, and anonymous clients are refused.
+    Anonymous = 5,
+    /// Too many failures from this address: closed before any password work.
+    Blocked = 6,
+    /// A will to a topic the client may not publish to.
+    Will = 7,
+    /// A connection to the cluster port without the cluster secret.
+    ClusterSecret = 8,
+    /// A client id in Herald's internal `$herald/` space on a client listener.
+    Reserved = 9,
+}
+
+const AUTH_FAILURES: [&str; 10] = [
+    "bad_password",
+    "unknown_user",
+    "bad_token",
+    "expired_token",
+    "client_id",
+    "anonymous",
+    "blocked",
+    "will",
+    "cluster_secret",
+    "reserved",
+];
+
+/// What an ACL refused.
+#[derive(Debug, Clone, Copy)]
+pub enum Denied {
+    Publish = 0,
+    Subscribe = 1,
+}
+
 fn handles() -> &'static Handles {
     static H: OnceLock<Handles> = OnceLock::new();
     H.get_or_init(|| {
@@ -109,6 +157,10 @@ fn handles() -> &'static Handles {
             stale_routes: metrics::counter!("herald_cluster_stale_routes_total"),
             sweep_wakeups: metrics::counter!("herald_cluster_sweep_wakeups_total"),
             remote_kicks: metrics::counter!("herald_cluster_remote_kicks_total"),
+            auth_failures: AUTH_FAILURES
+                .map(|r| metrics::counter!("herald_auth_failures_total", "reason" => r)),
+            acl_denied: ["publish", "subscribe"]
+                .map(|a| metrics::counter!("herald_acl_denied_total", "action" => a)),
         }
     })
 }
@@ -206,6 +258,16 @@ pub fn sweep_wakeup() {
 /// A connection closed because its client connected to another node.
 pub fn remote_kick() {
     handles().remote_kicks.increment(1);
+}
+
+/// A refused login (or cluster link).
+pub fn auth_failure(reason: AuthFailure) {
+    handles().auth_failures[reason as usize].increment(1);
+}
+
+/// A PUBLISH dropped or a SUBSCRIBE filter refused by the ACL (or a reserved `$` topic).
+pub fn acl_denied(action: Denied) {
+    handles().acl_denied[action as usize].increment(1);
 }
 
 /// The Prometheus text exposition of every metric.

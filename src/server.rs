@@ -35,7 +35,7 @@ impl Server {
     /// Binds the listeners and starts serving. Must run inside a tokio runtime.
     pub async fn start(config: Config) -> std::io::Result<Server> {
         metrics::init();
-        let listener = TcpListener::bind(config.server.listen).await?;
+        let listener = TcpListener::bind(config.server.listen.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))).await?;
         let local_addr = listener.local_addr()?;
         let metrics_listener = match config.metrics.listen {
             Some(addr) => Some(metrics::bind(addr).await?),

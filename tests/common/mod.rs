@@ -109,7 +109,7 @@ pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
             .try_init();
     }
     let mut config = Config::default();
-    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.server.listen = Some("127.0.0.1:0".parse().unwrap());
     let redis = match test_store() {
         StoreKind::Memory => None,
         StoreKind::Redis => {

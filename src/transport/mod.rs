@@ -1,0 +1,1 @@
+//! Client transports (being written).
