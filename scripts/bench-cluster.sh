@@ -150,6 +150,9 @@ mkdir -p "$OUT"
 # FREE := a free loopback port below the ephemeral range, never 1883 or 6379, and never one
 # handed out earlier in this run (a process may not have bound it yet).
 
+# The node-to-node link admits only nodes that know the cluster secret.
+export HERALD_CLUSTER_SECRET=${HERALD_CLUSTER_SECRET:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}
+
 NODE_PIDS=()
 NODE_PORTS=()
 NODE_METRICS=()

@@ -112,6 +112,9 @@ fi
 
 IDS=(a b c)
 declare -A CLUSTER_PORT METRICS_PORT
+# The node-to-node link admits only nodes that know the cluster secret; a fresh one per run
+# unless the caller gives one.
+export HERALD_CLUSTER_SECRET=${HERALD_CLUSTER_SECRET:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}
 for i in 0 1 2; do
     id=${IDS[$i]}
     free_port || exit 1

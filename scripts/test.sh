@@ -6,9 +6,12 @@
 #   2. the behavioural test binaries (REDIS_PASS_TESTS) again with HERALD_TEST_STORE=redis:
 #      each test's broker uses the Redis store, on a private redis-server the test starts
 #      (tests/common/mod.rs);
-#   3. interop/run.sh against HERALD (default target/release/herald): third-party clients;
-#   4. scripts/bench.sh --smoke --no-build: the benchmark tool still works (one test).
-# Ends with `total: N passed, N failed` over all four; exits non-zero if anything failed.
+#   3. the same behavioural binaries with HERALD_TEST_TRANSPORT=tls: each test's broker
+#      listens on TLS only and the tests' clients speak TLS (tests/common/pki.rs makes the
+#      certificates);
+#   4. interop/run.sh against HERALD (default target/release/herald): third-party clients;
+#   5. scripts/bench.sh --smoke --no-build: the benchmark tool still works (one test).
+# Ends with `total: N passed, N failed` over all five; exits non-zero if anything failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,6 +51,14 @@ fi
 # Checks that do not apply to the Redis store print one such line each (with the reason).
 redis_skipped=$(grep -o 'SKIPPED under HERALD_TEST_STORE=redis' "$log" | wc -l)
 
+echo "=== cargo test, over TLS (HERALD_TEST_TRANSPORT=tls: $REDIS_PASS_TESTS)"
+HERALD_TEST_TRANSPORT=tls "$CARGO" test --no-fail-fast "${redis_args[@]}" 2>&1 | tee "$log"
+tls_rc=${PIPESTATUS[0]}
+read -r tls_passed tls_failed < <(count_cargo "$log")
+if [ "$tls_rc" -ne 0 ] && [ "$tls_failed" -eq 0 ]; then
+    tls_failed=1
+fi
+
 echo "=== interop ($HERALD)"
 bash interop/run.sh "$HERALD" 2>&1 | tee "$log"
 interop_rc=${PIPESTATUS[0]}
@@ -71,7 +82,8 @@ echo "=== summary"
 echo "cargo test (exit $cargo_rc): $cargo_passed passed; $cargo_failed failed"
 echo "cargo test, Redis store (exit $redis_rc): $redis_passed passed; $redis_failed failed;" \
     "$redis_skipped check(s) skipped under Redis (SKIPPED lines above give the reasons)"
+echo "cargo test, over TLS (exit $tls_rc): $tls_passed passed; $tls_failed failed"
 echo "interop (exit $interop_rc): $interop_passed passed; $interop_failed failed"
 echo "bench smoke (exit $bench_rc): $bench_passed passed; $bench_failed failed"
-echo "total: $((cargo_passed + redis_passed + interop_passed + bench_passed)) passed, $((cargo_failed + redis_failed + interop_failed + bench_failed)) failed"
-[ "$cargo_rc" -eq 0 ] && [ "$redis_rc" -eq 0 ] && [ "$interop_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+echo "total: $((cargo_passed + redis_passed + tls_passed + interop_passed + bench_passed)) passed, $((cargo_failed + redis_failed + tls_failed + interop_failed + bench_failed)) failed"
+[ "$cargo_rc" -eq 0 ] && [ "$redis_rc" -eq 0 ] && [ "$tls_rc" -eq 0 ] && [ "$interop_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

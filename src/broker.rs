@@ -19,6 +19,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use futures::future::BoxFuture;
 
+use crate::auth::Auth;
 use crate::cluster::{Claim, Cluster, Frame, Route};
 use crate::codec::{min_qos, Qos};
 use crate::config::Config;
@@ -89,6 +90,8 @@ pub struct Broker {
     next_conn_id: AtomicU64,
     incarnation: u64,
     pub cluster: Option<Arc<Cluster>>,
+    /// Who may connect and what they may do.
+    pub auth: Arc<Auth>,
 }
 
 /// How long a new connection waits for the one it replaces to finish its cleanup.
@@ -97,7 +100,11 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
 impl Broker {
     /// Opens the store and loads what it keeps (subscriptions, retained messages). In a
     /// cluster a persistent session's subscriptions are loaded by the node it connects to.
-    pub async fn open(config: Config, cluster: Option<Arc<Cluster>>) -> Result<Broker, StoreError> {
+    pub async fn open(
+        config: Config,
+        cluster: Option<Arc<Cluster>>,
+        auth: Arc<Auth>,
+    ) -> Result<Broker, StoreError> {
         let store = Store::open(&config).await?;
         let router = Router::default();
         if cluster.is_none() {
@@ -120,6 +127,7 @@ impl Broker {
             incarnation: now_ms() ^ u64::from(std::process::id()) << 40,
             config,
             cluster,
+            auth,
         })
     }
 

@@ -413,16 +413,29 @@ pub fn decode_from_server(buf: &mut BytesMut) -> Result<Option<ServerPacket>, De
     }))
 }
 
-/// CONNECT with a clean session, no will, no credentials.
-pub fn encode_connect(buf: &mut BytesMut, client_id: &str, keep_alive: u16) {
+/// CONNECT with a clean session, no will; `login` = (user name, password).
+pub fn encode_connect(
+    buf: &mut BytesMut,
+    client_id: &str,
+    keep_alive: u16,
+    login: Option<(&str, &[u8])>,
+) {
+    let login_len = login.map_or(0, |(u, p)| 2 + u.len() + 2 + p.len());
     buf.put_u8(0x10);
-    put_remaining_len(buf, 10 + 2 + client_id.len());
+    put_remaining_len(buf, 10 + 2 + client_id.len() + login_len);
     buf.put_u16(4);
     buf.put_slice(b"MQTT");
-    buf.put_slice(&[4, 0x02]);
+    let flags = if login.is_some() { 0x02 | 0x80 | 0x40 } else { 0x02 };
+    buf.put_slice(&[4, flags]);
     buf.put_u16(keep_alive);
     buf.put_u16(client_id.len() as u16);
     buf.put_slice(client_id.as_bytes());
+    if let Some((user, password)) = login {
+        buf.put_u16(user.len() as u16);
+        buf.put_slice(user.as_bytes());
+        buf.put_u16(password.len() as u16);
+        buf.put_slice(password);
+    }
 }
 
 pub fn encode_pingreq(buf: &mut BytesMut) {
@@ -459,12 +472,14 @@ mod tests {
     #[test]
     fn link_client_side_roundtrip() {
         let mut b = BytesMut::new();
-        encode_connect(&mut b, "$node/a", 30);
+        encode_connect(&mut b, "$node/a", 30, Some(("a", b"s3cret")));
         match decode(&mut b, 1024) {
             Ok(Some(Packet::Connect(c))) => {
                 assert_eq!(c.client_id, "$node/a");
                 assert!(c.clean_session);
                 assert_eq!(c.keep_alive, 30);
+                let login = c.login.expect("login");
+                assert_eq!((login.username.as_str(), login.password.as_str()), ("a", "s3cret"));
             }
             other => panic!("{other:?}"),
         }

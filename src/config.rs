@@ -188,7 +188,7 @@ pub struct TlsConfig {
     pub identity: TlsIdentity,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum TlsIdentity {
     #[default]
@@ -374,8 +374,20 @@ impl Config {
                 reason,
             }
         })?;
+        let mut config = config;
+        config.apply_env();
         config.validate(origin)?;
         Ok(config)
+    }
+
+    /// Secrets that may come from the environment instead of a file or the command line
+    /// (where `ps` would show them): `HERALD_CLUSTER_SECRET` when `cluster.secret` is unset.
+    pub fn apply_env(&mut self) {
+        if self.cluster.secret.is_none() {
+            if let Ok(s) = std::env::var("HERALD_CLUSTER_SECRET") {
+                self.cluster.secret = Some(Secret::new(s));
+            }
+        }
     }
 
     /// Checks relations serde cannot express. Also called after CLI overrides.

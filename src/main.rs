@@ -8,22 +8,51 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
-use herald::config::{Config, LogFormat, StoreKind};
+use clap::{Parser, Subcommand};
+use herald::config::{Config, LogFormat, StoreKind, TlsIdentity};
 
 /// Herald: MQTT 3.1.1 push broker.
 ///
 /// With no options it listens on 0.0.0.0:1883 with the in-process store. Every setting lives
 /// in the TOML file (see config/herald.toml); flags override the file.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML config file.
     #[arg(short, long, value_name = "PATH")]
     config: Option<PathBuf>,
-    /// MQTT TCP listener (server.listen).
+    /// MQTT TCP listener (server.listen); "" turns plain TCP off.
     #[arg(short, long, value_name = "ADDR:PORT")]
-    listen: Option<SocketAddr>,
+    listen: Option<String>,
+    /// MQTT over TLS listener, e.g. 0.0.0.0:8883 (server.tls_listen).
+    #[arg(long, value_name = "ADDR:PORT")]
+    tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain for the TLS listeners (tls.cert).
+    #[arg(long, value_name = "PATH")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for the TLS listeners (tls.key).
+    #[arg(long, value_name = "PATH")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this PEM CA (tls.client_ca).
+    #[arg(long, value_name = "PATH")]
+    tls_client_ca: Option<PathBuf>,
+    /// "cert": a client certificate's CN is the device's identity (tls.identity).
+    #[arg(long, value_enum, value_name = "none|cert")]
+    tls_identity: Option<TlsIdentity>,
+    /// MQTT over WebSocket listener, path /mqtt (server.ws_listen).
+    #[arg(long, value_name = "ADDR:PORT")]
+    ws_listen: Option<SocketAddr>,
+    /// MQTT over WebSocket over TLS listener (server.wss_listen).
+    #[arg(long, value_name = "ADDR:PORT")]
+    wss_listen: Option<SocketAddr>,
+    /// Users and argon2id hashes, made with `herald passwd` (auth.password_file).
+    #[arg(long, value_name = "PATH")]
+    password_file: Option<PathBuf>,
+    /// Mosquitto-style ACL file (auth.acl_file).
+    #[arg(long, value_name = "PATH")]
+    acl_file: Option<PathBuf>,
     /// Prometheus /metrics listener (metrics.listen).
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_listen: Option<SocketAddr>,
@@ -51,8 +80,46 @@ struct Cli {
     log_format: Option<LogFormat>,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Adds or replaces a user in a password file (the password is read from the terminal,
+    /// or from standard input when it is not a terminal); with -D removes the user.
+    Passwd {
+        /// Remove USER instead.
+        #[arg(short = 'D')]
+        delete: bool,
+        /// The password file (created if missing, mode 0600).
+        file: PathBuf,
+        user: String,
+    },
+}
+
+fn passwd(delete: bool, file: &std::path::Path, user: &str) -> ExitCode {
+    let password = if delete {
+        None
+    } else {
+        match herald::auth::password::read_new_password() {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("herald passwd: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    match herald::auth::password::update_file(file, user, password.as_deref()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald passwd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Passwd { delete, file, user }) = &cli.command {
+        return passwd(*delete, file, user);
+    }
     let (mut config, origin) = match &cli.config {
         Some(path) => match Config::from_file(path) {
             Ok(c) => (c, path.display().to_string()),
@@ -61,11 +128,36 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        None => (Config::default(), "defaults".to_string()),
+        None => {
+            let mut c = Config::default();
+            c.apply_env();
+            (c, "defaults".to_string())
+        }
     };
     if let Some(l) = cli.listen {
-        config.server.listen = Some(l);
+        config.server.listen = match l.as_str() {
+            "" => None,
+            a => match a.parse() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    eprintln!("herald: --listen {a:?}: {e}");
+                    return ExitCode::from(2);
+                }
+            },
+        };
     }
+    let s = &mut config.server;
+    s.tls_listen = cli.tls_listen.or(s.tls_listen);
+    s.ws_listen = cli.ws_listen.or(s.ws_listen);
+    s.wss_listen = cli.wss_listen.or(s.wss_listen);
+    let t = &mut config.tls;
+    t.cert = cli.tls_cert.or(t.cert.take());
+    t.key = cli.tls_key.or(t.key.take());
+    t.client_ca = cli.tls_client_ca.or(t.client_ca.take());
+    t.identity = cli.tls_identity.unwrap_or(t.identity);
+    let a = &mut config.auth;
+    a.password_file = cli.password_file.or(a.password_file.take());
+    a.acl_file = cli.acl_file.or(a.acl_file.take());
     if let Some(m) = cli.metrics_listen {
         config.metrics.listen = Some(m);
     }
@@ -109,7 +201,7 @@ fn main() -> ExitCode {
     rt.block_on(async move {
         // Listening for signals before the listeners open: a SIGTERM that arrives right
         // after start must still mean a graceful stop.
-        let signals = match Signals::new() {
+        let mut signals = match Signals::new() {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "cannot watch SIGINT/SIGTERM");
@@ -123,7 +215,10 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        signals.wait().await;
+        while signals.wait().await == Signal::Reload {
+            tracing::info!("SIGHUP: reloading certificates, password file and ACL");
+            server.reload();
+        }
         tracing::info!("shutting down");
         server.shutdown().await;
         ExitCode::SUCCESS
@@ -146,6 +241,13 @@ fn init_logging(config: &Config) {
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+#[derive(PartialEq, Eq)]
+enum Signal {
+    Stop,
+    Reload,
 }
 
 impl Signals {
@@ -154,13 +256,15 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
-    async fn wait(mut self) {
+    async fn wait(&mut self) -> Signal {
         tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
+            _ = self.hup.recv() => Signal::Reload,
         }
     }
 }

@@ -19,6 +19,7 @@ struct Handles {
     connections_total: Counter,
     rejected_max_connections: Counter,
     connect_timeouts: Counter,
+    handshake_failures: Counter,
     malformed: Counter,
     received: [Counter; 3],
     sent: [Counter; 3],
@@ -138,6 +139,8 @@ fn handles() -> &'static Handles {
                 "herald_connections_rejected_total", "reason" => "max_connections"),
             connect_timeouts: metrics::counter!(
                 "herald_connections_rejected_total", "reason" => "connect_timeout"),
+            handshake_failures: metrics::counter!(
+                "herald_connections_rejected_total", "reason" => "handshake"),
             malformed: metrics::counter!("herald_malformed_packets_total"),
             received: qos("herald_messages_received_total"),
             sent: qos("herald_messages_sent_total"),
@@ -186,6 +189,11 @@ pub fn rejected_max_connections() {
 
 pub fn connect_timeout() {
     handles().connect_timeouts.increment(1);
+}
+
+/// A TLS or WebSocket handshake failed (bad certificate, wrong path, not TLS at all).
+pub fn handshake_failed() {
+    handles().handshake_failures.increment(1);
 }
 
 pub fn malformed() {

@@ -1,4 +1,10 @@
-//! Listeners, the accept loop and graceful shutdown.
+//! Listeners, the accept loops and graceful shutdown.
+//!
+//! Each client transport (TCP, TLS, WebSocket, WebSocket over TLS) is its own listener and
+//! accept task; they all hand their streams to the same `session::Connection`, which is
+//! generic over the stream. A TLS or WebSocket handshake runs in the connection's own task
+//! under `server.connect_timeout`, never in the accept loop, so a client that stalls its
+//! handshake holds only its own socket and only until the timeout.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,20 +15,40 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Auth;
 use crate::broker::Broker;
-use crate::cluster::{self, Cluster};
+use crate::cluster::{self, Cluster, LinkSecurity, LinkTls};
 use crate::config::Config;
 use crate::metrics;
 use crate::session::Connection;
+use crate::transport::{self, TlsServer};
 
 /// A running Herald node.
 pub struct Server {
-    local_addr: SocketAddr,
+    listeners: Listeners,
     metrics_addr: Option<SocketAddr>,
     broker: Arc<Broker>,
     shutdown: CancellationToken,
     connections: Arc<Connections>,
     timeout: Duration,
+    tls: Option<Arc<TlsServer>>,
+}
+
+/// The bound address of each client listener that is on.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Listeners {
+    pub tcp: Option<SocketAddr>,
+    pub tls: Option<SocketAddr>,
+    pub ws: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Tcp,
+    Tls,
+    Ws,
+    Wss,
 }
 
 /// How often stored messages are checked for expiry.
@@ -31,12 +57,47 @@ const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// How often keepalives are checked: the slack on top of 1.5 times a client's keepalive.
 const KEEPALIVE_EVERY: Duration = Duration::from_millis(250);
 
+async fn bind(addr: Option<SocketAddr>) -> std::io::Result<Option<TcpListener>> {
+    match addr {
+        Some(a) => TcpListener::bind(a)
+            .await
+            .map(Some)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}"))),
+        None => Ok(None),
+    }
+}
+
+fn local(l: &Option<TcpListener>) -> std::io::Result<Option<SocketAddr>> {
+    l.as_ref().map(|l| l.local_addr()).transpose()
+}
+
 impl Server {
     /// Binds the listeners and starts serving. Must run inside a tokio runtime.
     pub async fn start(config: Config) -> std::io::Result<Server> {
         metrics::init();
-        let listener = TcpListener::bind(config.server.listen.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))).await?;
-        let local_addr = listener.local_addr()?;
+        // The redis crate builds its rustls configs with the process default; Herald's own
+        // code names the ring provider itself. Already installed (a second server in one
+        // process, or an embedding program's choice) is fine.
+        let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+        let s = &config.server;
+        let tcp = bind(s.listen).await?;
+        let tls_l = bind(s.tls_listen).await?;
+        let ws = bind(s.ws_listen).await?;
+        let wss = bind(s.wss_listen).await?;
+        let listeners = Listeners {
+            tcp: local(&tcp)?,
+            tls: local(&tls_l)?,
+            ws: local(&ws)?,
+            wss: local(&wss)?,
+        };
+        let tls = match (&config.tls.cert, &config.tls.key) {
+            (Some(cert), Some(key)) => Some(Arc::new(
+                TlsServer::load(cert, key, config.tls.client_ca.as_deref())
+                    .map_err(std::io::Error::other)?,
+            )),
+            _ => None,
+        };
+        let auth = Arc::new(Auth::load(&config).map_err(std::io::Error::other)?);
         let metrics_listener = match config.metrics.listen {
             Some(addr) => Some(metrics::bind(addr).await?),
             None => None,
@@ -46,28 +107,32 @@ impl Server {
             None => None,
         };
         let timeout = config.server.shutdown_timeout;
-        let cluster_listener = match config.cluster.listen {
-            Some(addr) => Some(TcpListener::bind(addr).await?),
-            None => None,
-        };
+        let cluster_listener = bind(config.cluster.listen).await?;
         let cluster = match &cluster_listener {
             Some(l) => {
                 let c = &config.cluster;
+                let port = listeners
+                    .tcp
+                    .or(listeners.tls)
+                    .or(listeners.ws)
+                    .or(listeners.wss)
+                    .map_or(0, |a| a.port());
                 let id = c
                     .node_id
                     .clone()
-                    .unwrap_or_else(|| format!("{}:{}", hostname(), local_addr.port()));
+                    .unwrap_or_else(|| format!("{}:{port}", hostname()));
                 Some(Arc::new(Cluster::new(
                     id,
                     c.advertise.unwrap_or(l.local_addr()?),
                     c.sweep_interval,
                     c.node_ttl,
+                    link_security(&config, tls.as_ref())?,
                 )))
             }
             None => None,
         };
         let broker = Arc::new(
-            Broker::open(config, cluster.clone())
+            Broker::open(config, cluster.clone(), auth)
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))?,
         );
@@ -78,7 +143,12 @@ impl Server {
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             tokio::spawn(c.clone().run(broker.clone(), shutdown.clone()));
-            tokio::spawn(cluster::serve(l, broker.clone(), shutdown.clone()));
+            tokio::spawn(cluster::serve(
+                l,
+                broker.clone(),
+                c.security(),
+                shutdown.clone(),
+            ));
         }
 
         if let Some(l) = metrics_listener {
@@ -105,25 +175,58 @@ impl Server {
                 }
             });
         }
-        tokio::spawn(accept_loop(
-            listener,
-            broker.clone(),
-            shutdown.clone(),
-            connections.clone(),
-        ));
-        tracing::info!(listen = %local_addr, metrics = ?metrics_addr, "herald started");
+        let accept = Accept {
+            broker: broker.clone(),
+            shutdown: shutdown.clone(),
+            connections: connections.clone(),
+            tls: tls.clone(),
+        };
+        let accept = Arc::new(accept);
+        for (l, kind) in [
+            (tcp, Transport::Tcp),
+            (tls_l, Transport::Tls),
+            (ws, Transport::Ws),
+            (wss, Transport::Wss),
+        ] {
+            if let Some(l) = l {
+                tokio::spawn(accept_loop(l, kind, accept.clone()));
+            }
+        }
+        if broker.auth.is_open() {
+            tracing::warn!("no authentication configured: any client may connect as any client id and publish anywhere (keep this node on a trusted network; see README, Security)");
+        }
+        tracing::info!(
+            listen = ?listeners.tcp,
+            tls = ?listeners.tls,
+            ws = ?listeners.ws,
+            wss = ?listeners.wss,
+            metrics = ?metrics_addr,
+            "herald started"
+        );
         Ok(Server {
-            local_addr,
+            listeners,
             metrics_addr,
             broker,
             shutdown,
             connections,
             timeout,
+            tls,
         })
     }
 
+    /// The plain TCP listener's address, or (TLS-only and WebSocket-only nodes) the first
+    /// listener that is on.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        let l = &self.listeners;
+        l.tcp
+            .or(l.tls)
+            .or(l.ws)
+            .or(l.wss)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    pub fn listeners(&self) -> Listeners {
+        self.listeners
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
@@ -132,6 +235,21 @@ impl Server {
 
     pub fn broker(&self) -> &Arc<Broker> {
         &self.broker
+    }
+
+    /// SIGHUP: re-reads the certificate and key, the password file and the ACL file. What
+    /// fails to load keeps its previous version (logged with the reason); connections stay.
+    pub fn reload(&self) {
+        if let Some(tls) = &self.tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificate reloaded"),
+                Err(e) => tracing::error!(error = %e, "TLS certificate not reloaded, keeping the old one"),
+            }
+        }
+        match self.broker.auth.reload() {
+            Ok(()) => tracing::info!("password file and ACL reloaded"),
+            Err(e) => tracing::error!(error = %e, "authentication files not reloaded, keeping the old ones"),
+        }
     }
 
     /// Stops accepting, closes every connection, waits up to `shutdown_timeout`.
@@ -151,17 +269,50 @@ impl Server {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
+/// The node-to-node link's secret and TLS.
+fn link_security(config: &Config, tls: Option<&Arc<TlsServer>>) -> std::io::Result<LinkSecurity> {
+    let c = &config.cluster;
+    let secret = c
+        .secret
+        .clone()
+        .ok_or_else(|| std::io::Error::other("cluster.secret is required"))?;
+    let tls = match (c.tls, tls) {
+        (false, _) => None,
+        (true, None) => return Err(std::io::Error::other("cluster.tls needs tls.cert and tls.key")),
+        (true, Some(server)) => {
+            let ca = c
+                .tls_ca
+                .as_deref()
+                .or(config.tls.client_ca.as_deref())
+                .ok_or_else(|| std::io::Error::other("cluster.tls needs cluster.tls_ca"))?;
+            // Present our own certificate too: with tls.client_ca the peer's listener asks
+            // for one.
+            let own = config.tls.cert.as_deref().zip(config.tls.key.as_deref());
+            let client = transport::client_config(ca, own)
+                .map_err(|e| std::io::Error::other(format!("cluster.tls_ca: {e}")))?;
+            Some(LinkTls {
+                client,
+                server: server.clone(),
+            })
+        }
+    };
+    Ok(LinkSecurity { secret, tls })
+}
+
+/// What every accept loop hands a new connection.
+struct Accept {
     broker: Arc<Broker>,
     shutdown: CancellationToken,
     connections: Arc<Connections>,
-) {
-    let max = broker.config.server.max_connections;
+    tls: Option<Arc<TlsServer>>,
+}
+
+async fn accept_loop(listener: TcpListener, kind: Transport, ctx: Arc<Accept>) {
+    let max = ctx.broker.config.server.max_connections;
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = shutdown.cancelled() => return,
+            _ = ctx.shutdown.cancelled() => return,
         };
         let (stream, peer) = match accepted {
             Ok(x) => x,
@@ -172,15 +323,80 @@ async fn accept_loop(
                 continue;
             }
         };
-        if connections.open.load(Ordering::Relaxed) >= max {
+        if ctx.connections.open.load(Ordering::Relaxed) >= max {
             metrics::rejected_max_connections();
             tracing::warn!(peer = %peer, max, "max_connections reached, closing new connection");
             drop(stream);
             continue;
         }
-        let open = Open::new(&connections);
+        let open = Open::new(&ctx.connections);
         let _ = stream.set_nodelay(true);
-        tokio::spawn(Connection::new(broker.clone(), stream, peer, shutdown.clone()).run(open));
+        let (broker, stop) = (ctx.broker.clone(), ctx.shutdown.clone());
+        match (kind, &ctx.tls) {
+            // The plain path stays a bare connection task: its size is every idle
+            // connection's cost (tests/footprint.rs).
+            (Transport::Tcp, _) => {
+                tokio::spawn(Connection::new(broker, stream, peer, stop).run(open));
+            }
+            (Transport::Ws, _) => {
+                tokio::spawn(async move {
+                    let max_packet = broker.config.server.max_packet_size;
+                    if let Some(ws) = handshake(&broker, peer, transport::ws_accept(stream, max_packet)).await {
+                        Connection::new(broker, ws, peer, stop).run(open).await;
+                    }
+                });
+            }
+            (Transport::Tls, Some(tls)) => {
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    if let Some((s, id)) = handshake(&broker, peer, tls.accept(stream)).await {
+                        Connection::new(broker, s, peer, stop)
+                            .with_cert_identity(id)
+                            .run(open)
+                            .await;
+                    }
+                });
+            }
+            (Transport::Wss, Some(tls)) => {
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let max_packet = broker.config.server.max_packet_size;
+                    let both = async {
+                        let (s, id) = tls.accept(stream).await?;
+                        Ok((transport::ws_accept(s, max_packet).await?, id))
+                    };
+                    if let Some((ws, id)) = handshake(&broker, peer, both).await {
+                        Connection::new(broker, ws, peer, stop)
+                            .with_cert_identity(id)
+                            .run(open)
+                            .await;
+                    }
+                });
+            }
+            // Config validation requires a certificate for TLS listeners.
+            (Transport::Tls | Transport::Wss, None) => drop(open),
+        }
+    }
+}
+
+/// A transport's handshake under `server.connect_timeout`: a client that stalls it (a
+/// half-open TLS handshake, a slowloris WebSocket upgrade) is closed at the timeout.
+async fn handshake<T, F>(broker: &Broker, peer: SocketAddr, f: F) -> Option<T>
+where
+    F: std::future::Future<Output = std::io::Result<T>>,
+{
+    match tokio::time::timeout(broker.config.server.connect_timeout, f).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            metrics::handshake_failed();
+            tracing::debug!(peer = %peer, error = %e, "handshake failed");
+            None
+        }
+        Err(_) => {
+            metrics::connect_timeout();
+            tracing::debug!(peer = %peer, "handshake not finished in time");
+            None
+        }
     }
 }
 

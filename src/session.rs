@@ -37,8 +37,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, SessionData};
 use crate::codec::{self, DecodeError, Packet, Qos};
+use crate::auth::{Credentials, Principal};
 use crate::mailbox::{Delivery, Kick, Mailbox};
-use crate::metrics;
+use crate::metrics::{self, AuthFailure, Denied};
 use crate::outbox::{packet_id, Entry, Message, StoreError};
 use crate::router::ClientId;
 
@@ -87,6 +88,8 @@ pub struct Connection<S> {
     stream: S,
     peer: SocketAddr,
     shutdown: CancellationToken,
+    /// The verified client certificate's identity (TLS listeners with `tls.identity`).
+    cert_identity: Option<Box<str>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
@@ -101,7 +104,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             stream,
             peer,
             shutdown,
+            cert_identity: None,
         }
+    }
+
+    /// The identity a client certificate proved, used only with `tls.identity = "cert"`.
+    pub fn with_cert_identity(mut self, identity: Option<String>) -> Self {
+        if self.broker.config.tls.identity == crate::config::TlsIdentity::Cert {
+            self.cert_identity = identity.map(String::into_boxed_str);
+        }
+        self
     }
 
     /// The connection's task. Its size is what every idle connection costs, so it is built
@@ -125,9 +137,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
     async fn open(mut self) -> Option<Session<S>> {
         let mut rbuf = BytesMut::new();
         let connect = self.handshake(&mut rbuf).await?;
+        let principal = self.admit(&connect).await?;
         Session::start(
             self.broker,
             connect,
+            principal,
             self.peer,
             self.stream,
             rbuf,
@@ -167,6 +181,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
         }
     }
 
+    /// Who the client is, and whether it may have this client id and this will: answers
+    /// CONNACK 2, 4 or 5 itself when not. Runs before the session attaches, so before any
+    /// takeover or route claim: a client can never take another's session.
+    async fn admit(&mut self, c: &Connect) -> Option<Option<Principal>> {
+        if c.client_id.starts_with(RESERVED_CLIENT_IDS) {
+            metrics::auth_failure(AuthFailure::Reserved);
+            tracing::info!(peer = %self.peer, client = %c.client_id, "refused CONNECT: client ids under $herald/ are the cluster's");
+            return self.refuse(2).await;
+        }
+        if let Some(w) = &c.last_will {
+            if reserved_topic(&w.topic) {
+                metrics::auth_failure(AuthFailure::Will);
+                return self.refuse(5).await;
+            }
+        }
+        let auth = self.broker.auth.clone();
+        if auth.is_open() {
+            return Some(None);
+        }
+        let login = c.login.as_ref();
+        let principal = auth
+            .authenticate(Credentials {
+                client_id: &c.client_id,
+                username: login.map(|l| l.username.as_str()),
+                password: login
+                    .map(|l| l.password.as_bytes())
+                    .filter(|p| !p.is_empty()),
+                cert_identity: self.cert_identity.as_deref(),
+                peer: self.peer.ip(),
+            })
+            .await;
+        let principal = match principal {
+            Ok(p) => p,
+            Err(r) => return self.refuse(r.connack_code()).await,
+        };
+        if let Some(w) = &c.last_will {
+            if !auth.may_publish(&principal, &c.client_id, &w.topic) {
+                metrics::auth_failure(AuthFailure::Will);
+                tracing::info!(peer = %self.peer, client = %c.client_id, topic = %w.topic, "refused CONNECT: will to a topic the client may not publish to");
+                return self.refuse(5).await;
+            }
+        }
+        Some(Some(principal))
+    }
+
+    async fn refuse<T>(&mut self, code: u8) -> Option<T> {
+        let mut out = BytesMut::new();
+        codec::encode_connack(&mut out, false, code);
+        let _ = self.stream.write_all(&out).await;
+        None
+    }
+
     /// Reads until one whole packet arrives; it must be CONNECT. `Err(None)`: socket closed.
     async fn read_first(&mut self, rbuf: &mut BytesMut) -> Result<Connect, Option<DecodeError>> {
         let max = self.broker.config.server.max_packet_size;
@@ -204,7 +270,9 @@ struct Session<S> {
     broker: Arc<Broker>,
     client: ClientId,
     clean: bool,
-    will: Option<Box<Message>>,
+    /// The will and the proven identity; `None` for the common case of neither (no
+    /// authentication configured, no will), so that they cost an idle connection nothing.
+    extras: Option<Box<Extras>>,
     mailbox: Arc<Mailbox>,
     /// The socket, read and written by this task alone (no split halves: they cost a shared
     /// allocation per connection).
@@ -227,6 +295,13 @@ struct Session<S> {
     /// The sent watermark for the newest PUBLISH in `wbuf` is being written: the socket
     /// is not written until it is stored (write-ahead, for DUP after a crash).
     sent_gate: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+/// What a CONNECT gave a session besides its client id.
+struct Extras {
+    will: Option<Message>,
+    /// `None` when authentication is off (every check passes).
+    principal: Option<Principal>,
 }
 
 /// Publishes from this client still being stored.
@@ -254,6 +329,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     async fn start(
         broker: Arc<Broker>,
         c: Connect,
+        principal: Option<Principal>,
         peer: SocketAddr,
         mut io: S,
         rbuf: BytesMut,
@@ -291,22 +367,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         }
         tracing::debug!(client = %client, peer = %peer, clean = c.clean_session, "connected");
         codec::encode_connack(&mut out, attached.session_present, 0);
-        let will = c.last_will.map(|w| {
-            Box::new(Message {
-                topic: Arc::from(w.topic),
-                payload: Bytes::copy_from_slice(&w.message),
-                qos: w.qos,
-                retain: w.retain,
-                expires_at: 0,
-            })
+        let will = c.last_will.map(|w| Message {
+            topic: Arc::from(w.topic),
+            payload: Bytes::copy_from_slice(&w.message),
+            qos: w.qos,
+            retain: w.retain,
+            expires_at: 0,
         });
+        let extras = (will.is_some() || principal.is_some())
+            .then(|| Box::new(Extras { will, principal }));
         let mut s = Session {
             clean: c.clean_session,
             sent_watermark: attached.sent_watermark,
             data: attached.data,
             broker,
             client,
-            will,
+            extras,
             mailbox,
             io,
             rbuf,
@@ -502,6 +578,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 let mut codes = Vec::with_capacity(s.filters.len());
                 for (filter, qos) in &s.filters {
                     codes.push(match filter {
+                        Ok(f) if !self.may_subscribe(f) => {
+                            metrics::acl_denied(Denied::Subscribe);
+                            tracing::debug!(client = %self.client, filter = %f, "subscription refused by the ACL");
+                            0x80
+                        }
                         Ok(f) => self
                             .broker
                             .subscribe(&self.client, !self.clean, f, *qos)
@@ -553,6 +634,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         {
             // A resend of a message we already took: acknowledge, do not route twice.
             codec::encode_pubrec(&mut self.wbuf, pkid);
+            return Ok(());
+        }
+        if !self.may_publish(&p.topic) {
+            // MQTT 3.1.1 has no negative PUBACK: like Mosquitto, finish the handshake and
+            // drop the message, which never reaches a store or a receiver.
+            metrics::acl_denied(Denied::Publish);
+            tracing::debug!(client = %self.client, topic = %p.topic, "publish refused by the ACL");
+            match qos {
+                Qos::AtMostOnce => {}
+                Qos::AtLeastOnce => codec::encode_puback(&mut self.wbuf, pkid),
+                Qos::ExactlyOnce => codec::encode_pubrec(&mut self.wbuf, pkid),
+            }
             return Ok(());
         }
         let msg = Message {
@@ -625,6 +718,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         metrics::acked();
         self.broker.store.ack(&self.client, seq).await;
         Ok(true)
+    }
+
+    /// Herald's internal topics are never a client's; the rest is the ACL's to say.
+    fn may_publish(&self, topic: &str) -> bool {
+        if reserved_topic(topic) {
+            return false;
+        }
+        match self.extras.as_ref().and_then(|x| x.principal.as_ref()) {
+            Some(p) => self.broker.auth.may_publish(p, &self.client, topic),
+            None => true,
+        }
+    }
+
+    fn may_subscribe(&self, filter: &str) -> bool {
+        if reserved_topic(filter) {
+            return false;
+        }
+        match self.extras.as_ref().and_then(|x| x.principal.as_ref()) {
+            Some(p) => self.broker.auth.may_subscribe(p, &self.client, filter),
+            None => true,
+        }
     }
 
     fn data_mut(&mut self) -> &mut SessionData {
@@ -773,9 +887,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         match &end {
             End::Abnormal(reason) => {
                 tracing::debug!(client = %self.client, reason = %reason, "connection lost");
-                if let Some(will) = self.will.take() {
+                if let Some(will) = self.extras.as_mut().and_then(|x| x.will.take()) {
                     metrics::will_published();
-                    if let Err(e) = self.broker.publish(*will).await {
+                    if let Err(e) = self.broker.publish(will).await {
                         tracing::warn!(client = %self.client, error = %e, "will not stored");
                     }
                 }
@@ -796,6 +910,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 /// behind a thin pointer (a `dyn` one would cost the waiting future 8 bytes more).
 fn stage<F: std::future::Future>(f: F) -> Pin<Box<F>> {
     Box::pin(f)
+}
+
+/// Client ids of the node-to-node link's connections.
+const RESERVED_CLIENT_IDS: &str = "$herald/";
+
+/// Topics of the node-to-node link (and of Herald's own ids), refused on client listeners
+/// whatever the ACL says.
+fn reserved_topic(topic: &str) -> bool {
+    topic.starts_with('$')
+        && ["$cluster", "$herald"].iter().any(|p| {
+            topic
+                .strip_prefix(p)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
 }
 
 fn qos_of(code: u8) -> Option<Qos> {

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use herald::auth::Auth;
 use herald::broker::Broker;
 use herald::config::Config;
 use herald::session::Connection;
@@ -13,8 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn an_idle_connections_task_fits_a_384_byte_block() {
+    let config = Config::default();
+    let auth = Arc::new(Auth::load(&config).expect("no auth configured"));
     let broker = Arc::new(
-        Broker::open(Config::default(), None)
+        Broker::open(config, None, auth)
             .await
             .expect("memory store"),
     );

@@ -120,7 +120,7 @@ async fn stalled_reader(server: &herald::Server, opts: Opts, subs: &[(&str, QoS)
     let addr = server.local_addr();
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
-    let mut slow = Raw::from_stream(socket.connect(addr).await.unwrap());
+    let mut slow = Raw::from_stream(socket.connect(addr).await.unwrap()).await;
     slow.send_raw(&opts.encode()).await.unwrap();
     assert!(matches!(slow.expect(WAIT).await, Packet::ConnAck(_)));
     for (filter, qos) in subs {

@@ -213,11 +213,11 @@ async fn inflight_window_holds_the_rest_in_order() {
 
 #[tokio::test]
 async fn rumqttc_qos1_round_trip() {
-    use rumqttc::{AsyncClient, Event, Incoming, MqttOptions};
+    use rumqttc::{AsyncClient, Event, Incoming};
 
     let server = start().await;
     let addr = server.local_addr();
-    let mut opts = MqttOptions::new("rumq-1", "127.0.0.1", addr.port());
+    let mut opts = common::mqtt_options("rumq-1", addr);
     opts.set_keep_alive(Duration::from_secs(5));
     let (client, mut eventloop) = AsyncClient::new(opts, 10);
     client

@@ -231,13 +231,13 @@ async fn custom_push_template() {
 /// order, without ever sending SUBSCRIBE.
 #[tokio::test]
 async fn rumqttc_device_gets_pushes_published_while_offline() {
-    use rumqttc::{AsyncClient, Event, Incoming, MqttOptions};
+    use rumqttc::{AsyncClient, Event, Incoming};
     use std::time::Duration;
 
     let server = start().await;
     let addr = server.local_addr();
     let device = || {
-        let mut opts = MqttOptions::new("rq-dev", "127.0.0.1", addr.port());
+        let mut opts = common::mqtt_options("rq-dev", addr);
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_clean_session(false);
         AsyncClient::new(opts, 10)

@@ -230,7 +230,7 @@ async fn empty_retained_payload_clears_the_retained_message() {
 
 #[tokio::test]
 async fn rumqttc_wildcard_subscription_and_retained() {
-    use rumqttc::{AsyncClient, Event, Incoming, MqttOptions};
+    use rumqttc::{AsyncClient, Event, Incoming};
 
     let server = start().await;
     let addr = server.local_addr();
@@ -239,7 +239,7 @@ async fn rumqttc_wildcard_subscription_and_retained() {
         .publish("rq/sensors/1/temp", b"21", QoS::AtLeastOnce, true)
         .await;
 
-    let mut opts = MqttOptions::new("rumq-wc", "127.0.0.1", addr.port());
+    let mut opts = common::mqtt_options("rumq-wc", addr);
     opts.set_keep_alive(Duration::from_secs(5));
     let (client, mut eventloop) = AsyncClient::new(opts, 10);
     client

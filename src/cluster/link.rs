@@ -23,14 +23,17 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::stream::{FuturesOrdered, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::rustls;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
 use crate::codec::{self, Packet, Qos, ServerPacket};
-use crate::metrics::{self, Forward};
+use crate::config::Secret;
+use crate::metrics::{self, AuthFailure, Forward};
+use crate::transport::TlsServer;
 use crate::outbox::{Message, StoreError};
 
 /// How long a forwarded QoS 1 publish may wait for the peer's PUBACK.
@@ -218,9 +221,9 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn start(addr: SocketAddr, client_id: String) -> Peer {
+    pub fn start(addr: SocketAddr, client_id: String, security: Arc<LinkSecurity>) -> Peer {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(addr, client_id, rx));
+        tokio::spawn(run(addr, client_id, security, rx));
         Peer { addr, tx }
     }
 
@@ -245,22 +248,24 @@ impl Peer {
 }
 
 /// Keeps a link to `addr` up while the `Peer` exists, reconnecting with backoff.
-async fn run(addr: SocketAddr, client_id: String, mut rx: mpsc::Receiver<Out>) {
+async fn run(
+    addr: SocketAddr,
+    client_id: String,
+    security: Arc<LinkSecurity>,
+    mut rx: mpsc::Receiver<Out>,
+) {
     let mut backoff = Duration::from_millis(100);
     // Logged on each change, and the first failure too: None = not tried yet.
     let mut up = None;
     loop {
-        match dial(addr, &client_id).await {
-            Ok(stream) => {
-                if up != Some(true) {
-                    tracing::info!(peer = %addr, "node link up");
-                    up = Some(true);
-                }
-                backoff = Duration::from_millis(100);
-                if !serve_out(stream, &mut rx).await {
-                    return;
-                }
-            }
+        let linked = match dial(addr, &client_id, &security).await {
+            Ok(LinkStream::Plain(s)) => Ok(serve_out(s, &mut rx, &mut up, addr).await),
+            Ok(LinkStream::Tls(s)) => Ok(serve_out(*s, &mut rx, &mut up, addr).await),
+            Err(e) => Err(e),
+        };
+        match linked {
+            Ok(true) => backoff = Duration::from_millis(100),
+            Ok(false) => return,
             Err(e) => {
                 if up != Some(false) {
                     tracing::warn!(peer = %addr, error = %e, "node link down");
@@ -282,35 +287,95 @@ async fn run(addr: SocketAddr, client_id: String, mut rx: mpsc::Receiver<Out>) {
     }
 }
 
-async fn dial(addr: SocketAddr, client_id: &str) -> std::io::Result<TcpStream> {
+/// What a node presents to its peers and demands of them.
+pub struct LinkSecurity {
+    /// `cluster.secret`: sent as the CONNECT password, and required of every peer.
+    pub secret: Secret,
+    /// `cluster.tls`: dial peers over TLS (verified against `cluster.tls_ca`) and accept
+    /// only TLS on the node-to-node listener.
+    pub tls: Option<LinkTls>,
+}
+
+pub struct LinkTls {
+    pub client: Arc<rustls::ClientConfig>,
+    pub server: Arc<TlsServer>,
+}
+
+enum LinkStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+async fn dial(
+    addr: SocketAddr,
+    client_id: &str,
+    security: &LinkSecurity,
+) -> std::io::Result<LinkStream> {
     let attempt = async {
-        let mut stream = TcpStream::connect(addr).await?;
+        let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
+        let mut stream = match &security.tls {
+            None => LinkStream::Plain(stream),
+            Some(tls) => {
+                // Peers are dialled by their advertised IP: their certificates name it.
+                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+                LinkStream::Tls(Box::new(connector.connect(name, stream).await?))
+            }
+        };
         let mut b = BytesMut::new();
-        codec::encode_connect(&mut b, client_id, (PING_EVERY.as_secs() * 3) as u16);
-        stream.write_all(&b).await?;
-        b.clear();
-        loop {
-            if stream.read_buf(&mut b).await? == 0 {
-                return Err(std::io::Error::other("closed before CONNACK"));
-            }
-            match codec::decode_from_server(&mut b) {
-                Ok(Some(ServerPacket::ConnAck(0))) => return Ok(stream),
-                Ok(None) => {}
-                Ok(Some(p)) => return Err(std::io::Error::other(format!("refused: {p:?}"))),
-                Err(e) => return Err(std::io::Error::other(e.to_string())),
-            }
+        // The user name is only there because MQTT 3.1.1 allows no password without one.
+        let login = Some(("herald", security.secret.expose().as_bytes()));
+        codec::encode_connect(&mut b, client_id, (PING_EVERY.as_secs() * 3) as u16, login);
+        match &mut stream {
+            LinkStream::Plain(s) => handshake(s, &mut b).await?,
+            LinkStream::Tls(s) => handshake(&mut **s, &mut b).await?,
         }
+        Ok(stream)
     };
     tokio::time::timeout(CONNECT_TIMEOUT, attempt)
         .await
         .unwrap_or_else(|_| Err(std::io::Error::other("connect timed out")))
 }
 
+/// Sends the CONNECT in `b` and waits for CONNACK 0.
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    b: &mut BytesMut,
+) -> std::io::Result<()> {
+    stream.write_all(b).await?;
+    b.clear();
+    loop {
+        if stream.read_buf(b).await? == 0 {
+            return Err(std::io::Error::other("closed before CONNACK"));
+        }
+        match codec::decode_from_server(b) {
+            Ok(Some(ServerPacket::ConnAck(0))) => return Ok(()),
+            Ok(Some(ServerPacket::ConnAck(5))) => {
+                return Err(std::io::Error::other(
+                    "refused with CONNACK 5: the peer has another cluster.secret",
+                ))
+            }
+            Ok(None) => {}
+            Ok(Some(p)) => return Err(std::io::Error::other(format!("refused: {p:?}"))),
+            Err(e) => return Err(std::io::Error::other(e.to_string())),
+        }
+    }
+}
+
 /// Sends queued frames until the link fails (true: reconnect) or the `Peer` is dropped
 /// (false).
-async fn serve_out(stream: TcpStream, rx: &mut mpsc::Receiver<Out>) -> bool {
-    let (mut rd, mut wr) = stream.into_split();
+async fn serve_out<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    rx: &mut mpsc::Receiver<Out>,
+    up: &mut Option<bool>,
+    addr: SocketAddr,
+) -> bool {
+    if *up != Some(true) {
+        tracing::info!(peer = %addr, "node link up");
+        *up = Some(true);
+    }
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let mut unacked: HashMap<u16, oneshot::Sender<()>> = HashMap::new();
     let mut next_pkid: u16 = 0;
     let (mut rbuf, mut wbuf, mut body) = (BytesMut::new(), BytesMut::new(), BytesMut::new());
@@ -382,7 +447,12 @@ fn next_free(mut id: u16, used: &HashMap<u16, oneshot::Sender<()>>) -> u16 {
 }
 
 /// Accepts peers' links and applies what they send.
-pub async fn serve(listener: TcpListener, broker: Arc<Broker>, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    security: Arc<LinkSecurity>,
+    stop: CancellationToken,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -395,10 +465,23 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>, stop: Cancellatio
             },
             _ = stop.cancelled() => return,
         };
-        let (broker, stop) = (broker.clone(), stop.clone());
+        let (broker, stop, security) = (broker.clone(), stop.clone(), security.clone());
         tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let served = async {
+                match &security.tls {
+                    None => serve_in(stream, &broker, &security.secret).await,
+                    Some(tls) => {
+                        let (s, _) = tokio::time::timeout(CONNECT_TIMEOUT * 5, tls.server.accept(stream))
+                            .await
+                            .map_err(|_| "TLS handshake timed out".to_string())?
+                            .map_err(|e| format!("TLS handshake: {e}"))?;
+                        serve_in(s, &broker, &security.secret).await
+                    }
+                }
+            };
             tokio::select! {
-                r = serve_in(stream, &broker) => {
+                r = served => {
                     if let Err(e) = r {
                         tracing::info!(peer = %peer, error = %e, "node link closed");
                     }
@@ -412,9 +495,12 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>, stop: Cancellatio
 type Storing =
     std::pin::Pin<Box<dyn std::future::Future<Output = (u16, Result<(), StoreError>)> + Send>>;
 
-async fn serve_in(stream: TcpStream, broker: &Arc<Broker>) -> Result<(), String> {
-    let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
+async fn serve_in<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    broker: &Arc<Broker>,
+    secret: &Secret,
+) -> Result<(), String> {
+    let (mut rd, mut wr) = tokio::io::split(stream);
     // Room for a client's largest packet plus the frame's own fields.
     let max = broker
         .config
@@ -438,8 +524,18 @@ async fn serve_in(stream: TcpStream, broker: &Arc<Broker>) -> Result<(), String>
     })
     .await
     .map_err(|_| "no CONNECT in time".to_string())??;
-    tracing::debug!(peer = %connect.client_id, "node link accepted");
     let mut wbuf = BytesMut::new();
+    let presented = connect.login.as_ref().map_or("", |l| l.password.as_str());
+    let good: bool =
+        subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), secret.expose().as_bytes()).into();
+    if !good {
+        metrics::auth_failure(AuthFailure::ClusterSecret);
+        codec::encode_connack(&mut wbuf, false, 5);
+        let _ = wr.write_all(&wbuf).await;
+        tracing::warn!(client = %connect.client_id, "node link refused: wrong or missing cluster.secret");
+        return Ok(());
+    }
+    tracing::debug!(peer = %connect.client_id, "node link accepted");
     codec::encode_connack(&mut wbuf, false, 0);
     let mut storing: FuturesOrdered<Storing> = FuturesOrdered::new();
     loop {

@@ -50,7 +50,7 @@ use crate::metrics;
 use crate::outbox::{redis_key, Message, RedisOutbox, StoreError};
 use crate::router::Router;
 
-pub use link::{serve, Frame};
+pub use link::{serve, Frame, LinkSecurity, LinkTls};
 
 const CLAIM: &str = r#"
 local e = redis.call('INCR', KEYS[2])
@@ -116,6 +116,7 @@ pub struct Cluster {
     /// cache together wait for one lookup instead of each giving up or each asking.
     looked_up: tokio::sync::Mutex<HashMap<Arc<str>, Instant>>,
     peers: Mutex<HashMap<Arc<str>, link::Peer>>,
+    security: Arc<LinkSecurity>,
     /// Other nodes' filters; the router's "clients" are node ids.
     remote: RwLock<Arc<Router>>,
     interest_version: AtomicU64,
@@ -161,6 +162,7 @@ impl Cluster {
         advertise: SocketAddr,
         sweep_interval: Duration,
         node_ttl: Duration,
+        security: LinkSecurity,
     ) -> Cluster {
         Cluster {
             id: Arc::from(id),
@@ -171,6 +173,7 @@ impl Cluster {
             nodes: RwLock::default(),
             looked_up: tokio::sync::Mutex::default(),
             peers: Mutex::default(),
+            security: Arc::new(security),
             remote: RwLock::default(),
             interest_version: AtomicU64::new(0),
             interest_dirty: Notify::new(),
@@ -386,7 +389,11 @@ impl Cluster {
             .get(node)
             .is_some_and(|p| p.addr == addr && !p.is_closed())
         {
-            let p = link::Peer::start(addr, format!("$herald/{}/{}", self.id, self.inc));
+            let p = link::Peer::start(
+                addr,
+                format!("$herald/{}/{}", self.id, self.inc),
+                self.security.clone(),
+            );
             peers.insert(Arc::from(node), p);
         }
         let sent = peers.get(node).map_or(Err(()), |p| p.send(frame, ack));
@@ -549,6 +556,11 @@ impl Cluster {
 
     /// The node's background work: alive key, tables, own filters. Runs until the runtime
     /// stops or `stop` fires.
+    /// For the node-to-node listener.
+    pub fn security(&self) -> Arc<LinkSecurity> {
+        self.security.clone()
+    }
+
     pub async fn run(
         self: Arc<Self>,
         broker: Arc<crate::broker::Broker>,

@@ -128,6 +128,7 @@ impl Store {
             StoreKind::Redis => Store::Redis(Box::new(
                 RedisOutbox::connect(
                     &config.store.redis_url,
+                    config.store.redis_ca.as_deref(),
                     limits,
                     config.session.message_ttl,
                     config.store.redis_wait_replicas,

@@ -297,14 +297,16 @@ impl RedisOutbox {
     /// should stop the broker, not leave it refusing every client).
     pub async fn connect(
         url: &str,
+        ca: Option<&std::path::Path>,
         limits: Limits,
         ttl: Duration,
         wait_replicas: u32,
         routes: bool,
     ) -> Result<RedisOutbox, StoreError> {
+        let shown = redacted_url(url);
         let unavailable =
-            |e: &dyn std::fmt::Display| StoreError::Unavailable(format!("{url}: {e}"));
-        let link = Arc::new(Link::open(url).await.map_err(|e| unavailable(&e))?);
+            |e: &dyn std::fmt::Display| StoreError::Unavailable(format!("{shown}: {e}"));
+        let link = Arc::new(Link::open(url, ca).await.map_err(|e| unavailable(&e))?);
         let scripts = Arc::new(Scripts::new());
         scripts
             .load(&mut link.conn())
@@ -343,12 +345,11 @@ impl RedisOutbox {
 
     /// Checks a `store.redis_url` without connecting.
     pub fn validate_url(url: &str) -> Result<(), String> {
-        match url.strip_prefix("redis+sentinel://") {
-            Some(rest) => sentinel_client(rest).map(|_| ()).map_err(|e| e.to_string()),
-            None => redis::Client::open(url)
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-        }
+        let r = match url.strip_prefix("redis+sentinel://") {
+            Some(rest) => sentinel_client(rest).map(|_| ()),
+            None => redis::Client::open(url).map(|_| ()),
+        };
+        r.map_err(|e| format!("{}: {e}", redacted_url(url)))
     }
 
     fn check_up(&self) -> Result<(), StoreError> {
@@ -658,6 +659,8 @@ impl RedisOutbox {
 /// every outage so that a failover is followed.
 struct Link {
     sentinel: Option<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
+    /// For the hot path's own connections to a `rediss://` server.
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     current: parking_lot::RwLock<Current>,
     /// Bumped when the store comes back after an outage: the hot-path connections (`Hot`)
     /// are made again then, to whatever server `current` names.
@@ -700,11 +703,17 @@ async fn current(client: redis::Client) -> redis::RedisResult<Current> {
 }
 
 impl Link {
-    async fn open(url: &str) -> redis::RedisResult<Link> {
+    async fn open(url: &str, ca: Option<&std::path::Path>) -> redis::RedisResult<Link> {
         let Some(rest) = url.strip_prefix("redis+sentinel://") else {
-            let current = current(redis::Client::open(url)?).await?;
+            let (client, tls) = if url.starts_with("rediss://") {
+                redis_tls(url, ca)?
+            } else {
+                (redis::Client::open(url)?, None)
+            };
+            let current = current(client).await?;
             return Ok(Link {
                 sentinel: None,
+                tls,
                 current: parking_lot::RwLock::new(current),
                 epoch: AtomicU64::new(0),
             });
@@ -713,6 +722,7 @@ impl Link {
         let current = current(sentinel.async_get_client().await?).await?;
         Ok(Link {
             sentinel: Some(tokio::sync::Mutex::new(sentinel)),
+            tls: None,
             current: parking_lot::RwLock::new(current),
             epoch: AtomicU64::new(0),
         })
@@ -770,7 +780,7 @@ impl Hot {
                 Some(c) if *epoch == now => c,
                 _ => {
                     *conn = None;
-                    let fresh = resp::Conn::connect(&link.info()).await?;
+                    let fresh = resp::Conn::connect(&link.info(), link.tls.as_ref()).await?;
                     *epoch = now;
                     conn.insert(fresh)
                 }
@@ -798,6 +808,74 @@ impl Hot {
 }
 
 /// `[:password@]host:port[,host:port...]/service[/db]` after the scheme.
+/// A `rediss://` client for the cold commands and the same trust for the hot path: the CA in
+/// `store.redis_ca` (managed Redis with a private CA) or the system's roots.
+fn redis_tls(
+    url: &str,
+    ca: Option<&std::path::Path>,
+) -> redis::RedisResult<(redis::Client, Option<Arc<tokio_rustls::rustls::ClientConfig>>)> {
+    let fail = |e: String| redis::RedisError::from(std::io::Error::other(e));
+    let (client, config) = match ca {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| fail(format!("store.redis_ca: {}: {e}", path.display())))?;
+            let client = redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                },
+            )?;
+            let config = crate::transport::client_config(path, None)
+                .map_err(|e| fail(format!("store.redis_ca: {e}")))?;
+            (client, config)
+        }
+        None => {
+            let client = redis::Client::open(url)?;
+            let config = system_roots().map_err(fail)?;
+            (client, config)
+        }
+    };
+    Ok((client, Some(config)))
+}
+
+/// A client config that trusts the system's roots (a managed Redis with a public CA).
+fn system_roots() -> Result<Arc<tokio_rustls::rustls::ClientConfig>, String> {
+    use tokio_rustls::rustls;
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        return Err("rediss://: no trusted roots found on this system; set store.redis_ca".into());
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// `url` with its password replaced by `***`, for logs and errors.
+pub fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    // Userinfo ends at the last '@' before the path; a password may itself hold '@'.
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &rest[..at];
+    let shown = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_string(),
+    };
+    format!("{scheme}://{shown}{}", &rest[at..])
+}
+
 fn sentinel_client(spec: &str) -> redis::RedisResult<redis::sentinel::SentinelClient> {
     use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
     let invalid = |why: &str| {
@@ -1281,6 +1359,22 @@ async fn apply(
 }
 
 #[cfg(test)]
+mod url_tests {
+    use super::redacted_url;
+
+    #[test]
+    fn passwords_are_hidden() {
+        assert_eq!(redacted_url("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(redacted_url("rediss://u:p@ss@h:1/2"), "rediss://u:***@h:1/2");
+        assert_eq!(redacted_url("redis://h:6379/0"), "redis://h:6379/0");
+        assert_eq!(
+            redacted_url("redis+sentinel://:pw@a:1,b:2/m/0"),
+            "redis+sentinel://:***@a:1,b:2/m/0"
+        );
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -1369,7 +1463,7 @@ mod tests {
             overflow,
             max_total: 0,
         };
-        RedisOutbox::connect(&redis.url(), limits, Duration::from_secs(60), 0, routes)
+        RedisOutbox::connect(&redis.url(), None, limits, Duration::from_secs(60), 0, routes)
             .await
             .unwrap()
     }

@@ -248,6 +248,8 @@ impl<'a> Replies<'a> {
 
 enum Stream {
     Tcp(tokio::net::TcpStream),
+    /// `rediss://`: boxed, it is much larger than the others.
+    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
     #[cfg(unix)]
     Unix(tokio::net::UnixStream),
 }
@@ -260,9 +262,23 @@ pub(super) struct Conn {
 
 impl Conn {
     /// Connects and authenticates as `info` says (the same settings redis-rs uses for the
-    /// cold commands).
-    pub(super) async fn connect(info: &redis::ConnectionInfo) -> Result<Conn, Error> {
+    /// cold commands); `tls` is the client config for `rediss://` addresses.
+    pub(super) async fn connect(
+        info: &redis::ConnectionInfo,
+        tls: Option<&std::sync::Arc<tokio_rustls::rustls::ClientConfig>>,
+    ) -> Result<Conn, Error> {
         let stream = match info.addr() {
+            redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                let Some(tls) = tls else {
+                    return Err(protocol("rediss:// without a TLS configuration".to_string()));
+                };
+                let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                s.set_nodelay(true)?;
+                let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.clone())
+                    .map_err(|e| protocol(format!("bad Redis host name: {e}")))?;
+                let connector = tokio_rustls::TlsConnector::from(tls.clone());
+                Stream::Tls(Box::new(connector.connect(name, s).await?))
+            }
             redis::ConnectionAddr::Tcp(host, port) => {
                 let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
                 // Pipelines are written whole: no reason to wait for more.
@@ -326,6 +342,7 @@ impl Conn {
         self.rbuf.clear();
         match &mut self.stream {
             Stream::Tcp(s) => s.write_all(out).await?,
+            Stream::Tls(s) => s.write_all(out).await?,
             #[cfg(unix)]
             Stream::Unix(s) => s.write_all(out).await?,
         }
@@ -344,6 +361,7 @@ impl Conn {
                     }
                     let n = match &mut self.stream {
                         Stream::Tcp(s) => s.read_buf(&mut self.rbuf).await?,
+                        Stream::Tls(s) => s.read_buf(&mut self.rbuf).await?,
                         #[cfg(unix)]
                         Stream::Unix(s) => s.read_buf(&mut self.rbuf).await?,
                     };

@@ -17,6 +17,7 @@
 //! the marker is what the broker had routed to it before the marker.
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod process;
 
 use std::collections::VecDeque;
@@ -28,7 +29,7 @@ use std::time::Duration;
 use bytes::{BufMut, BytesMut};
 use herald::config::StoreKind;
 use herald::{Config, Server};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 
@@ -48,6 +49,34 @@ pub fn test_store() -> StoreKind {
         Ok("redis") => StoreKind::Redis,
         other => panic!("HERALD_TEST_STORE={other:?}: expected `memory` or `redis`"),
     }
+}
+
+/// The transport the tests' clients use: `HERALD_TEST_TRANSPORT=tcp` (the default) or `tls`.
+/// With `tls` every broker from `start_with` listens on TLS only (plain TCP off), with a
+/// certificate from `pki`, and `Raw` and `mqtt_options` clients speak TLS to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Tls,
+}
+
+pub fn test_transport() -> Transport {
+    match std::env::var("HERALD_TEST_TRANSPORT").as_deref() {
+        Err(std::env::VarError::NotPresent) | Ok("") | Ok("tcp") => Transport::Tcp,
+        Ok("tls") => Transport::Tls,
+        other => panic!("HERALD_TEST_TRANSPORT={other:?}: expected `tcp` or `tls`"),
+    }
+}
+
+/// rumqttc options for a client of a broker from `start_with`, over the transport under test.
+pub fn mqtt_options(id: &str, addr: SocketAddr) -> rumqttc::MqttOptions {
+    let mut opts = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    if test_transport() == Transport::Tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(pki::Pki::get().client_config(None)),
+        ));
+    }
+    opts
 }
 
 /// For a test, or a check within one, that does not apply to the Redis store: under
@@ -123,6 +152,13 @@ pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
             Some(redis)
         }
     };
+    if test_transport() == Transport::Tls {
+        let server = pki::Pki::get().server();
+        config.server.listen = None;
+        config.server.tls_listen = Some("127.0.0.1:0".parse().unwrap());
+        config.tls.cert = Some(server.cert);
+        config.tls.key = Some(server.key);
+    }
     tweak(&mut config);
     let server = Server::start(config).await.expect("start herald");
     TestServer { server, redis }
@@ -308,9 +344,13 @@ pub enum Event {
     Timeout,
 }
 
-/// A raw MQTT client over one TCP connection.
+/// A client's byte stream: TCP, or TLS over it.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A raw MQTT client over one TCP connection (TLS under `HERALD_TEST_TRANSPORT=tls`).
 pub struct Raw {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     rbuf: BytesMut,
     /// Packets read while waiting for something else (an ack), in arrival order.
     pending: VecDeque<Packet>,
@@ -318,12 +358,29 @@ pub struct Raw {
 }
 
 impl Raw {
-    /// Opens the TCP connection only.
+    /// Opens the connection only (and its TLS session, under `HERALD_TEST_TRANSPORT=tls`).
     pub async fn open(addr: SocketAddr) -> Raw {
-        Raw::from_stream(TcpStream::connect(addr).await.expect("tcp connect"))
+        Raw::from_stream(TcpStream::connect(addr).await.expect("tcp connect")).await
     }
 
-    pub fn from_stream(stream: TcpStream) -> Raw {
+    /// A client over this TCP connection, with TLS on top under `HERALD_TEST_TRANSPORT=tls`.
+    pub async fn from_stream(tcp: TcpStream) -> Raw {
+        match test_transport() {
+            Transport::Tcp => Raw::over(Box::new(tcp)),
+            Transport::Tls => {
+                let connector =
+                    tokio_rustls::TlsConnector::from(pki::Pki::get().client_config(None));
+                let name = tokio_rustls::rustls::pki_types::ServerName::IpAddress(
+                    tcp.peer_addr().expect("peer address").ip().into(),
+                );
+                let tls = connector.connect(name, tcp).await.expect("TLS handshake");
+                Raw::over(Box::new(tls))
+            }
+        }
+    }
+
+    /// A client over any stream (a TLS or WebSocket one a test made itself).
+    pub fn over(stream: Box<dyn Io>) -> Raw {
         Raw {
             stream,
             rbuf: BytesMut::new(),

@@ -229,6 +229,9 @@ pub struct Herald {
     log: Option<PathBuf>,
 }
 
+/// The `cluster.secret` of every node the tests start.
+pub const CLUSTER_SECRET: &str = "test-cluster-secret-0123456789";
+
 impl Herald {
     /// The herald binary with `--store redis`, on a free port.
     pub fn start(redis_url: &str, extra: &[&str]) -> Herald {
@@ -295,6 +298,8 @@ impl Herald {
         };
         let mut child = Command::new(Self::binary())
             .args(&self.args)
+            // Clustering needs a secret; nodes of one test share this one.
+            .env("HERALD_CLUSTER_SECRET", CLUSTER_SECRET)
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
