@@ -43,7 +43,7 @@ async fn connect_when_available(addr: SocketAddr, opts: &Opts, within: Duration)
     let deadline = Instant::now() + within;
     loop {
         if let Ok(stream) = tokio::net::TcpStream::connect(addr).await {
-            let mut c = Raw::from_stream(stream);
+            let mut c = Raw::from_stream(stream).await;
             if c.send_raw(&opts.encode()).await.is_ok() {
                 if let common::Event::Packet(Packet::ConnAck(a)) = c.next(WAIT).await {
                     if a.code == ConnectReturnCode::Success {
