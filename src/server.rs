@@ -195,12 +195,13 @@ impl Server {
         if broker.auth.is_open() {
             tracing::warn!("no authentication configured: any client may connect as any client id and publish anywhere (keep this node on a trusted network; see README, Security)");
         }
+        let shown = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_string(), |a| a.to_string());
         tracing::info!(
-            listen = ?listeners.tcp,
-            tls = ?listeners.tls,
-            ws = ?listeners.ws,
-            wss = ?listeners.wss,
-            metrics = ?metrics_addr,
+            listen = %shown(listeners.tcp),
+            tls = %shown(listeners.tls),
+            ws = %shown(listeners.ws),
+            wss = %shown(listeners.wss),
+            metrics = %shown(metrics_addr),
             "herald started"
         );
         Ok(Server {

@@ -579,7 +579,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 for (filter, qos) in &s.filters {
                     codes.push(match filter {
                         Ok(f) if !self.may_subscribe(f) => {
-                            metrics::acl_denied(Denied::Subscribe);
                             tracing::debug!(client = %self.client, filter = %f, "subscription refused by the ACL");
                             0x80
                         }
@@ -639,7 +638,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         if !self.may_publish(&p.topic) {
             // MQTT 3.1.1 has no negative PUBACK: like Mosquitto, finish the handshake and
             // drop the message, which never reaches a store or a receiver.
-            metrics::acl_denied(Denied::Publish);
             tracing::debug!(client = %self.client, topic = %p.topic, "publish refused by the ACL");
             match qos {
                 Qos::AtMostOnce => {}
@@ -720,9 +718,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         Ok(true)
     }
 
-    /// Herald's internal topics are never a client's; the rest is the ACL's to say.
+    /// Herald's internal topics are never a client's; the rest is the ACL's to say (which
+    /// counts its refusals).
     fn may_publish(&self, topic: &str) -> bool {
         if reserved_topic(topic) {
+            metrics::acl_denied(Denied::Publish);
             return false;
         }
         match self.extras.as_ref().and_then(|x| x.principal.as_ref()) {
@@ -733,6 +733,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 
     fn may_subscribe(&self, filter: &str) -> bool {
         if reserved_topic(filter) {
+            metrics::acl_denied(Denied::Subscribe);
             return false;
         }
         match self.extras.as_ref().and_then(|x| x.principal.as_ref()) {

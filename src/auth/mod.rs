@@ -305,6 +305,11 @@ impl Auth {
 
     fn log_failure(&self, c: &Credentials<'_>, reason: AuthFailure) {
         metrics::auth_failure(reason);
+        if reason == AuthFailure::Blocked {
+            // A flood from one address would be one line per attempt; the counter has it.
+            tracing::debug!(peer = %c.peer, client_id = ?c.client_id, "login refused: too many failures from this address");
+            return;
+        }
         tracing::info!(
             peer = %c.peer,
             client_id = ?c.client_id,
@@ -393,8 +398,10 @@ impl Auth {
             .unwrap_or(false)
     }
 
-    /// The client ids a user may connect with: its ACL `clientid` lines, else those starting
-    /// with its user name. An empty client id is always allowed (the broker generates one).
+    /// The client ids a user may connect with: its ACL `clientid` lines, else its user name
+    /// alone or followed by a separator (`-`, `/`, `_`, `.`, `:`) and anything. A bare prefix
+    /// is not enough: user `dev` must not connect as device `dev42`. An empty client id is
+    /// always allowed (the broker generates one).
     fn user_may_use(&self, files: &Files, user: &str, client_id: &str) -> bool {
         if client_id.is_empty() {
             return true;
@@ -405,7 +412,9 @@ impl Auth {
             .and_then(|acl| acl.clientid_allowed(user, client_id))
         {
             Some(allowed) => allowed,
-            None => client_id.starts_with(user),
+            None => client_id.strip_prefix(user).is_some_and(|rest| {
+                rest.is_empty() || rest.starts_with(['-', '/', '_', '.', ':'])
+            }),
         }
     }
 
@@ -649,7 +658,7 @@ mod tests {
                 "{ok:?}"
             );
         }
-        for bad in ["dev42", "backen", "xbackend"] {
+        for bad in ["dev42", "backen", "xbackend", "backend42", "backendx"] {
             assert_eq!(
                 login(&a, creds(bad, Some("backend"), Some(b"pw"))).await,
                 Err(Refusal::NotAuthorized),

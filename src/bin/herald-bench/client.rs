@@ -4,15 +4,27 @@
 //! read produces goes out in one write, and a publisher encodes a whole batch of PUBLISH
 //! packets into one buffer before writing it. The broker-side codec in `herald::codec`
 //! refuses server-to-client packets, so the client has its own (small) one here.
+//!
+//! Over plain TCP or TLS (`Target::tls`: rustls with the ring provider, session resumption
+//! off, so every connection is a full handshake), with or without a user name and password
+//! in CONNECT (`Hello::login`).
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::OnceLock;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
 
 static START: OnceLock<Instant> = OnceLock::new();
 
@@ -23,14 +35,215 @@ pub fn now_ns() -> u64 {
 }
 
 /// Where to connect, and which loopback source addresses to spread connections over.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Target {
     pub addr: SocketAddr,
     /// First source address (e.g. 127.0.0.2) as an integer; connection `i` uses
     /// `first + i % sources`. `sources == 0`: let the kernel choose.
     pub first_source: u32,
     pub sources: u32,
+    /// TLS on top of TCP (None: plain MQTT).
+    pub tls: Option<Tls>,
 }
+
+/// The client side of TLS: a rustls config without session resumption, and the name the
+/// server's certificate must carry.
+#[derive(Clone)]
+pub struct Tls {
+    pub connector: TlsConnector,
+    pub server_name: ServerName<'static>,
+}
+
+/// What the TLS handshakes of this process negotiated (every one is checked to be a full
+/// handshake: resumption is off).
+#[derive(Default)]
+pub struct TlsStats {
+    pub full: AtomicU64,
+    pub resumed: AtomicU64,
+    /// "TLSv1_3 TLS13_AES_256_GCM_SHA384 X25519" of the first handshake.
+    pub first: OnceLock<String>,
+}
+
+pub fn tls_stats() -> &'static TlsStats {
+    static S: OnceLock<TlsStats> = OnceLock::new();
+    S.get_or_init(TlsStats::default)
+}
+
+/// TLS 1.2 and/or 1.3, ring provider, resumption disabled (no session cache, no tickets
+/// sent back), trusting the CA in `cafile` (PEM), or nothing checked with `no_verify` (the
+/// server's side of the handshake is the same either way; only this tool saves the
+/// certificate chain and signature checks).
+pub fn tls_config(
+    cafile: Option<&std::path::Path>,
+    no_verify: bool,
+    versions: &str,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = match versions {
+        "1.3" => &[&rustls::version::TLS13],
+        "1.2" => &[&rustls::version::TLS12],
+        "any" => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        v => return Err(format!("--tls-version {v}: expected 1.3, 1.2 or any")),
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .map_err(|e| format!("tls: {e}"))?;
+    let mut config = if no_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth()
+    } else {
+        let path = cafile.ok_or("--tls needs --cafile PEM (or --tls-no-verify)")?;
+        let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&pem) {
+            let c = c.map_err(|e| format!("{}: {e}", path.display()))?;
+            roots
+                .add(c)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        if roots.is_empty() {
+            return Err(format!("{}: no certificate", path.display()));
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// Accepts any certificate (`--tls-no-verify`): the signature in CertificateVerify is not
+/// checked either, which saves this tool an ECDSA verification per handshake.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A connection to the broker: plain TCP or TLS over TCP.
+pub enum Stream {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// The read half of a `Stream` (TCP: tokio's owned half, no lock; TLS: `tokio::io::split`).
+pub enum ReadHalf {
+    Tcp(OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<TlsStream<TcpStream>>),
+}
+
+/// The write half of a `Stream`.
+pub enum WriteHalf {
+    Tcp(OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    pub fn into_split(self) -> (ReadHalf, WriteHalf) {
+        match self {
+            Stream::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Tcp(r), WriteHalf::Tcp(w))
+            }
+            Stream::Tls(s) => {
+                let (r, w) = tokio::io::split(*s);
+                (ReadHalf::Tls(r), WriteHalf::Tls(w))
+            }
+        }
+    }
+}
+
+macro_rules! dispatch_read {
+    ($t:ty) => {
+        impl AsyncRead for $t {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+                    Self::Tls(s) => Pin::new(s).poll_read(cx, buf),
+                }
+            }
+        }
+    };
+}
+
+macro_rules! dispatch_write {
+    ($t:ty) => {
+        impl AsyncWrite for $t {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+                    Self::Tls(s) => Pin::new(s).poll_write(cx, buf),
+                }
+            }
+
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    Self::Tcp(s) => Pin::new(s).poll_flush(cx),
+                    Self::Tls(s) => Pin::new(s).poll_flush(cx),
+                }
+            }
+
+            fn poll_shutdown(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+                    Self::Tls(s) => Pin::new(s).poll_shutdown(cx),
+                }
+            }
+        }
+    };
+}
+
+dispatch_read!(Stream);
+dispatch_read!(ReadHalf);
+dispatch_write!(Stream);
+dispatch_write!(WriteHalf);
 
 impl Target {
     pub fn source(&self, i: usize) -> Option<Ipv4Addr> {
@@ -51,6 +264,40 @@ impl Target {
         let stream = sock.connect(self.addr).await?;
         stream.set_nodelay(true)?;
         Ok(stream)
+    }
+
+    /// TCP from connection `i`'s source address, then the TLS handshake if TLS is on.
+    pub async fn connect(&self, i: usize) -> Result<Stream, String> {
+        let tcp = self
+            .tcp(i)
+            .await
+            .map_err(|e| format!("connect from {:?}: {e}", self.source(i)))?;
+        let Some(tls) = &self.tls else {
+            return Ok(Stream::Tcp(tcp));
+        };
+        let s = tls
+            .connector
+            .connect(tls.server_name.clone(), tcp)
+            .await
+            .map_err(|e| format!("TLS handshake: {e}"))?;
+        let st = tls_stats();
+        let conn = s.get_ref().1;
+        if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            st.resumed.fetch_add(1, Relaxed);
+        } else {
+            st.full.fetch_add(1, Relaxed);
+        }
+        if st.first.get().is_none() {
+            let _ = st.first.set(format!(
+                "{:?} {:?} {:?}",
+                conn.protocol_version(),
+                conn.negotiated_cipher_suite().map(|c| c.suite()),
+                conn.negotiated_key_exchange_group().map(|g| g.name()),
+            )
+            .replace("Some(", "")
+            .replace(')', ""));
+        }
+        Ok(Stream::Tls(Box::new(s)))
     }
 }
 
@@ -184,16 +431,34 @@ fn put_len(buf: &mut BytesMut, mut len: usize) {
     }
 }
 
-pub fn encode_connect(buf: &mut BytesMut, client_id: &str, clean: bool, keep_alive: u16) {
+/// CONNECT, with a user name and password when `login` is given.
+pub fn encode_connect(
+    buf: &mut BytesMut,
+    client_id: &str,
+    clean: bool,
+    keep_alive: u16,
+    login: Option<(&str, &[u8])>,
+) {
+    let extra = login.map_or(0, |(u, p)| 2 + u.len() + 2 + p.len());
     buf.put_u8(0x10);
-    put_len(buf, 10 + 2 + client_id.len());
+    put_len(buf, 10 + 2 + client_id.len() + extra);
     buf.put_u16(4);
     buf.put_slice(b"MQTT");
     buf.put_u8(4);
-    buf.put_u8(if clean { 0x02 } else { 0 });
+    let mut flags = if clean { 0x02 } else { 0 };
+    if login.is_some() {
+        flags |= 0xC0;
+    }
+    buf.put_u8(flags);
     buf.put_u16(keep_alive);
     buf.put_u16(client_id.len() as u16);
     buf.put_slice(client_id.as_bytes());
+    if let Some((user, password)) = login {
+        buf.put_u16(user.len() as u16);
+        buf.put_slice(user.as_bytes());
+        buf.put_u16(password.len() as u16);
+        buf.put_slice(password);
+    }
 }
 
 pub fn encode_subscribe(buf: &mut BytesMut, pkid: u16, filter: &str, qos: u8) {
@@ -266,7 +531,7 @@ impl OnPublish for Ignore {
 }
 
 pub struct Client {
-    pub stream: TcpStream,
+    pub stream: Stream,
     rbuf: BytesMut,
     wbuf: BytesMut,
     read_size: usize,
@@ -283,10 +548,13 @@ pub struct Hello<'a> {
     pub keep_alive: u16,
     /// Subscribe (pipelined right behind CONNECT) to this filter at this QoS.
     pub subscribe: Option<(&'a str, u8)>,
+    /// User name and password in CONNECT.
+    pub login: Option<(&'a str, &'a [u8])>,
 }
 
 impl Client {
-    /// TCP connect from source address `i`, CONNECT (+ SUBSCRIBE), wait for CONNACK (+ SUBACK).
+    /// TCP connect from source address `i` (+ the TLS handshake), CONNECT (+ SUBSCRIBE), wait
+    /// for CONNACK (+ SUBACK).
     /// Messages arriving meanwhile go to `h` (and are acknowledged).
     pub async fn open<H: OnPublish>(
         target: &Target,
@@ -295,10 +563,7 @@ impl Client {
         h: &mut H,
         read_size: usize,
     ) -> Result<Client, String> {
-        let stream = target
-            .tcp(i)
-            .await
-            .map_err(|e| format!("connect from {:?}: {e}", target.source(i)))?;
+        let stream = target.connect(i).await?;
         let mut c = Client {
             stream,
             rbuf: BytesMut::new(),
@@ -309,7 +574,13 @@ impl Client {
             refused_subs: 0,
             pubacks: 0,
         };
-        encode_connect(&mut c.wbuf, hello.client_id, hello.clean, hello.keep_alive);
+        encode_connect(
+            &mut c.wbuf,
+            hello.client_id,
+            hello.clean,
+            hello.keep_alive,
+            hello.login,
+        );
         if let Some((filter, qos)) = hello.subscribe {
             encode_subscribe(&mut c.wbuf, 1, filter, qos);
         }
@@ -435,7 +706,7 @@ impl Client {
         .await;
     }
 
-    pub fn into_stream(self) -> TcpStream {
+    pub fn into_stream(self) -> Stream {
         self.stream
     }
 }

@@ -12,10 +12,22 @@
 //! - `qos0`: 1 and 4 publisher-subscriber pairs, QoS 0, bounded lag: msgs/s.
 //! - `drain`: devices go offline, 10 QoS 1 messages each are published, all reconnect: time
 //!   until every message has arrived.
+//! - `handshake` (issue 10): N fresh connections (TCP, TLS without resumption with `--tls`,
+//!   CONNECT..CONNACK, DISCONNECT), at most `--concurrency` handshakes in flight:
+//!   connections/s and the broker's CPU per connection.
+//! - `login-storm` (issue 10): devices get pushes at a fixed rate; then `--logins` clients
+//!   log in with a user name and password (one argon2 verification each on the broker) at
+//!   once: push latency before, during and after the storm, logins/s.
 //! - `all`: every scenario in turn against the same broker.
+//!
+//! Every scenario runs over TLS with `--tls --cafile PEM` (rustls, ring, no session
+//! resumption: every connection is a full handshake; result names get a `-tls` suffix, e.g.
+//! `idle-tls-10000`), and logs in with `--username U --password P`.
 //! - `compare`: side-by-side table of earlier JSON results (Herald/Mosquitto ratio, targets).
 //!
 //! - `cluster-report`: the cluster table of issue 5 (local against forwarded).
+//! - `security-report`: the table of issue 10 (TLS and authentication) from the result
+//!   directories `scripts/bench.sh --only tls` writes.
 //!
 //! Give `--broker-pid` to get broker RSS and CPU (from /proc), repeated for the nodes of a
 //! cluster (summed), and `--store-pid` for those of a store that runs as its own process
@@ -33,11 +45,13 @@ mod scenarios;
 use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::client::Target;
+use crate::client::{Target, Tls};
+use tokio_rustls::rustls::pki_types::ServerName;
 use crate::report::{RunFile, ScenarioResult};
 
 #[derive(Parser, Debug)]
@@ -62,6 +76,13 @@ enum Cmd {
     Qos0(Opts),
     /// Offline devices get --per-device QoS 1 messages each, then reconnect: drain time.
     Drain(Opts),
+    /// N fresh connections (TCP + TLS with --tls + CONNECT/CONNACK + DISCONNECT), at most
+    /// --concurrency in flight: connections/s, broker CPU per connection.
+    Handshake(Opts),
+    /// Devices get QoS 1 pushes at --rate; after --baseline-secs, --logins clients log in
+    /// with --username/--password at once (--login-concurrency in flight): push latency
+    /// before, during and after, logins/s.
+    LoginStorm(Opts),
     /// Every scenario, one after the other.
     All(Opts),
     /// Side-by-side table of JSON results: `compare Herald=DIR Mosquitto=DIR ...`
@@ -70,6 +91,9 @@ enum Cmd {
     /// Cluster table (issue 5): local (publisher and devices on one node) against forwarded
     /// (publisher on node A, devices on node B), with the targets.
     ClusterReport(ClusterReportArgs),
+    /// Issue 10 table (TLS and authentication): `security-report DIR` where DIR is the
+    /// output directory of `scripts/bench.sh --only tls`.
+    SecurityReport(SecurityReportArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -130,6 +154,53 @@ pub struct Opts {
     /// Seconds for one handshake before it is retried.
     #[arg(long, default_value_t = 10.0)]
     pub handshake_timeout: f64,
+
+    /// TLS (rustls, ring provider) on every connection; session resumption is off, so each
+    /// connection is a full handshake.
+    #[arg(long)]
+    pub tls: bool,
+    /// PEM file of the CA (or certificate) that signed the broker's certificate.
+    #[arg(long)]
+    pub cafile: Option<PathBuf>,
+    /// Name the broker's certificate must carry (default: --host).
+    #[arg(long)]
+    pub tls_server_name: Option<String>,
+    /// Do not check the broker's certificate or its handshake signature (saves this tool an
+    /// ECDSA verification per connection; the broker's side is the same).
+    #[arg(long)]
+    pub tls_no_verify: bool,
+    /// TLS versions offered: 1.3, 1.2 or any.
+    #[arg(long, default_value = "1.3")]
+    pub tls_version: String,
+    /// User name in every CONNECT (and for the login storm's clients). With it, client ids
+    /// should start with it and a separator (e.g. --id-prefix U-dev) for Herald to accept
+    /// them without an ACL file.
+    #[arg(long)]
+    pub username: Option<String>,
+    /// Password in every CONNECT with --username.
+    #[arg(long, default_value = "")]
+    pub password: String,
+
+    /// handshake: connections.
+    #[arg(long, default_value_t = 20_000)]
+    pub connections: usize,
+
+    /// login-storm: clients that log in (--username, --password) during the storm.
+    #[arg(long, default_value_t = 5000)]
+    pub logins: usize,
+    /// login-storm: logins in flight at most (TCP connect, CONNECT .. CONNACK).
+    #[arg(long, default_value_t = 1000)]
+    pub login_concurrency: usize,
+    /// login-storm: seconds to wait for one login's CONNACK (logins queue for the broker's
+    /// password workers, so this is long; a login is never retried).
+    #[arg(long, default_value_t = 300.0)]
+    pub login_timeout: f64,
+    /// login-storm: seconds of pushes measured before the storm.
+    #[arg(long, default_value_t = 10.0)]
+    pub baseline_secs: f64,
+    /// login-storm: seconds of pushes measured after the last login.
+    #[arg(long, default_value_t = 3.0)]
+    pub after_secs: f64,
 
     /// idle: clients.
     #[arg(long, default_value_t = 10_000)]
@@ -214,6 +285,34 @@ struct ClusterReportArgs {
     markdown: Option<PathBuf>,
 }
 
+#[derive(Args, Debug)]
+struct SecurityReportArgs {
+    /// The output directory of `scripts/bench.sh --only tls` (herald-tls/, mosquitto-tls/,
+    /// herald-auth/, herald-noauth/ in it).
+    dir: PathBuf,
+    /// Also write the table as Markdown.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+impl Opts {
+    /// User name and password for CONNECT, when --username is given.
+    pub fn login(&self) -> Option<(&str, &[u8])> {
+        self.username
+            .as_deref()
+            .map(|u| (u, self.password.as_bytes()))
+    }
+
+    /// A scenario's name for this transport: `push` or `push-tls`.
+    pub fn named(&self, base: &str) -> String {
+        if self.tls {
+            format!("{base}-tls")
+        } else {
+            base.to_string()
+        }
+    }
+}
+
 fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
     (host, port)
         .to_socket_addrs()
@@ -221,7 +320,7 @@ fn resolve(host: &str, port: u16) -> Option<SocketAddr> {
         .and_then(|mut a| a.find(|a| a.is_ipv4()))
 }
 
-fn target_for(o: &Opts, addr: SocketAddr) -> Target {
+fn target_for(o: &Opts, addr: SocketAddr, tls: Option<&Tls>) -> Target {
     Target {
         addr,
         first_source: u32::from(o.source_base),
@@ -230,7 +329,23 @@ fn target_for(o: &Opts, addr: SocketAddr) -> Target {
         } else {
             0
         },
+        tls: tls.cloned(),
     }
+}
+
+/// The TLS client of --tls (None without it).
+fn tls_for(o: &Opts) -> Result<Option<Tls>, String> {
+    if !o.tls {
+        return Ok(None);
+    }
+    let config = client::tls_config(o.cafile.as_deref(), o.tls_no_verify, &o.tls_version)?;
+    let name = o.tls_server_name.clone().unwrap_or_else(|| o.host.clone());
+    let server_name = ServerName::try_from(name.clone())
+        .map_err(|e| format!("--tls-server-name {name}: {e}"))?;
+    Ok(Some(Tls {
+        connector: tokio_rustls::TlsConnector::from(config),
+        server_name,
+    }))
 }
 
 fn main() -> ExitCode {
@@ -261,7 +376,19 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Cmd::SecurityReport(a) => {
+            return match report::security_report(&a.dir, a.markdown.as_deref()) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("herald-bench: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Cmd::Idle(o) => ("idle", o),
+        Cmd::Handshake(o) => ("handshake", o),
+        Cmd::LoginStorm(o) => ("login-storm", o),
         Cmd::Push(o) => ("push", o),
         Cmd::PushRate(o) => ("push-rate", o),
         Cmd::Qos0(o) => ("qos0", o),
@@ -272,14 +399,21 @@ fn main() -> ExitCode {
         eprintln!("herald-bench: cannot resolve {}:{}", opts.host, opts.port);
         return ExitCode::from(2);
     };
-    let target = target_for(&opts, addr);
+    let tls = match tls_for(&opts) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("herald-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let target = target_for(&opts, addr, tls.as_ref());
     let pub_host = opts.publish_host.as_deref().unwrap_or(&opts.host);
     let pub_port = opts.publish_port.unwrap_or(opts.port);
     let Some(pub_addr) = resolve(pub_host, pub_port) else {
         eprintln!("herald-bench: cannot resolve {pub_host}:{pub_port}");
         return ExitCode::from(2);
     };
-    let pub_target = target_for(&opts, pub_addr);
+    let pub_target = target_for(&opts, pub_addr, tls.as_ref());
     if opts.variant.is_some() && which == "all" {
         eprintln!("herald-bench: --variant names the result of a single scenario, not `all`");
         return ExitCode::from(2);
@@ -360,10 +494,26 @@ async fn run(which: &str, o: &Opts, target: &Target, pub_target: &Target) -> Vec
     if all || which == "drain" {
         out.push(progress(scenarios::drain(o, target, pub_target).await));
     }
+    if all || which == "handshake" {
+        out.push(progress(scenarios::handshake(o, target, o.connections).await));
+    }
+    if which == "login-storm" {
+        out.push(progress(scenarios::login_storm(o, target, pub_target).await));
+    }
     out
 }
 
-fn progress(r: ScenarioResult) -> ScenarioResult {
+fn progress(mut r: ScenarioResult) -> ScenarioResult {
+    let st = client::tls_stats();
+    let (full, resumed) = (st.full.load(Relaxed), st.resumed.load(Relaxed));
+    if full + resumed > 0 {
+        r.param("tls", st.first.get().cloned().unwrap_or_default());
+        r.param("tls_resumption", "off");
+        r.metric("tls_full_handshakes", full as f64);
+        if resumed > 0 {
+            r.error(format!("{resumed} TLS sessions were resumed (resumption is meant to be off)"));
+        }
+    }
     eprintln!(
         "herald-bench: {} {}",
         r.variant,

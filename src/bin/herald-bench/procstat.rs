@@ -73,6 +73,7 @@ pub struct CpuUse {
     pub per_broker_pct: Vec<Option<f64>>,
     pub store_secs: Option<f64>,
     pub store_pct: Option<f64>,
+    pub own_secs: Option<f64>,
     pub own_pct: Option<f64>,
 }
 
@@ -154,6 +155,7 @@ impl Probe {
             per_broker_secs: if several { per } else { Vec::new() },
             store_secs: store,
             store_pct: pct(store),
+            own_secs: used(m.own, now.own),
             own_pct: pct(used(m.own, now.own)),
         }
     }

@@ -329,6 +329,221 @@ const SPECS: &[Spec] = &[
     ),
 ];
 
+/// Metrics of the scenarios of issue 10 (TLS and authentication), in display order.
+const SECURITY_SPECS: &[Spec] = &[
+    spec(
+        "handshake-tls",
+        "connect_rate",
+        "handshakes (connections)",
+        "conn/s",
+        Some((">=", 1.0)),
+    ),
+    spec(
+        "handshake-tls",
+        "broker_cpu_us_per_conn",
+        "broker CPU per connection",
+        "us",
+        Some(("<=", 1.0)),
+    ),
+    spec(
+        "handshake-tls",
+        "conns_per_broker_cpu_sec",
+        "connections per broker CPU second",
+        "conn/s",
+        Some((">=", 1.0)),
+    ),
+    spec("handshake-tls", "broker_cpu_pct", "broker CPU", "%", None),
+    spec(
+        "handshake-tls",
+        "bench_cpu_pct",
+        "load generator CPU",
+        "%",
+        None,
+    ),
+    spec(
+        "handshake-tls",
+        "bench_cpu_us_per_conn",
+        "load generator CPU per connection",
+        "us",
+        None,
+    ),
+    spec("handshake-tls", "p50_us", "handshake time p50", "ms", None),
+    spec("handshake-tls", "p99_us", "handshake time p99", "ms", None),
+    spec("handshake-tls", "connected", "connected", "", None),
+    spec(
+        "handshake",
+        "connect_rate",
+        "handshakes (connections)",
+        "conn/s",
+        None,
+    ),
+    spec(
+        "handshake",
+        "broker_cpu_us_per_conn",
+        "broker CPU per connection",
+        "us",
+        None,
+    ),
+    spec(
+        "handshake",
+        "conns_per_broker_cpu_sec",
+        "connections per broker CPU second",
+        "conn/s",
+        None,
+    ),
+    spec("handshake", "broker_cpu_pct", "broker CPU", "%", None),
+    spec("handshake", "bench_cpu_pct", "load generator CPU", "%", None),
+    spec(
+        "handshake",
+        "bench_cpu_us_per_conn",
+        "load generator CPU per connection",
+        "us",
+        None,
+    ),
+    spec("handshake", "p50_us", "handshake time p50", "ms", None),
+    spec("handshake", "p99_us", "handshake time p99", "ms", None),
+    spec("handshake", "connected", "connected", "", None),
+    spec(
+        "idle-tls",
+        "rss_per_conn",
+        "broker RSS per connection",
+        "B",
+        Some(("<=", 1.0)),
+    ),
+    spec("idle-tls", "connect_rate", "connect rate", "conn/s", None),
+    spec("idle-tls", "idle_cpu_pct", "broker CPU while idle", "%", None),
+    spec("idle-tls", "connected", "connected", "", None),
+    spec("idle-tls", "rss_before", "broker RSS before", "MB", None),
+    spec(
+        "idle-tls",
+        "rss_after_idle",
+        "broker RSS after idle",
+        "MB",
+        None,
+    ),
+    spec(
+        "idle-tls",
+        "connect_cpu_pct",
+        "broker CPU while connecting",
+        "%",
+        None,
+    ),
+    spec(
+        "idle-tls",
+        "connect_bench_cpu_pct",
+        "load generator CPU while connecting",
+        "%",
+        None,
+    ),
+    spec(
+        "idle-tls",
+        "connect_cpu_us",
+        "broker CPU per connection",
+        "us",
+        None,
+    ),
+    spec(
+        "login-storm",
+        "before_p99_us",
+        "push latency p99 before the storm",
+        "ms",
+        None,
+    ),
+    spec(
+        "login-storm",
+        "storm_p99_us",
+        "push latency p99 during the storm",
+        "ms",
+        None,
+    ),
+    spec(
+        "login-storm",
+        "after_p99_us",
+        "push latency p99 after the storm",
+        "ms",
+        None,
+    ),
+    spec(
+        "login-storm",
+        "before_p50_us",
+        "push latency p50 before the storm",
+        "ms",
+        None,
+    ),
+    spec(
+        "login-storm",
+        "storm_p50_us",
+        "push latency p50 during the storm",
+        "ms",
+        None,
+    ),
+    spec(
+        "login-storm",
+        "storm_max_us",
+        "push latency max during the storm",
+        "ms",
+        None,
+    ),
+    spec("login-storm", "logins_ok", "logins", "", None),
+    spec("login-storm", "logins_failed", "logins failed", "", None),
+    spec("login-storm", "logins_per_sec", "login rate", "logins/s", None),
+    spec("login-storm", "storm_secs", "storm took", "s", None),
+    spec("login-storm", "login_p50_us", "login time p50", "ms", None),
+    spec("login-storm", "login_p99_us", "login time p99", "ms", None),
+    spec(
+        "login-storm",
+        "storm_broker_cpu_us_per_login",
+        "broker CPU per login (pushes included)",
+        "ms",
+        None,
+    ),
+    spec(
+        "login-storm",
+        "baseline_broker_cpu_pct",
+        "broker CPU before the storm",
+        "%",
+        None,
+    ),
+    spec(
+        "login-storm",
+        "storm_broker_cpu_pct",
+        "broker CPU during the storm",
+        "%",
+        None,
+    ),
+    spec(
+        "login-storm",
+        "storm_bench_cpu_pct",
+        "load generator CPU during the storm",
+        "%",
+        None,
+    ),
+    spec(
+        "login-storm",
+        "achieved_rate",
+        "push rate achieved",
+        "msg/s",
+        None,
+    ),
+];
+
+/// The specs of a scenario: its own, else (push-rate-tls, qos0-tls, drain-tls) those of the
+/// scenario without `-tls`, targets included.
+fn specs_for(scenario: &str) -> Vec<&'static Spec> {
+    let own: Vec<&Spec> = SPECS
+        .iter()
+        .chain(SECURITY_SPECS)
+        .filter(|s| s.scenario == scenario)
+        .collect();
+    if !own.is_empty() {
+        return own;
+    }
+    match scenario.strip_suffix("-tls") {
+        Some(base) => SPECS.iter().filter(|s| s.scenario == base).collect(),
+        None => Vec::new(),
+    }
+}
+
 fn fmt_value(v: f64, unit: &str) -> String {
     match unit {
         "ms" => format!("{:.2} ms", v / 1000.0),
@@ -379,7 +594,7 @@ pub fn print_run(label: &str, results: &[ScenarioResult]) {
         );
         println!("   {}", display_params(r));
         let mut shown = std::collections::HashSet::new();
-        for s in SPECS.iter().filter(|s| s.scenario == r.scenario) {
+        for s in specs_for(&r.scenario) {
             if let Some(&v) = r.metrics.get(s.key) {
                 println!("   {:<38} {:>14}", s.label, fmt_value(v, s.unit));
                 shown.insert(s.key);
@@ -443,7 +658,21 @@ fn target_met(op: &str, t: f64, r: f64) -> bool {
     (op == ">=" && r >= t) || (op == "<=" && r <= t)
 }
 
-const ORDER: &[&str] = &["idle", "push", "push-rate", "qos0", "drain"];
+const ORDER: &[&str] = &[
+    "idle",
+    "push",
+    "push-rate",
+    "qos0",
+    "drain",
+    "handshake",
+    "handshake-tls",
+    "idle-tls",
+    "push-tls",
+    "push-rate-tls",
+    "qos0-tls",
+    "drain-tls",
+    "login-storm",
+];
 
 /// `compare NAME=PATH...`: one row per metric, one column per broker; the ratio is the first
 /// column over the second (Herald/Mosquitto), and each further column gets its own ratio to
@@ -522,7 +751,7 @@ pub fn compare(
                 None => {}
             }
         }
-        for s in SPECS.iter().filter(|s| s.scenario == scenario) {
+        for s in specs_for(scenario) {
             let val = |ci: usize| find(ci, variant).and_then(|r| r.metrics.get(s.key).copied());
             if (0..cols.len()).all(|ci| val(ci).is_none()) {
                 continue;
@@ -924,6 +1153,272 @@ pub fn cluster_report(
             "\n#### Against the targets (median of the runs of each case)\n"
         );
         md_table(&mut out, &tgt_head, &tgts);
+        if !notes.is_empty() {
+            out.push('\n');
+            for n in &notes {
+                let _ = writeln!(out, "- {n}");
+            }
+        }
+        std::fs::write(md, out).map_err(|e| format!("{}: {e}", md.display()))?;
+    }
+    Ok(all_ok)
+}
+
+// ---------------------------------------------------------------------------------------
+// security-report (issue 10)
+
+/// Issue 10: push latency p99 during a login storm stays under this (µs).
+const STORM_P99_TARGET_US: f64 = 50_000.0;
+/// Issue 10: authentication "costs nothing measurable": push msgs/s with a password file at
+/// least this share of the figure without (the run-to-run spread of push is a few %).
+const AUTH_PUSH_TARGET: f64 = 0.95;
+/// A load generator this busy (% of its core) may have set the pace.
+const GENERATOR_BUSY_PCT: f64 = 90.0;
+
+/// The first result of `scenario` in the directory `dir` (None if the directory or the
+/// result is missing).
+fn first_of(dir: &Path, scenario: &str) -> Option<ScenarioResult> {
+    if !dir.is_dir() {
+        return None;
+    }
+    load(dir)
+        .ok()?
+        .into_iter()
+        .find(|r| r.scenario == scenario)
+}
+
+/// `security-report DIR`: the five figures of issue 10 from the result directories of
+/// `scripts/bench.sh --only tls` (herald-tls/ and mosquitto-tls/: handshake-tls, idle-tls,
+/// push-tls; herald-storm/: login-storm; herald-noauth/ and herald-auth/: push without and
+/// with a password file). False if a run failed or a result is missing.
+pub fn security_report(dir: &Path, markdown: Option<&Path>) -> Result<bool, String> {
+    if !dir.is_dir() {
+        return Err(format!("{}: not a directory", dir.display()));
+    }
+    let (ht, mt) = (dir.join("herald-tls"), dir.join("mosquitto-tls"));
+    let head = [
+        "item",
+        "figure",
+        "Herald",
+        "Mosquitto / reference",
+        "ratio",
+        "target",
+        "met",
+        "load generator CPU (Herald / ref.)",
+    ];
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    let mut all_ok = true;
+    let get = |r: &Option<ScenarioResult>, k: &str| r.as_ref().and_then(|r| r.metrics.get(k).copied());
+    let show = |v: Option<f64>, unit: &str| v.map(|v| fmt_value(v, unit)).unwrap_or("-".into());
+    let pct = |v: Option<f64>| v.map(|v| format!("{v:.0} %")).unwrap_or("-".into());
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => Some(a / b),
+        _ => None,
+    };
+    let verdict = |op: &str, t: f64, v: Option<f64>| match v {
+        Some(v) if target_met(op, t, v) => "yes".to_string(),
+        Some(_) => "NO".to_string(),
+        None => "-".to_string(),
+    };
+    let mut check = |what: &str, r: &Option<ScenarioResult>, notes: &mut Vec<String>| match r {
+        None => {
+            all_ok = false;
+            notes.push(format!("{what}: no result"));
+        }
+        Some(r) if !r.ok => {
+            all_ok = false;
+            notes.push(format!("{what} FAILED: {}", r.errors.join("; ")));
+        }
+        Some(r) => notes.extend(r.notes.iter().map(|n| format!("{what}: {n}"))),
+    };
+
+    // 1. Handshakes.
+    let (h, m) = (first_of(&ht, "handshake-tls"), first_of(&mt, "handshake-tls"));
+    check("handshake-tls on Herald", &h, &mut notes);
+    check("handshake-tls on Mosquitto", &m, &mut notes);
+    let gen = |k: &str| format!("{} / {}", pct(get(&h, k)), pct(get(&m, k)));
+    let tls = h
+        .as_ref()
+        .and_then(|r| r.params.get("tls"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("?")
+        .to_string();
+    for (key, label, unit, op) in [
+        ("connect_rate", "1. TLS handshakes/s", "conn/s", ">="),
+        ("broker_cpu_us_per_conn", "1. broker CPU per handshake", "us", "<="),
+        (
+            "conns_per_broker_cpu_sec",
+            "1. handshakes per broker CPU second",
+            "conn/s",
+            ">=",
+        ),
+    ] {
+        let rt = ratio(get(&h, key), get(&m, key));
+        rows.push(vec![
+            label.into(),
+            format!("new TCP + TLS ({tls}, no resumption) + CONNECT/CONNACK"),
+            show(get(&h, key), unit),
+            show(get(&m, key), unit),
+            rt.map(|r| format!("{r:.2}")).unwrap_or("-".into()),
+            format!("{op} 1.0"),
+            verdict(op, 1.0, rt),
+            gen("bench_cpu_pct"),
+        ]);
+    }
+    for (who, r) in [("Herald", &h), ("Mosquitto", &m)] {
+        if let Some(b) = get(r, "bench_cpu_pct").filter(|&b| b >= GENERATOR_BUSY_PCT) {
+            notes.push(format!(
+                "handshake-tls on {who}: the load generator used {b:.0} % of its core, so it may \
+                 have set the pace; the broker's CPU per handshake (and handshakes per broker \
+                 CPU second) is the figure that compares the brokers"
+            ));
+        }
+    }
+
+    // 2. Memory per idle TLS connection.
+    let (h, m) = (first_of(&ht, "idle-tls"), first_of(&mt, "idle-tls"));
+    check("idle-tls on Herald", &h, &mut notes);
+    check("idle-tls on Mosquitto", &m, &mut notes);
+    let n = get(&h, "connected").unwrap_or(0.0);
+    let rt = ratio(get(&h, "rss_per_conn"), get(&m, "rss_per_conn"));
+    rows.push(vec![
+        "2. RSS per idle TLS connection".into(),
+        format!("(RSS after idle - before) / {n:.0} connections"),
+        show(get(&h, "rss_per_conn"), "B"),
+        show(get(&m, "rss_per_conn"), "B"),
+        rt.map(|r| format!("{r:.2}")).unwrap_or("-".into()),
+        "<= 1.0".into(),
+        verdict("<=", 1.0, rt),
+        format!(
+            "{} / {}",
+            pct(get(&h, "connect_bench_cpu_pct")),
+            pct(get(&m, "connect_bench_cpu_pct"))
+        ),
+    ]);
+
+    // 3. QoS 1 push over TLS.
+    let (h, m) = (first_of(&ht, "push-tls"), first_of(&mt, "push-tls"));
+    check("push-tls on Herald", &h, &mut notes);
+    check("push-tls on Mosquitto", &m, &mut notes);
+    let rt = ratio(get(&h, "msgs_per_sec"), get(&m, "msgs_per_sec"));
+    rows.push(vec![
+        "3. QoS 1 push over TLS".into(),
+        format!(
+            "delivered msgs/s, {} devices (broker CPU {} / {} per msg)",
+            h.as_ref()
+                .and_then(|r| r.params.get("devices"))
+                .map(|v| v.to_string())
+                .unwrap_or("?".into()),
+            show(get(&h, "broker_cpu_us_per_msg"), "us"),
+            show(get(&m, "broker_cpu_us_per_msg"), "us"),
+        ),
+        show(get(&h, "msgs_per_sec"), "msg/s"),
+        show(get(&m, "msgs_per_sec"), "msg/s"),
+        rt.map(|r| format!("{r:.2}")).unwrap_or("-".into()),
+        ">= 2.0".into(),
+        verdict(">=", 2.0, rt),
+        format!(
+            "{} / {}",
+            pct(get(&h, "bench_cpu_pct")),
+            pct(get(&m, "bench_cpu_pct"))
+        ),
+    ]);
+
+    // 4. Login storm (Herald only: absolute target).
+    let s = first_of(&dir.join("herald-storm"), "login-storm");
+    check("login-storm on Herald", &s, &mut notes);
+    let storm_p99 = get(&s, "storm_p99_us");
+    let p = |k: &str| s.as_ref().and_then(|r| r.params.get(k)).map(|v| v.to_string()).unwrap_or("?".into());
+    rows.push(vec![
+        "4. login storm: push p99 during".into(),
+        format!(
+            "{} devices at {} msgs/s, {} password logins ({} in flight); before the storm: {}",
+            p("devices"),
+            p("rate"),
+            p("logins"),
+            p("login_concurrency"),
+            show(get(&s, "before_p99_us"), "ms"),
+        ),
+        show(storm_p99, "ms"),
+        "-".into(),
+        "-".into(),
+        "< 50 ms".into(),
+        match storm_p99 {
+            Some(v) if v < STORM_P99_TARGET_US => "yes".into(),
+            Some(_) => "NO".into(),
+            None => "-".into(),
+        },
+        pct(get(&s, "storm_bench_cpu_pct")),
+    ]);
+    rows.push(vec![
+        "4. login storm: logins/s".into(),
+        format!(
+            "{} logins in {} (login time p50 {}, p99 {}; broker CPU {} during the storm)",
+            show(get(&s, "logins_ok"), ""),
+            show(get(&s, "storm_secs"), "s"),
+            show(get(&s, "login_p50_us"), "ms"),
+            show(get(&s, "login_p99_us"), "ms"),
+            pct(get(&s, "storm_broker_cpu_pct")),
+        ),
+        get(&s, "logins_per_sec")
+            .map(|v| format!("{v:.1} logins/s"))
+            .unwrap_or("-".into()),
+        "-".into(),
+        "-".into(),
+        "".into(),
+        "".into(),
+        pct(get(&s, "storm_bench_cpu_pct")),
+    ]);
+
+    // 5. Authentication off costs nothing: push with a password file against without.
+    let (a, o) = (
+        first_of(&dir.join("herald-auth"), "push"),
+        first_of(&dir.join("herald-noauth"), "push"),
+    );
+    check("push with a password file", &a, &mut notes);
+    check("push without authentication", &o, &mut notes);
+    let rt = ratio(get(&a, "msgs_per_sec"), get(&o, "msgs_per_sec"));
+    rows.push(vec![
+        "5. push, password file vs none".into(),
+        format!(
+            "delivered msgs/s, every client logged in vs anonymous (broker CPU {} vs {} per msg)",
+            show(get(&a, "broker_cpu_us_per_msg"), "us"),
+            show(get(&o, "broker_cpu_us_per_msg"), "us"),
+        ),
+        show(get(&a, "msgs_per_sec"), "msg/s"),
+        show(get(&o, "msgs_per_sec"), "msg/s"),
+        rt.map(|r| format!("{r:.2}")).unwrap_or("-".into()),
+        format!(">= {AUTH_PUSH_TARGET:.2}"),
+        verdict(">=", AUTH_PUSH_TARGET, rt),
+        format!(
+            "{} / {}",
+            pct(get(&a, "bench_cpu_pct")),
+            pct(get(&o, "bench_cpu_pct"))
+        ),
+    ]);
+
+    let (top, lines) = text_table(&head, &rows, 2);
+    println!("{top}");
+    for l in lines {
+        println!("{l}");
+    }
+    for n in &notes {
+        println!("note: {n}");
+    }
+    if let Some(md) = markdown {
+        let mut out = String::new();
+        let _ = writeln!(out, "| {} |", head.join(" | "));
+        let _ = writeln!(
+            out,
+            "|{}",
+            (0..head.len())
+                .map(|i| if i < 2 { " --- |" } else { " ---: |" })
+                .collect::<String>()
+        );
+        for r in &rows {
+            let _ = writeln!(out, "| {} |", r.join(" | "));
+        }
         if !notes.is_empty() {
             out.push('\n');
             for n in &notes {

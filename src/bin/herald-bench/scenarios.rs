@@ -1,9 +1,10 @@
-//! The five scenarios of issue 3: idle, push, push-rate, qos0, drain.
+//! The five scenarios of issue 3: idle, push, push-rate, qos0, drain; and those of issue 10:
+//! handshake and login-storm.
 //!
 //! Every long-lived connection is one task; a publisher is two (writer and PUBACK reader).
 //! Handshakes go through one semaphore so that at most `--concurrency` are in flight.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -195,7 +196,8 @@ fn check_fds(r: &mut ScenarioResult, conns: usize) -> bool {
 // idle
 
 pub async fn idle(o: &Opts, target: &Target, n: usize) -> ScenarioResult {
-    let mut r = ScenarioResult::new("idle", format!("idle-{n}"));
+    let name = o.named("idle");
+    let mut r = ScenarioResult::new(&name, format!("{name}-{n}"));
     r.param("clients", n);
     r.param("idle_secs", o.idle_secs);
     r.param("keepalive", o.keepalive);
@@ -228,6 +230,7 @@ pub async fn idle(o: &Opts, target: &Target, n: usize) -> ScenarioResult {
                 clean: true,
                 keep_alive: o.keepalive,
                 subscribe: (!o.no_subscribe).then_some((topic.as_str(), 1)),
+                login: o.login(),
             };
             let c = {
                 let _permit = sem.acquire().await;
@@ -314,6 +317,13 @@ struct Deliveries {
     bad_payload: AtomicU64,
     last_ns: AtomicU64,
     hist: Mutex<Histogram<u64>>,
+    /// login-storm: latencies by when the message was sent: before `phase_start`, from
+    /// there to `phase_end`, after (both u64::MAX until set).
+    phase_start: AtomicU64,
+    phase_end: AtomicU64,
+    phase_hists: [Mutex<Histogram<u64>>; 3],
+    /// Record into `phase_hists` too (set when login-storm's measured baseline starts).
+    phased: AtomicBool,
     notify: Notify,
 }
 
@@ -329,7 +339,26 @@ impl Deliveries {
             bad_payload: AtomicU64::new(0),
             last_ns: AtomicU64::new(0),
             hist: Mutex::new(new_hist()),
+            phase_start: AtomicU64::new(u64::MAX),
+            phase_end: AtomicU64::new(u64::MAX),
+            phase_hists: [
+                Mutex::new(new_hist()),
+                Mutex::new(new_hist()),
+                Mutex::new(new_hist()),
+            ],
+            phased: AtomicBool::new(false),
             notify: Notify::new(),
+        }
+    }
+
+    /// Which phase a message sent at `ts` belongs to (0 before, 1 during, 2 after).
+    fn phase(&self, ts: u64) -> usize {
+        if ts < self.phase_start.load(Relaxed) {
+            0
+        } else if ts <= self.phase_end.load(Relaxed) {
+            1
+        } else {
+            2
         }
     }
 
@@ -383,7 +412,8 @@ struct Device {
     next: u64,
     new: u64,
     latency: bool,
-    samples: Vec<u64>,
+    /// Latency samples of this read: (send time, latency).
+    samples: Vec<(u64, u64)>,
 }
 
 impl Device {
@@ -429,7 +459,7 @@ impl OnPublish for Device {
         self.next = idx + 1;
         self.new += 1;
         if self.latency {
-            self.samples.push(now.saturating_sub(ts));
+            self.samples.push((ts, now.saturating_sub(ts)));
         }
     }
 
@@ -441,10 +471,16 @@ impl OnPublish for Device {
         }
         if !self.samples.is_empty() {
             let mut h = self.shared.hist.lock().unwrap();
-            for &s in &self.samples {
+            for &(_, s) in &self.samples {
                 h.saturating_record(s);
             }
             drop(h);
+            if self.shared.phased.load(Relaxed) {
+                for &(ts, s) in &self.samples {
+                    let p = self.shared.phase(ts);
+                    self.shared.phase_hists[p].lock().unwrap().saturating_record(s);
+                }
+            }
             self.samples.clear();
         }
         if self.new > 0 {
@@ -476,6 +512,7 @@ async fn wipe_sessions(o: &Opts, target: &Target, n: usize) -> Result<(), String
                 clean: true,
                 keep_alive: o.keepalive,
                 subscribe: None,
+                login: o.login(),
             };
             if let Some(c) = open_retry(&o, &target, i, &hello, &mut Ignore, 256, &fleet).await {
                 c.disconnect(Duration::from_secs(2)).await;
@@ -526,6 +563,7 @@ fn spawn_devices(
                 clean: false,
                 keep_alive: o.keepalive,
                 subscribe: subscribe.then_some((topic.as_str(), 1)),
+                login: o.login(),
             };
             let mut dev = Device::new(d, i as u64, latency);
             let c = {
@@ -563,6 +601,8 @@ struct PubPlan {
     /// Published but not yet delivered to a device, at most (None: no bound).
     max_lag: Option<u64>,
     payload: usize,
+    /// ...or when this is cancelled.
+    stop: Option<CancellationToken>,
 }
 
 #[derive(Default)]
@@ -587,6 +627,7 @@ async fn publish_qos1(o: &Opts, target: &Target, plan: PubPlan, d: &Arc<Deliveri
         clean: true,
         keep_alive: 0,
         subscribe: None,
+        login: o.login(),
     };
     let fleet = Fleet::default();
     let Some(c) = open_retry(o, target, usize::MAX / 2, &hello, &mut Ignore, 4096, &fleet).await
@@ -642,7 +683,10 @@ async fn publish_qos1(o: &Opts, target: &Target, plan: PubPlan, d: &Arc<Deliveri
     let mut sent: u64 = 0;
     loop {
         let elapsed = start.elapsed();
-        if plan.count.is_some_and(|c| sent >= c) || plan.duration.is_some_and(|d| elapsed >= d) {
+        if plan.count.is_some_and(|c| sent >= c)
+            || plan.duration.is_some_and(|d| elapsed >= d)
+            || plan.stop.as_ref().is_some_and(|s| s.is_cancelled())
+        {
             break;
         }
         let in_flight = sent - acked.load(Relaxed);
@@ -774,6 +818,7 @@ async fn warm_up(
         window: o.window,
         max_lag: None,
         payload: o.payload,
+        stop: None,
     };
     let t0 = now_ns();
     let st = publish_qos1(o, pub_target, plan, d).await;
@@ -799,8 +844,8 @@ pub async fn push(
     pub_target: &Target,
     rate: Option<f64>,
 ) -> ScenarioResult {
-    let name = if rate.is_some() { "push-rate" } else { "push" };
-    let mut r = ScenarioResult::new(name, name);
+    let name = o.named(if rate.is_some() { "push-rate" } else { "push" });
+    let mut r = ScenarioResult::new(&name, &name);
     let n = o.devices;
     r.param("devices", n);
     if pub_target.addr != target.addr {
@@ -870,6 +915,7 @@ pub async fn push(
                 .is_none()
                 .then_some(o.max_lag.min(n as u64 * 500).max(1)),
             payload: o.payload,
+            stop: None,
         };
         let st = publish_qos1(o, pub_target, plan, &deliveries).await;
         deliveries
@@ -921,7 +967,8 @@ pub async fn push(
 // drain
 
 pub async fn drain(o: &Opts, target: &Target, pub_target: &Target) -> ScenarioResult {
-    let mut r = ScenarioResult::new("drain", "drain");
+    let name = o.named("drain");
+    let mut r = ScenarioResult::new(&name, &name);
     let n = o.devices;
     let per = o.per_device;
     let total = n as u64 * per;
@@ -958,6 +1005,7 @@ pub async fn drain(o: &Opts, target: &Target, pub_target: &Target) -> ScenarioRe
                     clean: false,
                     keep_alive: o.keepalive,
                     subscribe: Some((&topic, 1)),
+                    login: o.login(),
                 };
                 if let Some(c) = open_retry(&o, &target, i, &hello, &mut Ignore, 256, &fleet).await
                 {
@@ -986,6 +1034,7 @@ pub async fn drain(o: &Opts, target: &Target, pub_target: &Target) -> ScenarioRe
         window: o.window,
         max_lag: None,
         payload: o.payload,
+        stop: None,
     };
     let store_mark = probe.mark();
     let st = publish_qos1(o, pub_target, plan, &deliveries).await;
@@ -1109,7 +1158,8 @@ impl OnPublish for Subscriber {
 }
 
 pub async fn qos0(o: &Opts, target: &Target, pairs: usize) -> ScenarioResult {
-    let mut r = ScenarioResult::new("qos0", format!("qos0-{pairs}"));
+    let name = o.named("qos0");
+    let mut r = ScenarioResult::new(&name, format!("{name}-{pairs}"));
     r.param("pairs", pairs);
     r.param("secs", o.secs);
     r.param("payload", o.payload);
@@ -1146,6 +1196,7 @@ pub async fn qos0(o: &Opts, target: &Target, pairs: usize) -> ScenarioResult {
                 clean: true,
                 keep_alive: o.keepalive,
                 subscribe: Some((&topic, 0)),
+                login: o.login(),
             };
             let mut sub = Subscriber {
                 pair,
@@ -1180,6 +1231,7 @@ pub async fn qos0(o: &Opts, target: &Target, pairs: usize) -> ScenarioResult {
             clean: true,
             keep_alive: 0,
             subscribe: None,
+            login: o.login(),
         };
         match open_retry(o, target, pairs + p, &hello, &mut Ignore, 256, &pub_fleet).await {
             Some(c) => pubs.push(c.into_stream()),
@@ -1296,6 +1348,345 @@ pub async fn qos0(o: &Opts, target: &Target, pairs: usize) -> ScenarioResult {
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
     fleet.report(&mut r, "");
+    probe.check_alive(&mut r);
+    r
+}
+
+// ---------------------------------------------------------------------------------------
+// handshake (issue 10)
+
+/// Client id prefix for connections that may log in: `<user>-<base>` with --username (so
+/// Herald lets the user have it without an ACL file), `<base>` without.
+fn login_prefix(o: &Opts, base: &str) -> String {
+    match &o.username {
+        Some(u) => format!("{u}-{base}"),
+        None => base.to_string(),
+    }
+}
+
+/// `n` fresh connections (TCP connect, TLS handshake with --tls, CONNECT..CONNACK), at most
+/// `--concurrency` in flight; each sends DISCONNECT and closes right after its CONNACK, so
+/// the broker's CPU per connection includes the close, and few sockets are open at a time.
+pub async fn handshake(o: &Opts, target: &Target, n: usize) -> ScenarioResult {
+    let name = o.named("handshake");
+    let mut r = ScenarioResult::new(&name, format!("{name}-{n}"));
+    r.param("connections", n);
+    r.param("concurrency", o.concurrency);
+    r.param("login", o.username.is_some());
+    r.param("tls_verify", o.tls && !o.tls_no_verify);
+    let probe = Probe::new(&o.broker_pid, o.store_pid);
+    let fleet = Arc::new(Fleet::default());
+    let sem = Arc::new(Semaphore::new(o.concurrency.max(1)));
+    let hist = Arc::new(Mutex::new(new_hist()));
+    let tracker = TaskTracker::new();
+    let prefix = Arc::new(login_prefix(o, "hs"));
+    let mark = probe.mark();
+    let t0 = now_ns();
+    for i in 0..n {
+        let (o, target, fleet, sem, hist, prefix) = (
+            o.clone(),
+            target.clone(),
+            fleet.clone(),
+            sem.clone(),
+            hist.clone(),
+            prefix.clone(),
+        );
+        tracker.spawn(async move {
+            let id = format!("{prefix}{i}");
+            let hello = Hello {
+                client_id: &id,
+                clean: true,
+                keep_alive: o.keepalive,
+                subscribe: None,
+                login: o.login(),
+            };
+            let permit = sem.acquire().await;
+            let start = now_ns();
+            let c = open_retry(&o, &target, i, &hello, &mut Ignore, 256, &fleet).await;
+            let took = now_ns() - start;
+            drop(permit);
+            if let Some(c) = c {
+                hist.lock().unwrap().saturating_record(took);
+                c.disconnect(Duration::from_secs(2)).await;
+            }
+        });
+    }
+    tracker.close();
+    let budget = Duration::from_secs_f64(o.timeout + n as f64 / 200.0);
+    if !fleet.wait_handshakes(n as u64, budget).await {
+        r.error(format!(
+            "only {} of {n} handshakes finished in {budget:?}",
+            fleet.done()
+        ));
+    }
+    let cpu = probe.since(&mark);
+    let connected = fleet.connected.load(Relaxed);
+    let secs = fleet.last_connect_ns.load(Relaxed).saturating_sub(t0) as f64 / 1e9;
+    r.metric("connected", connected as f64);
+    r.metric("connect_secs", secs);
+    if secs > 0.0 {
+        r.metric("connect_rate", connected as f64 / secs);
+    }
+    r.opt_metric("broker_cpu_pct", cpu.broker_pct);
+    r.opt_metric("bench_cpu_pct", cpu.own_pct);
+    if connected > 0 {
+        let per = |s: Option<f64>| s.map(|s| s * 1e6 / connected as f64);
+        r.opt_metric("broker_cpu_us_per_conn", per(cpu.broker_secs));
+        r.opt_metric("bench_cpu_us_per_conn", per(cpu.own_secs));
+        // Connections the broker would take per second of one core, whoever set the pace.
+        r.opt_metric(
+            "conns_per_broker_cpu_sec",
+            cpu.broker_secs
+                .filter(|&s| s > 0.0)
+                .map(|s| connected as f64 / s),
+        );
+    }
+    put_latency(&mut r, &hist.lock().unwrap());
+    let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
+    fleet.report(&mut r, "");
+    probe.check_alive(&mut r);
+    r
+}
+
+// ---------------------------------------------------------------------------------------
+// login-storm (issue 10)
+
+/// What the storm's controller found.
+#[derive(Default)]
+struct Storm {
+    ok: u64,
+    failed: u64,
+    errors: Vec<String>,
+    secs: f64,
+    broker_cpu_pct: Option<f64>,
+    broker_secs: Option<f64>,
+    bench_cpu_pct: Option<f64>,
+    baseline_broker_cpu_pct: Option<f64>,
+    login_hist: Option<Histogram<u64>>,
+}
+
+/// Devices (no credentials, so the broker must allow anonymous clients) get QoS 1 pushes at
+/// `--rate` from the start; after `--baseline-secs`, `--logins` clients connect with
+/// `--username`/`--password` (each one argon2 verification on a password-file broker), at
+/// most `--login-concurrency` in flight and each tried once; `--after-secs` after the last
+/// CONNACK the publisher stops. Push latency is split by the time a message was sent:
+/// before the storm, during it (first login started .. last CONNACK), after it.
+pub async fn login_storm(o: &Opts, target: &Target, pub_target: &Target) -> ScenarioResult {
+    let name = o.named("login-storm");
+    let mut r = ScenarioResult::new(&name, &name);
+    let n = o.devices;
+    let logins = o.logins;
+    r.param("devices", n);
+    r.param("rate", o.rate);
+    r.param("window", o.window);
+    r.param("payload", o.payload);
+    r.param("logins", logins);
+    r.param("login_concurrency", o.login_concurrency);
+    r.param("baseline_secs", o.baseline_secs);
+    r.param("after_secs", o.after_secs);
+    let Some(user) = o.username.clone() else {
+        r.error("login-storm needs --username (and --password) for the storm's clients");
+        return r;
+    };
+    if !check_fds(&mut r, n + logins) {
+        return r;
+    }
+    // Devices and publisher without credentials.
+    let mut plain = o.clone();
+    plain.username = None;
+    let po = &plain;
+    if let Err(e) = wipe_sessions(po, target, n).await {
+        r.error(e);
+        return r;
+    }
+    let probe = Probe::new(&o.broker_pid, o.store_pid);
+    let deliveries = Arc::new(Deliveries::new(n as u64));
+    let fleet = Arc::new(Fleet::default());
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    spawn_devices(
+        po,
+        target,
+        n,
+        true,
+        false,
+        &deliveries,
+        true,
+        &fleet,
+        &stop,
+        &tracker,
+    );
+    tracker.close();
+    let budget = Duration::from_secs_f64(o.timeout + n as f64 / 200.0);
+    fleet.wait_handshakes(n as u64, budget).await;
+    if fleet.connected.load(Relaxed) < n as u64 {
+        r.error(format!(
+            "only {} of {n} devices connected",
+            fleet.connected.load(Relaxed)
+        ));
+        stop.cancel();
+        fleet.report(&mut r, "");
+        return r;
+    }
+
+    deliveries.phased.store(true, Relaxed);
+    let pub_stop = CancellationToken::new();
+    let plan = PubPlan {
+        devices: n,
+        seq_base: 0,
+        count: None,
+        duration: None,
+        rate: Some(o.rate),
+        window: o.window,
+        max_lag: None,
+        payload: o.payload,
+        stop: Some(pub_stop.clone()),
+    };
+    let storm_stop = CancellationToken::new();
+    let storm_tracker = TaskTracker::new();
+    let mark = probe.mark();
+    let controller = async {
+        let mut st = Storm::default();
+        tokio::time::sleep(Duration::from_secs_f64(o.baseline_secs)).await;
+        st.baseline_broker_cpu_pct = probe.since(&mark).broker_pct;
+        let storm_mark = probe.mark();
+        let t0 = now_ns();
+        deliveries.phase_start.store(t0, Relaxed);
+        let storm_fleet = Arc::new(Fleet::default());
+        let sem = Arc::new(Semaphore::new(o.login_concurrency.max(1)));
+        let hist = Arc::new(Mutex::new(new_hist()));
+        for i in 0..logins {
+            let (o, target, fleet, sem, hist, stop, user) = (
+                o.clone(),
+                target.clone(),
+                storm_fleet.clone(),
+                sem.clone(),
+                hist.clone(),
+                storm_stop.clone(),
+                user.clone(),
+            );
+            storm_tracker.spawn(async move {
+                let id = format!("{user}-storm{i}");
+                let hello = Hello {
+                    client_id: &id,
+                    clean: true,
+                    keep_alive: o.keepalive,
+                    subscribe: None,
+                    login: o.login(),
+                };
+                let permit = sem.acquire().await;
+                let start = now_ns();
+                let t = Duration::from_secs_f64(o.login_timeout);
+                // Tried once: a retry would be a second argon2 verification.
+                let res = tokio::time::timeout(
+                    t,
+                    Client::open(&target, n + 1 + i, &hello, &mut Ignore, 256),
+                )
+                .await;
+                let end = now_ns();
+                drop(permit);
+                match res {
+                    Ok(Ok(c)) => {
+                        hist.lock().unwrap().saturating_record(end - start);
+                        fleet.connected.fetch_add(1, Relaxed);
+                        fleet.last_connect_ns.fetch_max(end, Relaxed);
+                        fleet.notify.notify_one();
+                        serve(c, &mut Ignore, o.keepalive, &stop, &fleet).await;
+                    }
+                    Ok(Err(e)) => {
+                        fleet.failed.fetch_add(1, Relaxed);
+                        fleet.note_error(format!("{id}: {e}"));
+                        fleet.notify.notify_one();
+                    }
+                    Err(_) => {
+                        fleet.failed.fetch_add(1, Relaxed);
+                        fleet.note_error(format!("{id}: no CONNACK within {t:?}"));
+                        fleet.notify.notify_one();
+                    }
+                }
+            });
+        }
+        storm_tracker.close();
+        storm_fleet
+            .wait_handshakes(
+                logins as u64,
+                Duration::from_secs_f64(o.login_timeout + logins as f64 / 10.0),
+            )
+            .await;
+        let t1 = now_ns();
+        deliveries.phase_end.store(t1, Relaxed);
+        let cpu = probe.since(&storm_mark);
+        st.secs = (t1 - t0) as f64 / 1e9;
+        st.broker_cpu_pct = cpu.broker_pct;
+        st.broker_secs = cpu.broker_secs;
+        st.bench_cpu_pct = cpu.own_pct;
+        st.ok = storm_fleet.connected.load(Relaxed);
+        st.failed = storm_fleet.failed.load(Relaxed);
+        st.errors = storm_fleet.errors.lock().unwrap().clone();
+        st.login_hist = Some(hist.lock().unwrap().clone());
+        tokio::time::sleep(Duration::from_secs_f64(o.after_secs)).await;
+        pub_stop.cancel();
+        st
+    };
+    let (pst, storm) = tokio::join!(publish_qos1(po, pub_target, plan, &deliveries), controller);
+    deliveries
+        .wait(pst.sent, Duration::from_secs_f64(o.timeout))
+        .await;
+    let cpu = probe.since(&mark);
+    report_pub(&mut r, &pst);
+    deliveries.report(&mut r, pst.sent);
+    let send_secs = (pst.send_end_ns - pst.start_ns) as f64 / 1e9;
+    r.metric("achieved_rate", pst.sent as f64 / send_secs.max(1e-9));
+    r.metric("max_behind_schedule", pst.max_behind as f64);
+    put_latency(&mut r, &deliveries.hist.lock().unwrap());
+    for (i, phase) in ["before", "storm", "after"].iter().enumerate() {
+        let h = deliveries.phase_hists[i].lock().unwrap();
+        if h.is_empty() {
+            continue;
+        }
+        let us = |ns: u64| ns as f64 / 1000.0;
+        r.metric(&format!("{phase}_p50_us"), us(h.value_at_quantile(0.50)));
+        r.metric(&format!("{phase}_p99_us"), us(h.value_at_quantile(0.99)));
+        r.metric(&format!("{phase}_max_us"), us(h.max()));
+        r.metric(&format!("{phase}_samples"), h.len() as f64);
+    }
+    r.metric("logins_ok", storm.ok as f64);
+    r.metric("logins_failed", storm.failed as f64);
+    r.metric("storm_secs", storm.secs);
+    if storm.secs > 0.0 {
+        r.metric("logins_per_sec", storm.ok as f64 / storm.secs);
+    }
+    if let Some(h) = storm.login_hist.as_ref().filter(|h| !h.is_empty()) {
+        let us = |ns: u64| ns as f64 / 1e3;
+        r.metric("login_p50_us", us(h.value_at_quantile(0.50)));
+        r.metric("login_p99_us", us(h.value_at_quantile(0.99)));
+        r.metric("login_max_us", us(h.max()));
+    }
+    r.opt_metric("baseline_broker_cpu_pct", storm.baseline_broker_cpu_pct);
+    r.opt_metric("storm_broker_cpu_pct", storm.broker_cpu_pct);
+    r.opt_metric("storm_bench_cpu_pct", storm.bench_cpu_pct);
+    if storm.ok > 0 {
+        r.opt_metric(
+            "storm_broker_cpu_us_per_login",
+            storm.broker_secs.map(|s| s * 1e6 / storm.ok as f64),
+        );
+    }
+    cpu.report(&mut r, "", deliveries.delivered.load(Relaxed));
+    r.opt_metric("bench_cpu_pct", cpu.own_pct);
+    if storm.failed > 0 {
+        r.error(format!(
+            "{} of {logins} logins failed: {:?}",
+            storm.failed, storm.errors
+        ));
+    }
+    storm_stop.cancel();
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), storm_tracker.wait()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await;
+    fleet.report(&mut r, "");
+    if let Err(e) = wipe_sessions(po, target, n).await {
+        r.error(e);
+    }
     probe.check_alive(&mut r);
     r
 }
