@@ -373,8 +373,15 @@ impl Raw {
                 let name = tokio_rustls::rustls::pki_types::ServerName::IpAddress(
                     tcp.peer_addr().expect("peer address").ip().into(),
                 );
-                let tls = connector.connect(name, tcp).await.expect("TLS handshake");
-                Raw::over(Box::new(tls))
+                match connector.connect(name, tcp).await {
+                    Ok(tls) => Raw::over(Box::new(tls)),
+                    // The broker closed the socket before the handshake finished (as it
+                    // does past max_connections): a client that sees the end at once.
+                    Err(_) => Raw::over(Box::new(tokio::io::join(
+                        tokio::io::empty(),
+                        tokio::io::sink(),
+                    ))),
+                }
             }
         }
     }

@@ -127,3 +127,40 @@ fn read_key(path: &Path) -> PrivateKeyDer<'static> {
     use rustls::pki_types::pem::PemObject;
     PrivateKeyDer::from_pem_file(path).expect("read key")
 }
+
+impl Pki {
+    /// `client_config` limited to these protocol versions (a TLS 1.2-only or 1.3-only
+    /// client).
+    pub fn client_config_versions(
+        &self,
+        client: Option<&Files>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(self.ca.der().to_vec()))
+            .expect("trust test CA");
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .expect("protocol versions")
+        .with_root_certificates(roots);
+        let config = match client {
+            None => builder.with_no_client_auth(),
+            Some(f) => builder
+                .with_client_auth_cert(read_certs(&f.cert), read_key(&f.key))
+                .expect("client certificate"),
+        };
+        Arc::new(config)
+    }
+}
+
+/// The DER of the first certificate in a PEM file (to compare with what a server presents).
+pub fn cert_der(path: &Path) -> Vec<u8> {
+    read_certs(path)
+        .into_iter()
+        .next()
+        .expect("a certificate in the file")
+        .to_vec()
+}
