@@ -1,7 +1,9 @@
 """Shared helpers for the paho-mqtt interop tests (paho-mqtt 2.x, MQTT 3.1.1).
 
 Every wait is bounded by a timeout so a misbehaving broker fails a test instead of hanging it.
-The broker address comes from HERALD_HOST / HERALD_PORT (interop/run.sh sets them).
+The broker address comes from HERALD_HOST / HERALD_PORT (interop/run.sh sets them); a Peer
+can also speak MQTT over TLS, WebSocket (ws) or WebSocket over TLS (wss), on the ports and with
+the CA that run.sh exports (HERALD_TLS_PORT, HERALD_WS_PORT, HERALD_WSS_PORT, HERALD_CAFILE).
 """
 
 import os
@@ -18,6 +20,14 @@ if int(paho.mqtt.__version__.split(".")[0]) < 2:
 
 HOST = os.environ.get("HERALD_HOST", "127.0.0.1")
 PORT = int(os.environ.get("HERALD_PORT", "1883"))
+WS_PATH = "/mqtt"
+# transport name -> (port environment variable, paho transport, TLS?)
+TRANSPORTS = {
+    "tcp": ("HERALD_PORT", "tcp", False),
+    "tls": ("HERALD_TLS_PORT", "tcp", True),
+    "ws": ("HERALD_WS_PORT", "websockets", False),
+    "wss": ("HERALD_WSS_PORT", "websockets", True),
+}
 WAIT = float(os.environ.get("INTEROP_WAIT", "5"))  # seconds for anything that must arrive
 QUIET = float(os.environ.get("INTEROP_QUIET", "1"))  # seconds of silence that mean "nothing came"
 RUN = str(os.getpid())  # keeps client ids and topics of concurrent runs apart
@@ -45,8 +55,12 @@ def finish():
 class Peer:
     """One MQTT 3.1.1 connection driven by paho's network thread."""
 
-    def __init__(self, client_id, clean_session=True, manual_ack=False):
+    def __init__(self, client_id, clean_session=True, manual_ack=False, transport="tcp", ca_certs=None):
+        """transport: "tcp", "tls", "ws" or "wss" (see TRANSPORTS); ca_certs: the CA file that
+        TLS checks the server against (default HERALD_CAFILE)."""
         self.client_id = client_id
+        port_var, paho_transport, tls = TRANSPORTS[transport]
+        self.port = PORT if transport == "tcp" else int(os.environ[port_var])
         self.messages = queue.Queue()
         self._cond = threading.Condition()
         self._connack = None
@@ -59,7 +73,12 @@ class Peer:
             clean_session=clean_session,
             protocol=mqtt.MQTTv311,
             manual_ack=manual_ack,
+            transport=paho_transport,
         )
+        if paho_transport == "websockets":
+            self.c.ws_set_options(path=WS_PATH)
+        if tls:
+            self.c.tls_set(ca_certs=ca_certs or os.environ["HERALD_CAFILE"])
         self.c.on_connect = self._on_connect
         self.c.on_subscribe = self._on_subscribe
         self.c.on_unsubscribe = self._on_unsubscribe
@@ -90,7 +109,7 @@ class Peer:
     # what the tests call
     def connect(self, keepalive=30):
         """Connects and returns (session_present, connack return code)."""
-        self.c.connect(HOST, PORT, keepalive=keepalive)
+        self.c.connect(HOST, self.port, keepalive=keepalive)
         self.c.loop_start()
         self._wait_for(lambda: self._connack is not None, "CONNACK")
         return self._connack

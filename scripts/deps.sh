@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # Checks for the third-party programs that `make test` needs besides Rust, and installs the
 # missing ones when run as root (Debian: apt-get, PyPI: pip). Not root: prints what to
-# install and exits 1.
+# install and exits 1. MQTT.js needs no root: it goes to interop/node_modules (npm ci, from
+# interop/package-lock.json), whoever runs this.
 #
-#   mosquitto_pub, mosquitto_sub  (Debian: mosquitto-clients)  interop/mosquitto_push.sh
+#   mosquitto_pub, mosquitto_sub  (Debian: mosquitto-clients)  interop/mosquitto_*.sh
 #   mosquitto                     (Debian: mosquitto)          reference broker for comparisons
 #   redis-server                  (Debian: redis-server)       Redis store tests
+#   openssl                       (Debian: openssl)            interop/run.sh's test certificates
+#   node, npm                     (Debian: nodejs, npm)        interop/*.js
 #   paho-mqtt >= 2 for python3    (PyPI: paho-mqtt)            interop/paho_*.py
+#   mqtt (MQTT.js) v5             (npm: interop/package.json)  interop/mqttjs_*.js
 #
-# PYTHON picks the interpreter (default: python3 on PATH).
+# PYTHON picks the interpreter (default: python3 on PATH). Runs without stdin (CI); Debian
+# packages are installed with --no-install-recommends.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
 here=$(cd "$(dirname "$0")/.." && pwd)
 requirements="$here/interop/requirements.txt"
+interop="$here/interop"
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; }
 have_paho() {
@@ -24,11 +30,22 @@ sys.exit(0 if int(paho.mqtt.__version__.split(".")[0]) >= 2 else 1)
 PY
 }
 have_pip() { "$PYTHON" -m pip --version >/dev/null 2>&1; }
+# MQTT.js is there, and npm installed it from the package-lock.json we have now (npm writes
+# node_modules/.package-lock.json at each install; an older one means the lock changed since).
+have_mqttjs() {
+    [ -f "$interop/node_modules/mqtt/package.json" ] &&
+        ! [ "$interop/package-lock.json" -nt "$interop/node_modules/.package-lock.json" ]
+}
 
 apt_pkgs=()
 have mosquitto_pub && have mosquitto_sub || apt_pkgs+=(mosquitto-clients)
 have mosquitto || apt_pkgs+=(mosquitto)
 have redis-server || apt_pkgs+=(redis-server)
+have openssl || apt_pkgs+=(openssl)
+# nodejs first: Debian's npm depends on it. (A Node.js from elsewhere, e.g. NodeSource's
+# nodejs, brings its own npm and conflicts with Debian's npm package.)
+have node || apt_pkgs+=(nodejs)
+have npm || apt_pkgs+=(npm)
 if ! have "$PYTHON"; then
     apt_pkgs+=(python3 python3-pip)
     PYTHON=python3
@@ -37,17 +54,35 @@ elif ! have_paho && ! have_pip; then
 fi
 need_paho=0
 have_paho || need_paho=1
+need_mqttjs=0
+have_mqttjs || need_mqttjs=1
 
-if [ ${#apt_pkgs[@]} -eq 0 ] && [ $need_paho -eq 0 ]; then
-    echo "deps: all present (mosquitto, mosquitto-clients, redis-server, $PYTHON with paho-mqtt)"
+if [ ${#apt_pkgs[@]} -eq 0 ] && [ $need_paho -eq 0 ] && [ $need_mqttjs -eq 0 ]; then
+    echo "deps: all present (mosquitto, mosquitto-clients, redis-server, openssl, node with MQTT.js, $PYTHON with paho-mqtt)"
     exit 0
 fi
+
+# MQTT.js: exactly the versions in package-lock.json (npm ci), into interop/node_modules.
+install_mqttjs() {
+    local cmd=(ci)
+    [ -f "$interop/package-lock.json" ] || cmd=(install)
+    echo "deps: installing MQTT.js in interop/node_modules (npm ${cmd[*]})"
+    (cd "$interop" && npm "${cmd[@]}" --no-audit --no-fund --no-update-notifier --loglevel=error </dev/null)
+}
 
 # pip refuses to touch a Debian-managed interpreter (PEP 668) unless told to.
 pip_flags=()
 externally_managed() {
     "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")) else 1)' 2>/dev/null
 }
+
+if [ "$(id -u)" -ne 0 ] && [ ${#apt_pkgs[@]} -eq 0 ] && [ $need_paho -eq 0 ]; then
+    # Only MQTT.js is missing, and that needs no root.
+    install_mqttjs
+    have_mqttjs || { echo "deps: npm did not install MQTT.js in interop/node_modules" >&2; exit 1; }
+    echo "deps: ok"
+    exit 0
+fi
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "deps: missing programs; install them as root, or run 'make test' as root:" >&2
@@ -60,6 +95,9 @@ if [ "$(id -u)" -ne 0 ]; then
         else
             echo "  $PYTHON -m pip install -r interop/requirements.txt" >&2
         fi
+    fi
+    if [ $need_mqttjs -eq 1 ]; then
+        echo "  (cd interop && npm ci)   (no root needed; this script does it once node and npm are there)" >&2
     fi
     exit 1
 fi
@@ -87,11 +125,19 @@ if [ $need_paho -eq 1 ]; then
     command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 fi
 
+if [ $need_mqttjs -eq 1 ] && have npm; then
+    install_mqttjs
+fi
+
 missing=()
 have mosquitto_pub || missing+=(mosquitto_pub)
 have mosquitto_sub || missing+=(mosquitto_sub)
 have mosquitto || missing+=(mosquitto)
 have redis-server || missing+=(redis-server)
+have openssl || missing+=(openssl)
+have node || missing+=(node)
+have npm || missing+=(npm)
+have_mqttjs || missing+=("MQTT.js in interop/node_modules")
 have_paho || missing+=("paho-mqtt>=2 for $PYTHON")
 if [ ${#missing[@]} -gt 0 ]; then
     echo "deps: still missing after install: ${missing[*]}" >&2

@@ -1648,3 +1648,36 @@ async fn overtaking_forwards_to_fresh_devices_lose_nothing() {
         });
     futures::future::join_all(receivers).await;
 }
+
+// ---------------------------------------------------------------------------------------
+// The link over TLS
+
+/// With `cluster.tls`, nodes dial each other over TLS (certificates for 127.0.0.1 from the
+/// test CA) and a push still crosses two hops at once: the sweep is set to a minute, so
+/// only the forward over the link can deliver it within the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_crosses_a_tls_link() {
+    let pki = common::pki::Pki::get();
+    let server = pki.server();
+    let config = format!(
+        "[cluster]\nsweep_interval = \"60s\"\ntls = true\ntls_ca = {:?}\n[tls]\ncert = {:?}\nkey = {:?}\n",
+        pki.ca_path(),
+        server.cert,
+        server.key
+    );
+    let cluster = Cluster::new(Some(&config));
+    let a = cluster.node("a").await;
+    let b = cluster.node("b").await;
+    let (mut device, _) = Raw::connect_ok(b.addr(), &Opts::new("dev-tls-link").clean(false)).await;
+    let mut backend = Raw::connect(a.addr(), "backend-tls-link").await;
+    backend
+        .publish("push/dev-tls-link", b"over tls", QoS::AtLeastOnce, false)
+        .await;
+    let p = recv(&mut device, Duration::from_secs(3), "the push over the TLS link").await;
+    assert_eq!(text(&p), "over tls");
+    assert_eq!(
+        metric_in(&scrape(b.metrics).await, "herald_cluster_forwards_received_total", &[("kind", "push")]),
+        1.0,
+        "delivered by a forward over the link, not by a sweep"
+    );
+}
