@@ -605,4 +605,58 @@ mod tests {
             client_config(&m.server_ca.pem, Some((&m.dev42.cert, &m.stranger.key))).unwrap_err();
         assert!(e.contains("does not match"), "{e}");
     }
+
+    /// `certs/gen-dev-certs.sh` makes certificates rustls takes: the server's for
+    /// localhost and 127.0.0.1, the client's with its CN as the identity.
+    #[tokio::test]
+    async fn dev_certs_script() {
+        if !test_pki::have_openssl() {
+            eprintln!("skipped: no openssl command");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/gen-dev-certs.sh");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .arg(dir.path())
+            .arg("dev7")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let f = |name: &str| dir.path().join(name);
+        let server =
+            TlsServer::load(&f("server.pem"), &f("server.key"), Some(&f("ca.pem"))).unwrap();
+        let client = Leaf {
+            cert: f("client.pem"),
+            key: f("client.key"),
+            der: Vec::new(),
+        };
+        for versions in [TLS13, TLS12] {
+            let (_, id) = good(
+                &server,
+                test_pki::client(&f("ca.pem"), versions, Some(&client)),
+            )
+            .await;
+            assert_eq!(id.as_deref(), Some("dev7"));
+        }
+        let config =
+            client_config(&f("ca.pem"), Some((&f("client.pem"), &f("client.key")))).unwrap();
+        let (s, c) = test_pki::tcp_pair().await;
+        let ip = ServerName::try_from("127.0.0.1").unwrap();
+        let (s, c) = tokio::join!(server.accept(s), TlsConnector::from(config).connect(ip, c));
+        assert_eq!(s.unwrap().1.as_deref(), Some("dev7"));
+        c.unwrap();
+        // A second run refuses to overwrite.
+        let again = std::process::Command::new("bash")
+            .arg(&script)
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(!again.status.success());
+        assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    }
 }
