@@ -226,7 +226,15 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
+    // rustls warns at every handshake whose SNI is an IP address (what OpenSSL clients send
+    // when told to connect to 127.0.0.1): one line per connection, before any
+    // authentication, is log noise anyone can cause. Its errors still show.
+    let level = &config.log.level;
+    let filter = if level.contains("rustls") {
+        tracing_subscriber::EnvFilter::new(level)
+    } else {
+        tracing_subscriber::EnvFilter::new(format!("{level},rustls=error"))
+    };
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -115,6 +115,13 @@ const AUTH_FAILURES: [&str; 10] = [
     "reserved",
 ];
 
+impl AuthFailure {
+    /// The `reason` label, also used in log lines.
+    pub fn label(self) -> &'static str {
+        AUTH_FAILURES[self as usize]
+    }
+}
+
 /// What an ACL refused.
 #[derive(Debug, Clone, Copy)]
 pub enum Denied {

@@ -247,9 +247,8 @@ impl Server {
                 Err(e) => tracing::error!(error = %e, "TLS certificate not reloaded, keeping the old one"),
             }
         }
-        match self.broker.auth.reload() {
-            Ok(()) => tracing::info!("password file and ACL reloaded"),
-            Err(e) => tracing::error!(error = %e, "authentication files not reloaded, keeping the old ones"),
+        if let Err(e) = self.broker.auth.reload() {
+            tracing::error!(error = %e, "authentication files not reloaded, keeping the old ones");
         }
     }
 

@@ -268,10 +268,13 @@ impl Auth {
     /// SIGHUP: re-read the password file and the ACL file. On any error keep the old ones and
     /// return the error (the caller logs it). The JWT key is not re-read.
     pub fn reload(&self) -> Result<(), String> {
+        if self.password_path.is_none() && self.acl_path.is_none() {
+            return Ok(());
+        }
         let files = Files::read(self.password_path.as_deref(), self.acl_path.as_deref())?;
-        let users = files.passwords.as_ref().map(|p| p.len());
+        let users = files.passwords.as_ref().map_or(0, |p| p.len());
         *self.files.write() = Arc::new(files);
-        tracing::info!(?users, acl = self.acl_path.is_some(), "auth files reloaded");
+        tracing::info!(users, acl = self.acl_path.is_some(), "password file and ACL reloaded");
         Ok(())
     }
 
@@ -307,14 +310,14 @@ impl Auth {
         metrics::auth_failure(reason);
         if reason == AuthFailure::Blocked {
             // A flood from one address would be one line per attempt; the counter has it.
-            tracing::debug!(peer = %c.peer, client_id = ?c.client_id, "login refused: too many failures from this address");
+            tracing::debug!(peer = %c.peer, client_id = %c.client_id, "login refused: too many failures from this address");
             return;
         }
         tracing::info!(
             peer = %c.peer,
-            client_id = ?c.client_id,
-            username = ?c.username,
-            ?reason,
+            client_id = %c.client_id,
+            username = %c.username.unwrap_or(""),
+            reason = reason.label(),
             "login refused"
         );
     }
