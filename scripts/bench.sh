@@ -10,6 +10,12 @@
 #   scripts/bench.sh --smoke   a few clients, about a second per scenario, Herald only; exits
 #                              non-zero if any scenario does not deliver everything
 #                              (`make test` runs it so the tool keeps working)
+#   scripts/bench.sh --only tls
+#                              the TLS and authentication cases of issue 10 only (part of the
+#                              full and quick runs; the smoke run has a short TLS and login
+#                              case): TLS handshakes/s, RSS per idle TLS connection and QoS 1
+#                              push over TLS against Mosquitto with TLS; a login storm during
+#                              pushes; push with and without a password file (Herald)
 #   scripts/bench.sh --cluster [--quick ...]
 #                              the cluster benchmark of issue 5 instead (publish on node A,
 #                              devices on node B, against one node): runs
@@ -19,12 +25,29 @@
 #   --out DIR          keep results there (default: target/bench/<mode>-<date>,
 #                      target/bench/smoke for --smoke)
 #   --only "A B"       run only the cases whose names start with A or B (idle, push, qos0, ...)
-#   --no-build         use the binaries in target/release as they are
+#   --no-build         use the binaries in target/release (or $CARGO_TARGET_DIR/release) as they are
 #   --no-mosquitto     Herald only
 #   --no-2core         skip the row with Herald on both cores
 #   --redis            include the "Herald (redis)" column (the default, except --smoke)
 #   --no-redis         leave it out
 #   --redis-cpu CPUS   cores for redis-server (taskset -c; default 0, the broker's core)
+#   --no-tls           leave out the cases of issue 10 (tls-*, auth-*)
+#
+# Issue 10 (TLS and authentication; `--only tls` selects these cases, tls-* and auth-*): a
+# certificate is made per run in the temporary directory with openssl (a throw-away CA and
+# an ECDSA P-256 server certificate for IP 127.0.0.1). Herald runs with `--listen ""
+# --tls-listen 127.0.0.1:PORT --tls-cert --tls-key` (TLS only), Mosquitto with the same
+# certificate on a `listener PORT 127.0.0.1` with `certfile`, `keyfile` and `tls_version
+# tlsv1.3` (its other settings as above). herald-bench connects with `--tls --cafile CA`:
+# rustls, TLS 1.3, session resumption off, so every connection is a full handshake.
+# tls-handshake: fresh connections as fast as they go (100 in flight), each CONNECT then
+# DISCONNECT; tls-idle-N: the idle case over TLS; tls-push: the push case over TLS.
+# auth-storm (Herald only): a password file (`herald passwd`, argon2id defaults) and
+# `auth.allow_anonymous = true` in a config file; 1,000 anonymous devices get pushes at
+# 2,000 msgs/s while 5,000 clients log in with the file's user (1,000 in flight): push p99
+# before and during the storm, logins/s. auth-push: the push case on Herald without
+# authentication ("herald-noauth") and with the password file, every client logged in
+# ("herald-auth"). The summary ends with the issue 10 table (`herald-bench security-report`).
 #
 # The Redis-backed column of issue 4: `scripts/bench.sh --only "push drain"` (push and
 # push-rate, drain) gives Herald (memory store), Mosquitto (persistence on) and Herald
@@ -71,6 +94,7 @@ MOSQUITTO=1
 TWO_CORE=1
 REDIS=
 REDIS_CPU=0
+TLS=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) MODE=quick ;;
@@ -84,6 +108,7 @@ while [ $# -gt 0 ]; do
         --redis) REDIS=1 ;;
         --no-redis) REDIS=0 ;;
         --redis-cpu) REDIS_CPU=$2; shift ;;
+        --no-tls) TLS=0 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -93,8 +118,11 @@ done
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 CARGO=${CARGO:-cargo}
-HERALD=$ROOT/target/release/herald
-BENCH=$ROOT/target/release/herald-bench
+# The binaries of `cargo build --release` (CARGO_TARGET_DIR is honoured).
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+case $TARGET_DIR in /*) ;; *) TARGET_DIR=$ROOT/$TARGET_DIR ;; esac
+HERALD=$TARGET_DIR/release/herald
+BENCH=$TARGET_DIR/release/herald-bench
 
 if [ "$MODE" = smoke ]; then
     MOSQUITTO=0
@@ -105,7 +133,7 @@ REDIS=${REDIS:-1}
 # The scenarios (second field of CASES) run against Herald (redis).
 REDIS_SCENARIOS="push push-rate drain"
 
-# name | herald-bench scenario | arguments
+# name | herald-bench scenario | arguments [| set: tls, storm or auth (issue 10); none: issue 3]
 case $MODE in
 full) CASES=(
     "idle-10000|idle|--clients 10000 --idle-secs 30"
@@ -114,6 +142,11 @@ full) CASES=(
     "push-rate|push-rate|--devices 1000 --rate 20000 --secs 10"
     "qos0|qos0|--pairs 1,4 --payload 64 --secs 10"
     "drain|drain|--devices 1000 --per-device 10"
+    "tls-handshake|handshake|--connections 20000 --concurrency 100|tls"
+    "tls-idle-10000|idle|--clients 10000 --idle-secs 30|tls"
+    "tls-push|push|--devices 1000 --window 1000 --secs 10|tls"
+    "auth-storm|login-storm|--devices 1000 --rate 2000 --logins 5000 --login-concurrency 1000 --baseline-secs 10 --after-secs 3|storm"
+    "auth-push|push|--devices 1000 --window 1000 --secs 10 --id-prefix bench-dev|auth"
 ) ;;
 quick) CASES=(
     "idle-1000|idle|--clients 1000 --idle-secs 5"
@@ -122,6 +155,11 @@ quick) CASES=(
     "push-rate|push-rate|--devices 200 --rate 5000 --secs 3"
     "qos0|qos0|--pairs 1,4 --payload 64 --secs 3"
     "drain|drain|--devices 200 --per-device 10"
+    "tls-handshake|handshake|--connections 3000 --concurrency 100|tls"
+    "tls-idle-2000|idle|--clients 2000 --idle-secs 5|tls"
+    "tls-push|push|--devices 200 --window 1000 --secs 3|tls"
+    "auth-storm|login-storm|--devices 200 --rate 2000 --logins 200 --login-concurrency 200 --baseline-secs 3 --after-secs 1|storm"
+    "auth-push|push|--devices 200 --window 1000 --secs 3 --id-prefix bench-dev|auth"
 ) ;;
 smoke) CASES=(
     "idle|idle|--clients 20 --idle-secs 1"
@@ -129,8 +167,20 @@ smoke) CASES=(
     "push-rate|push-rate|--devices 10 --rate 1000 --secs 1"
     "qos0|qos0|--pairs 1,4 --payload 64 --secs 1"
     "drain|drain|--devices 10 --per-device 10"
+    "tls-handshake|handshake|--connections 50 --concurrency 10|tls"
+    "tls-push|push|--devices 10 --messages 2000|tls"
+    "auth-storm|login-storm|--devices 10 --rate 1000 --logins 4 --login-concurrency 4 --baseline-secs 0.3 --after-secs 0.2|storm"
 ) ;;
 esac
+# `--only tls` means every case of issue 10: tls-* and auth-*.
+if [ -n "$ONLY" ]; then
+    ONLY_WORDS=
+    for w in $ONLY; do
+        ONLY_WORDS+=" $w"
+        [ "$w" = tls ] && ONLY_WORDS+=" auth"
+    done
+    ONLY=$ONLY_WORDS
+fi
 
 if [ "$BUILD" = 1 ]; then
     echo "bench: building herald and herald-bench (release)" >&2
@@ -194,13 +244,82 @@ if [ -z "$OUT" ]; then
 fi
 mkdir -p "$OUT"
 
+# Issue 10 cases: is any selected, and can they run?
+TLS_CASES=0
+if [ "$TLS" = 1 ]; then
+    for c in "${CASES[@]}"; do
+        IFS='|' read -r name _ _ set <<<"$c"
+        if [ -n "$set" ] && selected "$name"; then TLS_CASES=1; fi
+    done
+    if [ "$TLS_CASES" = 1 ] && ! command -v openssl >/dev/null; then
+        echo "bench: openssl is not installed: the TLS and login cases (issue 10) are skipped" >&2
+        TLS=0
+        TLS_CASES=0
+    fi
+fi
+PKI=$TMP/pki
+BENCH_USER=bench
+BENCH_PASSWORD=
+if [ "$TLS_CASES" = 1 ]; then
+    # A throw-away CA and an ECDSA P-256 server certificate for IP 127.0.0.1 (both brokers
+    # serve it; herald-bench trusts the CA), and a password file with one user.
+    mkdir -p "$PKI"
+    (
+        cd "$PKI"
+        openssl ecparam -name prime256v1 -genkey -noout -out ca.key
+        openssl req -x509 -new -key ca.key -sha256 -days 2 -subj "/CN=herald-bench CA" -out ca.pem
+        openssl ecparam -name prime256v1 -genkey -noout -out server.key
+        openssl req -new -key server.key -subj "/CN=127.0.0.1" -out server.csr
+        printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
+            "extendedKeyUsage=serverAuth" "subjectAltName=IP:127.0.0.1" >server.ext
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -sha256 \
+            -days 2 -extfile server.ext -out server.pem
+    ) >"$TMP/pki.log" 2>&1 || { echo "bench: openssl failed:" >&2; cat "$TMP/pki.log" >&2; exit 2; }
+    # Mosquitto, started as root, reads them as user mosquitto.
+    chmod 755 "$TMP" "$PKI"
+    chmod 644 "$PKI"/*
+    BENCH_PASSWORD=pw-$RANDOM$RANDOM$RANDOM
+    printf '%s\n' "$BENCH_PASSWORD" | "$HERALD" passwd "$TMP/passwd" "$BENCH_USER" >&2
+    cat >"$TMP/herald-storm.toml" <<EOF
+[auth]
+password_file = "$TMP/passwd"
+allow_anonymous = true
+EOF
+fi
+
 BROKER_PID=
 BROKER_PORT=
 BROKER_LOG=
 # redis-server behind Herald (redis), while a herald-redis case runs: REDIS_PID, REDIS_PORT
 # and REDIS_LOG (set by start_redis).
 
-# start_broker herald|herald-redis|mosquitto CPUS...
+# mosquitto_conf DIR PORT [tls]: Mosquitto's config (see Method in BENCHMARKS.md); with tls
+# the listener serves TLS 1.3 with the run's certificate.
+mosquitto_conf() {
+    local dir=$1 port=$2
+    {
+        echo "listener $port 127.0.0.1"
+        if [ "${3:-}" = tls ]; then
+            echo "certfile $PKI/server.pem"
+            echo "keyfile $PKI/server.key"
+            echo "tls_version tlsv1.3"
+        fi
+        cat <<EOF
+max_connections -1
+allow_anonymous true
+persistence true
+persistence_location $dir/
+max_queued_messages 1000
+log_dest stderr
+log_type error
+log_type warning
+EOF
+    } >"$dir/mosquitto.conf"
+}
+
+# start_broker KIND CPUS...: KIND herald, herald-redis, mosquitto; issue 10: herald-tls,
+# mosquitto-tls (TLS only), herald-auth (--password-file), herald-storm (password file and
+# anonymous clients allowed).
 start_broker() {
     local kind=$1
     shift
@@ -221,18 +340,21 @@ start_broker() {
         "$@" "$HERALD" --listen "127.0.0.1:$BROKER_PORT" --log-level warn \
             --store redis --redis-url "redis://127.0.0.1:$REDIS_PORT/0" >"$BROKER_LOG" 2>&1 &
         ;;
-    mosquitto)
-        cat >"$dir/mosquitto.conf" <<EOF
-listener $BROKER_PORT 127.0.0.1
-max_connections -1
-allow_anonymous true
-persistence true
-persistence_location $dir/
-max_queued_messages 1000
-log_dest stderr
-log_type error
-log_type warning
-EOF
+    herald-tls)
+        "$@" "$HERALD" --listen "" --tls-listen "127.0.0.1:$BROKER_PORT" \
+            --tls-cert "$PKI/server.pem" --tls-key "$PKI/server.key" \
+            --log-level warn >"$BROKER_LOG" 2>&1 &
+        ;;
+    herald-auth)
+        "$@" "$HERALD" --listen "127.0.0.1:$BROKER_PORT" --password-file "$TMP/passwd" \
+            --log-level warn >"$BROKER_LOG" 2>&1 &
+        ;;
+    herald-storm)
+        "$@" "$HERALD" -c "$TMP/herald-storm.toml" --listen "127.0.0.1:$BROKER_PORT" \
+            --log-level warn >"$BROKER_LOG" 2>&1 &
+        ;;
+    mosquitto | mosquitto-tls)
+        mosquitto_conf "$dir" "$BROKER_PORT" "${kind#mosquitto-}"
         # Started as root, Mosquitto becomes user mosquitto: let it write its database.
         if [ "$(id -u)" = 0 ] && id mosquitto >/dev/null 2>&1; then
             chmod 755 "$TMP"
@@ -268,12 +390,16 @@ run_case() {
         [ -n "$REDIS_PID" ] && stop_pid "$REDIS_PID"
         return 0
     fi
-    local rc store=()
+    local rc store=() extra=()
     [ -n "$REDIS_PID" ] && store=(--store-pid "$REDIS_PID")
+    case $kind in
+    *-tls) extra=(--tls --cafile "$PKI/ca.pem") ;;
+    herald-auth | herald-storm) extra=(--username "$BENCH_USER" --password "$BENCH_PASSWORD") ;;
+    esac
     set +e
     # shellcheck disable=SC2086
     "${PIN_BENCH[@]}" "$BENCH" "$scenario" --port "$BROKER_PORT" --broker-pid "$BROKER_PID" \
-        "${store[@]+"${store[@]}"}" \
+        "${store[@]+"${store[@]}"}" "${extra[@]+"${extra[@]}"}" \
         --label "$col" --json "$OUT/$col/$name.json" $args | tee "$OUT/$col/$name.txt"
     rc=${PIPESTATUS[0]}
     set -e
@@ -296,14 +422,28 @@ COLS=("herald|herald|${PIN_BROKER[*]-}|")
 [ "$MOSQUITTO" = 1 ] && COLS+=("mosquitto|mosquitto|${PIN_BROKER[*]-}|")
 [ "$REDIS" = 1 ] && COLS+=("herald-redis|herald-redis|${PIN_BROKER[*]-}|$REDIS_SCENARIOS")
 [ "$TWO_CORE" = 1 ] && COLS+=("herald-2core|herald|${PIN_BOTH[*]-}|")
+# Issue 10: the columns of each set of cases.
+TLS_COLS=("herald-tls|herald-tls|${PIN_BROKER[*]-}|")
+[ "$MOSQUITTO" = 1 ] && TLS_COLS+=("mosquitto-tls|mosquitto-tls|${PIN_BROKER[*]-}|")
+STORM_COLS=("herald-storm|herald-storm|${PIN_BROKER[*]-}|")
+AUTH_COLS=("herald-noauth|herald|${PIN_BROKER[*]-}|" "herald-auth|herald-auth|${PIN_BROKER[*]-}|")
 
 COMMAND="scripts/bench.sh${ARGV:+ $ARGV}"
 T0=$(date +%s)
 for c in "${CASES[@]}"; do
-    IFS='|' read -r name scenario args <<<"$c"
+    IFS='|' read -r name scenario args set <<<"$c"
     selected "$name" || continue
+    if [ -n "$set" ] && [ "$TLS" = 0 ]; then
+        continue
+    fi
+    case $set in
+    "") cols=("${COLS[@]}") ;;
+    tls) cols=("${TLS_COLS[@]}") ;;
+    storm) cols=("${STORM_COLS[@]}") ;;
+    auth) cols=("${AUTH_COLS[@]}") ;;
+    esac
     # The columns of one case run back to back, so load that drifts hits them alike.
-    for col in "${COLS[@]}"; do
+    for col in "${cols[@]}"; do
         IFS='|' read -r cname kind pin only <<<"$col"
         if [ -n "$only" ] && [[ " $only " != *" $scenario "* ]]; then
             continue
@@ -324,8 +464,9 @@ if [ "$MODE" = smoke ]; then
 fi
 
 # Side-by-side table, and a Markdown summary to paste into BENCHMARKS.md.
-COMPARE=("Herald=$OUT/herald")
-[ "$MOSQUITTO" = 1 ] && COMPARE+=("Mosquitto=$OUT/mosquitto")
+COMPARE=()
+[ -d "$OUT/herald" ] && COMPARE+=("Herald=$OUT/herald")
+[ "$MOSQUITTO" = 1 ] && [ -d "$OUT/mosquitto" ] && COMPARE+=("Mosquitto=$OUT/mosquitto")
 # Herald (redis) is compared with Mosquitto (its ratio and the issue 4 target); without
 # Mosquitto its results are printed as they are.
 DURABLE=()
@@ -333,7 +474,7 @@ if [ "$REDIS" = 1 ] && [ "$MOSQUITTO" = 1 ] && [ -d "$OUT/herald-redis" ]; then
     COMPARE+=("Herald (redis)=$OUT/herald-redis")
     DURABLE=(--durable "Herald (redis)")
 fi
-[ "$TWO_CORE" = 1 ] && COMPARE+=("Herald 2 cores=$OUT/herald-2core")
+[ "$TWO_CORE" = 1 ] && [ -d "$OUT/herald-2core" ] && COMPARE+=("Herald 2 cores=$OUT/herald-2core")
 {
     echo "## Results ($MODE run)"
     echo
@@ -345,6 +486,10 @@ fi
     if [ "$REDIS" = 1 ]; then
         echo "- Herald (redis): \`--store redis\`, $("$REDIS_BIN" --version | awk '{print $1, $2, $3}'), \`--appendonly yes --appendfsync everysec --save \"\"\`, a fresh redis-server per case on loopback (push, push-rate, drain only)"
     fi
+    if [ "$TLS_CASES" = 1 ]; then
+        echo "- TLS (issue 10): $(openssl version | awk '{print $1, $2}') made a CA and an ECDSA P-256 server certificate (SAN IP:127.0.0.1) for this run; Herald \`--listen \"\" --tls-listen\` (rustls, ring), Mosquitto \`certfile\`/\`keyfile\`/\`tls_version tlsv1.3\` ($(ldd "${MOSQUITTO_BIN:-/usr/sbin/mosquitto}" 2>/dev/null | awk '/libssl/ {print $1}')); herald-bench: rustls, ring, TLS 1.3, resumption off"
+        echo "- authentication (issue 10): a password file with one user made by \`herald passwd\` (argon2id, the argon2 crate's defaults); login storm: the same file and \`auth.allow_anonymous = true\` (the devices and the publisher are anonymous)"
+    fi
     echo "- command: \`$COMMAND\` ($((T1 - T0)) s)"
     echo
 } >"$OUT/summary.md"
@@ -352,8 +497,32 @@ if [ ${#COMPARE[@]} -ge 2 ]; then
     rc=0
     "$BENCH" compare "${COMPARE[@]}" "${DURABLE[@]+"${DURABLE[@]}"}" --markdown "$OUT/table.md" || rc=$?
     cat "$OUT/table.md" >>"$OUT/summary.md"
-else
+elif [ -d "$OUT/herald" ]; then
     cat "$OUT"/herald/*.txt
+fi
+# Issue 10: Herald and Mosquitto over TLS side by side, then the table of the five targets.
+if [ -d "$OUT/herald-tls" ] && [ -d "$OUT/mosquitto-tls" ]; then
+    echo
+    {
+        echo
+        echo "### TLS: Herald against Mosquitto, both with TLS"
+    } >>"$OUT/summary.md"
+    "$BENCH" compare "Herald (TLS)=$OUT/herald-tls" "Mosquitto (TLS)=$OUT/mosquitto-tls" \
+        --markdown "$OUT/table-tls.md" || true
+    cat "$OUT/table-tls.md" >>"$OUT/summary.md"
+fi
+if [ "$TLS_CASES" = 1 ]; then
+    for d in herald-storm herald-noauth herald-auth; do
+        [ -d "$OUT/$d" ] && cat "$OUT/$d"/*.txt
+    done
+    echo
+    {
+        echo
+        echo "### TLS and authentication (issue 10): the targets"
+        echo
+    } >>"$OUT/summary.md"
+    "$BENCH" security-report "$OUT" --markdown "$OUT/security.md" || true
+    cat "$OUT/security.md" >>"$OUT/summary.md"
 fi
 if [ "$MOSQUITTO" = 0 ] && [ -d "$OUT/herald-redis" ]; then
     cat "$OUT"/herald-redis/*.txt
