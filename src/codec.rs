@@ -425,7 +425,11 @@ pub fn encode_connect(
     put_remaining_len(buf, 10 + 2 + client_id.len() + login_len);
     buf.put_u16(4);
     buf.put_slice(b"MQTT");
-    let flags = if login.is_some() { 0x02 | 0x80 | 0x40 } else { 0x02 };
+    let flags = if login.is_some() {
+        0x02 | 0x80 | 0x40
+    } else {
+        0x02
+    };
     buf.put_slice(&[4, flags]);
     buf.put_u16(keep_alive);
     buf.put_u16(client_id.len() as u16);
@@ -479,7 +483,10 @@ mod tests {
                 assert!(c.clean_session);
                 assert_eq!(c.keep_alive, 30);
                 let login = c.login.expect("login");
-                assert_eq!((login.username.as_str(), login.password.as_str()), ("a", "s3cret"));
+                assert_eq!(
+                    (login.username.as_str(), login.password.as_str()),
+                    ("a", "s3cret")
+                );
             }
             other => panic!("{other:?}"),
         }

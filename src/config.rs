@@ -514,22 +514,40 @@ impl Config {
         }
         let needs_cert = s.tls_listen.is_some() || s.wss_listen.is_some() || self.cluster.tls;
         if needs_cert && self.tls.cert.is_none() {
-            return bad("tls.cert", "required by server.tls_listen, server.wss_listen or cluster.tls");
+            return bad(
+                "tls.cert",
+                "required by server.tls_listen, server.wss_listen or cluster.tls",
+            );
         }
         if needs_cert && self.tls.key.is_none() {
-            return bad("tls.key", "required by server.tls_listen, server.wss_listen or cluster.tls");
+            return bad(
+                "tls.key",
+                "required by server.tls_listen, server.wss_listen or cluster.tls",
+            );
         }
         if self.tls.client_ca.is_some() && s.tls_listen.is_none() && s.wss_listen.is_none() {
-            return bad("tls.client_ca", "set, but there is no TLS listener (server.tls_listen or server.wss_listen)");
+            return bad(
+                "tls.client_ca",
+                "set, but there is no TLS listener (server.tls_listen or server.wss_listen)",
+            );
         }
         if self.tls.identity == TlsIdentity::Cert && self.tls.client_ca.is_none() {
-            return bad("tls.identity", "\"cert\" needs tls.client_ca (the CA of the device certificates)");
+            return bad(
+                "tls.identity",
+                "\"cert\" needs tls.client_ca (the CA of the device certificates)",
+            );
         }
         let a = &self.auth;
         if a.jwt_hs256_secret.is_some() && a.jwt_public_key.is_some() {
-            return bad("auth.jwt_public_key", "set only one of auth.jwt_hs256_secret and auth.jwt_public_key");
+            return bad(
+                "auth.jwt_public_key",
+                "set only one of auth.jwt_hs256_secret and auth.jwt_public_key",
+            );
         }
-        if a.jwt_hs256_secret.as_ref().is_some_and(|k| k.expose().len() < 32) {
+        if a.jwt_hs256_secret
+            .as_ref()
+            .is_some_and(|k| k.expose().len() < 32)
+        {
             return bad("auth.jwt_hs256_secret", "must be at least 32 bytes (a shorter HMAC key can be guessed offline from any token)");
         }
         if a.max_failures == 0 {

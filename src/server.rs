@@ -244,7 +244,9 @@ impl Server {
         if let Some(tls) = &self.tls {
             match tls.reload() {
                 Ok(()) => tracing::info!("TLS certificate reloaded"),
-                Err(e) => tracing::error!(error = %e, "TLS certificate not reloaded, keeping the old one"),
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS certificate not reloaded, keeping the old one")
+                }
             }
         }
         if let Err(e) = self.broker.auth.reload() {
@@ -278,7 +280,11 @@ fn link_security(config: &Config, tls: Option<&Arc<TlsServer>>) -> std::io::Resu
         .ok_or_else(|| std::io::Error::other("cluster.secret is required"))?;
     let tls = match (c.tls, tls) {
         (false, _) => None,
-        (true, None) => return Err(std::io::Error::other("cluster.tls needs tls.cert and tls.key")),
+        (true, None) => {
+            return Err(std::io::Error::other(
+                "cluster.tls needs tls.cert and tls.key",
+            ))
+        }
         (true, Some(server)) => {
             let ca = c
                 .tls_ca
@@ -341,7 +347,9 @@ async fn accept_loop(listener: TcpListener, kind: Transport, ctx: Arc<Accept>) {
             (Transport::Ws, _) => {
                 tokio::spawn(async move {
                     let max_packet = broker.config.server.max_packet_size;
-                    if let Some(ws) = handshake(&broker, peer, transport::ws_accept(stream, max_packet)).await {
+                    if let Some(ws) =
+                        handshake(&broker, peer, transport::ws_accept(stream, max_packet)).await
+                    {
                         Connection::new(broker, ws, peer, stop).run(open).await;
                     }
                 });

@@ -35,9 +35,9 @@ use mqttbytes::v4::{Connect, Publish};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{Credentials, Principal};
 use crate::broker::{Broker, SessionData};
 use crate::codec::{self, DecodeError, Packet, Qos};
-use crate::auth::{Credentials, Principal};
 use crate::mailbox::{Delivery, Kick, Mailbox};
 use crate::metrics::{self, AuthFailure, Denied};
 use crate::outbox::{packet_id, Entry, Message, StoreError};
@@ -374,8 +374,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             retain: w.retain,
             expires_at: 0,
         });
-        let extras = (will.is_some() || principal.is_some())
-            .then(|| Box::new(Extras { will, principal }));
+        let extras =
+            (will.is_some() || principal.is_some()).then(|| Box::new(Extras { will, principal }));
         let mut s = Session {
             clean: c.clean_session,
             sent_watermark: attached.sent_watermark,

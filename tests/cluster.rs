@@ -1673,10 +1673,19 @@ async fn push_crosses_a_tls_link() {
     backend
         .publish("push/dev-tls-link", b"over tls", QoS::AtLeastOnce, false)
         .await;
-    let p = recv(&mut device, Duration::from_secs(3), "the push over the TLS link").await;
+    let p = recv(
+        &mut device,
+        Duration::from_secs(3),
+        "the push over the TLS link",
+    )
+    .await;
     assert_eq!(text(&p), "over tls");
     assert_eq!(
-        metric_in(&scrape(b.metrics).await, "herald_cluster_forwards_received_total", &[("kind", "push")]),
+        metric_in(
+            &scrape(b.metrics).await,
+            "herald_cluster_forwards_received_total",
+            &[("kind", "push")]
+        ),
         1.0,
         "delivered by a forward over the link, not by a sweep"
     );

@@ -274,7 +274,11 @@ impl Auth {
         let files = Files::read(self.password_path.as_deref(), self.acl_path.as_deref())?;
         let users = files.passwords.as_ref().map_or(0, |p| p.len());
         *self.files.write() = Arc::new(files);
-        tracing::info!(users, acl = self.acl_path.is_some(), "password file and ACL reloaded");
+        tracing::info!(
+            users,
+            acl = self.acl_path.is_some(),
+            "password file and ACL reloaded"
+        );
         Ok(())
     }
 
@@ -415,9 +419,9 @@ impl Auth {
             .and_then(|acl| acl.clientid_allowed(user, client_id))
         {
             Some(allowed) => allowed,
-            None => client_id.strip_prefix(user).is_some_and(|rest| {
-                rest.is_empty() || rest.starts_with(['-', '/', '_', '.', ':'])
-            }),
+            None => client_id
+                .strip_prefix(user)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['-', '/', '_', '.', ':'])),
         }
     }
 

@@ -25,16 +25,16 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::rustls;
 use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
 use crate::codec::{self, Packet, Qos, ServerPacket};
 use crate::config::Secret;
 use crate::metrics::{self, AuthFailure, Forward};
-use crate::transport::TlsServer;
 use crate::outbox::{Message, StoreError};
+use crate::transport::TlsServer;
 
 /// How long a forwarded QoS 1 publish may wait for the peer's PUBACK.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -472,10 +472,11 @@ pub async fn serve(
                 match &security.tls {
                     None => serve_in(stream, &broker, &security.secret).await,
                     Some(tls) => {
-                        let (s, _) = tokio::time::timeout(CONNECT_TIMEOUT * 5, tls.server.accept(stream))
-                            .await
-                            .map_err(|_| "TLS handshake timed out".to_string())?
-                            .map_err(|e| format!("TLS handshake: {e}"))?;
+                        let (s, _) =
+                            tokio::time::timeout(CONNECT_TIMEOUT * 5, tls.server.accept(stream))
+                                .await
+                                .map_err(|_| "TLS handshake timed out".to_string())?
+                                .map_err(|e| format!("TLS handshake: {e}"))?;
                         serve_in(s, &broker, &security.secret).await
                     }
                 }

@@ -813,7 +813,10 @@ impl Hot {
 fn redis_tls(
     url: &str,
     ca: Option<&std::path::Path>,
-) -> redis::RedisResult<(redis::Client, Option<Arc<tokio_rustls::rustls::ClientConfig>>)> {
+) -> redis::RedisResult<(
+    redis::Client,
+    Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+)> {
     let fail = |e: String| redis::RedisError::from(std::io::Error::other(e));
     let (client, config) = match ca {
         Some(path) => {
@@ -1364,8 +1367,14 @@ mod url_tests {
 
     #[test]
     fn passwords_are_hidden() {
-        assert_eq!(redacted_url("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
-        assert_eq!(redacted_url("rediss://u:p@ss@h:1/2"), "rediss://u:***@h:1/2");
+        assert_eq!(
+            redacted_url("redis://:pw@h:6379/0"),
+            "redis://:***@h:6379/0"
+        );
+        assert_eq!(
+            redacted_url("rediss://u:p@ss@h:1/2"),
+            "rediss://u:***@h:1/2"
+        );
         assert_eq!(redacted_url("redis://h:6379/0"), "redis://h:6379/0");
         assert_eq!(
             redacted_url("redis+sentinel://:pw@a:1,b:2/m/0"),
@@ -1463,9 +1472,16 @@ mod tests {
             overflow,
             max_total: 0,
         };
-        RedisOutbox::connect(&redis.url(), None, limits, Duration::from_secs(60), 0, routes)
-            .await
-            .unwrap()
+        RedisOutbox::connect(
+            &redis.url(),
+            None,
+            limits,
+            Duration::from_secs(60),
+            0,
+            routes,
+        )
+        .await
+        .unwrap()
     }
 
     /// A cluster node reads each receiver's route with its enqueue: present, absent, and a

@@ -270,7 +270,9 @@ impl Conn {
         let stream = match info.addr() {
             redis::ConnectionAddr::TcpTls { host, port, .. } => {
                 let Some(tls) = tls else {
-                    return Err(protocol("rediss:// without a TLS configuration".to_string()));
+                    return Err(protocol(
+                        "rediss:// without a TLS configuration".to_string(),
+                    ));
                 };
                 let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
                 s.set_nodelay(true)?;

@@ -150,9 +150,7 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -227,10 +225,7 @@ macro_rules! dispatch_write {
                 }
             }
 
-            fn poll_shutdown(
-                self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-            ) -> Poll<io::Result<()>> {
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
                 match self.get_mut() {
                     Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
                     Self::Tls(s) => Pin::new(s).poll_shutdown(cx),
@@ -288,14 +283,16 @@ impl Target {
             st.full.fetch_add(1, Relaxed);
         }
         if st.first.get().is_none() {
-            let _ = st.first.set(format!(
-                "{:?} {:?} {:?}",
-                conn.protocol_version(),
-                conn.negotiated_cipher_suite().map(|c| c.suite()),
-                conn.negotiated_key_exchange_group().map(|g| g.name()),
-            )
-            .replace("Some(", "")
-            .replace(')', ""));
+            let _ = st.first.set(
+                format!(
+                    "{:?} {:?} {:?}",
+                    conn.protocol_version(),
+                    conn.negotiated_cipher_suite().map(|c| c.suite()),
+                    conn.negotiated_key_exchange_group().map(|g| g.name()),
+                )
+                .replace("Some(", "")
+                .replace(')', ""),
+            );
         }
         Ok(Stream::Tls(Box::new(s)))
     }

@@ -51,8 +51,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::{Args, Parser, Subcommand};
 
 use crate::client::{Target, Tls};
-use tokio_rustls::rustls::pki_types::ServerName;
 use crate::report::{RunFile, ScenarioResult};
+use tokio_rustls::rustls::pki_types::ServerName;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -249,6 +249,11 @@ pub struct Opts {
     /// qos0: messages a publisher may be ahead of its subscriber.
     #[arg(long, default_value_t = 1000)]
     pub lag: u64,
+    /// push, push-rate, drain, login-storm: the broker is fresh, so skip connecting every
+    /// device id with a clean session before and after the run (with --username each of
+    /// those connections is a password check on the broker).
+    #[arg(long)]
+    pub no_wipe: bool,
     /// drain: QoS 1 messages per offline device.
     #[arg(long, default_value_t = 10)]
     pub per_device: u64,
@@ -340,8 +345,8 @@ fn tls_for(o: &Opts) -> Result<Option<Tls>, String> {
     }
     let config = client::tls_config(o.cafile.as_deref(), o.tls_no_verify, &o.tls_version)?;
     let name = o.tls_server_name.clone().unwrap_or_else(|| o.host.clone());
-    let server_name = ServerName::try_from(name.clone())
-        .map_err(|e| format!("--tls-server-name {name}: {e}"))?;
+    let server_name =
+        ServerName::try_from(name.clone()).map_err(|e| format!("--tls-server-name {name}: {e}"))?;
     Ok(Some(Tls {
         connector: tokio_rustls::TlsConnector::from(config),
         server_name,
@@ -495,10 +500,14 @@ async fn run(which: &str, o: &Opts, target: &Target, pub_target: &Target) -> Vec
         out.push(progress(scenarios::drain(o, target, pub_target).await));
     }
     if all || which == "handshake" {
-        out.push(progress(scenarios::handshake(o, target, o.connections).await));
+        out.push(progress(
+            scenarios::handshake(o, target, o.connections).await,
+        ));
     }
     if which == "login-storm" {
-        out.push(progress(scenarios::login_storm(o, target, pub_target).await));
+        out.push(progress(
+            scenarios::login_storm(o, target, pub_target).await,
+        ));
     }
     out
 }
@@ -511,7 +520,9 @@ fn progress(mut r: ScenarioResult) -> ScenarioResult {
         r.param("tls_resumption", "off");
         r.metric("tls_full_handshakes", full as f64);
         if resumed > 0 {
-            r.error(format!("{resumed} TLS sessions were resumed (resumption is meant to be off)"));
+            r.error(format!(
+                "{resumed} TLS sessions were resumed (resumption is meant to be off)"
+            ));
         }
     }
     eprintln!(

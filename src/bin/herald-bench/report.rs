@@ -392,7 +392,13 @@ const SECURITY_SPECS: &[Spec] = &[
         None,
     ),
     spec("handshake", "broker_cpu_pct", "broker CPU", "%", None),
-    spec("handshake", "bench_cpu_pct", "load generator CPU", "%", None),
+    spec(
+        "handshake",
+        "bench_cpu_pct",
+        "load generator CPU",
+        "%",
+        None,
+    ),
     spec(
         "handshake",
         "bench_cpu_us_per_conn",
@@ -411,7 +417,13 @@ const SECURITY_SPECS: &[Spec] = &[
         Some(("<=", 1.0)),
     ),
     spec("idle-tls", "connect_rate", "connect rate", "conn/s", None),
-    spec("idle-tls", "idle_cpu_pct", "broker CPU while idle", "%", None),
+    spec(
+        "idle-tls",
+        "idle_cpu_pct",
+        "broker CPU while idle",
+        "%",
+        None,
+    ),
     spec("idle-tls", "connected", "connected", "", None),
     spec("idle-tls", "rss_before", "broker RSS before", "MB", None),
     spec(
@@ -486,7 +498,13 @@ const SECURITY_SPECS: &[Spec] = &[
     ),
     spec("login-storm", "logins_ok", "logins", "", None),
     spec("login-storm", "logins_failed", "logins failed", "", None),
-    spec("login-storm", "logins_per_sec", "login rate", "logins/s", None),
+    spec(
+        "login-storm",
+        "logins_per_sec",
+        "login rate",
+        "logins/s",
+        None,
+    ),
     spec("login-storm", "storm_secs", "storm took", "s", None),
     spec("login-storm", "login_p50_us", "login time p50", "ms", None),
     spec("login-storm", "login_p99_us", "login time p99", "ms", None),
@@ -1181,10 +1199,7 @@ fn first_of(dir: &Path, scenario: &str) -> Option<ScenarioResult> {
     if !dir.is_dir() {
         return None;
     }
-    load(dir)
-        .ok()?
-        .into_iter()
-        .find(|r| r.scenario == scenario)
+    load(dir).ok()?.into_iter().find(|r| r.scenario == scenario)
 }
 
 /// `security-report DIR`: the five figures of issue 10 from the result directories of
@@ -1209,7 +1224,8 @@ pub fn security_report(dir: &Path, markdown: Option<&Path>) -> Result<bool, Stri
     let mut rows: Vec<Vec<String>> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
     let mut all_ok = true;
-    let get = |r: &Option<ScenarioResult>, k: &str| r.as_ref().and_then(|r| r.metrics.get(k).copied());
+    let get =
+        |r: &Option<ScenarioResult>, k: &str| r.as_ref().and_then(|r| r.metrics.get(k).copied());
     let show = |v: Option<f64>, unit: &str| v.map(|v| fmt_value(v, unit)).unwrap_or("-".into());
     let pct = |v: Option<f64>| v.map(|v| format!("{v:.0} %")).unwrap_or("-".into());
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
@@ -1234,7 +1250,10 @@ pub fn security_report(dir: &Path, markdown: Option<&Path>) -> Result<bool, Stri
     };
 
     // 1. Handshakes.
-    let (h, m) = (first_of(&ht, "handshake-tls"), first_of(&mt, "handshake-tls"));
+    let (h, m) = (
+        first_of(&ht, "handshake-tls"),
+        first_of(&mt, "handshake-tls"),
+    );
     check("handshake-tls on Herald", &h, &mut notes);
     check("handshake-tls on Mosquitto", &m, &mut notes);
     let gen = |k: &str| format!("{} / {}", pct(get(&h, k)), pct(get(&m, k)));
@@ -1246,7 +1265,12 @@ pub fn security_report(dir: &Path, markdown: Option<&Path>) -> Result<bool, Stri
         .to_string();
     for (key, label, unit, op) in [
         ("connect_rate", "1. TLS handshakes/s", "conn/s", ">="),
-        ("broker_cpu_us_per_conn", "1. broker CPU per handshake", "us", "<="),
+        (
+            "broker_cpu_us_per_conn",
+            "1. broker CPU per handshake",
+            "us",
+            "<=",
+        ),
         (
             "conns_per_broker_cpu_sec",
             "1. handshakes per broker CPU second",
@@ -1329,7 +1353,12 @@ pub fn security_report(dir: &Path, markdown: Option<&Path>) -> Result<bool, Stri
     let s = first_of(&dir.join("herald-storm"), "login-storm");
     check("login-storm on Herald", &s, &mut notes);
     let storm_p99 = get(&s, "storm_p99_us");
-    let p = |k: &str| s.as_ref().and_then(|r| r.params.get(k)).map(|v| v.to_string()).unwrap_or("?".into());
+    let p = |k: &str| {
+        s.as_ref()
+            .and_then(|r| r.params.get(k))
+            .map(|v| v.to_string())
+            .unwrap_or("?".into())
+    };
     rows.push(vec![
         "4. login storm: push p99 during".into(),
         format!(

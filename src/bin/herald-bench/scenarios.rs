@@ -478,7 +478,10 @@ impl OnPublish for Device {
             if self.shared.phased.load(Relaxed) {
                 for &(ts, s) in &self.samples {
                     let p = self.shared.phase(ts);
-                    self.shared.phase_hists[p].lock().unwrap().saturating_record(s);
+                    self.shared.phase_hists[p]
+                        .lock()
+                        .unwrap()
+                        .saturating_record(s);
                 }
             }
             self.samples.clear();
@@ -497,8 +500,11 @@ fn device_id(o: &Opts, i: usize) -> String {
 }
 
 /// Connects every device id with a clean session and disconnects it: whatever a previous
-/// run left in the broker is gone.
+/// run left in the broker is gone. Not with `--no-wipe` (a fresh broker).
 async fn wipe_sessions(o: &Opts, target: &Target, n: usize) -> Result<(), String> {
+    if o.no_wipe {
+        return Ok(());
+    }
     let fleet = Arc::new(Fleet::default());
     let sem = Arc::new(Semaphore::new(o.concurrency));
     let tracker = TaskTracker::new();
