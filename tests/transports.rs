@@ -467,6 +467,12 @@ async fn mqtt_over_websocket() {
     })
     .await;
     let addr = server.listeners().ws.expect("ws listener");
+    // Only /mqtt upgrades.
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    match tokio_tungstenite::client_async(format!("ws://{addr}/other"), tcp).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 404),
+        r => panic!("upgrade on /other: {:?}", r.map(|(_, r)| r)),
+    }
     let tcp = TcpStream::connect(addr).await.unwrap();
     let ws = ws_upgrade(tcp, &format!("ws://{addr}/mqtt")).await;
     mqtt_over_ws(ws, "ws-client").await;
@@ -494,11 +500,15 @@ async fn mqtt_over_websocket_over_tls() {
 // ---------------------------------------------------------------------------------------
 // The connect timeout against stalled handshakes
 
-/// Sends `bytes`, then waits for the broker to close; returns how long that took.
-async fn closed_after(addr: SocketAddr, bytes: &[u8]) -> Duration {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let start = Instant::now();
+/// Sends `bytes` on `s`, then waits for the broker to close; returns how long that took
+/// since `start`.
+async fn closed_after<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    bytes: &[u8],
+    start: Instant,
+) -> Duration {
     s.write_all(bytes).await.unwrap();
+    s.flush().await.unwrap();
     let mut buf = [0u8; 1024];
     loop {
         match tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf)).await {
@@ -510,6 +520,21 @@ async fn closed_after(addr: SocketAddr, bytes: &[u8]) -> Duration {
     }
 }
 
+/// A TCP connection to `addr`, and when it was made.
+async fn tcp(addr: SocketAddr) -> (TcpStream, Instant) {
+    let s = TcpStream::connect(addr).await.unwrap();
+    (s, Instant::now())
+}
+
+/// A TLS connection to `addr`, and when its TCP connection was made.
+async fn tls_timed(addr: SocketAddr) -> (TlsStream<TcpStream>, Instant) {
+    let start = Instant::now();
+    let s = tls_stream(addr, Pki::get().client_config(None))
+        .await
+        .expect("TLS handshake");
+    (s, start)
+}
+
 #[tokio::test]
 async fn connect_timeout_cuts_off_stalled_handshakes() {
     let files = Pki::get().server();
@@ -517,13 +542,14 @@ async fn connect_timeout_cuts_off_stalled_handshakes() {
         c.server.listen = None;
         c.server.tls_listen = loopback();
         c.server.ws_listen = loopback();
+        c.server.wss_listen = loopback();
         c.tls.cert = Some(files.cert);
         c.tls.key = Some(files.key);
         c.server.connect_timeout = Duration::from_secs(1);
     })
     .await;
     let l = server.listeners();
-    let (tls, ws) = (l.tls.unwrap(), l.ws.unwrap());
+    let (tls, ws, wss) = (l.tls.unwrap(), l.ws.unwrap(), l.wss.unwrap());
     // A TLS record announcing a 512-byte ClientHello, cut after its first bytes.
     let mut half_hello = vec![
         0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
@@ -532,7 +558,7 @@ async fn connect_timeout_cuts_off_stalled_handshakes() {
     let half_upgrade =
         b"GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n";
     let healthy = async {
-        // While three handshakes stall, another client is served at once.
+        // While the others stall, another client is served at once.
         let s = tls_stream(tls, Pki::get().client_config(None))
             .await
             .unwrap();
@@ -541,16 +567,34 @@ async fn connect_timeout_cuts_off_stalled_handshakes() {
         c.ping().await;
         start.elapsed()
     };
-    let (silent, half, slowloris, healthy) = tokio::join!(
-        closed_after(tls, b""),
-        closed_after(tls, &half_hello),
-        closed_after(ws, half_upgrade),
-        healthy
-    );
+    let silent = async {
+        let (s, t) = tcp(tls).await;
+        closed_after(s, b"", t).await
+    };
+    let half = async {
+        let (s, t) = tcp(tls).await;
+        closed_after(s, &half_hello, t).await
+    };
+    let slowloris = async {
+        let (s, t) = tcp(ws).await;
+        closed_after(s, half_upgrade, t).await
+    };
+    let slowloris_tls = async {
+        let (s, t) = tls_timed(wss).await;
+        closed_after(s, half_upgrade, t).await
+    };
+    let no_connect = async {
+        let (s, t) = tls_timed(tls).await;
+        closed_after(s, b"", t).await
+    };
+    let (silent, half, slowloris, slowloris_tls, no_connect, healthy) =
+        tokio::join!(silent, half, slowloris, slowloris_tls, no_connect, healthy);
     for (what, took) in [
         ("a TLS client that never says hello", silent),
         ("half a ClientHello", half),
         ("half an HTTP upgrade", slowloris),
+        ("half an HTTP upgrade over TLS", slowloris_tls),
+        ("a TLS client that never sends CONNECT", no_connect),
     ] {
         assert!(
             took >= Duration::from_millis(900) && took <= Duration::from_secs(5),
