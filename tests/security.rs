@@ -378,6 +378,44 @@ async fn jwt_hs256_tokens() {
             "{garbage:?}"
         );
     }
+
+    // The algorithm is pinned: HS384 with the right key is refused.
+    let hs384 = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS384),
+        &serde_json::json!({ "sub": "dev8", "exp": now() + 600 }),
+        &EncodingKey::from_secret(HS256_KEY.as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(
+        code(addr, "dev8", Some("device"), Some(hs384.as_bytes())).await,
+        4
+    );
+    // exp and sub are required.
+    let claims = |c: serde_json::Value| {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &c,
+            &EncodingKey::from_secret(HS256_KEY.as_bytes()),
+        )
+        .unwrap()
+    };
+    let no_exp = claims(serde_json::json!({ "sub": "dev9" }));
+    assert_eq!(
+        code(addr, "dev9", Some("device"), Some(no_exp.as_bytes())).await,
+        4
+    );
+    let no_sub = claims(serde_json::json!({ "exp": now() + 600 }));
+    assert_eq!(
+        code(addr, "dev9", Some("device"), Some(no_sub.as_bytes())).await,
+        4
+    );
+    // Not valid yet.
+    let early =
+        claims(serde_json::json!({ "sub": "dev9", "exp": now() + 7200, "nbf": now() + 3600 }));
+    assert_ne!(
+        code(addr, "dev9", Some("device"), Some(early.as_bytes())).await,
+        0
+    );
 }
 
 #[tokio::test]
@@ -413,6 +451,13 @@ async fn jwt_es256_with_a_public_key_file() {
     let t = sign(&stranger, "dev-es3", now() + 600);
     assert_eq!(
         code(addr, "dev-es3", Some("device"), Some(t.as_bytes())).await,
+        4
+    );
+    // Key confusion: an HS256 token whose HMAC key is the public key file itself.
+    let pem = std::fs::read(&public).unwrap();
+    let t = hs256_token_with(&pem, "dev-es5", now() + 600);
+    assert_eq!(
+        code(addr, "dev-es5", Some("device"), Some(t.as_bytes())).await,
         4
     );
     // An HS256 token where ES256 is expected.
@@ -881,12 +926,20 @@ async fn passwords_and_tokens_are_never_logged() {
         ),
     );
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let tls = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let cert = common::pki::Pki::get().server();
     let log = dir.path().join("herald.log");
     let args: Vec<String> = [
         "--config",
         config.to_str().unwrap(),
         "--listen",
         &addr.to_string(),
+        "--tls-listen",
+        &tls.to_string(),
+        "--tls-cert",
+        cert.cert.to_str().unwrap(),
+        "--tls-key",
+        cert.key.to_str().unwrap(),
         "--store",
         "memory",
         "--log-level",
@@ -906,6 +959,23 @@ async fn passwords_and_tokens_are_never_logged() {
     let (_, c) = login_over(
         tcp(addr).await,
         &Opts::new("backend-1"),
+        Some("backend"),
+        Some(wrong),
+    )
+    .await;
+    assert_eq!(c, 4);
+    // And over TLS (rustls logs at trace too).
+    let s = tokio::net::TcpStream::connect(tls).await.unwrap();
+    let s = tokio_rustls::TlsConnector::from(common::pki::Pki::get().client_config(None))
+        .connect(
+            tokio_rustls::rustls::pki_types::ServerName::IpAddress(tls.ip().into()),
+            s,
+        )
+        .await
+        .expect("TLS handshake");
+    let (_, c) = login_over(
+        Raw::over(Box::new(s)),
+        &Opts::new("backend-tls"),
         Some("backend"),
         Some(wrong),
     )
