@@ -576,6 +576,49 @@ async fn acl_checks_the_will_at_connect() {
     assert_eq!((p.topic.as_str(), text(&p).as_str()), ("wills/ok", "gone"));
 }
 
+/// Rules before the first `user` line are for anonymous clients (with allow_anonymous).
+#[tokio::test]
+async fn acl_rules_for_anonymous_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = cheap_passwd(dir.path(), &[("backend", "pw")]);
+    let acl = write(
+        dir.path(),
+        "acl",
+        "topic read public/#\n\nuser backend\ntopic readwrite public/#\ntopic readwrite private/#\n",
+    );
+    let server = common::start_with(|c| {
+        c.auth.password_file = Some(passwd.clone());
+        c.auth.acl_file = Some(acl.clone());
+        c.auth.allow_anonymous = Some(true);
+    })
+    .await;
+    let addr = server.local_addr();
+    let mut anon = login_ok(addr, &Opts::new("anon-1"), None, None).await;
+    let mut b = backend(addr, "backend-1").await;
+    b.sub("private/#", QoS::AtLeastOnce).await;
+    assert_eq!(
+        anon.subscribe(&[
+            ("public/news", QoS::AtLeastOnce),
+            ("private/x", QoS::AtLeastOnce),
+            ("#", QoS::AtMostOnce),
+        ])
+        .await,
+        [GRANTED1, REFUSED, REFUSED]
+    );
+    // Read-only: its publishes are dropped, even where it may read.
+    anon.publish("private/x", b"anon private", QoS::AtLeastOnce, false)
+        .await;
+    anon.publish("public/news", b"anon public", QoS::AtLeastOnce, false)
+        .await;
+    let mut b2 = backend(addr, "backend-2").await;
+    let got = b.until_marker(&mut b2, "private/x").await;
+    assert!(got.is_empty(), "backend got {:?}", payloads(&got));
+    b2.publish("public/news", b"from backend", QoS::AtLeastOnce, false)
+        .await;
+    let got = anon.until_marker(&mut b2, "public/news").await;
+    assert_eq!(payloads(&got), ["from backend"]);
+}
+
 /// `pattern` lines with %c apply to every authenticated client, devices included.
 #[tokio::test]
 async fn acl_pattern_with_client_id() {

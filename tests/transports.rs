@@ -396,6 +396,7 @@ async fn certificate_identity_must_be_the_client_id() {
     let server = start_tls(|c| {
         c.tls.client_ca = Some(pki.ca_path());
         c.tls.identity = TlsIdentity::Cert;
+        c.server.wss_listen = loopback();
     })
     .await;
     let addr = server.listeners().tls.expect("TLS listener");
@@ -412,7 +413,7 @@ async fn certificate_identity_must_be_the_client_id() {
     assert_eq!(code, 5);
     c.expect_closed(WAIT).await;
 
-    let s = tls_stream(addr, config).await.unwrap();
+    let s = tls_stream(addr, config.clone()).await.unwrap();
     let (mut c, code) = mqtt(Box::new(s), "dev-cn", None).await;
     assert_eq!(code, 0, "certificate CN dev-cn, client id dev-cn");
     // A device: subscribed to its own push topic, may not subscribe elsewhere.
@@ -425,6 +426,24 @@ async fn certificate_identity_must_be_the_client_id() {
         ]
     );
     c.ping().await;
+
+    // The same over WebSocket over TLS.
+    let wss = server.listeners().wss.expect("wss listener");
+    assert_tls_refused(wss, pki.client_config(None), "wss without a certificate").await;
+    for (id, want) in [("dev-other", 5), ("dev-cn", 0)] {
+        let s = tls_stream(wss, config.clone()).await.unwrap();
+        let ws = ws_upgrade(s, &format!("wss://{wss}/mqtt")).await;
+        let (mut c, code) = mqtt(Box::new(ws), id, None).await;
+        assert_eq!(
+            code, want,
+            "over wss: certificate CN dev-cn, client id {id}"
+        );
+        if want == 0 {
+            c.ping().await;
+        } else {
+            c.expect_closed(WAIT).await;
+        }
+    }
 }
 
 /// `server.listen = None` with a TLS listener: plain MQTT gets nowhere on the TLS port.
