@@ -25,7 +25,7 @@ struct Handles {
     sent: [Counter; 3],
     acked: Counter,
     stored: Counter,
-    drops: [Counter; 6],
+    drops: [Counter; 7],
     store_errors: Counter,
     takeovers: Counter,
     store_queue_full: Counter,
@@ -65,15 +65,18 @@ pub enum Drop {
     NoReceiver = 4,
     /// The memory store holds `store.max_messages` already.
     StoreFull = 5,
+    /// The receiver's ACL no longer lets it read the topic (a reloaded `deny`).
+    AclDenied = 6,
 }
 
-const DROP_REASONS: [&str; 6] = [
+const DROP_REASONS: [&str; 7] = [
     "mailbox_full",
     "outbox_full_oldest",
     "outbox_full_new",
     "expired",
     "no_receiver",
     "store_full",
+    "acl_denied",
 ];
 
 /// Why a login was refused; each is its own `reason` label of `herald_auth_failures_total`.

@@ -731,6 +731,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         }
     }
 
+    /// Read access at delivery (only with authentication on); a refusal drops the message,
+    /// counted.
+    fn may_read(&self, topic: &str) -> bool {
+        let Some(p) = self.extras.as_ref().and_then(|x| x.principal.as_ref()) else {
+            return true;
+        };
+        if self.broker.auth.may_read(p, &self.client, topic) {
+            return true;
+        }
+        metrics::dropped(metrics::Drop::AclDenied);
+        tracing::debug!(client = %self.client, topic = %topic, "not delivered: the ACL no longer allows reading it");
+        false
+    }
+
     fn may_subscribe(&self, filter: &str) -> bool {
         if reserved_topic(filter) {
             metrics::acl_denied(Denied::Subscribe);
@@ -760,6 +774,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     async fn take_delivery(&mut self, d: Delivery) {
         match d {
             Delivery::Direct(msg) => {
+                if !self.may_read(&msg.topic) {
+                    return;
+                }
                 codec::encode_publish(
                     &mut self.wbuf,
                     &msg.topic,
@@ -824,6 +841,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         let pkid = packet_id(e.seq);
         if self.inflight.iter().any(|f| f.pkid == pkid) || self.awaiting_pubcomp(pkid) {
             return false;
+        }
+        if !self.may_read(&e.msg.topic) {
+            // Removed as if acknowledged, and counted: the reader lost the right to it.
+            self.next_seq = e.seq + 1;
+            self.mailbox.saw(e.seq);
+            self.broker.store.ack(&self.client, e.seq).await;
+            return true;
         }
         let dup = e.seq <= self.sent_watermark;
         codec::encode_publish(

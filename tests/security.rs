@@ -1196,7 +1196,7 @@ async fn cluster_node_without_a_secret_refuses_to_start() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Revoking read access (ACL reload): known broker gaps, ignored until fixed
+// Revoking read access (ACL reload): read access is checked at delivery, as in Mosquitto
 
 /// A server where user `backend` may read news/#, user `pub` may write it, with the ACL file
 /// path to rewrite.
@@ -1218,11 +1218,9 @@ async fn revocation_setup(dir: &Path) -> (common::TestServer, PathBuf) {
 const REVOKED: &str =
     "user backend\ntopic readwrite news/#\ntopic deny news/secret\n\nuser pub\ntopic write news/#\n";
 
-/// A persistent session's subscriptions are restored at reconnect without an ACL check, so
-/// a read the ACL has since revoked (deny + SIGHUP) keeps delivering, queued messages
-/// included, for as long as the session lives.
+/// A persistent session's subscriptions are restored at reconnect; a read the ACL has since
+/// revoked (deny + SIGHUP) must not deliver, queued messages included.
 #[tokio::test]
-#[ignore = "broker gap: restored subscriptions of a persistent session are not re-checked against a reloaded ACL"]
 async fn revoked_read_is_not_delivered_to_a_reconnecting_persistent_session() {
     let dir = tempfile::tempdir().unwrap();
     let (server, acl) = revocation_setup(dir.path()).await;
@@ -1261,10 +1259,9 @@ async fn revoked_read_is_not_delivered_to_a_reconnecting_persistent_session() {
     );
 }
 
-/// The same for a connection that stays up across the reload: Mosquitto checks read access
-/// at delivery, Herald only at SUBSCRIBE.
+/// The same for a connection that stays up across the reload: read access is checked at
+/// delivery, not only at SUBSCRIBE.
 #[tokio::test]
-#[ignore = "broker gap: existing subscriptions keep delivering after a reloaded ACL denies their topic"]
 async fn revoked_read_is_not_delivered_to_a_live_subscription() {
     let dir = tempfile::tempdir().unwrap();
     let (server, acl) = revocation_setup(dir.path()).await;

@@ -435,6 +435,14 @@ impl Auth {
         allowed
     }
 
+    /// May it still read `topic` (a topic name) now, at delivery? Checked when a message is
+    /// written, as Mosquitto does, so that an ACL reloaded with a new `deny` also stops
+    /// subscriptions made before it. Not counted here: the caller counts the dropped message.
+    /// A client's own push topic is always readable: every client is subscribed to it.
+    pub fn may_read(&self, p: &Principal, client_id: &str, topic: &str) -> bool {
+        self.is_own_push_topic(client_id, topic) || self.subscribe_allowed(p, client_id, topic)
+    }
+
     /// May it subscribe to `filter` (may contain + and #)? A refusal is counted
     /// (`herald_acl_denied_total{action="subscribe"}`).
     pub fn may_subscribe(&self, p: &Principal, client_id: &str, filter: &str) -> bool {

@@ -914,7 +914,7 @@ fn sentinel_client(spec: &str) -> redis::RedisResult<redis::sentinel::SentinelCl
     let node = SentinelNodeConnectionInfo::default().set_redis_connection_info(redis_info);
     SentinelClient::build(
         sentinels,
-        service.to_string(),
+        service,
         Some(node),
         SentinelServerType::Master,
     )
