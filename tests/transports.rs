@@ -519,19 +519,18 @@ async fn mqtt_over_websocket_over_tls() {
 // ---------------------------------------------------------------------------------------
 // The connect timeout against stalled handshakes
 
-/// Sends `bytes` on `s`, then waits for the broker to close; returns how long that took
-/// since `start`.
-async fn closed_after<S: AsyncRead + AsyncWrite + Unpin>(
-    mut s: S,
-    bytes: &[u8],
-    start: Instant,
-) -> Duration {
+/// Sends `bytes` on a connection the test will leave stalled.
+async fn stall<S: AsyncWrite + Unpin>(s: &mut S, bytes: &[u8]) {
     s.write_all(bytes).await.unwrap();
     s.flush().await.unwrap();
+}
+
+/// Waits for the broker to close `s`; returns how long that took since `start`.
+async fn closed_after<S: AsyncRead + Unpin>(mut s: S, start: Instant) -> Duration {
     let mut buf = [0u8; 1024];
     loop {
         match tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf)).await {
-            Err(_) => panic!("{bytes:?}: still open after 15 s"),
+            Err(_) => panic!("still open after 15 s"),
             Ok(Ok(0)) | Ok(Err(_)) => return start.elapsed(),
             // An alert or an HTTP error may come first; the close is what counts.
             Ok(Ok(_)) => {}
@@ -576,38 +575,32 @@ async fn connect_timeout_cuts_off_stalled_handshakes() {
     half_hello.extend_from_slice(&[0x42; 20]);
     let half_upgrade =
         b"GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n";
-    let healthy = async {
-        // While the others stall, another client is served at once.
-        let s = tls_stream(tls, Pki::get().client_config(None))
-            .await
-            .unwrap();
-        let start = Instant::now();
-        let mut c = mqtt_ok(Box::new(s), "healthy").await;
-        c.ping().await;
-        start.elapsed()
-    };
-    let silent = async {
-        let (s, t) = tcp(tls).await;
-        closed_after(s, b"", t).await
-    };
-    let half = async {
-        let (s, t) = tcp(tls).await;
-        closed_after(s, &half_hello, t).await
-    };
-    let slowloris = async {
-        let (s, t) = tcp(ws).await;
-        closed_after(s, half_upgrade, t).await
-    };
-    let slowloris_tls = async {
-        let (s, t) = tls_timed(wss).await;
-        closed_after(s, half_upgrade, t).await
-    };
-    let no_connect = async {
-        let (s, t) = tls_timed(tls).await;
-        closed_after(s, b"", t).await
-    };
-    let (silent, half, slowloris, slowloris_tls, no_connect, healthy) =
-        tokio::join!(silent, half, slowloris, slowloris_tls, no_connect, healthy);
+
+    let (silent, t_silent) = tcp(tls).await;
+    let (mut half, t_half) = tcp(tls).await;
+    stall(&mut half, &half_hello).await;
+    let (mut slowloris, t_slowloris) = tcp(ws).await;
+    stall(&mut slowloris, half_upgrade).await;
+    let (mut slowloris_tls, t_slowloris_tls) = tls_timed(wss).await;
+    stall(&mut slowloris_tls, half_upgrade).await;
+    let (no_connect, t_no_connect) = tls_timed(tls).await;
+
+    // While those stall, another client is served at once, handshake included.
+    let start = Instant::now();
+    let s = tls_stream(tls, Pki::get().client_config(None))
+        .await
+        .unwrap();
+    let mut c = mqtt_ok(Box::new(s), "healthy").await;
+    c.ping().await;
+    let healthy = start.elapsed();
+
+    let (silent, half, slowloris, slowloris_tls, no_connect) = tokio::join!(
+        closed_after(silent, t_silent),
+        closed_after(half, t_half),
+        closed_after(slowloris, t_slowloris),
+        closed_after(slowloris_tls, t_slowloris_tls),
+        closed_after(no_connect, t_no_connect),
+    );
     for (what, took) in [
         ("a TLS client that never says hello", silent),
         ("half a ClientHello", half),
@@ -624,6 +617,7 @@ async fn connect_timeout_cuts_off_stalled_handshakes() {
         healthy < Duration::from_millis(900),
         "healthy client took {healthy:?}"
     );
+    c.ping().await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -755,6 +749,26 @@ async fn sighup_reloads_certificate_passwords_and_acl_under_live_connections() {
     assert_eq!(code, 0);
     c.ping().await;
     old.ping().await;
+
+    // Certificate A with key B (they do not match): B stays.
+    let refusals = |log: &Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches("TLS certificate not reloaded")
+            .count()
+    };
+    let before = refusals(&log);
+    std::fs::copy(&a.cert, &live.cert).unwrap();
+    hup(&node, &log).await;
+    assert_eq!(refusals(&log), before + 1, "a mismatched key was taken");
+    let s = tls_stream(tls, config.clone())
+        .await
+        .expect("TLS handshake");
+    assert_eq!(
+        peer_cert(&s),
+        b_der,
+        "certificate A without its key replaced B"
+    );
 
     // A new user in the password file.
     let ops = Some(("ops", &b"ops-pw"[..]));
