@@ -468,6 +468,51 @@ async fn jwt_es256_with_a_public_key_file() {
     );
 }
 
+/// RS256 with an RSA public key file; rcgen cannot make RSA keys with ring, so openssl does
+/// (it is installed for the interop suite; without it the test says so and passes).
+#[tokio::test]
+async fn jwt_rs256_with_a_public_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let private = dir.path().join("rsa.pem");
+    let public = dir.path().join("rsa.pub.pem");
+    let made = std::process::Command::new("openssl")
+        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
+        .arg(&private)
+        .output()
+        .is_ok_and(|o| o.status.success())
+        && std::process::Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&private)
+            .arg("-out")
+            .arg(&public)
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !made {
+        eprintln!("SKIPPED jwt_rs256_with_a_public_key_file: openssl is not installed");
+        return;
+    }
+    let server = common::start_with(|c| c.auth.jwt_public_key = Some(public.clone())).await;
+    let addr = server.local_addr();
+    let key = EncodingKey::from_rsa_pem(&std::fs::read(&private).unwrap()).expect("RSA key");
+    let sign = |sub: &str, exp: u64| {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::RS256),
+            &serde_json::json!({ "sub": sub, "exp": exp }),
+            &key,
+        )
+        .expect("encode token")
+    };
+    let t = sign("dev-rs", now() + 600);
+    let mut c = login_ok(addr, &Opts::new("dev-rs"), Some("device"), Some(t.as_bytes())).await;
+    c.ping().await;
+    let t = sign("dev-rs-other", now() + 600);
+    assert_eq!(code(addr, "dev-rs2", Some("device"), Some(t.as_bytes())).await, 5);
+    let t = sign("dev-rs3", now() - 3600);
+    assert_eq!(code(addr, "dev-rs3", Some("device"), Some(t.as_bytes())).await, 5);
+    let t = hs256_token("dev-rs4", now() + 600);
+    assert_eq!(code(addr, "dev-rs4", Some("device"), Some(t.as_bytes())).await, 4);
+}
+
 // ---------------------------------------------------------------------------------------
 // The ACL file
 
