@@ -1,8 +1,11 @@
 //! Herald: an MQTT 3.1.1 push broker.
 //!
 //! Modules, in the order a message meets them:
-//! - `server`: listeners, accept loop, graceful shutdown.
+//! - `server`: listeners (TCP, TLS, WebSocket, WebSocket over TLS), accept loops, shutdown.
+//! - `transport`: TLS (rustls) and WebSocket streams under the same session code.
 //! - `session`: one connection's protocol state machine (CONNECT to close).
+//! - `auth`: who may connect as which client id (password file, device tokens, client
+//!   certificates) and what each may publish and read (ACL).
 //! - `codec`: MQTT 3.1.1 wire format (wraps `mqttbytes`, adds the strict checks).
 //! - `broker`: the node's shared state; resolves receivers and stores before acking.
 //! - `topic`: topic names, filters, the push-topic template.
