@@ -84,8 +84,7 @@ async fn push_is_stored_and_delivered_over_rediss() {
     assert_eq!(queued, 3, "the outbox in the TLS Redis");
 
     // Replayed in order, and acknowledged away (the ack writer over TLS).
-    let (mut device, present) =
-        Raw::connect_ok(addr, &Opts::new("dev-rediss").clean(false)).await;
+    let (mut device, present) = Raw::connect_ok(addr, &Opts::new("dev-rediss").clean(false)).await;
     assert!(present);
     for i in 0..3 {
         let p = device.expect_publish().await;

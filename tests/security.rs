@@ -42,47 +42,6 @@ const REFUSED: Sub = Sub::Failure;
 // ---------------------------------------------------------------------------------------
 // Helpers
 
-/// CONNECT with a user name and password (the shared `Opts` has neither).
-fn connect_bytes(o: &Opts, user: Option<&str>, pass: Option<&[u8]>) -> Vec<u8> {
-    fn put(out: &mut Vec<u8>, s: &[u8]) {
-        out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-        out.extend_from_slice(s);
-    }
-    let mut flags = 0u8;
-    if o.clean {
-        flags |= 0x02;
-    }
-    if let Some(w) = &o.will {
-        flags |= 0x04 | (w.qos as u8) << 3;
-        if w.retain {
-            flags |= 0x20;
-        }
-    }
-    if user.is_some() {
-        flags |= 0x80;
-    }
-    if pass.is_some() {
-        flags |= 0x40;
-    }
-    let mut body = Vec::new();
-    put(&mut body, o.protocol.as_bytes());
-    body.push(o.level);
-    body.push(flags);
-    body.extend_from_slice(&o.keepalive.to_be_bytes());
-    put(&mut body, o.id.as_bytes());
-    if let Some(w) = &o.will {
-        put(&mut body, w.topic.as_bytes());
-        put(&mut body, &w.payload);
-    }
-    if let Some(u) = user {
-        put(&mut body, u.as_bytes());
-    }
-    if let Some(p) = pass {
-        put(&mut body, p);
-    }
-    common::frame(0x10, &body)
-}
-
 /// Connects to the broker at `addr` (over the transport under test) with these credentials;
 /// returns the client and the CONNACK return code.
 async fn login(addr: SocketAddr, o: &Opts, user: Option<&str>, pass: Option<&[u8]>) -> (Raw, u8) {
@@ -92,7 +51,7 @@ async fn login(addr: SocketAddr, o: &Opts, user: Option<&str>, pass: Option<&[u8
 
 /// `login` over a client whose stream is already open (the cluster port, plain TCP).
 async fn login_over(mut c: Raw, o: &Opts, user: Option<&str>, pass: Option<&[u8]>) -> (Raw, u8) {
-    c.send_raw(&connect_bytes(o, user, pass))
+    c.send_raw(&o.encode_with(user, pass))
         .await
         .expect("send CONNECT");
     match c.next(LOGIN_WAIT).await {
@@ -476,7 +435,14 @@ async fn jwt_rs256_with_a_public_key_file() {
     let private = dir.path().join("rsa.pem");
     let public = dir.path().join("rsa.pub.pem");
     let made = std::process::Command::new("openssl")
-        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
         .arg(&private)
         .output()
         .is_ok_and(|o| o.status.success())
@@ -503,14 +469,29 @@ async fn jwt_rs256_with_a_public_key_file() {
         .expect("encode token")
     };
     let t = sign("dev-rs", now() + 600);
-    let mut c = login_ok(addr, &Opts::new("dev-rs"), Some("device"), Some(t.as_bytes())).await;
+    let mut c = login_ok(
+        addr,
+        &Opts::new("dev-rs"),
+        Some("device"),
+        Some(t.as_bytes()),
+    )
+    .await;
     c.ping().await;
     let t = sign("dev-rs-other", now() + 600);
-    assert_eq!(code(addr, "dev-rs2", Some("device"), Some(t.as_bytes())).await, 5);
+    assert_eq!(
+        code(addr, "dev-rs2", Some("device"), Some(t.as_bytes())).await,
+        5
+    );
     let t = sign("dev-rs3", now() - 3600);
-    assert_eq!(code(addr, "dev-rs3", Some("device"), Some(t.as_bytes())).await, 5);
+    assert_eq!(
+        code(addr, "dev-rs3", Some("device"), Some(t.as_bytes())).await,
+        5
+    );
     let t = hs256_token("dev-rs4", now() + 600);
-    assert_eq!(code(addr, "dev-rs4", Some("device"), Some(t.as_bytes())).await, 4);
+    assert_eq!(
+        code(addr, "dev-rs4", Some("device"), Some(t.as_bytes())).await,
+        4
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -79,34 +79,10 @@ fn peer_cert(s: &TlsStream<TcpStream>) -> Vec<u8> {
         .to_vec()
 }
 
-/// CONNECT with an optional user name and password (the shared `Opts` has neither).
-fn connect_bytes(o: &Opts, login: Option<(&str, &[u8])>) -> Vec<u8> {
-    fn put(out: &mut Vec<u8>, s: &[u8]) {
-        out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-        out.extend_from_slice(s);
-    }
-    assert!(o.will.is_none(), "no will here");
-    let mut flags = if o.clean { 0x02 } else { 0 };
-    if login.is_some() {
-        flags |= 0xC0;
-    }
-    let mut body = Vec::new();
-    put(&mut body, o.protocol.as_bytes());
-    body.push(o.level);
-    body.push(flags);
-    body.extend_from_slice(&o.keepalive.to_be_bytes());
-    put(&mut body, o.id.as_bytes());
-    if let Some((user, pass)) = login {
-        put(&mut body, user.as_bytes());
-        put(&mut body, pass);
-    }
-    common::frame(0x10, &body)
-}
-
 /// MQTT CONNECT over `stream`; the client and the CONNACK code.
 async fn mqtt(stream: Box<dyn Io>, id: &str, login: Option<(&str, &[u8])>) -> (Raw, u8) {
     let mut c = Raw::over(stream);
-    c.send_raw(&connect_bytes(&Opts::new(id), login))
+    c.send_raw(&Opts::new(id).encode_with(login.map(|l| l.0), login.map(|l| l.1)))
         .await
         .expect("send CONNECT");
     match c.next(LOGIN_WAIT).await {

@@ -259,6 +259,12 @@ impl Opts {
     }
 
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_with(None, None)
+    }
+
+    /// CONNECT with a user name and password as well (MQTT 3.1.1 lets a password go only
+    /// with a user name; tests may break that rule on purpose).
+    pub fn encode_with(&self, user: Option<&str>, pass: Option<&[u8]>) -> Vec<u8> {
         let mut flags = 0u8;
         if self.clean {
             flags |= 0x02;
@@ -272,12 +278,24 @@ impl Opts {
                 flags |= 0x20;
             }
         }
+        if user.is_some() {
+            flags |= 0x80;
+        }
+        if pass.is_some() {
+            flags |= 0x40;
+        }
         body.put_u8(flags);
         body.put_u16(self.keepalive);
         put_str(&mut body, self.id.as_bytes());
         if let Some(w) = &self.will {
             put_str(&mut body, w.topic.as_bytes());
             put_str(&mut body, &w.payload);
+        }
+        if let Some(u) = user {
+            put_str(&mut body, u.as_bytes());
+        }
+        if let Some(p) = pass {
+            put_str(&mut body, p);
         }
         frame(0x10, &body)
     }
