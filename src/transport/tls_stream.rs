@@ -793,6 +793,16 @@ mod tests {
         assert_eq!(&got, b"\x10\x0cCONNECT....");
     }
 
+    /// The accept futures and the streams can go to `tokio::spawn`.
+    #[allow(dead_code)]
+    fn spawnable(tls: &'static TlsServer, tcp: TcpStream, t: TlsStream<TcpStream>) {
+        fn send<T: Send + 'static>(_: T) {}
+        fn stream<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(_: &T) {}
+        stream(&t);
+        send(tls.accept(tcp));
+        send(super::super::ws_accept(t, 1024));
+    }
+
     #[test]
     fn inline_size() {
         // tokio-rustls's server TlsStream<TcpStream> is 1224 bytes.
