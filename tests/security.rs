@@ -42,6 +42,9 @@ const REFUSED: Sub = Sub::Failure;
 // ---------------------------------------------------------------------------------------
 // Helpers
 
+/// A login attempt: user name, password, the CONNACK code it must get.
+type Attempt<'a> = (Option<&'a str>, Option<&'a [u8]>, u8);
+
 /// Connects to the broker at `addr` (over the transport under test) with these credentials;
 /// returns the client and the CONNACK return code.
 async fn login(addr: SocketAddr, o: &Opts, user: Option<&str>, pass: Option<&[u8]>) -> (Raw, u8) {
@@ -835,7 +838,7 @@ async fn takeover_refused_before_the_session_attaches() {
         let t43 = t43.clone();
         async move {
             let o = Opts::new("dev42").clean(clean);
-            let tries: [(Option<&str>, Option<&[u8]>, u8); 4] = [
+            let tries: [Attempt; 4] = [
                 (Some("device"), Some(t43.as_bytes()), 5), // another device's token
                 (None, None, 5),                           // anonymous
                 (Some("backend"), Some(b"pw"), 5),         // a backend, not its id

@@ -303,8 +303,8 @@ async fn rumqttc_over_tls_publishes_and_receives_qos1() {
                 }
                 _ => {}
             }
-            if subscribed && puback && received.is_some() {
-                return received.unwrap();
+            if let (true, true, Some(r)) = (subscribed, puback, &received) {
+                return r.clone();
             }
         }
     };
