@@ -1193,6 +1193,32 @@ const AUTH_PUSH_TARGET: f64 = 0.95;
 /// A load generator this busy (% of its core) may have set the pace.
 const GENERATOR_BUSY_PCT: f64 = 90.0;
 
+/// What set the pace of a saturating run: the broker (its core busy), the load generator
+/// (its core busy, the broker's not), or neither (the rate was bound by latency: handshakes
+/// or messages in flight, or other load on the machine).
+fn bound_note(what: &str, who: &str, r: &Option<ScenarioResult>) -> Option<String> {
+    let r = r.as_ref()?;
+    let broker = r.metrics.get("broker_cpu_pct").copied()?;
+    let gen = r.metrics.get("bench_cpu_pct").copied()?;
+    Some(if broker >= GENERATOR_BUSY_PCT {
+        format!(
+            "{what} on {who}: the broker set the pace (broker {broker:.0} % of its core, load \
+             generator {gen:.0} %)"
+        )
+    } else if gen >= GENERATOR_BUSY_PCT {
+        format!(
+            "{what} on {who}: the load generator may have set the pace ({gen:.0} % of its core, \
+             broker {broker:.0} %): compare the broker CPU per unit of work"
+        )
+    } else {
+        format!(
+            "{what} on {who}: neither core was saturated (broker {broker:.0} %, load generator \
+             {gen:.0} %): the rate was bound by latency (work in flight) or by other load on \
+             the machine"
+        )
+    })
+}
+
 /// The first result of `scenario` in the directory `dir` (None if the directory or the
 /// result is missing).
 fn first_of(dir: &Path, scenario: &str) -> Option<ScenarioResult> {
@@ -1291,12 +1317,8 @@ pub fn security_report(dir: &Path, markdown: Option<&Path>) -> Result<bool, Stri
         ]);
     }
     for (who, r) in [("Herald", &h), ("Mosquitto", &m)] {
-        if let Some(b) = get(r, "bench_cpu_pct").filter(|&b| b >= GENERATOR_BUSY_PCT) {
-            notes.push(format!(
-                "handshake-tls on {who}: the load generator used {b:.0} % of its core, so it may \
-                 have set the pace; the broker's CPU per handshake (and handshakes per broker \
-                 CPU second) is the figure that compares the brokers"
-            ));
+        if let Some(n) = bound_note("handshake-tls", who, r) {
+            notes.push(n);
         }
     }
 
@@ -1348,6 +1370,12 @@ pub fn security_report(dir: &Path, markdown: Option<&Path>) -> Result<bool, Stri
             pct(get(&m, "bench_cpu_pct"))
         ),
     ]);
+
+    for (who, r) in [("Herald", &h), ("Mosquitto", &m)] {
+        if let Some(n) = bound_note("push-tls", who, r) {
+            notes.push(n);
+        }
+    }
 
     // 4. Login storm (Herald only: absolute target).
     let s = first_of(&dir.join("herald-storm"), "login-storm");
