@@ -303,8 +303,10 @@ async fn rumqttc_over_tls_publishes_and_receives_qos1() {
                 }
                 _ => {}
             }
-            if subscribed && puback && received.is_some() {
-                return received.unwrap();
+            if subscribed && puback {
+                if let Some(r) = received.take() {
+                    return r;
+                }
             }
         }
     };

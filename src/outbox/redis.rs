@@ -912,12 +912,7 @@ fn sentinel_client(spec: &str) -> redis::RedisResult<redis::sentinel::SentinelCl
         }
     }
     let node = SentinelNodeConnectionInfo::default().set_redis_connection_info(redis_info);
-    SentinelClient::build(
-        sentinels,
-        service,
-        Some(node),
-        SentinelServerType::Master,
-    )
+    SentinelClient::build(sentinels, service, Some(node), SentinelServerType::Master)
 }
 
 fn failed(health: &Health, e: redis::RedisError) -> StoreError {
