@@ -194,7 +194,12 @@ pub async fn outbox_len(server: &Server, client: &str) -> usize {
 /// `herald_messages_dropped_total{reason="mailbox_full"}`. Metrics are process-global and
 /// tests run in parallel, so tests compare before and after, never exact values.
 pub fn metric(series: &str) -> f64 {
-    herald::metrics::render()
+    metric_in(&herald::metrics::render(), series)
+}
+
+/// Value of one series in a Prometheus text exposition (a scrape of another process).
+pub fn metric_in(exposition: &str, series: &str) -> f64 {
+    exposition
         .lines()
         .find_map(|l| {
             l.strip_prefix(series)
