@@ -1,11 +1,19 @@
 //! MQTT 3.1.1 wire format, wrapped around `mqttbytes`.
 //!
 //! `mqttbytes` frames and parses most packets, but it is lenient where a broker must be strict
-//! (reserved flag bits, wildcard topics in PUBLISH, empty SUBSCRIBE) and it does not know the
-//! MQTT 3.1 "MQIsdp" protocol name. This module adds those checks and parses CONNECT and
-//! SUBSCRIBE itself, so the rest of Herald sees only well-formed packets. Outgoing packets are
-//! encoded here directly into the connection's write buffer; PUBLISH in particular is written
-//! from shared message parts without building an intermediate struct.
+//! (reserved flag bits, wildcard topics in PUBLISH, empty SUBSCRIBE, U+0000 in strings) and it
+//! does not know the MQTT 3.1 "MQIsdp" protocol name. This module adds those checks and parses
+//! CONNECT, SUBSCRIBE and UNSUBSCRIBE itself, so the rest of Herald sees only well-formed
+//! packets. Outgoing packets are encoded here directly into the connection's write buffer;
+//! PUBLISH in particular is written from shared message parts without building an
+//! intermediate struct.
+//!
+//! Every UTF-8 string field (CONNECT's protocol name, client id, will topic and user name,
+//! PUBLISH's topic, SUBSCRIBE's and UNSUBSCRIBE's filters) that is not valid UTF-8 or holds
+//! U+0000 makes the packet malformed, which closes the connection (MQTT 3.1.1, 1.5.3). The
+//! password and the will payload are binary data and are not checked. A filter that is valid
+//! UTF-8 but not a valid filter (`a#`, `a/#/b`) is not malformed: SUBSCRIBE refuses it with
+//! 0x80 and the connection stays.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use mqttbytes::v4::{Connect, LastWill, Login, Publish, Unsubscribe};
@@ -40,8 +48,9 @@ pub enum Packet {
 #[derive(Debug)]
 pub struct Subscribe {
     pub pkid: u16,
-    /// `Err(())` marks a filter that is syntactically invalid: it is refused with 0x80 in the
-    /// SUBACK rather than closing the connection, as Mosquitto and EMQX clients expect.
+    /// `Err(filter)` marks a filter that is a clean UTF-8 string but not a valid filter
+    /// (`a#`): it is refused with 0x80 in the SUBACK rather than closing the connection, as
+    /// Mosquitto and EMQX clients expect.
     pub filters: Vec<(Result<String, String>, QoS)>,
 }
 
@@ -145,14 +154,7 @@ pub fn decode(buf: &mut BytesMut, max_size: usize) -> Result<Option<Packet>, Dec
         }
         10 => {
             expect_flags(0b0010)?;
-            let unsub = Unsubscribe::read(header, frame)?;
-            if unsub.pkid == 0 {
-                return Err(DecodeError::Malformed("packet id 0"));
-            }
-            if unsub.topics.is_empty() {
-                return Err(DecodeError::Malformed("UNSUBSCRIBE without filters"));
-            }
-            Packet::Unsubscribe(unsub)
+            Packet::Unsubscribe(decode_unsubscribe(&mut body)?)
         }
         12 | 14 => {
             expect_flags(0)?;
@@ -207,6 +209,8 @@ fn take_bytes(b: &mut Bytes) -> Result<Bytes, DecodeError> {
     Ok(b.split_to(len))
 }
 
+/// A UTF-8 string field of CONNECT, SUBSCRIBE or UNSUBSCRIBE (PUBLISH's topic, which
+/// `mqttbytes` reads, gets the same checks in `check_topic_name`).
 fn take_string(b: &mut Bytes) -> Result<String, DecodeError> {
     let raw = take_bytes(b)?;
     let s = String::from_utf8(raw.to_vec())
@@ -291,7 +295,7 @@ fn decode_subscribe(b: &mut Bytes) -> Result<Subscribe, DecodeError> {
     }
     let mut filters = Vec::new();
     while !b.is_empty() {
-        let raw = take_bytes(b)?;
+        let filter = take_string(b)?;
         let options = take_u8(b)?;
         let qos = match options {
             0 => QoS::AtMostOnce,
@@ -299,10 +303,10 @@ fn decode_subscribe(b: &mut Bytes) -> Result<Subscribe, DecodeError> {
             2 => QoS::ExactlyOnce,
             _ => return Err(DecodeError::Malformed("bad subscription options")),
         };
-        let filter = match String::from_utf8(raw.to_vec()) {
-            Ok(f) if crate::topic::valid_filter(&f) => Ok(f),
-            Ok(f) => Err(f),
-            Err(_) => return Err(DecodeError::Malformed("filter is not valid UTF-8")),
+        let filter = if crate::topic::valid_filter(&filter) {
+            Ok(filter)
+        } else {
+            Err(filter)
         };
         filters.push((filter, qos));
     }
@@ -310,6 +314,21 @@ fn decode_subscribe(b: &mut Bytes) -> Result<Subscribe, DecodeError> {
         return Err(DecodeError::Malformed("SUBSCRIBE without filters"));
     }
     Ok(Subscribe { pkid, filters })
+}
+
+fn decode_unsubscribe(b: &mut Bytes) -> Result<Unsubscribe, DecodeError> {
+    let pkid = take_u16(b)?;
+    if pkid == 0 {
+        return Err(DecodeError::Malformed("packet id 0"));
+    }
+    let mut topics = Vec::new();
+    while !b.is_empty() {
+        topics.push(take_string(b)?);
+    }
+    if topics.is_empty() {
+        return Err(DecodeError::Malformed("UNSUBSCRIBE without filters"));
+    }
+    Ok(Unsubscribe { pkid, topics })
 }
 
 fn check_topic_name(topic: &str) -> Result<(), DecodeError> {
@@ -601,6 +620,114 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(decode_all(&[0x82, 2, 0, 1]).is_err());
+    }
+
+    /// CONNECT with a will and a login; every field is raw bytes so a test can put anything
+    /// in any of them.
+    fn connect_with_fields(id: &[u8], will: (&[u8], &[u8]), user: &[u8], pass: &[u8]) -> Vec<u8> {
+        let mut body = vec![
+            0,
+            4,
+            b'M',
+            b'Q',
+            b'T',
+            b'T',
+            4,
+            0x02 | 0x04 | 0x80 | 0x40,
+            0,
+            30,
+        ];
+        for field in [id, will.0, will.1, user, pass] {
+            body.extend((field.len() as u16).to_be_bytes());
+            body.extend(field);
+        }
+        with_header(0x10, &body)
+    }
+
+    fn with_header(byte1: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![byte1, body.len() as u8];
+        out.extend(body);
+        out
+    }
+
+    #[test]
+    fn u0000_in_any_string_field_is_malformed() {
+        let nul = DecodeError::Malformed("string contains U+0000");
+        let fine = connect_with_fields(b"id", (b"w/t", b"bye"), b"user", b"pw");
+        assert!(matches!(decode_all(&fine), Ok(Some(Packet::Connect(_)))));
+        for bad in [
+            connect_with_fields(b"i\0d", (b"w/t", b"bye"), b"user", b"pw"),
+            connect_with_fields(b"id", (b"w/\0t", b"bye"), b"user", b"pw"),
+            connect_with_fields(b"id", (b"w/t", b"bye"), b"us\0er", b"pw"),
+        ] {
+            assert_eq!(decode_all(&bad).unwrap_err(), nul, "{bad:02x?}");
+        }
+        let mut name = connect_bytes("MQTT", 4, 0x02, "a");
+        name[5] = 0;
+        assert!(decode_all(&name).is_err(), "protocol name");
+
+        // SUBSCRIBE: one clean filter and one with U+0000 closes, not SUBACK 0x80.
+        let sub = with_header(0x82, &[0, 1, 0, 1, b'a', 0, 0, 3, b'a', 0, b'b', 0]);
+        assert_eq!(decode_all(&sub).unwrap_err(), nul);
+        let sub = with_header(0x82, &[0, 1, 0, 3, b'a', 0xC3, 0x28, 0]);
+        assert!(decode_all(&sub).is_err(), "invalid UTF-8 filter");
+
+        let unsub = with_header(0xA2, &[0, 1, 0, 1, b'a', 0, 2, 0, b'b']);
+        assert_eq!(decode_all(&unsub).unwrap_err(), nul);
+        let unsub = with_header(0xA2, &[0, 1, 0, 2, 0xC3, 0x28]);
+        assert!(decode_all(&unsub).is_err(), "invalid UTF-8 filter");
+        match decode_all(&with_header(
+            0xA2,
+            &[0, 1, 0, 1, b'a', 0, 3, b'a', b'/', b'#'],
+        )) {
+            Ok(Some(Packet::Unsubscribe(u))) => {
+                assert_eq!(u.pkid, 1);
+                assert_eq!(u.topics, ["a", "a/#"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            decode_all(&with_header(0xA2, &[0, 0, 0, 1, b'a'])).is_err(),
+            "id 0"
+        );
+        assert!(
+            decode_all(&with_header(0xA2, &[0, 1])).is_err(),
+            "no filters"
+        );
+        assert!(
+            decode_all(&with_header(0xA2, &[0, 1, 0, 5, b'a'])).is_err(),
+            "short"
+        );
+
+        let mut publish = BytesMut::new();
+        encode_publish(&mut publish, "a\0b", b"x", QoS::AtMostOnce, 0, false, false);
+        assert!(decode(&mut publish, 1024).is_err());
+    }
+
+    #[test]
+    fn u0000_in_binary_fields_is_data() {
+        let c = connect_with_fields(b"id", (b"w/t", b"b\0ye"), b"user", b"p\0w");
+        match decode_all(&c) {
+            Ok(Some(Packet::Connect(c))) => {
+                assert_eq!(c.login.expect("login").password, "p\0w");
+                assert_eq!(&c.last_will.expect("will").message[..], b"b\0ye");
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut publish = BytesMut::new();
+        encode_publish(
+            &mut publish,
+            "a/b",
+            b"\0\0",
+            QoS::AtMostOnce,
+            0,
+            false,
+            false,
+        );
+        match decode(&mut publish, 1024) {
+            Ok(Some(Packet::Publish(p))) => assert_eq!(&p.payload[..], b"\0\0"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //! - `outbox`: the per-client store of unacknowledged QoS 1/2 messages (source of truth).
 //! - `mailbox`: hands live messages (hints) from the broker to a connection task.
 //! - `cluster`: many nodes over one Redis: route table, node-to-node link, forwarding.
-//! - `config`, `metrics`: operations.
+//! - `config`, `metrics`: operations; `lograte` keeps the lines a remote peer can cause at
+//!   will (malformed packets, refused logins) to a few per reason per 10 s.
 //!
 //! Path of a QoS 1 push: a backend's PUBLISH to `push/dev42` is decoded by `codec` in the
 //! backend's `session`, which calls `Broker::publish`. The broker sees a push topic (no
@@ -28,6 +29,7 @@ pub mod broker;
 pub mod cluster;
 pub mod codec;
 pub mod config;
+pub mod lograte;
 pub mod mailbox;
 pub mod metrics;
 pub mod outbox;

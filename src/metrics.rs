@@ -38,6 +38,7 @@ struct Handles {
     remote_kicks: Counter,
     auth_failures: [Counter; AUTH_FAILURES.len()],
     acl_denied: [Counter; 2],
+    log_suppressed: [Counter; crate::lograte::REASONS.len()],
 }
 
 /// What crosses the node-to-node link; each is its own `kind` label.
@@ -174,6 +175,9 @@ fn handles() -> &'static Handles {
                 .map(|r| metrics::counter!("herald_auth_failures_total", "reason" => r)),
             acl_denied: ["publish", "subscribe"]
                 .map(|a| metrics::counter!("herald_acl_denied_total", "action" => a)),
+            log_suppressed: crate::lograte::REASONS.map(|r| {
+                metrics::counter!("herald_log_lines_suppressed_total", "reason" => r.label())
+            }),
         }
     })
 }
@@ -286,6 +290,11 @@ pub fn auth_failure(reason: AuthFailure) {
 /// A PUBLISH dropped or a SUBSCRIBE filter refused by the ACL (or a reserved `$` topic).
 pub fn acl_denied(action: Denied) {
     handles().acl_denied[action as usize].increment(1);
+}
+
+/// A log line of `reason` left out by the rate limit (`lograte`).
+pub fn log_suppressed(reason: crate::lograte::Reason) {
+    handles().log_suppressed[reason as usize].increment(1);
 }
 
 /// The Prometheus text exposition of every metric.

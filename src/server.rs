@@ -19,6 +19,7 @@ use crate::auth::Auth;
 use crate::broker::Broker;
 use crate::cluster::{self, Cluster, LinkSecurity, LinkTls};
 use crate::config::Config;
+use crate::lograte::{self, Reason};
 use crate::metrics;
 use crate::session::Connection;
 use crate::transport::{self, TlsServer};
@@ -53,6 +54,9 @@ enum Transport {
 
 /// How often stored messages are checked for expiry.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// How often the log rate limit's summaries of ended windows are written.
+const LOG_SUMMARY_EVERY: Duration = Duration::from_secs(1);
 
 /// How often keepalives are checked: the slack on top of 1.5 times a client's keepalive.
 const KEEPALIVE_EVERY: Duration = Duration::from_millis(250);
@@ -166,10 +170,12 @@ impl Server {
             tokio::spawn(async move {
                 let mut sweep = tokio::time::interval(SWEEP_EVERY);
                 let mut keepalive = tokio::time::interval(KEEPALIVE_EVERY);
+                let mut logs = tokio::time::interval(LOG_SUMMARY_EVERY);
                 loop {
                     tokio::select! {
                         _ = sweep.tick() => broker.store.sweep().await,
                         _ = keepalive.tick() => broker.check_keepalives(),
+                        _ = logs.tick() => lograte::flush(),
                         _ = stop.cancelled() => return,
                     }
                 }
@@ -267,6 +273,7 @@ impl Server {
         {
             tracing::warn!("some connections did not close in time");
         }
+        lograte::flush_all();
         tracing::info!("herald stopped");
     }
 }
@@ -324,14 +331,18 @@ async fn accept_loop(listener: TcpListener, kind: Transport, ctx: Arc<Accept>) {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning on the error.
-                tracing::warn!(error = %e, "accept failed");
+                if lograte::allow(Reason::AcceptFailed) {
+                    tracing::warn!(error = %e, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         if ctx.connections.open.load(Ordering::Relaxed) >= max {
             metrics::rejected_max_connections();
-            tracing::warn!(peer = %peer, max, "max_connections reached, closing new connection");
+            if lograte::allow(Reason::MaxConnections) {
+                tracing::warn!(peer = %peer, max, "max_connections reached, closing new connection");
+            }
             drop(stream);
             continue;
         }

@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{Credentials, Principal};
 use crate::broker::{Broker, SessionData};
 use crate::codec::{self, DecodeError, Packet, Qos};
+use crate::lograte::{self, Reason};
 use crate::mailbox::{Delivery, Kick, Mailbox};
 use crate::metrics::{self, AuthFailure, Denied};
 use crate::outbox::{packet_id, Entry, Message, StoreError};
@@ -165,7 +166,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
                 None
             }
             Ok(Err(Some(DecodeError::UnsupportedProtocol(level)))) => {
-                tracing::info!(peer = %self.peer, level, "unsupported protocol level");
+                if lograte::allow(Reason::UnsupportedProtocol) {
+                    tracing::info!(peer = %self.peer, level, "unsupported protocol level");
+                }
                 let mut out = BytesMut::new();
                 codec::encode_connack(&mut out, false, 1);
                 let _ = self.stream.write_all(&out).await;
@@ -173,7 +176,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             }
             Ok(Err(Some(e))) => {
                 metrics::malformed();
-                tracing::warn!(peer = %self.peer, error = %e, "bad first packet");
+                if lograte::allow(Reason::Malformed) {
+                    tracing::warn!(peer = %self.peer, error = %e, "bad first packet");
+                }
                 None
             }
             Ok(Err(None)) => None,
@@ -187,7 +192,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
     async fn admit(&mut self, c: &Connect) -> Option<Option<Principal>> {
         if c.client_id.starts_with(RESERVED_CLIENT_IDS) {
             metrics::auth_failure(AuthFailure::Reserved);
-            tracing::info!(peer = %self.peer, client = %c.client_id, "refused CONNECT: client ids under $herald/ are the cluster's");
+            if lograte::allow(Reason::LoginRefused) {
+                tracing::info!(peer = %self.peer, client = %c.client_id, "refused CONNECT: client ids under $herald/ are the cluster's");
+            }
             return self.refuse(2).await;
         }
         if let Some(w) = &c.last_will {
@@ -219,7 +226,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
         if let Some(w) = &c.last_will {
             if !auth.may_publish(&principal, &c.client_id, &w.topic) {
                 metrics::auth_failure(AuthFailure::Will);
-                tracing::info!(peer = %self.peer, client = %c.client_id, topic = %w.topic, "refused CONNECT: will to a topic the client may not publish to");
+                if lograte::allow(Reason::LoginRefused) {
+                    tracing::info!(peer = %self.peer, client = %c.client_id, topic = %w.topic, "refused CONNECT: will to a topic the client may not publish to");
+                }
                 return self.refuse(5).await;
             }
         }
@@ -353,7 +362,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!(client = %client, error = %e, "store unavailable, refusing CONNECT");
+                if lograte::allow(Reason::StoreUnavailable) {
+                    tracing::warn!(client = %client, error = %e, "store unavailable, refusing CONNECT");
+                }
                 codec::encode_connack(&mut out, false, 3);
                 let _ = io.write_all(&out).await;
                 mailbox.mark_done();
@@ -542,7 +553,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     metrics::malformed();
-                    tracing::warn!(client = %self.client, error = %e, "closing connection");
+                    if lograte::allow(Reason::Malformed) {
+                        tracing::warn!(client = %self.client, error = %e, "closing connection");
+                    }
                     return Err(End::Abnormal(e.to_string()));
                 }
             }
@@ -588,7 +601,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                             .await
                             .map_err(|e| End::Abnormal(format!("store: {e}")))?,
                         Err(f) => {
-                            tracing::info!(client = %self.client, filter = %f, "invalid topic filter refused");
+                            if lograte::allow(Reason::InvalidFilter) {
+                                tracing::info!(client = %self.client, filter = %f, "invalid topic filter refused");
+                            }
                             0x80
                         }
                     });
@@ -688,7 +703,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         }
         if let Err(e) = r {
             // No acknowledgement: closing makes the client resend after reconnecting.
-            tracing::warn!(client = %self.client, error = %e, "publish not stored");
+            if lograte::allow(Reason::NotStored) {
+                tracing::warn!(client = %self.client, error = %e, "publish not stored");
+            }
             return Err(End::Abnormal(format!("store: {e}")));
         }
         match qos {
@@ -915,7 +932,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 if let Some(will) = self.extras.as_mut().and_then(|x| x.will.take()) {
                     metrics::will_published();
                     if let Err(e) = self.broker.publish(will).await {
-                        tracing::warn!(client = %self.client, error = %e, "will not stored");
+                        if lograte::allow(Reason::NotStored) {
+                            tracing::warn!(client = %self.client, error = %e, "will not stored");
+                        }
                     }
                 }
             }

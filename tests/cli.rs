@@ -1,10 +1,12 @@
-//! The `herald` binary: flags, config errors, signals.
+//! The `herald` binary: flags, config errors, signals, the log rate limit.
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -84,8 +86,26 @@ impl Drop for Running {
 
 /// Starts the binary on an ephemeral port and reads the port from its startup log line.
 fn spawn_broker() -> (Running, SocketAddr) {
+    let b = spawn_broker_with(&[]);
+    (b.running, b.addr)
+}
+
+/// A broker started by `spawn_broker_with`.
+struct Spawned {
+    running: Running,
+    addr: SocketAddr,
+    /// The "herald started" line (JSON).
+    started: String,
+    /// Every log line so far; complete once `reader` has finished (the process exited).
+    log: Arc<Mutex<Vec<String>>>,
+    reader: JoinHandle<()>,
+}
+
+/// `spawn_broker` with `extra` flags, keeping the whole log (JSON lines).
+fn spawn_broker_with(extra: &[&str]) -> Spawned {
     let mut child = Command::new(BIN)
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -94,24 +114,37 @@ fn spawn_broker() -> (Running, SocketAddr) {
     let stderr = child.stderr.take().unwrap();
     let running = Running(child);
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let kept = log.clone();
+    let reader = std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { return };
             if line.contains("herald started") {
-                let _ = tx.send(line);
+                let _ = tx.send(line.clone());
             }
+            kept.lock().unwrap().push(line);
         }
     });
-    let line = rx
+    let started = rx
         .recv_timeout(Duration::from_secs(5))
         .expect("herald started log line");
-    let addr = line
-        .split("\"listen\":\"")
+    let addr = started_field(&started, "listen")
+        .unwrap_or_else(|| panic!("no listen address in {started}"));
+    Spawned {
+        running,
+        addr,
+        started,
+        log,
+        reader,
+    }
+}
+
+/// An address field of the "herald started" line.
+fn started_field(line: &str, name: &str) -> Option<SocketAddr> {
+    line.split(&format!("\"{name}\":\""))
         .nth(1)
         .and_then(|rest| rest.split('"').next())
         .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no listen address in {line}"));
-    (running, addr)
 }
 
 fn sigterm(broker: &Running) {
@@ -162,4 +195,93 @@ async fn sigterm_right_after_startup_exits_zero() {
         let status = wait_exit(&mut broker, Duration::from_secs(3)).await;
         assert!(status.success(), "exit status {status}");
     }
+}
+
+/// The body of `GET /metrics` from another process's metrics listener.
+fn scrape(addr: SocketAddr) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: herald\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read /metrics");
+    out
+}
+
+#[tokio::test]
+async fn malformed_floods_are_rate_limited_in_the_log_and_counted_in_full() {
+    const N: usize = 200;
+    let mut b = spawn_broker_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = started_field(&b.started, "metrics").expect("metrics address");
+    let started = Instant::now();
+    for i in 0..N {
+        let mut c = Raw::open(b.addr).await;
+        // Both places a malformed packet is caught: as the first packet, and in a session.
+        if i % 2 == 1 {
+            c.send_raw(&Opts::new(&format!("bad{i}")).encode())
+                .await
+                .unwrap();
+        }
+        let _ = c.send_raw(&[0xF0, 0x00]).await;
+        loop {
+            match c.next(WAIT).await {
+                Event::Closed => break,
+                Event::Packet(Packet::ConnAck(_)) if i % 2 == 1 => {}
+                e => panic!("connection {i}: expected the close, got {e:?}"),
+            }
+        }
+    }
+    let took = started.elapsed();
+
+    // This process's own broker: the counts are exact.
+    let exposition = scrape(metrics);
+    assert_eq!(
+        metric_in(&exposition, "herald_malformed_packets_total"),
+        N as f64,
+        "{exposition}"
+    );
+    let suppressed_metric = metric_in(
+        &exposition,
+        "herald_log_lines_suppressed_total{reason=\"malformed\"}",
+    );
+
+    // The summary still owed is written at shutdown.
+    sigterm(&b.running);
+    let status = wait_exit(&mut b.running, Duration::from_secs(5)).await;
+    assert!(status.success(), "exit status {status}");
+    b.reader.join().unwrap();
+    let log = b.log.lock().unwrap();
+
+    let lines: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("bad first packet") || l.contains("closing connection"))
+        .collect();
+    let summaries: Vec<u64> = log
+        .iter()
+        .filter(|l| l.contains("malformed-packet lines suppressed"))
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("JSON log line");
+            v["fields"]["suppressed"]
+                .as_u64()
+                .expect("suppressed field")
+        })
+        .collect();
+    let all = log.join("\n");
+    // 5 lines per 10 s window: one window, or two on a machine slow enough to take more than
+    // 10 s for the 200 connections.
+    assert!(
+        lines.len() <= 10,
+        "{} malformed lines in {took:?}:\n{all}",
+        lines.len()
+    );
+    assert!(!summaries.is_empty(), "no summary line:\n{all}");
+    if took < Duration::from_secs(9) {
+        assert_eq!(lines.len(), 5, "{all}");
+        assert_eq!(summaries.len(), 1, "{all}");
+    }
+    let suppressed: u64 = summaries.iter().sum();
+    assert_eq!(lines.len() as u64 + suppressed, N as u64, "{all}");
+    assert_eq!(suppressed_metric, suppressed as f64, "{exposition}");
+    // The structured fields stay on the lines that are written.
+    assert!(lines.iter().all(|l| l.contains("\"error\":")), "{all}");
 }

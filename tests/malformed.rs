@@ -154,3 +154,137 @@ async fn packet_at_max_packet_size_is_accepted() {
     }
     server.shutdown().await;
 }
+
+// U+0000 is forbidden in every UTF-8 string of MQTT 3.1.1 (1.5.3): the connection is closed,
+// as for any malformed packet. Binary fields (password, payloads) may hold it.
+
+/// Sends `connect` as the first packet: the broker must close without a CONNACK and count it.
+async fn connect_is_closed_without_connack(connect: &[u8]) {
+    let _serial = SERIAL.lock().await;
+    let server = start().await;
+    let mut ok = Raw::connect(server.local_addr(), "fine").await;
+    let before = metric("herald_malformed_packets_total");
+    let mut c = Raw::open(server.local_addr()).await;
+    let _ = c.send_raw(connect).await;
+    c.expect_closed(WAIT).await;
+    assert!(
+        metric("herald_malformed_packets_total") > before,
+        "CONNECT {connect:02x?} is counted"
+    );
+    ok.ping().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn u0000_in_client_id() {
+    connect_is_closed_without_connack(&Opts::new("dev\0ice").encode()).await;
+}
+
+#[tokio::test]
+async fn u0000_in_will_topic() {
+    let opts = Opts::new("willer").will("wills/\0x", b"gone", QoS::AtMostOnce, false);
+    connect_is_closed_without_connack(&opts.encode()).await;
+}
+
+#[tokio::test]
+async fn u0000_in_user_name() {
+    let connect = Opts::new("user0").encode_with(Some("us\0er"), Some(b"pw"));
+    connect_is_closed_without_connack(&connect).await;
+}
+
+#[tokio::test]
+async fn u0000_in_subscribe_filter() {
+    // Not SUBACK 0x80 for that filter (what an invalid but clean filter gets): a close.
+    let bad = subscribe_bytes(
+        0x82,
+        1,
+        &[("by/t", QoS::AtMostOnce), ("by/\0t", QoS::AtMostOnce)],
+    );
+    closes_only_its_own_connection(&bad, |_| {}).await;
+}
+
+#[tokio::test]
+async fn u0000_in_unsubscribe_filter() {
+    // `expect_closed` fails on any packet, so no UNSUBACK may arrive before the close.
+    let mut body = vec![0, 7];
+    for f in [&b"by/t"[..], b"by/\0t"] {
+        body.extend((f.len() as u16).to_be_bytes());
+        body.extend(f);
+    }
+    closes_only_its_own_connection(&frame(0xA2, &body), |_| {}).await;
+}
+
+#[tokio::test]
+async fn u0000_in_publish_topic() {
+    closes_only_its_own_connection(&publish_bytes(b"by/\0t", b"x", 1, 4, false, false), |_| {})
+        .await;
+}
+
+#[tokio::test]
+async fn invalid_filters_without_u0000_still_get_0x80_and_the_connection_stays() {
+    let server = start().await;
+    let mut c = Raw::connect(server.local_addr(), "bad-filters").await;
+    let codes = c
+        .subscribe(&[
+            ("a#", QoS::AtMostOnce),
+            ("a/#/b", QoS::AtMostOnce),
+            ("ok/t", QoS::AtMostOnce),
+        ])
+        .await;
+    use SubscribeReasonCode::{Failure, Success};
+    assert_eq!(codes, [Failure, Failure, Success(QoS::AtMostOnce)]);
+    c.unsubscribe(&["a#", "ok/t"]).await;
+    c.ping().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn u0000_in_a_password_is_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = cheap_passwd(dir.path(), &[("nul", "p\0w")]);
+    let server = start_with(|c| c.auth.password_file = Some(passwd.clone())).await;
+    let login = |pass: &'static [u8]| {
+        let addr = server.local_addr();
+        async move {
+            let mut c = Raw::open(addr).await;
+            c.send_raw(&Opts::new("nul").encode_with(Some("nul"), Some(pass)))
+                .await
+                .unwrap();
+            match c.expect(WAIT).await {
+                Packet::ConnAck(a) => (c, a.code),
+                p => panic!("expected CONNACK, got {p:?}"),
+            }
+        }
+    };
+    let (_, code) = login(b"p").await;
+    assert_eq!(
+        code,
+        ConnectReturnCode::BadUserNamePassword,
+        "the bytes after U+0000 count"
+    );
+    let (mut c, code) = login(b"p\0w").await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    c.ping().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn u0000_in_a_payload_is_data() {
+    let server = start().await;
+    let mut sub = Raw::connect(server.local_addr(), "nul-sub").await;
+    sub.sub("nul/t", QoS::AtLeastOnce).await;
+    let mut publisher = Raw::connect(server.local_addr(), "nul-pub").await;
+    publisher
+        .publish("nul/t", b"a\0b\0", QoS::AtLeastOnce, false)
+        .await;
+    let p = sub.expect_publish().await;
+    assert_eq!(&p.payload[..], b"a\0b\0");
+    sub.puback(p.pkid).await;
+    // A will payload is binary too.
+    let will = Opts::new("nul-will").will("nul/t", b"\0", QoS::AtMostOnce, false);
+    let (w, _) = Raw::connect_ok(server.local_addr(), &will).await;
+    drop(w);
+    let p = sub.expect_publish().await;
+    assert_eq!(&p.payload[..], b"\0");
+    server.shutdown().await;
+}

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use common::process::{free_port, Herald, RedisServer, CLUSTER_SECRET};
 use common::SubscribeReasonCode as Sub;
-use common::{outbox_len, text, wait_offline, Event, Opts, Packet, QoS, Raw};
+use common::{cheap_passwd, outbox_len, text, wait_offline, Event, Opts, Packet, QoS, Raw};
 use herald::config::Secret;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
@@ -91,28 +91,8 @@ async fn backend(addr: SocketAddr, id: &str) -> Raw {
     login_ok(addr, &Opts::new(id), Some("backend"), Some(b"pw")).await
 }
 
-/// An argon2id hash with the cheapest parameters argon2 allows (Herald takes the cost from
-/// the hash string).
-fn cheap_hash(password: &str) -> String {
-    use argon2::password_hash::rand_core::OsRng;
-    use argon2::password_hash::{PasswordHasher, SaltString};
-    let params = argon2::Params::new(8, 1, 1, None).expect("argon2 params");
-    argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
-        .hash_password(password.as_bytes(), &SaltString::generate(&mut OsRng))
-        .expect("hash")
-        .to_string()
-}
-
-/// Writes a password file of cheap hashes in `dir`.
-fn cheap_passwd(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
-    let path = dir.join("passwd");
-    let text: String = users
-        .iter()
-        .map(|(u, p)| format!("{u}:{}\n", cheap_hash(p)))
-        .collect();
-    std::fs::write(&path, text).expect("write passwd");
-    path
-}
+/// A login attempt: user name, password, the CONNACK code it must get.
+type Attempt<'a> = (Option<&'a str>, Option<&'a [u8]>, u8);
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);

@@ -317,13 +317,15 @@ impl Auth {
             tracing::debug!(peer = %c.peer, client_id = %c.client_id, "login refused: too many failures from this address");
             return;
         }
-        tracing::info!(
-            peer = %c.peer,
-            client_id = %c.client_id,
-            username = %c.username.unwrap_or(""),
-            reason = reason.label(),
-            "login refused"
-        );
+        if crate::lograte::allow(crate::lograte::Reason::LoginRefused) {
+            tracing::info!(
+                peer = %c.peer,
+                client_id = %c.client_id,
+                username = %c.username.unwrap_or(""),
+                reason = reason.label(),
+                "login refused"
+            );
+        }
     }
 
     async fn check(&self, c: &Credentials<'_>) -> Result<Principal, Failure> {

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Broker;
 use crate::codec::{self, Packet, Qos, ServerPacket};
 use crate::config::Secret;
+use crate::lograte::{self, Reason};
 use crate::metrics::{self, AuthFailure, Forward};
 use crate::outbox::{Message, StoreError};
 use crate::transport::TlsServer;
@@ -458,7 +459,9 @@ pub async fn serve(
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!(error = %e, "node link accept failed");
+                    if lograte::allow(Reason::AcceptFailed) {
+                        tracing::warn!(error = %e, "node link accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -484,7 +487,9 @@ pub async fn serve(
             tokio::select! {
                 r = served => {
                     if let Err(e) = r {
-                        tracing::info!(peer = %peer, error = %e, "node link closed");
+                        if lograte::allow(Reason::NodeLink) {
+                            tracing::info!(peer = %peer, error = %e, "node link closed");
+                        }
                     }
                 }
                 _ = stop.cancelled() => {}
@@ -533,7 +538,9 @@ async fn serve_in<S: AsyncRead + AsyncWrite + Unpin>(
         metrics::auth_failure(AuthFailure::ClusterSecret);
         codec::encode_connack(&mut wbuf, false, 5);
         let _ = wr.write_all(&wbuf).await;
-        tracing::warn!(client = %connect.client_id, "node link refused: wrong or missing cluster.secret");
+        if lograte::allow(Reason::NodeLink) {
+            tracing::warn!(client = %connect.client_id, "node link refused: wrong or missing cluster.secret");
+        }
         return Ok(());
     }
     tracing::debug!(peer = %connect.client_id, "node link accepted");

@@ -24,6 +24,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::ops::Deref;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
@@ -193,7 +194,12 @@ pub async fn outbox_len(server: &Server, client: &str) -> usize {
 /// `herald_messages_dropped_total{reason="mailbox_full"}`. Metrics are process-global and
 /// tests run in parallel, so tests compare before and after, never exact values.
 pub fn metric(series: &str) -> f64 {
-    herald::metrics::render()
+    metric_in(&herald::metrics::render(), series)
+}
+
+/// Value of one series in a Prometheus text exposition (a scrape of another process).
+pub fn metric_in(exposition: &str, series: &str) -> f64 {
+    exposition
         .lines()
         .find_map(|l| {
             l.strip_prefix(series)
@@ -201,6 +207,29 @@ pub fn metric(series: &str) -> f64 {
                 .and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(0.0)
+}
+
+/// An argon2id hash with the cheapest parameters argon2 allows (Herald takes the cost from
+/// the hash string).
+pub fn cheap_hash(password: &str) -> String {
+    use argon2::password_hash::rand_core::OsRng;
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let params = argon2::Params::new(8, 1, 1, None).expect("argon2 params");
+    argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+        .hash_password(password.as_bytes(), &SaltString::generate(&mut OsRng))
+        .expect("hash")
+        .to_string()
+}
+
+/// Writes a password file of cheap hashes in `dir`.
+pub fn cheap_passwd(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
+    let path = dir.join("passwd");
+    let text: String = users
+        .iter()
+        .map(|(u, p)| format!("{u}:{}\n", cheap_hash(p)))
+        .collect();
+    std::fs::write(&path, text).expect("write passwd");
+    path
 }
 
 pub struct Will {
