@@ -38,7 +38,10 @@
 # an ECDSA P-256 server certificate for IP 127.0.0.1). Herald runs with `--listen ""
 # --tls-listen 127.0.0.1:PORT --tls-cert --tls-key` (TLS only), Mosquitto with the same
 # certificate on a `listener PORT 127.0.0.1` with `certfile`, `keyfile` and `tls_version
-# tlsv1.3` (its other settings as above). herald-bench connects with `--tls --cafile CA`:
+# tlsv1.3` (its other settings as above), and in a second column ("mosquitto-tls-nodelay")
+# also `set_tcp_nodelay true`: with Mosquitto's default (Nagle's algorithm on) its small
+# post-handshake writes (session tickets, CONNACK) wait for the client's delayed ACK, so
+# its handshake rate is bound by latency, not by its CPU. herald-bench connects with `--tls --cafile CA`:
 # rustls, TLS 1.3, session resumption off, so every connection is a full handshake.
 # tls-handshake: fresh connections as fast as they go (100 in flight), each CONNECT then
 # DISCONNECT, with `--tls-no-verify` (herald-bench skips checking the certificate chain and
@@ -50,7 +53,9 @@
 # 2,000 msgs/s while 5,000 clients log in with the file's user (1,000 in flight): push p99
 # before and during the storm, logins/s. auth-push: the push case on Herald without
 # authentication ("herald-noauth") and with the password file, every client logged in
-# ("herald-auth"). The summary ends with the issue 10 table (`herald-bench security-report`).
+# ("herald-auth"); the devices connect one at a time in both (the logins queue for the one
+# password worker anyway, and the order in which devices connect moves Herald's push figure
+# by 10-20 %). The summary ends with the issue 10 table (`herald-bench security-report`).
 #
 # The Redis-backed column of issue 4: `scripts/bench.sh --only "push drain"` (push and
 # push-rate, drain) gives Herald (memory store), Mosquitto (persistence on) and Herald
@@ -149,7 +154,7 @@ full) CASES=(
     "tls-idle-10000|idle|--clients 10000 --idle-secs 30|tls"
     "tls-push|push|--devices 1000 --window 1000 --secs 10|tls"
     "auth-storm|login-storm|--devices 1000 --rate 2000 --logins 5000 --login-concurrency 1000 --baseline-secs 10 --after-secs 3|storm"
-    "auth-push|push|--devices 1000 --window 1000 --secs 10 --id-prefix bench-dev --no-wipe --handshake-timeout 60|auth"
+    "auth-push|push|--devices 1000 --window 1000 --secs 10 --id-prefix bench-dev --no-wipe --concurrency 1 --handshake-timeout 60|auth"
 ) ;;
 quick) CASES=(
     "idle-1000|idle|--clients 1000 --idle-secs 5"
@@ -162,7 +167,7 @@ quick) CASES=(
     "tls-idle-2000|idle|--clients 2000 --idle-secs 5|tls"
     "tls-push|push|--devices 200 --window 1000 --secs 3|tls"
     "auth-storm|login-storm|--devices 200 --rate 2000 --logins 200 --login-concurrency 200 --baseline-secs 3 --after-secs 1|storm"
-    "auth-push|push|--devices 200 --window 1000 --secs 3 --id-prefix bench-dev --no-wipe --handshake-timeout 60|auth"
+    "auth-push|push|--devices 200 --window 1000 --secs 3 --id-prefix bench-dev --no-wipe --concurrency 1 --handshake-timeout 60|auth"
 ) ;;
 smoke) CASES=(
     "idle|idle|--clients 20 --idle-secs 1"
@@ -296,17 +301,22 @@ BROKER_LOG=
 # redis-server behind Herald (redis), while a herald-redis case runs: REDIS_PID, REDIS_PORT
 # and REDIS_LOG (set by start_redis).
 
-# mosquitto_conf DIR PORT [tls]: Mosquitto's config (see Method in BENCHMARKS.md); with tls
-# the listener serves TLS 1.3 with the run's certificate.
+# mosquitto_conf DIR PORT [tls|tls-nodelay]: Mosquitto's config (see Method in
+# BENCHMARKS.md); with tls the listener serves TLS 1.3 with the run's certificate, with
+# tls-nodelay also `set_tcp_nodelay true`.
 mosquitto_conf() {
     local dir=$1 port=$2
     {
         echo "listener $port 127.0.0.1"
-        if [ "${3:-}" = tls ]; then
+        case ${3:-} in
+        tls | tls-nodelay)
             echo "certfile $PKI/server.pem"
             echo "keyfile $PKI/server.key"
             echo "tls_version tlsv1.3"
-        fi
+            ;;
+        esac
+        # Mosquitto's default leaves Nagle's algorithm on; the second TLS column turns it off.
+        [ "${3:-}" = tls-nodelay ] && echo "set_tcp_nodelay true"
         cat <<EOF
 max_connections -1
 allow_anonymous true
@@ -356,7 +366,7 @@ start_broker() {
         "$@" "$HERALD" -c "$TMP/herald-storm.toml" --listen "127.0.0.1:$BROKER_PORT" \
             --log-level warn >"$BROKER_LOG" 2>&1 &
         ;;
-    mosquitto | mosquitto-tls)
+    mosquitto | mosquitto-tls | mosquitto-tls-nodelay)
         mosquitto_conf "$dir" "$BROKER_PORT" "${kind#mosquitto-}"
         # Started as root, Mosquitto becomes user mosquitto: let it write its database.
         if [ "$(id -u)" = 0 ] && id mosquitto >/dev/null 2>&1; then
@@ -396,7 +406,7 @@ run_case() {
     local rc store=() extra=()
     [ -n "$REDIS_PID" ] && store=(--store-pid "$REDIS_PID")
     case $kind in
-    *-tls) extra=(--tls --cafile "$PKI/ca.pem") ;;
+    *-tls | *-tls-nodelay) extra=(--tls --cafile "$PKI/ca.pem") ;;
     herald-auth | herald-storm) extra=(--username "$BENCH_USER" --password "$BENCH_PASSWORD") ;;
     esac
     set +e
@@ -427,7 +437,8 @@ COLS=("herald|herald|${PIN_BROKER[*]-}|")
 [ "$TWO_CORE" = 1 ] && COLS+=("herald-2core|herald|${PIN_BOTH[*]-}|")
 # Issue 10: the columns of each set of cases.
 TLS_COLS=("herald-tls|herald-tls|${PIN_BROKER[*]-}|")
-[ "$MOSQUITTO" = 1 ] && TLS_COLS+=("mosquitto-tls|mosquitto-tls|${PIN_BROKER[*]-}|")
+[ "$MOSQUITTO" = 1 ] && TLS_COLS+=("mosquitto-tls|mosquitto-tls|${PIN_BROKER[*]-}|"
+    "mosquitto-tls-nodelay|mosquitto-tls-nodelay|${PIN_BROKER[*]-}|")
 STORM_COLS=("herald-storm|herald-storm|${PIN_BROKER[*]-}|")
 AUTH_COLS=("herald-noauth|herald|${PIN_BROKER[*]-}|" "herald-auth|herald-auth|${PIN_BROKER[*]-}|")
 
@@ -510,8 +521,11 @@ if [ -d "$OUT/herald-tls" ] && [ -d "$OUT/mosquitto-tls" ]; then
         echo
         echo "### TLS: Herald against Mosquitto, both with TLS"
     } >>"$OUT/summary.md"
+    MQ_NODELAY=()
+    [ -d "$OUT/mosquitto-tls-nodelay" ] &&
+        MQ_NODELAY=("Mosquitto (TLS, nodelay)=$OUT/mosquitto-tls-nodelay")
     "$BENCH" compare "Herald (TLS)=$OUT/herald-tls" "Mosquitto (TLS)=$OUT/mosquitto-tls" \
-        --markdown "$OUT/table-tls.md" || true
+        "${MQ_NODELAY[@]+"${MQ_NODELAY[@]}"}" --markdown "$OUT/table-tls.md" || true
     cat "$OUT/table-tls.md" >>"$OUT/summary.md"
 fi
 if [ "$TLS_CASES" = 1 ]; then

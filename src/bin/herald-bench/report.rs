@@ -1229,14 +1229,15 @@ fn first_of(dir: &Path, scenario: &str) -> Option<ScenarioResult> {
 }
 
 /// `security-report DIR`: the five figures of issue 10 from the result directories of
-/// `scripts/bench.sh --only tls` (herald-tls/ and mosquitto-tls/: handshake-tls, idle-tls,
-/// push-tls; herald-storm/: login-storm; herald-noauth/ and herald-auth/: push without and
-/// with a password file). False if a run failed or a result is missing.
+/// `scripts/bench.sh --only tls` (herald-tls/, mosquitto-tls/ and, if there,
+/// mosquitto-tls-nodelay/: handshake-tls, idle-tls, push-tls; herald-storm/: login-storm;
+/// herald-noauth/ and herald-auth/: push without and with a password file). False if a run
+/// failed or a result is missing.
 pub fn security_report(dir: &Path, markdown: Option<&Path>) -> Result<bool, String> {
     if !dir.is_dir() {
         return Err(format!("{}: not a directory", dir.display()));
     }
-    let (ht, mt) = (dir.join("herald-tls"), dir.join("mosquitto-tls"));
+    let ht = dir.join("herald-tls");
     let head = [
         "item",
         "figure",
@@ -1275,106 +1276,136 @@ pub fn security_report(dir: &Path, markdown: Option<&Path>) -> Result<bool, Stri
         Some(r) => notes.extend(r.notes.iter().map(|n| format!("{what}: {n}"))),
     };
 
+    // Items 1-3 against each Mosquitto TLS column there is: its defaults (Nagle on), and
+    // with set_tcp_nodelay true.
+    let refs: Vec<(&str, PathBuf)> = [
+        ("Mosquitto", "mosquitto-tls"),
+        ("Mosquitto set_tcp_nodelay", "mosquitto-tls-nodelay"),
+    ]
+    .into_iter()
+    .map(|(n, d)| (n, dir.join(d)))
+    .filter(|(n, d)| *n == "Mosquitto" || d.is_dir())
+    .collect();
+    let many = refs.len() > 1;
+    let vs = |name: &str| {
+        if many {
+            format!(" (vs {name})")
+        } else {
+            String::new()
+        }
+    };
+
     // 1. Handshakes.
-    let (h, m) = (
-        first_of(&ht, "handshake-tls"),
-        first_of(&mt, "handshake-tls"),
-    );
+    let h = first_of(&ht, "handshake-tls");
     check("handshake-tls on Herald", &h, &mut notes);
-    check("handshake-tls on Mosquitto", &m, &mut notes);
-    let gen = |k: &str| format!("{} / {}", pct(get(&h, k)), pct(get(&m, k)));
+    if let Some(n) = bound_note("handshake-tls", "Herald", &h) {
+        notes.push(n);
+    }
     let tls = h
         .as_ref()
         .and_then(|r| r.params.get("tls"))
         .and_then(|v| v.as_str())
         .unwrap_or("?")
         .to_string();
-    for (key, label, unit, op) in [
-        ("connect_rate", "1. TLS handshakes/s", "conn/s", ">="),
-        (
-            "broker_cpu_us_per_conn",
-            "1. broker CPU per handshake",
-            "us",
-            "<=",
-        ),
-        (
-            "conns_per_broker_cpu_sec",
-            "1. handshakes per broker CPU second",
-            "conn/s",
-            ">=",
-        ),
-    ] {
-        let rt = ratio(get(&h, key), get(&m, key));
-        rows.push(vec![
-            label.into(),
-            format!("new TCP + TLS ({tls}, no resumption) + CONNECT/CONNACK"),
-            show(get(&h, key), unit),
-            show(get(&m, key), unit),
-            rt.map(|r| format!("{r:.2}")).unwrap_or("-".into()),
-            format!("{op} 1.0"),
-            verdict(op, 1.0, rt),
-            gen("bench_cpu_pct"),
-        ]);
-    }
-    for (who, r) in [("Herald", &h), ("Mosquitto", &m)] {
-        if let Some(n) = bound_note("handshake-tls", who, r) {
+    for (name, mdir) in &refs {
+        let m = first_of(mdir, "handshake-tls");
+        check(&format!("handshake-tls on {name}"), &m, &mut notes);
+        if let Some(n) = bound_note("handshake-tls", name, &m) {
             notes.push(n);
+        }
+        let gen = format!(
+            "{} / {}",
+            pct(get(&h, "bench_cpu_pct")),
+            pct(get(&m, "bench_cpu_pct"))
+        );
+        for (key, label, unit, op) in [
+            ("connect_rate", "1. TLS handshakes/s", "conn/s", ">="),
+            (
+                "broker_cpu_us_per_conn",
+                "1. broker CPU per handshake",
+                "us",
+                "<=",
+            ),
+            (
+                "conns_per_broker_cpu_sec",
+                "1. handshakes per broker CPU second",
+                "conn/s",
+                ">=",
+            ),
+        ] {
+            let rt = ratio(get(&h, key), get(&m, key));
+            rows.push(vec![
+                format!("{label}{}", vs(name)),
+                format!("new TCP + TLS ({tls}, no resumption) + CONNECT/CONNACK + DISCONNECT"),
+                show(get(&h, key), unit),
+                show(get(&m, key), unit),
+                rt.map(|r| format!("{r:.2}")).unwrap_or("-".into()),
+                format!("{op} 1.0"),
+                verdict(op, 1.0, rt),
+                gen.clone(),
+            ]);
         }
     }
 
     // 2. Memory per idle TLS connection.
-    let (h, m) = (first_of(&ht, "idle-tls"), first_of(&mt, "idle-tls"));
+    let h = first_of(&ht, "idle-tls");
     check("idle-tls on Herald", &h, &mut notes);
-    check("idle-tls on Mosquitto", &m, &mut notes);
     let n = get(&h, "connected").unwrap_or(0.0);
-    let rt = ratio(get(&h, "rss_per_conn"), get(&m, "rss_per_conn"));
-    rows.push(vec![
-        "2. RSS per idle TLS connection".into(),
-        format!("(RSS after idle - before) / {n:.0} connections"),
-        show(get(&h, "rss_per_conn"), "B"),
-        show(get(&m, "rss_per_conn"), "B"),
-        rt.map(|r| format!("{r:.2}")).unwrap_or("-".into()),
-        "<= 1.0".into(),
-        verdict("<=", 1.0, rt),
-        format!(
-            "{} / {}",
-            pct(get(&h, "connect_bench_cpu_pct")),
-            pct(get(&m, "connect_bench_cpu_pct"))
-        ),
-    ]);
+    for (name, mdir) in &refs {
+        let m = first_of(mdir, "idle-tls");
+        check(&format!("idle-tls on {name}"), &m, &mut notes);
+        let rt = ratio(get(&h, "rss_per_conn"), get(&m, "rss_per_conn"));
+        rows.push(vec![
+            format!("2. RSS per idle TLS connection{}", vs(name)),
+            format!("(RSS after 30 s idle - before) / {n:.0} connections"),
+            show(get(&h, "rss_per_conn"), "B"),
+            show(get(&m, "rss_per_conn"), "B"),
+            rt.map(|r| format!("{r:.2}")).unwrap_or("-".into()),
+            "<= 1.0".into(),
+            verdict("<=", 1.0, rt),
+            format!(
+                "{} / {}",
+                pct(get(&h, "connect_bench_cpu_pct")),
+                pct(get(&m, "connect_bench_cpu_pct"))
+            ),
+        ]);
+    }
 
     // 3. QoS 1 push over TLS.
-    let (h, m) = (first_of(&ht, "push-tls"), first_of(&mt, "push-tls"));
+    let h = first_of(&ht, "push-tls");
     check("push-tls on Herald", &h, &mut notes);
-    check("push-tls on Mosquitto", &m, &mut notes);
-    let rt = ratio(get(&h, "msgs_per_sec"), get(&m, "msgs_per_sec"));
-    rows.push(vec![
-        "3. QoS 1 push over TLS".into(),
-        format!(
-            "delivered msgs/s, {} devices (broker CPU {} / {} per msg)",
-            h.as_ref()
-                .and_then(|r| r.params.get("devices"))
-                .map(|v| v.to_string())
-                .unwrap_or("?".into()),
-            show(get(&h, "broker_cpu_us_per_msg"), "us"),
-            show(get(&m, "broker_cpu_us_per_msg"), "us"),
-        ),
-        show(get(&h, "msgs_per_sec"), "msg/s"),
-        show(get(&m, "msgs_per_sec"), "msg/s"),
-        rt.map(|r| format!("{r:.2}")).unwrap_or("-".into()),
-        ">= 2.0".into(),
-        verdict(">=", 2.0, rt),
-        format!(
-            "{} / {}",
-            pct(get(&h, "bench_cpu_pct")),
-            pct(get(&m, "bench_cpu_pct"))
-        ),
-    ]);
-
-    for (who, r) in [("Herald", &h), ("Mosquitto", &m)] {
-        if let Some(n) = bound_note("push-tls", who, r) {
+    if let Some(n) = bound_note("push-tls", "Herald", &h) {
+        notes.push(n);
+    }
+    for (name, mdir) in &refs {
+        let m = first_of(mdir, "push-tls");
+        check(&format!("push-tls on {name}"), &m, &mut notes);
+        if let Some(n) = bound_note("push-tls", name, &m) {
             notes.push(n);
         }
+        let rt = ratio(get(&h, "msgs_per_sec"), get(&m, "msgs_per_sec"));
+        rows.push(vec![
+            format!("3. QoS 1 push over TLS{}", vs(name)),
+            format!(
+                "delivered msgs/s, {} devices (broker CPU {} / {} per msg)",
+                h.as_ref()
+                    .and_then(|r| r.params.get("devices"))
+                    .map(|v| v.to_string())
+                    .unwrap_or("?".into()),
+                show(get(&h, "broker_cpu_us_per_msg"), "us"),
+                show(get(&m, "broker_cpu_us_per_msg"), "us"),
+            ),
+            show(get(&h, "msgs_per_sec"), "msg/s"),
+            show(get(&m, "msgs_per_sec"), "msg/s"),
+            rt.map(|r| format!("{r:.2}")).unwrap_or("-".into()),
+            ">= 2.0".into(),
+            verdict(">=", 2.0, rt),
+            format!(
+                "{} / {}",
+                pct(get(&h, "bench_cpu_pct")),
+                pct(get(&m, "bench_cpu_pct"))
+            ),
+        ]);
     }
 
     // 4. Login storm (Herald only: absolute target).
