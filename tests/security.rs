@@ -91,8 +91,6 @@ async fn backend(addr: SocketAddr, id: &str) -> Raw {
     login_ok(addr, &Opts::new(id), Some("backend"), Some(b"pw")).await
 }
 
-/// A login attempt: user name, password, the CONNACK code it must get.
-type Attempt<'a> = (Option<&'a str>, Option<&'a [u8]>, u8);
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
