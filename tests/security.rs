@@ -91,7 +91,6 @@ async fn backend(addr: SocketAddr, id: &str) -> Raw {
     login_ok(addr, &Opts::new(id), Some("backend"), Some(b"pw")).await
 }
 
-
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write file");
