@@ -497,7 +497,7 @@ fi
     echo "- machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(awk '/MemTotal/ {printf "%.0f GB", $2/1048576}' /proc/meminfo), Linux $(uname -r)"
     echo "- brokers: Herald $("$HERALD" --version 2>/dev/null | awk '{print $2}'), $([ -n "$MOSQUITTO_BIN" ] && "$MOSQUITTO_BIN" -h 2>/dev/null | head -1)"
     echo "- pinning: brokers \`${PIN_BROKER[*]-none}\`, Herald 2 cores \`${PIN_BOTH[*]-none}\`, load generator \`${PIN_BENCH[*]-none}\`$([ "$REDIS" = 1 ] && echo ", redis-server of Herald (redis) \`${PIN_REDIS[*]-none}\`")"
-    if [ "$REDIS" = 1 ]; then
+    if [ "$REDIS" = 1 ] && [ -d "$OUT/herald-redis" ]; then
         echo "- Herald (redis): \`--store redis\`, $("$REDIS_BIN" --version | awk '{print $1, $2, $3}'), \`--appendonly yes --appendfsync everysec --save \"\"\`, a fresh redis-server per case on loopback (push, push-rate, drain only)"
     fi
     if [ "$TLS_CASES" = 1 ]; then
