@@ -23,7 +23,8 @@ use crate::auth::Auth;
 use crate::cluster::{Claim, Cluster, Frame, Route};
 use crate::codec::{min_qos, Qos};
 use crate::config::Config;
-use crate::mailbox::{Delivery, Kick, Mailbox};
+use crate::mailbox::{Delivery, Kick, Limits as MailboxLimits, Mailbox};
+use crate::memguard::MemGuard;
 use crate::metrics;
 use crate::outbox::{now_ms, Enqueued, Message, RouteHint, Store, StoreError};
 use crate::router::{ClientId, Router};
@@ -92,6 +93,11 @@ pub struct Broker {
     pub cluster: Option<Arc<Cluster>>,
     /// Who may connect and what they may do.
     pub auth: Arc<Auth>,
+    guard: MemGuard,
+    /// Unix ms from which silence counts against a client's keepalive: moved forward after
+    /// the node itself stalled, and while the memory guard holds publishers' sockets unread,
+    /// so that no client is cut off for the node's own pause.
+    silence_from: AtomicU64,
 }
 
 /// How long a new connection waits for the one it replaces to finish its cleanup.
@@ -125,10 +131,31 @@ impl Broker {
             clients: DashMap::new(),
             next_conn_id: AtomicU64::new(1),
             incarnation: now_ms() ^ u64::from(std::process::id()) << 40,
+            guard: MemGuard::new(config.server.max_memory),
+            silence_from: AtomicU64::new(0),
             config,
             cluster,
             auth,
         })
+    }
+
+    /// The memory guard (`memguard`).
+    pub fn guard(&self) -> &MemGuard {
+        &self.guard
+    }
+
+    /// Forgives every client's silence up to now (see `silence_from`).
+    pub fn forgive_silence(&self) {
+        self.silence_from.fetch_max(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Wakes every connection (the memory guard let go: publishers' sockets are read again).
+    pub fn wake_all(&self) {
+        for e in self.clients.iter() {
+            if let Some(mb) = &e.conn {
+                mb.wake();
+            }
+        }
     }
 
     /// A connection's id (its mailbox holds it).
@@ -314,7 +341,7 @@ impl Broker {
                 Qos::AtMostOnce => Delivery::Direct(msg),
                 _ => Delivery::Stored { seq, qos, msg },
             };
-            mb.push(d, self.config.session.max_mailbox);
+            mb.push(d, self.mailbox_limits());
         }
     }
 
@@ -364,6 +391,13 @@ impl Broker {
                     tracing::warn!(client = %client, error = %e, "could not clear outbox");
                 }
             }
+        }
+    }
+
+    fn mailbox_limits(&self) -> MailboxLimits {
+        MailboxLimits {
+            count: self.config.session.max_mailbox,
+            bytes: self.config.session.max_mailbox_bytes,
         }
     }
 
@@ -516,7 +550,7 @@ impl Broker {
         async move {
             let Some(stored) = stored else {
                 if let Some(mb) = broker.mailbox(&client) {
-                    mb.push(Delivery::Direct(msg), broker.config.session.max_mailbox);
+                    mb.push(Delivery::Direct(msg), broker.mailbox_limits());
                 } else if anywhere {
                     broker.forward_push(client, 0, qos, msg, None).await;
                 }
@@ -533,10 +567,7 @@ impl Broker {
             // Looked up after the store so that a connection registered meanwhile either
             // sees the entry in its first outbox read or gets this hint.
             if let Some(mb) = broker.mailbox(&client) {
-                mb.push(
-                    Delivery::Stored { seq, qos, msg },
-                    broker.config.session.max_mailbox,
-                );
+                mb.push(Delivery::Stored { seq, qos, msg }, broker.mailbox_limits());
             } else if anywhere && route.is_some() {
                 broker.forward_push(client, seq, qos, msg, route).await;
             }
@@ -621,9 +652,10 @@ impl Broker {
     /// table instead of a timer per connection.
     pub fn check_keepalives(&self) {
         let now = now_ms();
+        let from = self.silence_from.load(Ordering::Relaxed);
         for e in self.clients.iter() {
             if let Some(mb) = &e.conn {
-                mb.check(now);
+                mb.check(now, from);
             }
         }
     }

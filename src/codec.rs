@@ -466,6 +466,38 @@ pub fn encode_pingreq(buf: &mut BytesMut) {
 }
 
 /// Writes a PUBLISH; `pkid` is ignored for QoS 0.
+/// What the first bytes of a CONNECT still arriving say: its whole size (fixed header
+/// included) and, once the flags byte is in, whether it carries a will. `None`: too few
+/// bytes to tell the size, or not a CONNECT's header (`decode` answers those).
+pub fn connect_prefix(buf: &[u8]) -> Option<(usize, Option<bool>)> {
+    let (mut len, mut i) = (0usize, 1usize);
+    loop {
+        let b = *buf.get(i)?;
+        len |= usize::from(b & 0x7f) << (7 * (i - 1));
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if i > 4 {
+            return None;
+        }
+    }
+    let will = match (buf.get(i), buf.get(i + 1)) {
+        (Some(&hi), Some(&lo)) => {
+            let name = usize::from(u16::from_be_bytes([hi, lo]));
+            buf.get(i + 2 + name + 1).map(|flags| flags & 0x04 != 0)
+        }
+        _ => None,
+    };
+    Some((i + len, will))
+}
+
+/// An upper bound of the encoded size of a PUBLISH (any QoS), for the write budget.
+pub fn publish_len(topic_len: usize, payload_len: usize) -> usize {
+    // Fixed header (1 + up to 4 length bytes), topic length, packet id.
+    9 + topic_len + payload_len
+}
+
 pub fn encode_publish(
     buf: &mut BytesMut,
     topic: &str,
@@ -491,6 +523,21 @@ pub fn encode_publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connect_prefix_reads_size_and_will() {
+        let mut b = BytesMut::new();
+        encode_connect(&mut b, "dev1", 30, None);
+        let whole = b.len();
+        assert_eq!(connect_prefix(&b[..1]), None);
+        assert_eq!(connect_prefix(&b[..2]), Some((whole, None)));
+        assert_eq!(connect_prefix(&b), Some((whole, Some(false))));
+        // 0x10, remaining length 200,000 (3 bytes), "MQTT", level 4, flags with a will.
+        let big = [
+            0x10, 0xc0, 0x9a, 0x0c, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x06,
+        ];
+        assert_eq!(connect_prefix(&big), Some((4 + 200_000, Some(true))));
+    }
 
     #[test]
     fn link_client_side_roundtrip() {

@@ -60,10 +60,22 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Largest accepted packet (remaining length), bytes.
+    #[serde(deserialize_with = "byte_size")]
     pub max_packet_size: usize,
-    /// Bytes of encoded packets waiting for a slow reader before the broker stops taking more
-    /// live messages for that connection (QoS 0 then drops, QoS 1/2 stays in the outbox).
+    /// Bytes a client may send before its CONNECT is complete. A CONNECT that carries a will
+    /// may be larger, up to `max_packet_size`.
+    #[serde(deserialize_with = "byte_size")]
+    pub max_connect_size: usize,
+    /// Bytes of encoded packets waiting for a slow reader, checked on every append: live
+    /// messages beyond it wait in the mailbox (QoS 0) or the outbox (QoS 1/2). One packet
+    /// larger than this still goes out alone.
+    #[serde(deserialize_with = "byte_size")]
     pub max_write_buffer: usize,
+    /// Memory guard: above 90% of this resident size the node stops reading from
+    /// publishers, above 95% it also refuses new connections (CONNACK 3). 0: 90% of the
+    /// cgroup's memory limit when there is one, else no guard.
+    #[serde(deserialize_with = "byte_size")]
+    pub max_memory: usize,
     /// How long graceful shutdown waits for connections to close.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -80,6 +92,14 @@ pub struct SessionConfig {
     pub overflow: OverflowPolicy,
     /// Live messages waiting in a connection's mailbox before QoS 0 ones are dropped.
     pub max_mailbox: usize,
+    /// The same bound in bytes (topic + payload). A single message larger than this is
+    /// still taken by an empty mailbox.
+    #[serde(deserialize_with = "byte_size")]
+    pub max_mailbox_bytes: usize,
+    /// Outbox cap per client in bytes (topic + payload), next to `max_queued_messages`;
+    /// `overflow` says what gives way.
+    #[serde(deserialize_with = "byte_size")]
+    pub max_queued_bytes: usize,
     /// Stored messages expire after this long (0 = never).
     #[serde(with = "humantime_serde")]
     pub message_ttl: Duration,
@@ -115,6 +135,10 @@ pub struct StoreConfig {
     pub redis_ca: Option<PathBuf>,
     /// Memory store: messages held over all clients; beyond it new ones are refused (counted).
     pub max_messages: usize,
+    /// Memory store: bytes (topic + payload) held over all clients; beyond it new messages
+    /// are refused (counted), as with `max_messages`.
+    #[serde(deserialize_with = "byte_size")]
+    pub max_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -270,6 +294,46 @@ fn listen_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAd
     s.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
+/// A size in bytes: an integer, or a string with a unit ("64KiB", "16 MiB", "1GB").
+fn byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Int(u64),
+        Text(String),
+    }
+    let n = match Size::deserialize(d)? {
+        Size::Int(n) => n,
+        Size::Text(s) => parse_byte_size(&s).map_err(serde::de::Error::custom)?,
+    };
+    usize::try_from(n).map_err(|_| serde::de::Error::custom(format!("{n} bytes is too large")))
+}
+
+pub fn parse_byte_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 65536, \"64KiB\", \"16MiB\")"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1000 * 1000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1000 * 1000 * 1000,
+        "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?} (B, KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
 impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
@@ -295,7 +359,9 @@ impl Default for ServerConfig {
             max_connections: 100_000,
             connect_timeout: Duration::from_secs(10),
             max_packet_size: 1024 * 1024,
+            max_connect_size: 64 * 1024,
             max_write_buffer: 256 * 1024,
+            max_memory: 0,
             shutdown_timeout: Duration::from_secs(5),
         }
     }
@@ -308,6 +374,8 @@ impl Default for SessionConfig {
             max_queued_messages: 1000,
             overflow: OverflowPolicy::DropOldest,
             max_mailbox: 1000,
+            max_mailbox_bytes: 512 * 1024,
+            max_queued_bytes: 16 * 1024 * 1024,
             message_ttl: Duration::from_secs(7 * 24 * 3600),
         }
     }
@@ -330,6 +398,7 @@ impl Default for StoreConfig {
             redis_wait_replicas: 0,
             redis_ca: None,
             max_messages: 10_000_000,
+            max_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -431,6 +500,24 @@ impl Config {
         }
         if self.server.max_write_buffer < 1024 {
             return bad("server.max_write_buffer", "must be at least 1024".into());
+        }
+        if self.server.max_connect_size < 128 {
+            return bad("server.max_connect_size", "must be at least 128".into());
+        }
+        if s.max_mailbox_bytes < 1024 {
+            return bad("session.max_mailbox_bytes", "must be at least 1024".into());
+        }
+        if s.max_queued_bytes < 1024 {
+            return bad("session.max_queued_bytes", "must be at least 1024".into());
+        }
+        if self.store.max_bytes < 1024 {
+            return bad("store.max_bytes", "must be at least 1024".into());
+        }
+        if self.server.max_memory != 0 && self.server.max_memory < 16 << 20 {
+            return bad(
+                "server.max_memory",
+                "must be 0 (automatic) or at least 16MiB".into(),
+            );
         }
         if self.server.max_connections == 0 {
             return bad("server.max_connections", "must be at least 1".into());
@@ -655,5 +742,24 @@ mod tests {
     fn example_config_parses() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/herald.toml");
         Config::from_file(Path::new(path)).unwrap();
+    }
+
+    #[test]
+    fn byte_sizes_take_units() {
+        let c = Config::from_toml(
+            "[server]\nmax_write_buffer = \"64KiB\"\nmax_packet_size = 2048\n[store]\nmax_bytes = \"1 GiB\"\n",
+            "h.toml",
+        )
+        .unwrap();
+        assert_eq!(c.server.max_write_buffer, 64 * 1024);
+        assert_eq!(c.server.max_packet_size, 2048);
+        assert_eq!(c.store.max_bytes, 1 << 30);
+        let e = Config::from_toml("[session]\nmax_queued_bytes = \"12 parsecs\"\n", "h.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("session.max_queued_bytes") && e.contains("h.toml:2"),
+            "{e}"
+        );
     }
 }

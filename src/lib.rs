@@ -13,6 +13,8 @@
 //! - `outbox`: the per-client store of unacknowledged QoS 1/2 messages (source of truth).
 //! - `mailbox`: hands live messages (hints) from the broker to a connection task.
 //! - `cluster`: many nodes over one Redis: route table, node-to-node link, forwarding.
+//! - `descriptors`: the descriptor limit, the connection capacity it allows, EMFILE.
+//! - `memguard`: slows publishers, then refuses connections, as RSS nears `server.max_memory`.
 //! - `config`, `metrics`: operations; `lograte` keeps the lines a remote peer can cause at
 //!   will (malformed packets, refused logins) to a few per reason per 10 s.
 //!
@@ -29,8 +31,10 @@ pub mod broker;
 pub mod cluster;
 pub mod codec;
 pub mod config;
+pub mod descriptors;
 pub mod lograte;
 pub mod mailbox;
+pub mod memguard;
 pub mod metrics;
 pub mod outbox;
 pub mod router;

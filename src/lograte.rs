@@ -45,10 +45,12 @@ pub enum Reason {
     LoginRefused = 7,
     /// A connection to the cluster port refused or ended with an error.
     NodeLink = 8,
+    /// A byte budget, the descriptor reserve or the memory guard refused a connection.
+    Limit = 9,
 }
 
 /// Every reason, in discriminant order.
-pub const REASONS: [Reason; 9] = [
+pub const REASONS: [Reason; 10] = [
     Reason::Malformed,
     Reason::UnsupportedProtocol,
     Reason::InvalidFilter,
@@ -58,6 +60,7 @@ pub const REASONS: [Reason; 9] = [
     Reason::MaxConnections,
     Reason::LoginRefused,
     Reason::NodeLink,
+    Reason::Limit,
 ];
 
 impl Reason {
@@ -74,6 +77,7 @@ impl Reason {
             Reason::MaxConnections => "max_connections",
             Reason::LoginRefused => "login_refused",
             Reason::NodeLink => "node_link",
+            Reason::Limit => "limit",
         }
     }
 
@@ -88,6 +92,7 @@ impl Reason {
             Reason::AcceptFailed => "accept-failed",
             Reason::MaxConnections => "max-connections",
             Reason::LoginRefused => "login-refused",
+            Reason::Limit => "limit",
             Reason::NodeLink => "node-link",
         }
     }

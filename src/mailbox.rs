@@ -4,7 +4,9 @@
 //! idle connection owns one. For QoS 1/2 a mailbox item is only a hint: the message is already
 //! in the outbox, so when the mailbox is full the hint is dropped and `lost_hint` tells the
 //! connection to re-read its outbox. QoS 0 messages live only here and are dropped (counted)
-//! when it is full: that is what bounds the memory a slow reader can cost.
+//! when it is full, in messages or in bytes: that is what bounds the memory a slow reader
+//! can cost. The connection takes only as many bytes as its write buffer has room for; the
+//! rest waits here.
 //!
 //! The mailbox is also how a connection is told to close (takeover, keepalive expiry, server
 //! shutdown) and where its keepalive clock lives: one broker-wide task checks every
@@ -35,6 +37,28 @@ pub enum Delivery {
     Direct(Arc<Message>),
 }
 
+impl Delivery {
+    pub fn msg(&self) -> &Message {
+        match self {
+            Delivery::Stored { msg, .. } | Delivery::Direct(msg) => msg,
+        }
+    }
+}
+
+/// A mailbox's bounds (`session.max_mailbox`, `session.max_mailbox_bytes`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub count: usize,
+    pub bytes: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: std::collections::VecDeque<Delivery>,
+    /// `Message::size` summed over `items`.
+    bytes: usize,
+}
+
 /// Why a connection was asked to close.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kick {
@@ -47,7 +71,7 @@ pub enum Kick {
 }
 
 pub struct Mailbox {
-    queue: Mutex<Vec<Delivery>>,
+    queue: Mutex<Queue>,
     /// The one connection task waiting on this mailbox; lighter than a `Notify`, which
     /// matters because the wait is part of every idle connection's state.
     waker: AtomicWaker,
@@ -75,7 +99,7 @@ static DONE: Notify = Notify::const_new();
 impl Mailbox {
     pub fn new(keep_alive_secs: u16, conn_id: u64) -> Mailbox {
         Mailbox {
-            queue: Mutex::new(Vec::new()),
+            queue: Mutex::new(Queue::default()),
             waker: AtomicWaker::new(),
             signal: AtomicBool::new(false),
             lost_hint: AtomicBool::new(false),
@@ -89,11 +113,17 @@ impl Mailbox {
         }
     }
 
-    /// Queues `d` unless `cap` items wait already (`session.max_mailbox`).
-    pub fn push(&self, d: Delivery, cap: usize) {
+    /// Queues `d` unless that would exceed `limits` (an empty mailbox takes one message of
+    /// any size).
+    pub fn push(&self, d: Delivery, limits: Limits) {
         {
             let mut q = self.queue.lock();
-            if q.len() >= cap {
+            let size = d.msg().size();
+            let over_bytes = !q.items.is_empty() && q.bytes + size > limits.bytes;
+            if q.items.len() >= limits.count || over_bytes {
+                if over_bytes {
+                    metrics::limit_hit("session_max_mailbox_bytes");
+                }
                 match d {
                     Delivery::Direct(_) => {
                         metrics::dropped(metrics::Drop::MailboxFull);
@@ -104,7 +134,8 @@ impl Mailbox {
                     }
                 }
             } else {
-                q.push(d);
+                q.bytes += size;
+                q.items.push_back(d);
             }
         }
         self.notify();
@@ -115,13 +146,27 @@ impl Mailbox {
         self.waker.wake();
     }
 
-    /// Moves everything queued into `out`.
-    pub fn drain(&self, out: &mut Vec<Delivery>) {
+    /// Moves deliveries into `out`, oldest first, while the encoded size estimate of what
+    /// it took stays within `room` bytes; `alone`: the first may be larger than `room`
+    /// (the caller's buffer is empty). True if deliveries are left.
+    pub fn drain(&self, out: &mut Vec<Delivery>, mut room: usize, alone: bool) -> bool {
         let mut q = self.queue.lock();
-        out.append(&mut q);
-        if q.capacity() > 64 {
-            q.shrink_to_fit();
+        while let Some(d) = q.items.front() {
+            let size = d.msg().size();
+            let wire = crate::codec::publish_len(d.msg().topic.len(), d.msg().payload.len());
+            if wire > room && !(alone && out.is_empty()) {
+                break;
+            }
+            room = room.saturating_sub(wire);
+            q.bytes -= size;
+            if let Some(d) = q.items.pop_front() {
+                out.push(d);
+            }
         }
+        if q.items.is_empty() && q.items.capacity() > 64 {
+            q.items = Default::default();
+        }
+        !q.items.is_empty()
     }
 
     /// True once if a stored message's hint was dropped since the last call.
@@ -188,15 +233,20 @@ impl Mailbox {
         self.retry.store(true, Ordering::Release);
     }
 
+    /// Wakes the connection with nothing to do but look again (its socket, its mailbox).
+    pub fn wake(&self) {
+        self.notify();
+    }
+
     /// The periodic pass: kicks the connection if the client has been silent for 1.5 times
-    /// its keepalive, and wakes it if it asked for a retry.
-    pub fn check(&self, now_ms: u64) {
+    /// its keepalive, counting from `silence_from` at the earliest, and wakes it if it asked
+    /// for a retry.
+    pub fn check(&self, now_ms: u64, silence_from: u64) {
         if self.retry.swap(false, Ordering::AcqRel) {
             self.notify();
         }
-        if self.expire_after > 0
-            && now_ms.saturating_sub(self.last_seen.load(Ordering::Relaxed)) >= self.expire_after
-        {
+        let last = self.last_seen.load(Ordering::Relaxed).max(silence_from);
+        if self.expire_after > 0 && now_ms.saturating_sub(last) >= self.expire_after {
             self.kick(Kick::Keepalive);
         }
     }

@@ -20,6 +20,10 @@ struct Handles {
     rejected_max_connections: Counter,
     connect_timeouts: Counter,
     handshake_failures: Counter,
+    rejected_memory: Counter,
+    rejected_descriptors: Counter,
+    memory_guard_level: Gauge,
+    stalls: Counter,
     malformed: Counter,
     received: [Counter; 3],
     sent: [Counter; 3],
@@ -28,7 +32,7 @@ struct Handles {
     drops: [Counter; 7],
     store_errors: Counter,
     takeovers: Counter,
-    store_queue_full: Counter,
+    limits: [Counter; LIMITS.len()],
     wills: Counter,
     forwards: [Counter; 3],
     forwards_received: [Counter; 3],
@@ -152,6 +156,12 @@ fn handles() -> &'static Handles {
                 "herald_connections_rejected_total", "reason" => "connect_timeout"),
             handshake_failures: metrics::counter!(
                 "herald_connections_rejected_total", "reason" => "handshake"),
+            rejected_memory: metrics::counter!(
+                "herald_connections_rejected_total", "reason" => "memory"),
+            rejected_descriptors: metrics::counter!(
+                "herald_connections_rejected_total", "reason" => "descriptors"),
+            memory_guard_level: metrics::gauge!("herald_memory_guard_level"),
+            stalls: metrics::counter!("herald_stalls_total"),
             malformed: metrics::counter!("herald_malformed_packets_total"),
             received: qos("herald_messages_received_total"),
             sent: qos("herald_messages_sent_total"),
@@ -161,7 +171,7 @@ fn handles() -> &'static Handles {
                 .map(|r| metrics::counter!("herald_messages_dropped_total", "reason" => r)),
             store_errors: metrics::counter!("herald_store_errors_total"),
             takeovers: metrics::counter!("herald_session_takeovers_total"),
-            store_queue_full: metrics::counter!("herald_limit_hits_total", "limit" => "store_write_queue"),
+            limits: LIMITS.map(|l| metrics::counter!("herald_limit_hits_total", "limit" => l)),
             wills: metrics::counter!("herald_wills_published_total"),
             forwards: FORWARD_KINDS
                 .map(|k| metrics::counter!("herald_cluster_forwards_total", "kind" => k)),
@@ -175,9 +185,9 @@ fn handles() -> &'static Handles {
                 .map(|r| metrics::counter!("herald_auth_failures_total", "reason" => r)),
             acl_denied: ["publish", "subscribe"]
                 .map(|a| metrics::counter!("herald_acl_denied_total", "action" => a)),
-            log_suppressed: crate::lograte::REASONS.map(|r| {
-                metrics::counter!("herald_log_lines_suppressed_total", "reason" => r.label())
-            }),
+            log_suppressed: crate::lograte::REASONS.map(
+                |r| metrics::counter!("herald_log_lines_suppressed_total", "reason" => r.label()),
+            ),
         }
     })
 }
@@ -210,6 +220,26 @@ pub fn handshake_failed() {
     handles().handshake_failures.increment(1);
 }
 
+/// CONNACK 3 because the memory guard is at its refusing level.
+pub fn rejected_memory() {
+    handles().rejected_memory.increment(1);
+}
+
+/// A new connection closed at once because descriptors ran short.
+pub fn rejected_descriptors() {
+    handles().rejected_descriptors.increment(1);
+}
+
+/// 0 normal, 1 not reading publishers, 2 also refusing connections (`memguard`).
+pub fn memory_guard_level(level: u8) {
+    handles().memory_guard_level.set(f64::from(level));
+}
+
+/// The node's periodic task ran far too late (the process was paused or starved).
+pub fn stall() {
+    handles().stalls.increment(1);
+}
+
 pub fn malformed() {
     handles().malformed.increment(1);
 }
@@ -238,11 +268,24 @@ pub fn store_error() {
     handles().store_errors.increment(1);
 }
 
+/// The `limit` labels of `herald_limit_hits_total`, registered at start.
+const LIMITS: [&str; 9] = [
+    "store_write_queue",
+    "store_max_messages",
+    "store_max_bytes",
+    "session_max_queued_bytes",
+    "session_max_mailbox_bytes",
+    "server_max_write_buffer",
+    "server_max_connect_size",
+    "large_connects",
+    "server_max_memory",
+];
+
 /// A configured or built-in bound was reached.
 pub fn limit_hit(limit: &'static str) {
-    match limit {
-        "store_write_queue" => handles().store_queue_full.increment(1),
-        other => metrics::counter!("herald_limit_hits_total", "limit" => other).increment(1),
+    match LIMITS.iter().position(|l| *l == limit) {
+        Some(i) => handles().limits[i].increment(1),
+        None => metrics::counter!("herald_limit_hits_total", "limit" => limit).increment(1),
     }
 }
 
@@ -310,6 +353,8 @@ pub fn render() -> String {
 pub async fn serve(listener: TcpListener) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
+            // Out of descriptors, usually: wait for some to free up instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
         tokio::spawn(async move {

@@ -19,6 +19,7 @@ use crate::auth::Auth;
 use crate::broker::Broker;
 use crate::cluster::{self, Cluster, LinkSecurity, LinkTls};
 use crate::config::Config;
+use crate::descriptors;
 use crate::lograte::{self, Reason};
 use crate::metrics;
 use crate::session::Connection;
@@ -170,22 +171,53 @@ impl Server {
             tokio::spawn(async move {
                 let mut sweep = tokio::time::interval(SWEEP_EVERY);
                 let mut keepalive = tokio::time::interval(KEEPALIVE_EVERY);
+                keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut logs = tokio::time::interval(LOG_SUMMARY_EVERY);
+                let mut last = tokio::time::Instant::now();
                 loop {
                     tokio::select! {
                         _ = sweep.tick() => broker.store.sweep().await,
-                        _ = keepalive.tick() => broker.check_keepalives(),
+                        t = keepalive.tick() => {
+                            let late = t.elapsed() + t.duration_since(last);
+                            last = t;
+                            tick(&broker, late);
+                        }
                         _ = logs.tick() => lograte::flush(),
                         _ = stop.cancelled() => return,
                     }
                 }
             });
         }
+        let capacity = match descriptors::raise() {
+            Ok(l) => {
+                let capacity = l.capacity().min(broker.config.server.max_connections);
+                tracing::info!(
+                    capacity,
+                    max_connections = broker.config.server.max_connections,
+                    descriptor_limit = l.soft,
+                    reserved = l.reserve(),
+                    "connection capacity"
+                );
+                capacity
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the descriptor limit");
+                broker.config.server.max_connections
+            }
+        };
+        if broker.guard().limit() > 0 {
+            tracing::info!(
+                max_memory_mib = broker.guard().limit() >> 20,
+                "memory guard on"
+            );
+        }
         let accept = Accept {
             broker: broker.clone(),
             shutdown: shutdown.clone(),
             connections: connections.clone(),
             tls: tls.clone(),
+            capacity,
+            spare: descriptors::Spare::new(),
         };
         let accept = Arc::new(accept);
         for (l, kind) in [
@@ -312,36 +344,89 @@ fn link_security(config: &Config, tls: Option<&Arc<TlsServer>>) -> std::io::Resu
     Ok(LinkSecurity { secret, tls })
 }
 
+/// A gap between keepalive ticks this much over their interval means the node stalled
+/// (SIGSTOP, a starved CPU, a long swap-in): clients were silent because Herald was.
+const STALL: Duration = Duration::from_secs(2);
+
+/// The node's frequent housekeeping: stall detection, the memory guard, keepalives.
+/// `since_last`: time since the previous tick began (its interval when all is well).
+fn tick(broker: &Broker, since_last: Duration) {
+    if since_last > KEEPALIVE_EVERY + STALL {
+        metrics::stall();
+        tracing::warn!(
+            stalled_ms = since_last.as_millis() as u64,
+            "the node stalled: no client is judged on keepalive for the time it was paused"
+        );
+        broker.forgive_silence();
+    }
+    let guard = broker.guard();
+    let (before, after) = guard.sample();
+    if guard.throttled() {
+        // Publishers' sockets go unread: their PINGREQs wait in them.
+        broker.forgive_silence();
+    } else if before != after {
+        broker.wake_all();
+    }
+    broker.check_keepalives();
+}
+
 /// What every accept loop hands a new connection.
 struct Accept {
     broker: Arc<Broker>,
     shutdown: CancellationToken,
     connections: Arc<Connections>,
     tls: Option<Arc<TlsServer>>,
+    /// `server.max_connections`, or fewer if the descriptors allow fewer.
+    capacity: usize,
+    spare: descriptors::Spare,
 }
 
 async fn accept_loop(listener: TcpListener, kind: Transport, ctx: Arc<Accept>) {
-    let max = ctx.broker.config.server.max_connections;
+    let max = ctx.capacity;
+    let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = ctx.shutdown.cancelled() => return,
         };
         let (stream, peer) = match accepted {
-            Ok(x) => x,
+            Ok(x) => {
+                backoff = Duration::from_millis(10);
+                x
+            }
+            Err(e) if descriptors::exhausted(&e) => {
+                // Close the waiting client at once rather than leave it in the backlog.
+                ctx.spare.free();
+                if let Ok(Ok((s, _))) =
+                    tokio::time::timeout(Duration::from_millis(10), listener.accept()).await
+                {
+                    drop(s);
+                    metrics::rejected_descriptors();
+                }
+                ctx.spare.restore();
+                if lograte::allow(Reason::AcceptFailed) {
+                    tracing::warn!(error = %e, "out of descriptors: closing new connections");
+                }
+                continue;
+            }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning on the error.
+                // Back off instead of spinning on the error.
                 if lograte::allow(Reason::AcceptFailed) {
                     tracing::warn!(error = %e, "accept failed");
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
         if ctx.connections.open.load(Ordering::Relaxed) >= max {
-            metrics::rejected_max_connections();
+            if max < ctx.broker.config.server.max_connections {
+                metrics::rejected_descriptors();
+            } else {
+                metrics::rejected_max_connections();
+            }
             if lograte::allow(Reason::MaxConnections) {
-                tracing::warn!(peer = %peer, max, "max_connections reached, closing new connection");
+                tracing::warn!(peer = %peer, max, "connection capacity reached, closing new connection");
             }
             drop(stream);
             continue;

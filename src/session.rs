@@ -138,6 +138,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
     async fn open(mut self) -> Option<Session<S>> {
         let mut rbuf = BytesMut::new();
         let connect = self.handshake(&mut rbuf).await?;
+        if self.broker.guard().refusing() {
+            metrics::rejected_memory();
+            if lograte::allow(Reason::Limit) {
+                tracing::warn!(peer = %self.peer, "refused CONNECT: memory guard at server.max_memory");
+            }
+            return self.refuse(3).await;
+        }
         let principal = self.admit(&connect).await?;
         Session::start(
             self.broker,
@@ -172,6 +179,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
                 let mut out = BytesMut::new();
                 codec::encode_connack(&mut out, false, 1);
                 let _ = self.stream.write_all(&out).await;
+                None
+            }
+            Ok(Err(Some(DecodeError::TooLarge(size)))) => {
+                if lograte::allow(Reason::Limit) {
+                    tracing::info!(peer = %self.peer, size, "CONNECT too large, closing");
+                }
                 None
             }
             Ok(Err(Some(e))) => {
@@ -243,8 +256,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
     }
 
     /// Reads until one whole packet arrives; it must be CONNECT. `Err(None)`: socket closed.
+    /// A CONNECT may announce at most `server.max_connect_size` bytes, or `max_packet_size`
+    /// when it carries a will; those large ones also draw on a process-wide budget
+    /// (`LARGE_CONNECTS`), so sockets that each send most of a big CONNECT and stop hold at
+    /// most that much between them until their connect timeout.
     async fn read_first(&mut self, rbuf: &mut BytesMut) -> Result<Connect, Option<DecodeError>> {
-        let max = self.broker.config.server.max_packet_size;
+        let server = &self.broker.config.server;
+        let (max, small) = (server.max_packet_size, server.max_connect_size);
+        let mut reserved: Option<LargeConnect> = None;
         loop {
             match codec::decode(rbuf, max) {
                 Ok(Some(Packet::Connect(c))) => return Ok(c),
@@ -254,6 +273,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
                 Ok(None) => {}
                 Err(e) => return Err(Some(e)),
             }
+            if reserved.is_none() {
+                match codec::connect_prefix(rbuf) {
+                    Some((size, _)) if size <= small => {}
+                    Some((size, Some(true))) => match LargeConnect::reserve(size) {
+                        Some(r) => reserved = Some(r),
+                        None => {
+                            metrics::limit_hit("large_connects");
+                            return Err(Some(DecodeError::TooLarge(size)));
+                        }
+                    },
+                    // Over the limit without a will, or a header that keeps its flags out of
+                    // reach (a protocol name longer than any real one).
+                    Some((size, Some(false))) => {
+                        metrics::limit_hit("server_max_connect_size");
+                        return Err(Some(DecodeError::TooLarge(size)));
+                    }
+                    Some((size, None)) if rbuf.len() >= 16 => {
+                        return Err(Some(DecodeError::TooLarge(size)))
+                    }
+                    _ => {}
+                }
+            }
             match poll_fn(|cx| poll_read_some(&mut self.stream, cx, rbuf)).await {
                 Ok(0) | Err(_) => return Err(None),
                 Ok(_) => {}
@@ -262,12 +303,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
     }
 }
 
-/// Publishes from this client still being stored (Redis), in arrival order: their PUBACKs go
-/// out in the same order, and the socket is not read while this many are outstanding.
-const MAX_PENDING_PUBLISHES: usize = 1024;
+/// Bytes that CONNECTs larger than `server.max_connect_size` (they carry a will) may
+/// announce at once over the whole process.
+const LARGE_CONNECTS_BUDGET: usize = 64 * 1024 * 1024;
+static LARGE_CONNECTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// A share of `LARGE_CONNECTS_BUDGET`, given back when the CONNECT has been read (or not).
+struct LargeConnect(usize);
+
+impl LargeConnect {
+    fn reserve(size: usize) -> Option<LargeConnect> {
+        use std::sync::atomic::Ordering::AcqRel;
+        let before = LARGE_CONNECTS.fetch_add(size, AcqRel);
+        let r = LargeConnect(size);
+        (before + size <= LARGE_CONNECTS_BUDGET).then_some(r)
+    }
+}
+
+impl Drop for LargeConnect {
+    fn drop(&mut self) {
+        LARGE_CONNECTS.fetch_sub(self.0, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Publishes from this client still being stored (Redis), in arrival order: their PUBACKs go
+/// out in the same order, and the socket is not read while this many are outstanding, or
+/// while they hold `MAX_PENDING_BYTES` (one publish of any size is always taken).
+const MAX_PENDING_PUBLISHES: usize = 1024;
+const MAX_PENDING_BYTES: usize = 1024 * 1024;
+
+/// A publish being stored: its QoS, packet id and size when done.
 type PendingPublish =
-    Pin<Box<dyn std::future::Future<Output = (Qos, u16, Result<(), StoreError>)> + Send>>;
+    Pin<Box<dyn std::future::Future<Output = (Qos, u16, usize, Result<(), StoreError>)> + Send>>;
 
 struct InFlight {
     seq: u64,
@@ -299,6 +366,8 @@ struct Session<S> {
     pending: Option<Box<Pending>>,
     /// The mailbox woke while the write buffer was full: deliveries wait in it.
     mail: bool,
+    /// The client has published: the memory guard slows such clients first.
+    publisher: bool,
     /// Reading the outbox failed; wait for the next wake-up before trying again.
     retry_later: bool,
     /// The sent watermark for the newest PUBLISH in `wbuf` is being written: the socket
@@ -317,6 +386,8 @@ struct Extras {
 #[derive(Default)]
 struct Pending {
     stores: FuturesOrdered<PendingPublish>,
+    /// `Message::size` summed over `stores`.
+    bytes: usize,
     /// QoS 2 packet ids among `stores`: in `incoming_qos2` already (a resend must not be
     /// routed twice), to be taken out again if they are never stored.
     qos2: Vec<u16>,
@@ -403,6 +474,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             backlog: true,
             pending: None,
             mail: false,
+            publisher: false,
             retry_later: false,
             sent_gate: None,
         };
@@ -424,7 +496,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         loop {
             let can_take = self.wbuf.len() < self.broker.config.server.max_write_buffer;
             if self.mail && can_take {
-                self.mail = false;
                 let take = stage(self.take_mail());
                 take.await;
             }
@@ -469,7 +540,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         let mut woke = Woke::default();
         while let Some(p) = self.pending.as_mut().filter(|p| !p.stores.is_empty()) {
             match p.stores.poll_next_unpin(cx) {
-                Poll::Ready(Some((qos, pkid, r))) => {
+                Poll::Ready(Some((qos, pkid, size, r))) => {
+                    p.bytes -= size;
                     if let Err(end) = self.published(qos, pkid, r) {
                         return Poll::Ready(Err(end));
                     }
@@ -507,8 +579,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 Poll::Pending => break,
             }
         }
-        let pending = self.pending.as_ref().map_or(0, |p| p.stores.len());
-        if pending < MAX_PENDING_PUBLISHES {
+        if self.read_socket() {
             match poll_read_some(&mut self.io, cx, &mut self.rbuf) {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(End::Abnormal("connection closed by peer".into())))
@@ -521,7 +592,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             }
         }
         // Deliveries wait in the mailbox while the write buffer is full: take them as soon as
-        // it has room, not only once it is empty. (Taking them clears `mail`: no spinning.)
+        // it has room, not only once it is empty. (Only after a write: no spinning.)
         let room =
             wrote && self.mail && self.wbuf.len() < self.broker.config.server.max_write_buffer;
         if woke.input || woke.written || woke.mail || room {
@@ -531,17 +602,52 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         }
     }
 
-    /// Takes what the mailbox holds: QoS 0 messages are written, stored ones sent if they
-    /// are next in line.
+    /// Whether to read the socket now. Not while this client's publishes wait for the store
+    /// beyond their bounds, nor while its answers fill the write buffer (a client that
+    /// sends and never reads would grow it without end), nor, for a client that publishes,
+    /// while the memory guard holds publishers back: TCP then slows the sender down.
+    fn read_socket(&self) -> bool {
+        let (n, bytes) = self
+            .pending
+            .as_ref()
+            .map_or((0, 0), |p| (p.stores.len(), p.bytes));
+        n < MAX_PENDING_PUBLISHES
+            && bytes < MAX_PENDING_BYTES
+            && self.wbuf.len() < self.broker.config.server.max_write_buffer
+            && !(self.publisher && self.broker.guard().throttled())
+    }
+
+    /// Takes what the mailbox holds, as much as the write buffer has room for: QoS 0
+    /// messages are written, stored ones sent if they are next in line. What does not fit
+    /// stays in the mailbox (`mail` stays set) until the socket takes more.
     async fn take_mail(&mut self) {
         let mut deliveries = Vec::new();
-        self.mailbox.drain(&mut deliveries);
+        let room = self.write_room();
+        self.mail = self
+            .mailbox
+            .drain(&mut deliveries, room, self.wbuf.is_empty());
         for d in deliveries {
             self.take_delivery(d).await;
         }
         if self.mailbox.take_lost_hint() {
             self.backlog = true;
         }
+    }
+
+    /// Bytes the write buffer may still take (`server.max_write_buffer`).
+    fn write_room(&self) -> usize {
+        self.broker
+            .config
+            .server
+            .max_write_buffer
+            .saturating_sub(self.wbuf.len())
+    }
+
+    /// Whether a PUBLISH of `msg` may be appended now: within the budget, or alone in an
+    /// empty buffer (a message larger than the budget still goes out, by itself).
+    fn fits(&self, msg: &Message) -> bool {
+        self.wbuf.is_empty()
+            || codec::publish_len(msg.topic.len(), msg.payload.len()) <= self.write_room()
     }
 
     /// Decodes and handles every complete packet in `rbuf`.
@@ -609,8 +715,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                     });
                 }
                 codec::encode_suback(&mut self.wbuf, s.pkid, &codes);
-                for ((filter, _), code) in s.filters.iter().zip(&codes) {
-                    if let (Ok(f), Some(granted)) = (filter, qos_of(*code)) {
+                // A filter named twice in one SUBSCRIBE gets its retained messages once, at
+                // its last grant: 1,000 copies of one filter must not send 1,000 copies.
+                let mut seen = std::collections::HashSet::new();
+                let mut last = vec![false; codes.len()];
+                for (i, (filter, _)) in s.filters.iter().enumerate().rev() {
+                    last[i] = filter.as_ref().is_ok_and(|f| seen.insert(f.as_str()));
+                }
+                drop(seen);
+                for (((filter, _), code), last) in s.filters.iter().zip(&codes).zip(last) {
+                    if let (Ok(f), Some(granted), true) = (filter, qos_of(*code), last) {
                         self.broker
                             .send_retained(&self.client, f, granted)
                             .await
@@ -670,6 +784,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             retain: p.retain,
             expires_at: 0,
         };
+        let size = msg.size();
+        self.publisher = true;
         let stored = self.broker.publish(msg);
         if self.broker.store.is_remote() {
             // Stored concurrently with the next publishes instead of one round trip each.
@@ -680,8 +796,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             if qos == Qos::ExactlyOnce {
                 p.qos2.push(pkid);
             }
+            p.bytes += size;
             p.stores
-                .push_back(Box::pin(async move { (qos, pkid, stored.await) }));
+                .push_back(Box::pin(async move { (qos, pkid, size, stored.await) }));
             return Ok(());
         }
         let r = stored.await;
@@ -817,6 +934,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 let in_order = seq == self.next_seq && self.next_seq != 0;
                 if in_order
                     && self.window_free() > 0
+                    && self.fits(&msg)
                     && self.send_entry(Entry { seq, qos, msg }).await
                 {
                     return;
@@ -841,6 +959,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 .await?;
             let complete = entries.len() < want;
             for e in entries {
+                if !self.fits(&e.msg) {
+                    // Read again from `next_seq` once the socket has taken more.
+                    metrics::limit_hit("server_max_write_buffer");
+                    return Ok(());
+                }
                 if !self.send_entry(e).await {
                     return Ok(());
                 }
@@ -898,7 +1021,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         // DISCONNECT must arrive), and acknowledged if the socket still takes it.
         if self.pending.is_some() {
             let drain = async {
-                while let Some((qos, pkid, r)) = poll_fn(|cx| match self.pending.as_mut() {
+                while let Some((qos, pkid, _, r)) = poll_fn(|cx| match self.pending.as_mut() {
                     Some(p) => p.stores.poll_next_unpin(cx),
                     None => Poll::Ready(None),
                 })

@@ -255,10 +255,10 @@ async fn rumqttc_wildcard_subscription_and_retained() {
     let mut subacks = 0;
     let deadline = tokio::time::Instant::now() + WAIT;
     while got.len() < 3 {
-        let ev = tokio::time::timeout_at(deadline, eventloop.poll())
-            .await
-            .expect("rumqttc events in time")
-            .expect("rumqttc connection");
+        let Ok(ev) = tokio::time::timeout_at(deadline, eventloop.poll()).await else {
+            panic!("rumqttc events in time: {subacks} SUBACKs, got {got:?}");
+        };
+        let ev = ev.expect("rumqttc connection");
         match ev {
             Event::Incoming(Incoming::SubAck(_)) => {
                 subacks += 1;

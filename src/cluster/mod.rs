@@ -65,7 +65,7 @@ local r = redis.call('HMGET', KEYS[1], 'node', 'inc', 'epoch')
 if r[1] ~= ARGV[1] or r[2] ~= ARGV[2] or r[3] ~= ARGV[3] then return 0 end
 redis.call('DEL', KEYS[1])
 if ARGV[4] == '1' then
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[6])
   redis.call('PEXPIRE', KEYS[5], 86400000)
 end
 return 1
@@ -253,6 +253,7 @@ impl Cluster {
             .key(redis_key("session", client))
             .key(redis_key("subs", client))
             .key(redis_key("epoch", client))
+            .key(redis_key("qbytes", client))
             .arg(&*self.id)
             .arg(self.inc.to_string())
             .arg(epoch.to_string())

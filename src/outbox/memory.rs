@@ -19,6 +19,8 @@ struct ClientOutbox {
     last_seq: u64,
     /// Highest sequence number written to the wire.
     sent: u64,
+    /// `Message::size` summed over `entries`.
+    bytes: usize,
     entries: VecDeque<Entry>,
 }
 
@@ -29,6 +31,7 @@ impl Default for ClientOutbox {
         ClientOutbox {
             last_seq: base,
             sent: base,
+            bytes: 0,
             entries: VecDeque::new(),
         }
     }
@@ -38,6 +41,19 @@ impl ClientOutbox {
     fn position(&self, seq: u64) -> Result<usize, usize> {
         self.entries.binary_search_by_key(&seq, |e| e.seq)
     }
+
+    fn remove(&mut self, i: usize) -> Option<Entry> {
+        let e = self.entries.remove(i)?;
+        self.bytes -= e.msg.size();
+        Some(e)
+    }
+
+    /// Over the client's budget if `size` more bytes were added (an empty queue takes one
+    /// message of any size, or a message larger than the budget could never be delivered).
+    fn full(&self, limits: &Limits, size: usize) -> bool {
+        self.entries.len() >= limits.max_queued
+            || (!self.entries.is_empty() && self.bytes + size > limits.max_queued_bytes)
+    }
 }
 
 /// In-process outbox: one `VecDeque` per client in a sharded map, so publishers to different
@@ -45,9 +61,12 @@ impl ClientOutbox {
 pub struct MemoryOutbox {
     clients: DashMap<Arc<str>, ClientOutbox>,
     limits: Limits,
-    /// Messages held over all clients. Pushes to client ids nobody ever connects with would
-    /// otherwise grow memory without bound: past `limits.max_total`, new ones are refused.
+    /// Messages and bytes held over all clients. Pushes to client ids nobody ever connects
+    /// with would otherwise grow memory without bound: past `limits.max_total` or
+    /// `limits.max_total_bytes`, new ones are refused. Checked before the client's lock is
+    /// taken, so concurrent enqueues can overshoot by one message each.
     total: AtomicUsize,
+    total_bytes: AtomicUsize,
 }
 
 impl MemoryOutbox {
@@ -56,6 +75,7 @@ impl MemoryOutbox {
             clients: DashMap::new(),
             limits,
             total: AtomicUsize::new(0),
+            total_bytes: AtomicUsize::new(0),
         }
     }
 
@@ -68,38 +88,57 @@ impl MemoryOutbox {
         }
     }
 
-    fn removed(&self, n: usize) {
+    fn removed(&self, n: usize, bytes: usize) {
         self.total.fetch_sub(n, Ordering::Relaxed);
+        self.total_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes held over all clients.
+    pub fn bytes(&self) -> usize {
+        self.total_bytes.load(Ordering::Relaxed)
     }
 
     pub(super) fn enqueue(&self, client: &Arc<str>, qos: Qos, msg: &Arc<Message>) -> Enqueued {
+        let size = msg.size();
         if self.total.load(Ordering::Relaxed) >= self.limits.max_total {
             metrics::dropped(metrics::Drop::StoreFull);
             metrics::limit_hit("store_max_messages");
             return Enqueued::Rejected;
         }
+        if self.total_bytes.load(Ordering::Relaxed) + size > self.limits.max_total_bytes {
+            metrics::dropped(metrics::Drop::StoreFull);
+            metrics::limit_hit("store_max_bytes");
+            return Enqueued::Rejected;
+        }
         let mut ob = self.entry(client);
-        if ob.entries.len() >= self.limits.max_queued {
+        if ob.full(&self.limits, size) {
+            if ob.entries.len() < self.limits.max_queued {
+                metrics::limit_hit("session_max_queued_bytes");
+            }
             match self.limits.overflow {
                 OverflowPolicy::DropNew => {
                     metrics::dropped(metrics::Drop::OutboxFullNew);
                     return Enqueued::Rejected;
                 }
                 OverflowPolicy::DropOldest => {
-                    ob.entries.pop_front();
-                    self.removed(1);
-                    metrics::dropped(metrics::Drop::OutboxFullOldest);
+                    while ob.full(&self.limits, size) {
+                        let Some(e) = ob.remove(0) else { break };
+                        self.removed(1, e.msg.size());
+                        metrics::dropped(metrics::Drop::OutboxFullOldest);
+                    }
                 }
             }
         }
         ob.last_seq += 1;
         let seq = ob.last_seq;
+        ob.bytes += size;
         ob.entries.push_back(Entry {
             seq,
             qos,
             msg: msg.clone(),
         });
         self.total.fetch_add(1, Ordering::Relaxed);
+        self.total_bytes.fetch_add(size, Ordering::Relaxed);
         metrics::stored();
         Enqueued::Stored(seq)
     }
@@ -115,8 +154,9 @@ impl MemoryOutbox {
         let mut out = Vec::with_capacity(limit.min(ob.entries.len() - i));
         while out.len() < limit && i < ob.entries.len() {
             if ob.entries[i].msg.is_expired(now) {
-                ob.entries.remove(i);
-                self.removed(1);
+                if let Some(e) = ob.remove(i) {
+                    self.removed(1, e.msg.size());
+                }
                 metrics::dropped(metrics::Drop::Expired);
                 continue;
             }
@@ -129,8 +169,9 @@ impl MemoryOutbox {
     pub(super) fn ack(&self, client: &str, seq: u64) {
         if let Some(mut ob) = self.clients.get_mut(client) {
             if let Ok(i) = ob.position(seq) {
-                ob.entries.remove(i);
-                self.removed(1);
+                if let Some(e) = ob.remove(i) {
+                    self.removed(1, e.msg.size());
+                }
             }
         }
     }
@@ -148,9 +189,10 @@ impl MemoryOutbox {
 
     pub(super) fn clear(&self, client: &str) {
         if let Some(mut ob) = self.clients.get_mut(client) {
-            self.removed(ob.entries.len());
+            self.removed(ob.entries.len(), ob.bytes);
             ob.entries.clear();
             ob.entries.shrink_to_fit();
+            ob.bytes = 0;
         }
     }
 
@@ -161,10 +203,11 @@ impl MemoryOutbox {
     pub(super) fn sweep(&self) {
         let now = now_ms();
         self.clients.retain(|_, ob| {
-            let before = ob.entries.len();
+            let before = (ob.entries.len(), ob.bytes);
             ob.entries.retain(|e| !e.msg.is_expired(now));
-            self.removed(before - ob.entries.len());
-            for _ in ob.entries.len()..before {
+            ob.bytes = ob.entries.iter().map(|e| e.msg.size()).sum();
+            self.removed(before.0 - ob.entries.len(), before.1 - ob.bytes);
+            for _ in ob.entries.len()..before.0 {
                 metrics::dropped(metrics::Drop::Expired);
             }
             !ob.entries.is_empty()
@@ -190,8 +233,10 @@ mod tests {
     fn store(max: usize, overflow: OverflowPolicy) -> MemoryOutbox {
         MemoryOutbox::new(Limits {
             max_queued: max,
+            max_queued_bytes: 1 << 20,
             overflow,
             max_total: 100,
+            max_total_bytes: 1 << 30,
         })
     }
 
@@ -241,8 +286,10 @@ mod tests {
     fn total_cap_refuses_new_messages() {
         let s = MemoryOutbox::new(Limits {
             max_queued: 10,
+            max_queued_bytes: 1 << 20,
             overflow: OverflowPolicy::DropOldest,
             max_total: 2,
+            max_total_bytes: 1 << 30,
         });
         let a: Arc<str> = "a".into();
         let Enqueued::Stored(seq) = s.enqueue(&a, Qos::AtLeastOnce, &msg("1", 0)) else {
@@ -285,5 +332,88 @@ mod tests {
             panic!("not stored");
         };
         assert!(second > first);
+    }
+
+    fn sized(n: usize) -> Arc<Message> {
+        msg(&"x".repeat(n - 1), 0)
+    }
+
+    #[test]
+    fn byte_budget_per_client() {
+        let limits = |overflow| Limits {
+            max_queued: 100,
+            max_queued_bytes: 3000,
+            overflow,
+            max_total: 100,
+            max_total_bytes: 1 << 30,
+        };
+        let s = MemoryOutbox::new(limits(OverflowPolicy::DropOldest));
+        let c: Arc<str> = "c".into();
+        for _ in 0..5 {
+            assert!(matches!(
+                s.enqueue(&c, Qos::AtLeastOnce, &sized(1000)),
+                Enqueued::Stored(_)
+            ));
+        }
+        assert_eq!(
+            s.len("c"),
+            3,
+            "the oldest give way to stay within 3000 bytes"
+        );
+        assert_eq!(s.bytes(), 3000);
+        // A message over the whole budget still fits an emptied queue, alone.
+        assert!(matches!(
+            s.enqueue(&c, Qos::AtLeastOnce, &sized(5000)),
+            Enqueued::Stored(_)
+        ));
+        assert_eq!((s.len("c"), s.bytes()), (1, 5000));
+        s.clear("c");
+        assert_eq!(s.bytes(), 0);
+
+        let s = MemoryOutbox::new(limits(OverflowPolicy::DropNew));
+        for _ in 0..3 {
+            s.enqueue(&c, Qos::AtLeastOnce, &sized(1000));
+        }
+        assert_eq!(
+            s.enqueue(&c, Qos::AtLeastOnce, &sized(10)),
+            Enqueued::Rejected
+        );
+        let first = s.fetch("c", 0, 1)[0].seq;
+        s.ack("c", first);
+        assert_eq!(s.bytes(), 2000);
+        assert!(matches!(
+            s.enqueue(&c, Qos::AtLeastOnce, &sized(10)),
+            Enqueued::Stored(_)
+        ));
+    }
+
+    #[test]
+    fn byte_budget_over_all_clients() {
+        let s = MemoryOutbox::new(Limits {
+            max_queued: 100,
+            max_queued_bytes: 1 << 20,
+            overflow: OverflowPolicy::DropOldest,
+            max_total: 100,
+            max_total_bytes: 2500,
+        });
+        assert!(matches!(
+            s.enqueue(&"a".into(), Qos::AtLeastOnce, &sized(1000)),
+            Enqueued::Stored(_)
+        ));
+        assert!(matches!(
+            s.enqueue(&"b".into(), Qos::AtLeastOnce, &sized(1000)),
+            Enqueued::Stored(_)
+        ));
+        assert_eq!(
+            s.enqueue(&"c".into(), Qos::AtLeastOnce, &sized(1000)),
+            Enqueued::Rejected
+        );
+        s.sweep();
+        assert_eq!(s.bytes(), 2000);
+        s.clear("a");
+        assert!(matches!(
+            s.enqueue(&"c".into(), Qos::AtLeastOnce, &sized(1000)),
+            Enqueued::Stored(_)
+        ));
     }
 }

@@ -49,6 +49,12 @@ impl Message {
     pub fn is_expired(&self, now_ms: u64) -> bool {
         self.expires_at != 0 && self.expires_at <= now_ms
     }
+
+    /// What the byte budgets count for a message: its topic and payload (the fixed costs of
+    /// a queued message are bounded by the message counts next to each byte budget).
+    pub fn size(&self) -> usize {
+        self.topic.len() + self.payload.len()
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -95,9 +101,13 @@ pub enum StoreError {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_queued: usize,
+    /// Bytes (`Message::size`) per client outbox.
+    pub max_queued_bytes: usize,
     pub overflow: OverflowPolicy,
     /// Messages held by the memory store over all clients.
     pub max_total: usize,
+    /// Bytes held by the memory store over all clients.
+    pub max_total_bytes: usize,
 }
 
 /// What the store knows about a client when a connection starts.
@@ -120,8 +130,10 @@ impl Store {
     pub async fn open(config: &Config) -> Result<Store, StoreError> {
         let limits = Limits {
             max_queued: config.session.max_queued_messages,
+            max_queued_bytes: config.session.max_queued_bytes,
             overflow: config.session.overflow,
             max_total: config.store.max_messages,
+            max_total_bytes: config.store.max_bytes,
         };
         Ok(match config.store.kind {
             StoreKind::Memory => Store::Memory(MemoryOutbox::new(limits)),

@@ -8,6 +8,8 @@
 //! - `herald:outbox:{cid}`: ZSET, score = seq, member = `<seq>|<envelope>`. Its TTL is
 //!   refreshed to `message_ttl` on every enqueue; single messages expire by the time in
 //!   their envelope, checked on read.
+//! - `herald:qbytes:{cid}`: an upper bound of the outbox's envelope bytes, for
+//!   `session.max_queued_bytes` (see `ENQUEUE`); expires and is deleted with the outbox.
 //! - `herald:sent:{cid}`: highest seq written to the wire and still queued when written
 //!   (DUP on redelivery; a number acknowledged by then needs no resend, see `apply`).
 //! - `herald:session:{cid}`: present while the client has a persistent session.
@@ -48,15 +50,22 @@ use crate::codec::Qos;
 use crate::config::OverflowPolicy;
 use crate::metrics;
 
-/// Enqueues a batch of messages, in order: KEYS are the outbox and seq keys of each message
-/// (and, in a cluster, its route key: stride 3), ARGV the cap, the drop-new flag, the TTL in
-/// ms (0: none), the stride and each message's envelope. Returns the seq (0: rejected,
-/// outbox full) and dropped count of each message, or -1 and the error of a message whose
-/// commands failed (the others are stored all the same, as one script per message would
-/// have); with stride 3 also the route's node and incarnation (nil without a route), read
-/// after the store, so that the node that stored the message knows where to forward it
-/// without another round trip. The TTL of each outbox that took a message is
-/// refreshed once: the script runs at one instant, so once is the same as per message.
+/// Enqueues a batch of messages, in order: KEYS are the outbox, seq and byte-count keys of
+/// each message (and, in a cluster, its route key: stride 4), ARGV the cap, the drop-new
+/// flag, the TTL in ms (0: none), the stride, the byte cap and each message's envelope.
+/// Returns the seq (0: rejected, outbox full) and dropped count of each message, or -1 and
+/// the error of a message whose commands failed (the others are stored all the same, as one
+/// script per message would have); with stride 4 also the route's node and incarnation (nil
+/// without a route), read after the store, so that the node that stored the message knows
+/// where to forward it without another round trip. The TTL of each outbox that took a
+/// message is refreshed once: the script runs at one instant, so once is the same as per
+/// message.
+///
+/// The byte count (`herald:qbytes:{cid}`, envelope bytes) is raised by every enqueue and
+/// lowered by no ack (acks are a pipelined range delete that does not know sizes): it is
+/// an upper bound, made exact by counting the outbox's members only when it says the
+/// budget would be exceeded, and reset when the outbox is found empty. A device that keeps
+/// up never pays for a count.
 ///
 /// Keys of many clients in one call: fine on one Redis (plain or behind Sentinel). Redis
 /// Cluster would need one call per hash slot (group the batch by `{client}` slot).
@@ -64,13 +73,38 @@ const ENQUEUE: &str = r#"
 local cap = tonumber(ARGV[1])
 local drop_new = ARGV[2] == '1'
 local ttl = ARGV[3]
-local function one(box, counter, envelope)
+local stride = tonumber(ARGV[4])
+local bcap = tonumber(ARGV[5])
+local function size_of(member)
+  return #member - string.find(member, '|', 1, true)
+end
+local function one(box, counter, qbytes, envelope)
+  local size = #envelope
   local n = redis.call('ZCARD', box)
+  local b = size
+  if n == 0 then
+    redis.call('SET', qbytes, size)
+  else
+    b = redis.call('INCRBY', qbytes, size)
+    if b > bcap then
+      b = size
+      for _, m in ipairs(redis.call('ZRANGE', box, 0, -1)) do b = b + size_of(m) end
+      redis.call('SET', qbytes, b)
+    end
+  end
   local dropped = 0
-  if n >= cap then
-    if drop_new then return 0, 0 end
-    dropped = n - cap + 1
-    redis.call('ZPOPMIN', box, dropped)
+  if n >= cap or (n > 0 and b > bcap) then
+    if drop_new then
+      redis.call('SET', qbytes, b - size)
+      return 0, 0
+    end
+    while n > 0 and (n >= cap or b > bcap) do
+      local m = redis.call('ZPOPMIN', box)
+      b = b - size_of(m[1])
+      n = n - 1
+      dropped = dropped + 1
+    end
+    redis.call('SET', qbytes, b)
   end
   local seq = redis.call('INCR', counter)
   -- One number-to-string conversion, used for the score and the member.
@@ -78,31 +112,33 @@ local function one(box, counter, envelope)
   redis.call('ZADD', box, s, s .. '|' .. envelope)
   return seq, dropped
 end
-local stride = tonumber(ARGV[4])
-local per = stride == 3 and 4 or 2
+local per = stride == 4 and 4 or 2
 local out = {}
 local refresh = {}
-for i = 1, #ARGV - 4 do
+for i = 1, #ARGV - 5 do
   local k = stride * (i - 1)
   local o = per * (i - 1)
   local box = KEYS[k + 1]
-  local ok, seq, dropped = pcall(one, box, KEYS[k + 2], ARGV[i + 4])
+  local ok, seq, dropped = pcall(one, box, KEYS[k + 2], KEYS[k + 3], ARGV[i + 5])
   if ok then
     out[o + 1] = seq
     out[o + 2] = dropped
-    if seq ~= 0 then refresh[box] = true end
+    if seq ~= 0 then refresh[box] = KEYS[k + 3] end
   else
     out[o + 1] = -1
     out[o + 2] = type(seq) == 'table' and seq.err or tostring(seq)
   end
   if per == 4 then
-    local route = redis.call('HMGET', KEYS[k + 3], 'node', 'inc')
+    local route = redis.call('HMGET', KEYS[k + 4], 'node', 'inc')
     out[o + 3] = route[1]
     out[o + 4] = route[2]
   end
 end
 if ttl ~= '0' then
-  for box in pairs(refresh) do redis.call('PEXPIRE', box, ttl) end
+  for box, qbytes in pairs(refresh) do
+    redis.call('PEXPIRE', box, ttl)
+    redis.call('PEXPIRE', qbytes, ttl)
+  end
 end
 return out
 "#;
@@ -110,7 +146,7 @@ return out
 const ATTACH: &str = r#"
 local present = redis.call('EXISTS', KEYS[3])
 if ARGV[1] == '1' then
-  redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
+  redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[5])
   present = 0
 else
   redis.call('SET', KEYS[3], '1')
@@ -165,6 +201,7 @@ impl Ordered {
 struct EnqueueArgs {
     sha: String,
     cap: u64,
+    byte_cap: u64,
     drop_new: bool,
     ttl_ms: u64,
     /// Read each receiver's route with its enqueue (a cluster node).
@@ -322,6 +359,7 @@ impl RedisOutbox {
         let args = EnqueueArgs {
             sha: scripts.enqueue.get_hash().to_string(),
             cap: limits.max_queued as u64,
+            byte_cap: limits.max_queued_bytes as u64,
             drop_new: limits.overflow == OverflowPolicy::DropNew,
             ttl_ms: ttl.as_millis() as u64,
             routes,
@@ -509,6 +547,7 @@ impl RedisOutbox {
             key("sent", client),
             key("session", client),
             key("subs", client),
+            key("qbytes", client),
         ];
         let mut cmd = evalsha(&self.scripts.attach, &keys);
         cmd.arg(if clean { "1" } else { "0" });
@@ -991,8 +1030,8 @@ async fn health_loop(link: Arc<Link>, health: Arc<Health>, scripts: Arc<Scripts>
 
 /// Appends the enqueue script for `run` (all `Ordered::Enqueue`) to the pipeline in `out`.
 fn encode_enqueues(out: &mut BytesMut, run: &[Ordered], args: &EnqueueArgs) {
-    let stride = if args.routes { 3 } else { 2 };
-    resp::array(out, 7 + (stride + 1) * run.len());
+    let stride = if args.routes { 4 } else { 3 };
+    resp::array(out, 8 + (stride + 1) * run.len());
     resp::bulk(out, b"EVALSHA");
     resp::bulk(out, args.sha.as_bytes());
     resp::bulk_u64(out, (stride * run.len()) as u64);
@@ -1000,6 +1039,7 @@ fn encode_enqueues(out: &mut BytesMut, run: &[Ordered], args: &EnqueueArgs) {
         if let Ordered::Enqueue { client, .. } = o {
             resp::bulk_key(out, "outbox", client);
             resp::bulk_key(out, "seq", client);
+            resp::bulk_key(out, "qbytes", client);
             if args.routes {
                 resp::bulk_key(out, "route", client);
             }
@@ -1009,6 +1049,7 @@ fn encode_enqueues(out: &mut BytesMut, run: &[Ordered], args: &EnqueueArgs) {
     resp::bulk(out, if args.drop_new { b"1" } else { b"0" });
     resp::bulk_u64(out, args.ttl_ms);
     resp::bulk_u64(out, stride as u64);
+    resp::bulk_u64(out, args.byte_cap);
     for o in run {
         if let Ordered::Enqueue { qos, msg, .. } = o {
             resp::bulk_header(out, envelope_len(msg));
@@ -1464,9 +1505,15 @@ mod tests {
     async fn outbox_with(redis: &TestRedis, overflow: OverflowPolicy, routes: bool) -> RedisOutbox {
         let limits = Limits {
             max_queued: 2,
+            max_queued_bytes: 1 << 20,
             overflow,
             max_total: 0,
+            max_total_bytes: 0,
         };
+        outbox_limits(redis, limits, routes).await
+    }
+
+    async fn outbox_limits(redis: &TestRedis, limits: Limits, routes: bool) -> RedisOutbox {
         RedisOutbox::connect(
             &redis.url(),
             None,
@@ -1591,6 +1638,79 @@ mod tests {
                 .unwrap(),
             Enqueued::Stored(3)
         );
+    }
+
+    async fn seqs(store: &RedisOutbox, client: &str) -> Vec<u64> {
+        let entries = store.fetch(client, 0, 100).await.unwrap();
+        entries.iter().map(|e| e.seq).collect()
+    }
+
+    /// `session.max_queued_bytes` on Redis: the oldest give way (or the newest is refused),
+    /// acknowledged entries stop counting once the running count is recounted.
+    #[tokio::test]
+    async fn byte_budget_per_client() {
+        let redis = TestRedis::start();
+        let kib: &'static [u8] = &[b'x'; 1000];
+        // Each envelope is 13 + 6 (topic) + 1000 bytes: three fit in 3100.
+        let limits = |overflow| Limits {
+            max_queued: 100,
+            max_queued_bytes: 3100,
+            overflow,
+            max_total: 0,
+            max_total_bytes: 0,
+        };
+        let store = outbox_limits(&redis, limits(OverflowPolicy::DropOldest), false).await;
+        let a: Arc<str> = "a".into();
+        for _ in 0..5 {
+            store
+                .enqueue(&a, Qos::AtLeastOnce, &msg(kib))
+                .await
+                .unwrap();
+        }
+        assert_eq!(seqs(&store, "a").await, [3, 4, 5]);
+        for seq in [3, 4, 5] {
+            store.ack(&a, seq).await;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.len("a").await.unwrap() != 0 {
+            assert!(std::time::Instant::now() < deadline, "acks not applied");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The running count still says 3 KB; the recount finds the outbox empty.
+        for _ in 0..3 {
+            store
+                .enqueue(&a, Qos::AtLeastOnce, &msg(kib))
+                .await
+                .unwrap();
+        }
+        assert_eq!(seqs(&store, "a").await, [6, 7, 8]);
+        drop(store);
+
+        let redis = TestRedis::start();
+        let store = outbox_limits(&redis, limits(OverflowPolicy::DropNew), false).await;
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(
+                store
+                    .enqueue(&a, Qos::AtLeastOnce, &msg(kib))
+                    .await
+                    .unwrap(),
+            );
+        }
+        assert_eq!(
+            got,
+            [
+                Enqueued::Stored(1),
+                Enqueued::Stored(2),
+                Enqueued::Stored(3),
+                Enqueued::Rejected
+            ]
+        );
+        // A clean session starts from nothing.
+        store.attach("a", true).await.unwrap();
+        let mut raw = redis.conn().await;
+        let left: Option<u64> = raw.get("herald:qbytes:{a}").await.unwrap();
+        assert_eq!(left, None);
     }
 
     /// The sent watermark covers every number written and not acknowledged.

@@ -470,6 +470,11 @@ impl Raw {
         (c, ack.session_present)
     }
 
+    /// The byte stream itself (a test that reads at its own pace).
+    pub fn stream_mut(&mut self) -> &mut Box<dyn Io> {
+        &mut self.stream
+    }
+
     pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.stream.write_all(bytes).await
     }

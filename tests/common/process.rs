@@ -223,6 +223,8 @@ impl Drop for Sentinel {
 
 pub struct Herald {
     child: Option<Child>,
+    /// The herald binary, or a shell that execs it.
+    program: PathBuf,
     pub addr: SocketAddr,
     args: Vec<String>,
     /// Where stderr (the log) goes, appended to across restarts; inherited when `None`.
@@ -249,6 +251,7 @@ impl Herald {
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut h = Herald {
             child: None,
+            program: Self::binary(),
             addr,
             args,
             log: None,
@@ -260,8 +263,20 @@ impl Herald {
     /// The herald binary with exactly `args` (which must make it listen on `addr`; nothing
     /// is added), its stderr appended to `log`. `restart` reuses the same arguments.
     pub fn start_args(addr: SocketAddr, args: Vec<String>, log: &Path) -> Herald {
+        Herald::start_program(Self::binary(), addr, args, log)
+    }
+
+    /// `start_args` through another program that ends up exec'ing herald (a shell that
+    /// sets a limit first): the pid is herald's once it has exec'ed.
+    pub fn start_program(
+        program: PathBuf,
+        addr: SocketAddr,
+        args: Vec<String>,
+        log: &Path,
+    ) -> Herald {
         let mut h = Herald {
             child: None,
+            program,
             addr,
             args,
             log: Some(log.to_path_buf()),
@@ -296,7 +311,7 @@ impl Herald {
             ),
             None => Stdio::inherit(),
         };
-        let mut child = Command::new(Self::binary())
+        let mut child = Command::new(&self.program)
             .args(&self.args)
             // Clustering needs a secret; nodes of one test share this one.
             .env("HERALD_CLUSTER_SECRET", CLUSTER_SECRET)
