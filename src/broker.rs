@@ -422,6 +422,11 @@ impl Broker {
                 0x80
             });
         }
+        let (held, count) = self.router.holds(client, filter);
+        if !held && count >= self.config.session.max_subscriptions {
+            metrics::limit_hit("session_max_subscriptions");
+            return Ok(0x80);
+        }
         if persistent {
             self.store.save_subscription(client, filter, qos).await?;
         }

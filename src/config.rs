@@ -96,6 +96,8 @@ pub struct SessionConfig {
     /// still taken by an empty mailbox.
     #[serde(deserialize_with = "byte_size")]
     pub max_mailbox_bytes: usize,
+    /// Filters one client may hold (its push topic aside); SUBSCRIBE beyond it gets 0x80.
+    pub max_subscriptions: usize,
     /// Outbox cap per client in bytes (topic + payload), next to `max_queued_messages`;
     /// `overflow` says what gives way.
     #[serde(deserialize_with = "byte_size")]
@@ -375,6 +377,7 @@ impl Default for SessionConfig {
             overflow: OverflowPolicy::DropOldest,
             max_mailbox: 1000,
             max_mailbox_bytes: 512 * 1024,
+            max_subscriptions: 1000,
             max_queued_bytes: 16 * 1024 * 1024,
             message_ttl: Duration::from_secs(7 * 24 * 3600),
         }
@@ -503,6 +506,9 @@ impl Config {
         }
         if self.server.max_connect_size < 128 {
             return bad("server.max_connect_size", "must be at least 128".into());
+        }
+        if s.max_subscriptions == 0 {
+            return bad("session.max_subscriptions", "must be at least 1".into());
         }
         if s.max_mailbox_bytes < 1024 {
             return bad("session.max_mailbox_bytes", "must be at least 1024".into());

@@ -269,7 +269,7 @@ pub fn store_error() {
 }
 
 /// The `limit` labels of `herald_limit_hits_total`, registered at start.
-const LIMITS: [&str; 9] = [
+const LIMITS: [&str; 11] = [
     "store_write_queue",
     "store_max_messages",
     "store_max_bytes",
@@ -279,6 +279,8 @@ const LIMITS: [&str; 9] = [
     "server_max_connect_size",
     "large_connects",
     "server_max_memory",
+    "cluster_link_bytes",
+    "session_max_subscriptions",
 ];
 
 /// A configured or built-in bound was reached.

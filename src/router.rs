@@ -145,6 +145,14 @@ impl Router {
         new && t.add_filter(filter)
     }
 
+    /// Whether `client` holds `filter` already, and how many filters it holds.
+    pub fn holds(&self, client: &str, filter: &str) -> (bool, usize) {
+        let t = self.table.read();
+        t.by_client
+            .get(client)
+            .map_or((false, 0), |f| (f.contains_key(filter), f.len()))
+    }
+
     /// True if no one here holds `filter` any more.
     pub fn unsubscribe(&self, client: &str, filter: &str) -> bool {
         let levels: Vec<&str> = filter.split('/').collect();

@@ -186,3 +186,40 @@ async fn takeover_closes_a_connection_stuck_on_a_full_socket() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn subscriptions_per_client_are_bounded() {
+    let server = start_with(|c| c.session.max_subscriptions = 3).await;
+    let mut c = Raw::connect(server.local_addr(), "many-subs").await;
+    let codes = c
+        .subscribe(&[
+            ("m/1", QoS::AtMostOnce),
+            ("m/2", QoS::AtMostOnce),
+            ("m/3", QoS::AtMostOnce),
+            ("m/4", QoS::AtMostOnce),
+        ])
+        .await;
+    assert_eq!(codes[3], SubscribeReasonCode::Failure, "{codes:?}");
+    assert!(codes[..3]
+        .iter()
+        .all(|c| *c == SubscribeReasonCode::Success(QoS::AtMostOnce)));
+    // A filter it holds may be subscribed again (a new QoS), and its own push topic is free.
+    let codes = c
+        .subscribe(&[
+            ("m/1", QoS::AtLeastOnce),
+            ("push/many-subs", QoS::AtLeastOnce),
+        ])
+        .await;
+    assert_eq!(
+        codes,
+        [
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            SubscribeReasonCode::Success(QoS::AtLeastOnce)
+        ]
+    );
+    // Room again after an unsubscribe.
+    c.unsubscribe(&["m/2"]).await;
+    let codes = c.subscribe(&[("m/4", QoS::AtMostOnce)]).await;
+    assert_eq!(codes, [SubscribeReasonCode::Success(QoS::AtMostOnce)]);
+    server.shutdown().await;
+}

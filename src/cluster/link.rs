@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,10 @@ use crate::transport::TlsServer;
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(3);
 /// Frames waiting for a peer's link; beyond this they fail at once (counted).
 const QUEUE: usize = 8192;
+/// Bytes of messages queued for one peer (a frame of any size is taken by an empty queue);
+/// beyond it forwards fail at once, as on a full queue. A slow or stuck peer holds at most
+/// this much of this node's memory.
+const QUEUE_BYTES: usize = 32 * 1024 * 1024;
 /// Forwarded publishes waiting for their PUBACK on one link.
 const MAX_UNACKED: usize = 8192;
 const PING_EVERY: Duration = Duration::from_secs(5);
@@ -69,6 +74,17 @@ pub enum Frame {
         client: Arc<str>,
         epoch: u64,
     },
+}
+
+impl Frame {
+    /// What the link's byte budget counts for a frame.
+    fn size(&self) -> usize {
+        match self {
+            Frame::Push { client, msg, .. } => client.len() + msg.size(),
+            Frame::Publish { msg, .. } => msg.size(),
+            Frame::Kick { client, .. } => client.len(),
+        }
+    }
 }
 
 fn put_str(b: &mut BytesMut, s: &str) {
@@ -213,19 +229,36 @@ impl Frame {
 struct Out {
     frame: Frame,
     ack: Option<oneshot::Sender<()>>,
+    /// Gives the frame's bytes back to the queue's budget when the frame is gone.
+    _held: Held,
+}
+
+/// Bytes of one queued frame, counted in its peer's `queued` until dropped.
+struct Held(Arc<AtomicUsize>, usize);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::AcqRel);
+    }
 }
 
 /// The sending side of a link to one peer. Dropping it stops the link task.
 pub struct Peer {
     pub addr: SocketAddr,
     tx: mpsc::Sender<Out>,
+    /// Bytes of the frames queued or being written (`QUEUE_BYTES`).
+    queued: Arc<AtomicUsize>,
 }
 
 impl Peer {
     pub fn start(addr: SocketAddr, client_id: String, security: Arc<LinkSecurity>) -> Peer {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(run(addr, client_id, security, rx));
-        Peer { addr, tx }
+        Peer {
+            addr,
+            tx,
+            queued: Arc::new(AtomicUsize::new(0)),
+        }
     }
 
     pub fn is_closed(&self) -> bool {
@@ -235,6 +268,13 @@ impl Peer {
     /// Queues `frame`. `Err` if the queue is full; with `ack`, the receiver completes when
     /// the peer acknowledged (and fails if the link drops first).
     pub fn send(&self, frame: Frame, ack: bool) -> Result<Option<oneshot::Receiver<()>>, ()> {
+        let size = frame.size();
+        let before = self.queued.fetch_add(size, Ordering::AcqRel);
+        let held = Held(self.queued.clone(), size);
+        if before > 0 && before + size > QUEUE_BYTES {
+            metrics::limit_hit("cluster_link_bytes");
+            return Err(());
+        }
         let (ack_tx, ack_rx) = if ack {
             let (t, r) = oneshot::channel();
             (Some(t), Some(r))
@@ -242,7 +282,11 @@ impl Peer {
             (None, None)
         };
         self.tx
-            .try_send(Out { frame, ack: ack_tx })
+            .try_send(Out {
+                frame,
+                ack: ack_tx,
+                _held: held,
+            })
             .map(|_| ack_rx)
             .map_err(|_| ())
     }
@@ -401,6 +445,8 @@ async fn serve_out<S: AsyncRead + AsyncWrite + Unpin>(
                     out.frame.encode(&mut wbuf, &mut body, pkid);
                 }
                 match tokio::time::timeout(ACK_TIMEOUT, wr.write_all(&wbuf)).await {
+                    // A batch of large messages must not stay allocated for the link's life.
+                    Ok(Ok(())) if wbuf.capacity() > 1 << 20 => wbuf = BytesMut::new(),
                     Ok(Ok(())) => wbuf.clear(),
                     _ => return true,
                 }
