@@ -451,20 +451,25 @@ impl Broker {
         Ok(())
     }
 
-    /// Sends the retained messages matching a new subscription, with RETAIN set.
+    /// The retained messages matching a new subscription: those delivered at QoS 1/2 are
+    /// stored in the client's outbox (RETAIN set) before this returns; the QoS 0 ones are
+    /// returned for the connection to write as its write buffer has room.
     pub async fn send_retained(
         self: &Arc<Self>,
         client: &ClientId,
         filter: &str,
         granted: Qos,
-    ) -> Result<(), StoreError> {
-        let sends: Vec<_> = self
-            .router
-            .retained_for(filter, now_ms())
-            .into_iter()
-            .map(|msg| self.deliver(client.clone(), min_qos(msg.qos, granted), msg, false))
-            .collect();
-        futures::future::try_join_all(sends).await.map(|_| ())
+    ) -> Result<Vec<Arc<Message>>, StoreError> {
+        let mut qos0 = Vec::new();
+        let mut stores = Vec::new();
+        for msg in self.router.retained_for(filter, now_ms()) {
+            match min_qos(msg.qos, granted) {
+                Qos::AtMostOnce => qos0.push(msg),
+                qos => stores.push(self.deliver(client.clone(), qos, msg, false)),
+            }
+        }
+        futures::future::try_join_all(stores).await?;
+        Ok(qos0)
     }
 
     /// Routes and stores a message from a client (or a will). Every store is submitted

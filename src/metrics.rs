@@ -269,7 +269,7 @@ pub fn store_error() {
 }
 
 /// The `limit` labels of `herald_limit_hits_total`, registered at start.
-const LIMITS: [&str; 11] = [
+const LIMITS: [&str; 12] = [
     "store_write_queue",
     "store_max_messages",
     "store_max_bytes",
@@ -281,6 +281,7 @@ const LIMITS: [&str; 11] = [
     "server_max_memory",
     "cluster_link_bytes",
     "session_max_subscriptions",
+    "retained_waiting",
 ];
 
 /// A configured or built-in bound was reached.

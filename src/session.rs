@@ -362,7 +362,8 @@ struct Session<S> {
     next_seq: u64,
     backlog: bool,
     sent_watermark: u64,
-    /// Only with a remote store; created on the first publish.
+    /// Created on first use: publishes being stored (remote store), retained messages
+    /// waiting for room in the write buffer.
     pending: Option<Box<Pending>>,
     /// The mailbox woke while the write buffer was full: deliveries wait in it.
     mail: bool,
@@ -382,16 +383,25 @@ struct Extras {
     principal: Option<Principal>,
 }
 
-/// Publishes from this client still being stored.
+/// Work an idle connection does not have, boxed so that it costs idle ones nothing.
 #[derive(Default)]
 struct Pending {
+    /// Publishes from this client still being stored (remote store).
     stores: FuturesOrdered<PendingPublish>,
     /// `Message::size` summed over `stores`.
     bytes: usize,
     /// QoS 2 packet ids among `stores`: in `incoming_qos2` already (a resend must not be
     /// routed twice), to be taken out again if they are never stored.
     qos2: Vec<u16>,
+    /// QoS 0 retained messages matched by SUBSCRIBEs, written as the write buffer has room:
+    /// shared with the retained store, so a SUBSCRIBE that matches many (or one, many
+    /// times) holds pointers here and at most the write budget of copies.
+    retained: std::collections::VecDeque<Arc<Message>>,
 }
+
+/// Retained QoS 0 messages one connection may have waiting (`Pending::retained`); more
+/// are dropped and counted.
+const MAX_RETAINED_WAITING: usize = 100_000;
 
 /// What the serving loop has to do after a wake-up.
 #[derive(Default)]
@@ -499,6 +509,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 let take = stage(self.take_mail());
                 take.await;
             }
+            if can_take && self.has_retained() {
+                self.write_retained();
+            }
             if self.backlog && can_take && self.window_free() > 0 && !self.retry_later {
                 let fill = stage(self.fill_window());
                 if let Err(e) = fill.await {
@@ -593,12 +606,68 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         }
         // Deliveries wait in the mailbox while the write buffer is full: take them as soon as
         // it has room, not only once it is empty. (Only after a write: no spinning.)
-        let room =
-            wrote && self.mail && self.wbuf.len() < self.broker.config.server.max_write_buffer;
+        let room = wrote
+            && (self.mail || self.has_retained())
+            && self.wbuf.len() < self.broker.config.server.max_write_buffer;
         if woke.input || woke.written || woke.mail || room {
             Poll::Ready(Ok(woke))
         } else {
             Poll::Pending
+        }
+    }
+
+    /// Queues retained QoS 0 messages for `write_retained`, up to `MAX_RETAINED_WAITING`.
+    fn queue_retained(&mut self, msgs: Vec<Arc<Message>>) {
+        if msgs.is_empty() {
+            return;
+        }
+        let p = self.pending.get_or_insert_with(Default::default);
+        for m in msgs {
+            if p.retained.len() >= MAX_RETAINED_WAITING {
+                metrics::dropped(metrics::Drop::MailboxFull);
+                metrics::limit_hit("retained_waiting");
+                continue;
+            }
+            p.retained.push_back(m);
+        }
+    }
+
+    fn has_retained(&self) -> bool {
+        self.pending
+            .as_ref()
+            .is_some_and(|p| !p.retained.is_empty())
+    }
+
+    /// Writes waiting retained QoS 0 messages while the write buffer has room.
+    fn write_retained(&mut self) {
+        while let Some(msg) = self
+            .pending
+            .as_mut()
+            .and_then(|p| p.retained.front().cloned())
+        {
+            if !self.fits(&msg) {
+                return;
+            }
+            if let Some(p) = self.pending.as_mut() {
+                p.retained.pop_front();
+            }
+            if self.may_read(&msg.topic) {
+                codec::encode_publish(
+                    &mut self.wbuf,
+                    &msg.topic,
+                    &msg.payload,
+                    Qos::AtMostOnce,
+                    0,
+                    true,
+                    false,
+                );
+                metrics::sent(0);
+            }
+        }
+        if let Some(p) = self.pending.as_mut() {
+            if p.retained.is_empty() && p.retained.capacity() > 64 {
+                p.retained = Default::default();
+            }
         }
     }
 
@@ -725,10 +794,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 drop(seen);
                 for (((filter, _), code), last) in s.filters.iter().zip(&codes).zip(last) {
                     if let (Ok(f), Some(granted), true) = (filter, qos_of(*code), last) {
-                        self.broker
+                        let qos0 = self
+                            .broker
                             .send_retained(&self.client, f, granted)
                             .await
                             .map_err(|e| End::Abnormal(format!("store: {e}")))?;
+                        self.queue_retained(qos0);
                     }
                 }
             }

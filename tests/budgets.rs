@@ -184,12 +184,10 @@ async fn retained_amplification_stays_within_the_write_budget() {
             .unwrap();
         attackers.push(a);
     }
-    // The overlapping filters overflow the mailbox's byte budget: counted.
-    node.wait_metric(
-        r#"herald_limit_hits_total{limit="session_max_mailbox_bytes"}"#,
-        1.0,
-    )
-    .await;
+    // Each attacker gets one copy written (alone in its empty write buffer) and no more:
+    // the rest wait as pointers to the one retained message.
+    node.wait_metric(r#"herald_messages_sent_total{qos="0"}"#, 4.0)
+        .await;
     let mut device = Raw::connect(addr, "honest").await;
     for n in 0..20 {
         let ms = push_round_trip(&mut setter, &mut device, "honest", n).await;
@@ -200,6 +198,11 @@ async fn retained_amplification_stays_within_the_write_budget() {
         grown < 48 * MIB,
         "RSS grew {} MiB for 4 amplifying connections",
         grown / MIB
+    );
+    let sent = node.metric(r#"herald_messages_sent_total{qos="0"}"#).await;
+    assert!(
+        sent <= 8.0,
+        "{sent} retained copies written to 4 non-readers"
     );
     drop(attackers);
 }
@@ -497,5 +500,6 @@ async fn memory_guard_slows_publishers_then_refuses_connections() {
             >= 1.0
     );
     assert!(node.log().contains("memory guard"), "{}", node.log());
-    assert!(node.rss() < 110 * MIB, "RSS {} MiB", node.rss() / MIB);
+    // Sampled four times a second: what arrives between two samples can overshoot a little.
+    assert!(node.rss() < 128 * MIB, "RSS {} MiB", node.rss() / MIB);
 }

@@ -307,3 +307,35 @@ async fn subscribing_again_replaces_the_qos() {
     assert!(rest.is_empty(), "one subscription, one copy: {rest:?}");
     server.shutdown().await;
 }
+
+/// Retained messages are written as the subscriber reads them, not dropped at the mailbox's
+/// bounds: 3,000 of them (more than `max_mailbox`, more bytes than `max_mailbox_bytes`) all
+/// arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_retained_messages_all_arrive() {
+    let server = start_with(|c| c.session.max_mailbox_bytes = 64 * 1024).await;
+    let addr = server.local_addr();
+    let mut publisher = Raw::connect(addr, "many-ret-pub").await;
+    let payload = vec![b'v'; 500];
+    for i in 0..3000 {
+        publisher
+            .send_publish(&format!("manyret/{i}"), &payload, QoS::AtMostOnce, true)
+            .await;
+    }
+    // In order after the QoS 0 ones: all are retained once this is acknowledged.
+    publisher
+        .publish("manyret-sync", b"", QoS::AtLeastOnce, false)
+        .await;
+    let mut sub = Raw::connect(addr, "many-ret-sub").await;
+    sub.sub("manyret/#", QoS::AtMostOnce).await;
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < 3000 {
+        let p = match sub.next(WAIT).await {
+            Event::Packet(Packet::Publish(p)) => p,
+            e => panic!("after {} retained messages: {e:?}", seen.len()),
+        };
+        assert!(p.retain);
+        seen.insert(p.topic);
+    }
+    server.shutdown().await;
+}

@@ -1,7 +1,7 @@
 //! In-process outbox: the embedded default. Lost on restart, said so in the README.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -12,8 +12,10 @@ use crate::config::OverflowPolicy;
 use crate::metrics;
 
 /// One client's queue. It exists only while it holds entries (an idle device costs nothing
-/// here), so its sequence numbers start from the clock: a queue created again later numbers
-/// above everything its predecessor handed out, and a connection's cursor stays valid.
+/// here), so its sequence numbers start from the clock, and above every number a removed
+/// queue handed out (`MemoryOutbox::floor`: the clock alone repeats itself within a
+/// millisecond and can go back): a queue created again later numbers above everything its
+/// predecessor handed out, and a connection's cursor stays valid.
 struct ClientOutbox {
     /// Last sequence number handed out.
     last_seq: u64,
@@ -24,10 +26,10 @@ struct ClientOutbox {
     entries: VecDeque<Entry>,
 }
 
-impl Default for ClientOutbox {
-    fn default() -> Self {
+impl ClientOutbox {
+    fn starting_above(floor: u64) -> Self {
         // 1000 numbers per millisecond: more than one client can be sent.
-        let base = now_ms() * 1000;
+        let base = (now_ms() * 1000).max(floor);
         ClientOutbox {
             last_seq: base,
             sent: base,
@@ -67,6 +69,8 @@ pub struct MemoryOutbox {
     /// taken, so concurrent enqueues can overshoot by one message each.
     total: AtomicUsize,
     total_bytes: AtomicUsize,
+    /// The highest sequence number any removed queue handed out.
+    floor: AtomicU64,
 }
 
 impl MemoryOutbox {
@@ -76,6 +80,7 @@ impl MemoryOutbox {
             limits,
             total: AtomicUsize::new(0),
             total_bytes: AtomicUsize::new(0),
+            floor: AtomicU64::new(0),
         }
     }
 
@@ -84,7 +89,9 @@ impl MemoryOutbox {
     fn entry(&self, client: &Arc<str>) -> dashmap::mapref::one::RefMut<'_, Arc<str>, ClientOutbox> {
         match self.clients.get_mut(&**client) {
             Some(ob) => ob,
-            None => self.clients.entry(client.clone()).or_default(),
+            None => self.clients.entry(client.clone()).or_insert_with(|| {
+                ClientOutbox::starting_above(self.floor.load(Ordering::Acquire))
+            }),
         }
     }
 
@@ -210,7 +217,12 @@ impl MemoryOutbox {
             for _ in ob.entries.len()..before.0 {
                 metrics::dropped(metrics::Drop::Expired);
             }
-            !ob.entries.is_empty()
+            if ob.entries.is_empty() {
+                // The next queue of this client starts above it (see `ClientOutbox`).
+                self.floor.fetch_max(ob.last_seq, Ordering::AcqRel);
+                return false;
+            }
+            true
         });
     }
 }
@@ -315,6 +327,26 @@ mod tests {
         let got = s.fetch("c", 0, 10);
         assert_eq!(got.len(), 1);
         assert_eq!(&got[0].msg.payload[..], b"new");
+    }
+
+    /// Acknowledged and swept within the millisecond it was created: the next queue of the
+    /// client must not start from the same clock reading.
+    #[test]
+    fn sequence_grows_across_a_queue_swept_in_the_same_millisecond() {
+        let s = store(10, OverflowPolicy::DropOldest);
+        let c: Arc<str> = "c".into();
+        for _ in 0..50 {
+            let Enqueued::Stored(first) = s.enqueue(&c, Qos::AtLeastOnce, &msg("a", 0)) else {
+                panic!("not stored");
+            };
+            s.ack("c", first);
+            s.sweep();
+            let Enqueued::Stored(second) = s.enqueue(&c, Qos::AtLeastOnce, &msg("b", 0)) else {
+                panic!("not stored");
+            };
+            assert!(second > first, "{second} after {first}");
+            s.ack("c", second);
+        }
     }
 
     #[test]
