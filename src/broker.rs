@@ -239,7 +239,12 @@ impl Broker {
         if let Ok(Some(claim)) = claimed {
             self.claimed(client, conn_id, &mailbox, claim).await;
             if !clean {
-                self.load_subscriptions(client).await?;
+                if let Err(e) = self.load_subscriptions(client).await {
+                    // Refused after the claim: end it as a connection that closed at once,
+                    // or the table would keep a mailbox nobody reads.
+                    self.detach(client, conn_id, clean, saved).await;
+                    return Err(e);
+                }
             }
         }
         Ok(Attached {

@@ -466,6 +466,11 @@ pub fn encode_pingreq(buf: &mut BytesMut) {
 }
 
 /// Writes a PUBLISH; `pkid` is ignored for QoS 0.
+/// The largest CONNECT MQTT 3.1.1 allows: a 5-byte fixed header, a 10-byte variable header
+/// and five length-prefixed fields (client id, will topic, will message, user name,
+/// password) of at most 65,535 bytes each.
+pub const MAX_CONNECT_SIZE: usize = 5 + 10 + 5 * (2 + 65_535);
+
 /// What the first bytes of a CONNECT still arriving say: its whole size (fixed header
 /// included) and, once the flags byte is in, whether it carries a will. `None`: too few
 /// bytes to tell the size, or not a CONNECT's header (`decode` answers those).

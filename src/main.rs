@@ -4,6 +4,13 @@
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+// jemalloc's background thread returns freed memory to the system on time (its dirty-page
+// decay, 10 s): without it, decay runs only when the process allocates, and a node that has
+// gone quiet after a burst (or an attack) keeps its peak RSS, which the memory guard would
+// then read as pressure that never ends. (The prefixed name is tikv-jemallocator's.)
+#[export_name = "_rjem_malloc_conf"]
+static MALLOC_CONF: &[u8; 23] = b"background_thread:true\0";
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

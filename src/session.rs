@@ -276,6 +276,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             if reserved.is_none() {
                 match codec::connect_prefix(rbuf) {
                     Some((size, _)) if size <= small => {}
+                    // More than any valid CONNECT can be: every field at its longest.
+                    Some((size, _)) if size > codec::MAX_CONNECT_SIZE => {
+                        metrics::limit_hit("server_max_connect_size");
+                        return Err(Some(DecodeError::TooLarge(size)));
+                    }
                     Some((size, Some(true))) => match LargeConnect::reserve(size) {
                         Some(r) => reserved = Some(r),
                         None => {

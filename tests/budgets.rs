@@ -324,9 +324,8 @@ async fn stored_bytes_are_bounded_per_client_and_in_total() {
 async fn unfinished_connects_are_bounded() {
     let node = Node::start("");
     let addr = node.addr();
-    // CONNECT header announcing 1 MiB: "MQTT", level 4, flags, keepalive.
-    let header = |will: bool| {
-        let len: usize = 1 << 20;
+    // CONNECT header announcing `len` bytes: "MQTT", level 4, flags, keepalive.
+    let header = |len: usize, will: bool| {
         let mut h = vec![0x10];
         let mut n = len;
         loop {
@@ -349,7 +348,7 @@ async fn unfinished_connects_are_bounded() {
     // Without a will: closed at once, each one.
     for _ in 0..50 {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(&header(false)).await.unwrap();
+        s.write_all(&header(1 << 20, false)).await.unwrap();
         let _ = s.write_all(&[0u8; 60_000]).await;
         let mut b = [0u8; 16];
         let n = tokio::time::timeout(WAIT, s.read(&mut b)).await;
@@ -360,16 +359,23 @@ async fn unfinished_connects_are_bounded() {
         50.0,
     )
     .await;
-    // With a will: 64 MiB between them, so of 100 announcing 1 MiB, at least 30 are closed.
+    // With a will (up to the largest valid CONNECT, 320 KB): 64 MiB between them, so of
+    // 250 announcing 300 KB (75 MB), at least 20 are closed.
     let mut open = Vec::new();
-    for _ in 0..100 {
+    for _ in 0..250 {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(&header(true)).await.unwrap();
-        let _ = s.write_all(&[0u8; 512 * 1024]).await;
+        s.write_all(&header(300_000, true)).await.unwrap();
+        let _ = s.write_all(&[0u8; 150 * 1024]).await;
         open.push(s);
     }
-    node.wait_metric(r#"herald_limit_hits_total{limit="large_connects"}"#, 30.0)
+    node.wait_metric(r#"herald_limit_hits_total{limit="large_connects"}"#, 20.0)
         .await;
+    // More than any valid CONNECT, will or not: closed at once.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&header(1 << 20, true)).await.unwrap();
+    let mut b = [0u8; 16];
+    let n = tokio::time::timeout(WAIT, s.read(&mut b)).await;
+    assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "not closed: {n:?}");
     let grown = node.rss().saturating_sub(base);
     assert!(grown < 96 * MIB, "RSS grew {} MiB", grown / MIB);
     // Honest clients still connect.

@@ -319,7 +319,7 @@ async fn run(
             }
         }
         // Whatever waits would wait for a link that may not come back soon: push hints
-        // are recovered from the outbox, forwarded publishes fail (no PUBACK upstream).
+        // are recovered from the outbox, forwarded publishes are counted as failed.
         while let Ok(out) = rx.try_recv() {
             drop(out);
             metrics::forward_failed();
@@ -600,7 +600,7 @@ async fn serve_in<S: AsyncRead + AsyncWrite + Unpin>(
         tokio::select! {
             Some((pkid, r)) = storing.next(), if !storing.is_empty() => {
                 if pkid != 0 {
-                    // Not stored here: drop the link so the sender fails the publish upstream.
+                    // Not stored here: drop the link; the sender counts the forward as failed.
                     r.map_err(|e| format!("forwarded publish not stored: {e}"))?;
                     codec::encode_puback(&mut wbuf, pkid);
                 }

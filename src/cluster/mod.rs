@@ -11,16 +11,19 @@
 //!
 //! The path of a push to a device on another node: the receiving node stores the message
 //! in the device's outbox (Redis; the enqueue script also returns the device's route, read
-//! right after the store, so forwarding costs no extra round trip), acknowledges the
-//! publisher and, if the route names a live node (alive key present with the route's incarnation), sends it
-//! `{cid, seq, message}` over the node-to-node link (hop 1); the owner hands it to the
+//! right after the store, so forwarding costs no extra round trip) and, if the route names a
+//! live node (alive key present with the route's incarnation), queues
+//! `{cid, seq, message}` for the node-to-node link (hop 1), then acknowledges the publisher;
+//! the owner hands it to the
 //! connection (hop 2). A forward lost on the way (link down, node restarting) only delays the
 //! message: the owner re-reads the outbox on reconnect, and its periodic sweep wakes every
 //! connected client whose outbox holds entries it has not been told about.
 //!
 //! Ordinary topics: a publish is forwarded once per node that has a matching filter (and to
 //! every node when retained); with QoS > 0 the peer acknowledges after storing for its own
-//! subscribers, and only then is the publisher acknowledged.
+//! subscribers, and the publisher's PUBACK waits for those acknowledgements, at most
+//! `link::ACK_TIMEOUT`: a peer that does not answer in time is counted as a failed forward
+//! and does not hold the publisher up (its subscribers may miss the message).
 //!
 //! One owner per client id: CONNECT bumps the client's epoch and writes the route in one
 //! Lua call, then tells the previous owner node (if live) to close its connection unless
@@ -65,7 +68,7 @@ local r = redis.call('HMGET', KEYS[1], 'node', 'inc', 'epoch')
 if r[1] ~= ARGV[1] or r[2] ~= ARGV[2] or r[3] ~= ARGV[3] then return 0 end
 redis.call('DEL', KEYS[1])
 if ARGV[4] == '1' then
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[6])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7])
   redis.call('PEXPIRE', KEYS[5], 86400000)
 end
 return 1
@@ -254,6 +257,7 @@ impl Cluster {
             .key(redis_key("subs", client))
             .key(redis_key("epoch", client))
             .key(redis_key("qbytes", client))
+            .key(redis_key("sent", client))
             .arg(&*self.id)
             .arg(self.inc.to_string())
             .arg(epoch.to_string())
@@ -445,7 +449,9 @@ impl Cluster {
             }
         }
         Some(async move {
-            for (node, rx) in waits {
+            // All peers at once: several frozen peers hold a PUBACK for one ACK_TIMEOUT, not
+            // one each.
+            let acks = waits.into_iter().map(|(node, rx)| async move {
                 if !matches!(
                     tokio::time::timeout(link::ACK_TIMEOUT, rx).await,
                     Ok(Ok(()))
@@ -453,7 +459,8 @@ impl Cluster {
                     metrics::forward_failed();
                     tracing::debug!(node = %node, "forwarded publish not acknowledged");
                 }
-            }
+            });
+            futures::future::join_all(acks).await;
         })
     }
 

@@ -12,6 +12,7 @@
 //!   `session.max_queued_bytes` (see `ENQUEUE`); expires and is deleted with the outbox.
 //! - `herald:sent:{cid}`: highest seq written to the wire and still queued when written
 //!   (DUP on redelivery; a number acknowledged by then needs no resend, see `apply`).
+//!   Deleted with the outbox when a clean session starts.
 //! - `herald:session:{cid}`: present while the client has a persistent session.
 //! - `herald:subs:{cid}`: HASH filter -> QoS of a persistent session.
 //! - `herald:subscribers`: SET of client ids with subscriptions (an index read at start).
@@ -146,7 +147,7 @@ return out
 const ATTACH: &str = r#"
 local present = redis.call('EXISTS', KEYS[3])
 if ARGV[1] == '1' then
-  redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[5])
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
   present = 0
 else
   redis.call('SET', KEYS[3], '1')
@@ -571,6 +572,8 @@ impl RedisOutbox {
         let mut conn = self.link.conn();
         let keys = [
             key("outbox", client),
+            key("sent", client),
+            key("qbytes", client),
             key("session", client),
             key("subs", client),
         ];
@@ -1706,11 +1709,14 @@ mod tests {
                 Enqueued::Rejected
             ]
         );
-        // A clean session starts from nothing.
-        store.attach("a", true).await.unwrap();
+        // A clean session starts from nothing, and leaves no per-client key but the
+        // sequence counter.
         let mut raw = redis.conn().await;
-        let left: Option<u64> = raw.get("herald:qbytes:{a}").await.unwrap();
-        assert_eq!(left, None);
+        let _: () = raw.set("herald:sent:{a}", 2).await.unwrap();
+        store.attach("a", true).await.unwrap();
+        let mut left: Vec<String> = raw.keys("herald:*{a}").await.unwrap();
+        left.sort();
+        assert_eq!(left, ["herald:seq:{a}"]);
     }
 
     /// The sent watermark covers every number written and not acknowledged.
