@@ -977,6 +977,9 @@ def honest_process(conn, port, devices, rate):
                     "p50_ms": percentile(lat, 50),
                     "p99_ms": percentile(lat, 99),
                     "max_ms": max(lat) if lat else None,
+                    # The 5 slowest: (when published, time.monotonic(); latency in ms).
+                    "worst": sorted(((sent[q], round(latency[q] * 1000, 1))
+                                     for q in sent if q in latency), key=lambda w: -w[1])[:5],
                 }
             conn.send(("result", result))
         elif cmd == "quit":
@@ -1223,12 +1226,11 @@ def run_case(case, store, args, tmp, redis):
     """Fresh Herald, honest clients, the attack, the checks. Returns the case's record."""
     rec = {"case": case.name, "store": store, "failures": []}
     mp = multiprocessing.get_context("spawn")
-    if redis:
-        redis.flush()
-    herald = Herald(args.herald, tmp, f"{store}-{case.name}", redis)
-    honest = attacker = None
-    sampler = None
+    herald = honest = attacker = sampler = None
     try:
+        if redis:
+            redis.flush()
+        herald = Herald(args.herald, tmp, f"{store}-{case.name}", redis)
         parent_end, child_end = mp.Pipe()
         honest = mp.Process(target=honest_process, args=(child_end, herald.port, HONEST_DEVICES, HONEST_RATE),
                             daemon=True)
@@ -1279,6 +1281,8 @@ def run_case(case, store, args, tmp, redis):
         if not parent_end.poll(HONEST_GRACE + 15):
             raise RuntimeError("honest clients did not report after the attack")
         kind, honest_result = parent_end.recv()
+        # CLOCK_MONOTONIC is system-wide: publish times relative to the attack's start.
+        honest_result["worst"] = [(round(t - t0, 2), ms) for t, ms in honest_result["worst"]]
         rec["honest"] = honest_result
 
         rec["alive"] = herald.alive()
@@ -1311,7 +1315,9 @@ def run_case(case, store, args, tmp, redis):
             rec["failures"].append(f"attack: {details['error']}")
         h = honest_result
         if h["p99_ms"] is None or h["p99_ms"] >= HONEST_P99_MS:
-            rec["failures"].append(f"honest p99 {fmt(h['p99_ms'], ' ms')} >= {HONEST_P99_MS:.0f} ms")
+            worst = ", ".join(f"{ms:.0f} ms at {t:+.1f} s" for t, ms in h["worst"][:3])
+            rec["failures"].append(f"honest p99 {fmt(h['p99_ms'], ' ms')} >= {HONEST_P99_MS:.0f} ms"
+                                   f" (slowest, by publish time from the attack's start: {worst})")
         if h["lost"]:
             rec["failures"].append(f"{h['lost']} of {h['published']} honest pushes not received")
         if not rec["alive"]:
@@ -1322,7 +1328,8 @@ def run_case(case, store, args, tmp, redis):
             rec["herald_log_tail"] = herald.log_tail()
     except Exception as e:
         rec["failures"].append(f"{type(e).__name__}: {e}")
-        rec.setdefault("herald_log_tail", herald.log_tail())
+        if herald:
+            rec.setdefault("herald_log_tail", herald.log_tail())
     finally:
         if sampler and sampler.is_alive():
             sampler.stop()
@@ -1340,8 +1347,8 @@ def run_case(case, store, args, tmp, redis):
             if honest.is_alive():
                 honest.terminate()
                 honest.join(5)
-        rc = herald.stop()
-        rec["herald_exit"] = rc
+        if herald:
+            rec["herald_exit"] = herald.stop()
     rec["result"] = "FAIL" if rec["failures"] else "PASS"
     return rec
 
