@@ -54,6 +54,11 @@ server.max_write_buffer 256 KiB, session.max_mailbox_bytes 512 KiB, session.max_
                     (PUBLISH, SUBSCRIBE, reserved type 15), all but its last byte. Proves that
                     what a client sends before its CONNECT is accepted cannot make Herald buffer
                     more than server.max_connect_size per socket. Bound: baseline + 64 MiB.
+  unfinished-will-connect  The same 300 CONNECTs with the will flag set (a CONNECT with a will
+                    may be larger than max_connect_size, up to max_packet_size). Proves that what
+                    such CONNECTs hold between them is bounded over the whole process. Bound:
+                    baseline + 96 MiB (64 MiB for all large CONNECTs at once, as the fix on main
+                    has it, plus slack for read-buffer growth).
   malformed         3,000 short connections, 50 at a time, each sending a mutated packet (bit
                     flips, truncations, bad remaining lengths, U+0000 and invalid UTF-8 in
                     strings, reserved flags and types, bad protocol names and levels, garbage),
@@ -621,49 +626,75 @@ def run_sockets(ctx, sel, conns, until, on_idle=None):
         c.sock.close()
 
 
-def case_unfinished_connect(ctx):
-    """300 sockets send the fixed header of a ~1 MiB CONNECT and all of it but the last byte
-    (150 at once, 150 at 64 KiB every 0.5 s), then wait for Herald to close them. 100 more do
-    the same at once with a first packet that is not a CONNECT (PUBLISH, SUBSCRIBE, reserved
-    type 15): a limit that looks only at CONNECT would let them through."""
-    announced = MiB - 16  # remaining length: within server.max_packet_size (1 MiB)
-    header_len = 1 + len(varint(announced))
-    body_start = mstr(b"MQTT") + bytes([4, 0x02]) + struct.pack("!H", 30) + struct.pack("!H", 65535)
-    connect = b"\x10" + varint(announced) + body_start + b"c" * (announced - len(body_start))
-    others = [bytes([b]) + connect[1:] for b in (0x30, 0x82, 0xF0)]
-    plan = [("connect-fast", 150), ("connect-slow", 150), ("other-first-fast", 100)]
+def big_first_packet(announced, will=False, byte1=0x10):
+    """The first ~1 MiB of a packet that announces `announced` bytes: a CONNECT (with the will
+    flag if `will`) whose client id claims 65,535 bytes, then filler; with another `byte1`,
+    the same bytes under another packet type."""
+    flags = 0x06 if will else 0x02  # clean session, and the will flag (will QoS 0)
+    body_start = mstr(b"MQTT") + bytes([4, flags]) + struct.pack("!H", 30) + struct.pack("!H", 65535)
+    return bytes([byte1]) + varint(announced) + body_start + b"c" * (announced - len(body_start))
+
+
+def _unfinished_first_packets(ctx, plan):
+    """Opens every socket of `plan` ([(kind, count, [packets], slow)]); each sends one of its
+    packets but the last byte, at once or (slow) 64 KiB every 0.5 s after the fixed header,
+    then waits until Herald closes it, or connect_timeout + 5 s."""
     sel = selectors.DefaultSelector()
     conns = []
-    for kind, count in plan:
+    for kind, count, packets, slow in plan:
         for i in range(count):
-            data = others[i % len(others)] if kind.startswith("other") else connect
+            if len(conns) % 100 == 0:
+                time.sleep(0.01)  # as in conn-flood: no more than the listen backlog at once
+            data = packets[i % len(packets)]
             s, _ = open_nonblocking(ctx.port)
-            # "slow" ones start with the fixed header only; trickle() raises their limit.
-            c = Conn(s, data, limit=header_len if kind.endswith("slow") else len(data) - 1, kind=kind)
+            # Slow ones start with the fixed header only; trickle() raises their limit.
+            c = Conn(s, data, limit=1 + len(varint(len(data))) if slow else len(data) - 1, kind=kind)
             conns.append(c)
             sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE, c)
+    slow_kinds = {kind for kind, _, _, slow in plan if slow}
     t0 = time.monotonic()
     step = 64 * KiB
 
     def trickle(live):
         ticks = int((time.monotonic() - t0) / 0.5)
         for c in live:
-            if c.kind.endswith("slow"):
-                want = min(len(c.data) - 1, header_len + ticks * step)
+            if c.kind in slow_kinds:
+                want = min(len(c.data) - 1, 4 + ticks * step)
                 if want > c.limit:
                     c.limit = want
                     sel.modify(c.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, c)
 
     run_sockets(ctx, sel, conns, t0 + CONNECT_TIMEOUT + 5, on_idle=trickle)
-    out = {"sockets": len(conns), "announced_bytes": announced,
-           "sent_mib": round(sum(c.off for c in conns) / MiB, 1)}
-    for kind, count in plan:
+    out = {"sockets": len(conns), "sent_mib": round(sum(c.off for c in conns) / MiB, 1)}
+    for kind, _, _, _ in plan:
         mine = [c for c in conns if c.kind == kind]
         times = [c.closed_at - c.opened for c in mine if c.closed_at is not None]
         p50 = f"{percentile(times, 50):.2f}s" if times else "-"
         out[kind] = (f"closed {len(times)}/{len(mine)} after p50 {p50}, "
                      f"sent {sum(c.off for c in mine) // len(mine) // KiB} KiB each")
     return out
+
+
+def case_unfinished_connect(ctx):
+    """300 sockets send the fixed header of a ~1 MiB CONNECT and all of it but the last byte
+    (150 at once, 150 at 64 KiB every 0.5 s), then wait for Herald to close them. 100 more do
+    the same at once with a first packet that is not a CONNECT (PUBLISH, SUBSCRIBE, reserved
+    type 15): a limit that looks only at CONNECT would let them through."""
+    announced = MiB - 16  # remaining length: within server.max_packet_size (1 MiB)
+    connect = big_first_packet(announced)
+    others = [big_first_packet(announced, byte1=b) for b in (0x30, 0x82, 0xF0)]
+    return _unfinished_first_packets(ctx, [("connect-fast", 150, [connect], False),
+                                           ("connect-slow", 150, [connect], True),
+                                           ("other-first-fast", 100, others, False)])
+
+
+def case_unfinished_will_connect(ctx):
+    """As unfinished-connect, with the will flag set in the 300 CONNECTs: a CONNECT with a will
+    may be larger than server.max_connect_size, so what bounds these is whatever Herald keeps
+    for large CONNECTs over all sockets."""
+    will = big_first_packet(MiB - 16, will=True)
+    return _unfinished_first_packets(ctx, [("will-fast", 150, [will], False),
+                                           ("will-slow", 150, [will], True)])
 
 
 BAD_UTF8 = [b"\xc3\x28", b"\xed\xa0\x80", b"\xff", b"\xc0\x80", b"\xe2\x82", b"\xf4\x90\x80\x80"]
@@ -836,6 +867,7 @@ CASES = [
     Case("trickle-reader", case_trickle_reader, {"memory": 64, "redis": 64}, (45, 30)),
     Case("stored-bytes", case_stored_bytes, {"memory": 256 + 64, "redis": 64}, (110, 65)),
     Case("unfinished-connect", case_unfinished_connect, {"memory": 64, "redis": 64}, (40, 40)),
+    Case("unfinished-will-connect", case_unfinished_will_connect, {"memory": 96, "redis": 96}, (40, 40)),
     Case("malformed", case_malformed, {"memory": 64, "redis": 64}, (140, 80)),
     Case("conn-flood", case_conn_flood, {"memory": 64, "redis": 64}, (50, 50)),
 ]
@@ -1360,7 +1392,7 @@ def print_record(rec):
     lost = f"{h['lost']}/{h['published']}" if h else "-"
     metrics = " ".join(f"{short_metric(k)}={v}" for k, v in sorted(rec.get("metrics", {}).items())
                        if any(k.startswith(f) for f in LINE_METRICS))
-    print(f"{rec['case']:<19} {rec['store']:<6} peak {fmt(rec.get('peak_rss_mib'), ' MiB'):>12}"
+    print(f"{rec['case']:<23} {rec['store']:<6} peak {fmt(rec.get('peak_rss_mib'), ' MiB'):>12}"
           f"  bound {fmt(rec.get('bound_mib'), ' MiB'):>10}  p99 {fmt(h.get('p99_ms'), ' ms', 1):>9}"
           f"  lost {lost:>9}  {rec['result']}  {metrics}", flush=True)
     attack = {k: v for k, v in (rec.get("attack") or {}).items() if k != "error"}
@@ -1393,7 +1425,7 @@ def main():
 
     if args.list:
         for c in CASES:
-            print(f"{c.name:<19} bound: baseline + {c.bound['memory']} MiB (memory), + {c.bound['redis']} MiB (redis)")
+            print(f"{c.name:<23} bound: baseline + {c.bound['memory']} MiB (memory), + {c.bound['redis']} MiB (redis)")
         return 0
     names = [n for arg in args.case for n in arg.split(",") if n]
     unknown = [n for n in names if n not in {c.name for c in CASES}]
