@@ -9,6 +9,11 @@
 #   make bench     benchmarks (scripts/bench.sh)
 #   make cluster   release build, then a 3-node cluster on loopback with a private Redis until
 #                  Ctrl-C (scripts/cluster.sh); flags: make cluster ARGS='--for 30'
+#   make attack    release build, then the network attack suite (scripts/attack.py): hostile
+#                  clients against a fresh Herald per case, memory and Redis stores, checking
+#                  Herald's RSS, honest push latency and liveness; under 10 minutes. Flags:
+#                  make attack ARGS='--quick' (or '--case slow-readers --store memory
+#                  --json results.json'); another binary: make attack HERALD=path
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -17,7 +22,7 @@ HERALD := target/release/herald
 ARGS ?=
 export PYTHON CARGO
 
-.PHONY: build run test deps unit interop bench cluster
+.PHONY: build run test deps unit interop bench cluster attack
 
 build:
 	$(CARGO) build --release
@@ -42,3 +47,6 @@ bench: build
 
 cluster: build
 	bash scripts/cluster.sh $(ARGS)
+
+attack: build
+	$(PYTHON) scripts/attack.py --herald $(HERALD) $(ARGS)
