@@ -1452,6 +1452,7 @@ def main(argv):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     rc = 2
     herald = None
     soak = None
