@@ -53,6 +53,7 @@ Usage: scripts/soak.py [--herald PATH] [--quick] [--devices N] [--duration S] [-
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -428,7 +429,7 @@ OFFLINE, CONNECTING, ONLINE = 0, 1, 2
 
 class Device:
     __slots__ = ("idx", "cid", "topic", "conn", "zombie", "busy", "handle", "connected_once",
-                 "last_from")
+                 "last_from", "gen")
 
     def __init__(self, idx, prefix):
         self.idx = idx
@@ -440,6 +441,7 @@ class Device:
         self.handle = None       # a scheduled reconnect (TimerHandle)
         self.connected_once = False
         self.last_from = None    # publisher -> highest message id first delivered from it
+        self.gen = 0             # connections so far (CONNACKed)
 
 
 class DeviceConn(asyncio.Protocol):
@@ -450,6 +452,7 @@ class DeviceConn(asyncio.Protocol):
         self.connack = soak.loop.create_future()
         self.closed = soak.loop.create_future()
         self.online = False
+        self.gen = 0           # the device's connection number (Device.gen) once CONNACKed
         self.dead = False      # vanished: input discarded, nothing acknowledged
         self.closing = False   # this side ended it (DISCONNECT, close, reset)
         self.last_tx = 0.0
@@ -490,6 +493,10 @@ class DeviceConn(asyncio.Protocol):
                     soak.anomaly("bad_packet_from_herald", "CONNACK of wrong length")
                 if not self.connack.done():
                     self.connack.set_result((body[1], body[0] & 1))
+                    if body[1] == 0:
+                        # Numbered here: a replay can follow the CONNACK in the same read.
+                        self.dev.gen += 1
+                        self.gen = self.dev.gen
             elif t == T_PINGRESP:
                 soak.stats["pingresp"] += 1
             else:
@@ -661,10 +668,10 @@ class Soak:
         self.msg_t = array("d")
         self.msg_acked = bytearray()
         self.msg_recv = bytearray()
-        self.msg_live = bytearray()
+        self.msg_gen = array("I")  # the device's connection at publish (0: offline)
         self.msg_resent = bytearray()
         self.pending = 0  # acknowledged, not delivered yet
-        self.latencies = []  # first delivery of messages whose device was online at publish
+        self.latencies = []  # first deliveries on the connection the device had at publish
         self.connack_times = []
         self.pad = b"." * max(0, args.payload_size - 11)
         self.pubs = [None] * args.publishers
@@ -704,9 +711,11 @@ class Soak:
         return b"%010d " % msgid + self.pad
 
     # ---- devices
-    async def connect(self, dev, clean):
-        """One connection attempt, paced: the CONNACKed DeviceConn, or None."""
-        await self.pacer.wait()
+    async def connect(self, dev, clean, pace=True):
+        """One connection attempt (paced unless the caller took the slot): the CONNACKed
+        DeviceConn, or None."""
+        if pace:
+            await self.pacer.wait()
         async with self.conn_sem:
             conn = DeviceConn(self, dev, clean)
             t = self.loop.time()
@@ -733,8 +742,9 @@ class Soak:
         conn.online = True
         return conn
 
-    async def bring_online(self, dev):
-        """(Re)connects `dev` with clean session 0 until it is online; takes over a zombie."""
+    async def bring_online(self, dev, pace=True):
+        """(Re)connects `dev` with clean session 0 until it is online; takes over a zombie.
+        pace=False: the caller took the first attempt's slot from the pacer."""
         if dev.busy or dev.conn is not None:
             return
         dev.busy = True
@@ -742,7 +752,8 @@ class Soak:
         try:
             delay = 0.5
             while True:
-                conn = await self.connect(dev, clean=False)
+                conn = await self.connect(dev, clean=False, pace=pace)
+                pace = True
                 if conn is not None:
                     break
                 await asyncio.sleep(delay)
@@ -828,7 +839,7 @@ class Soak:
             self.stats["delivered"] += 1
             if self.msg_acked[msgid]:
                 self.pending -= 1
-            if self.msg_live[msgid]:
+            if self.msg_gen[msgid] == conn.gen:
                 self.latencies.append(self.loop.time() - self.msg_t[msgid])
             p = self.msg_pub[msgid]
             if dev.last_from is None:
@@ -909,7 +920,8 @@ class Soak:
                 self.msg_acked.append(0)
                 self.msg_recv.append(0)
                 self.msg_resent.append(0)
-                self.msg_live.append(1 if self.devices[d].conn is not None else 0)
+                c = self.devices[d].conn
+                self.msg_gen.append(c.gen if c is not None else 0)
                 conn.send(msgid)
                 self.stats["published"] += 1
                 sent += 1
@@ -1033,6 +1045,8 @@ class Soak:
         res["connect_rate"] = round(a.devices / max(1e-9, self.loop.time() - t))
         log(f"{self.online} devices online in {res['connect_s']} s ({res['connect_rate']}/s)")
         await asyncio.gather(*(self.start_publisher(k) for k in range(a.publishers)))
+        gc.collect()
+        gc.freeze()  # the devices' objects live for the whole run: out of the collector's way
 
         # Churn and publish
         self.phase = "churn"
@@ -1058,13 +1072,12 @@ class Soak:
         res["unacked_at_end"] = sum(len(p.inflight) for p in self.pubs if p)
         # Messages for devices that are online now should arrive within a few seconds.
         t = self.loop.time()
-        while self.loop.time() - t < a.settle:
-            if not any(self.msg_acked[m] and not self.msg_recv[m] and self.devices[self.msg_dev[m]].conn
-                       for m in range(len(self.msg_dev))):
+        missing = [m for m in range(len(self.msg_dev)) if self.msg_acked[m] and not self.msg_recv[m]]
+        while True:
+            stuck = [m for m in missing if not self.msg_recv[m] and self.devices[self.msg_dev[m]].conn]
+            if not stuck or self.loop.time() - t >= a.settle:
                 break
             await asyncio.sleep(0.5)
-        stuck = [m for m in range(len(self.msg_dev))
-                 if self.msg_acked[m] and not self.msg_recv[m] and self.devices[self.msg_dev[m]].conn]
         res["undelivered_to_online_after_settle"] = len(stuck)
         if stuck:
             log(f"{len(stuck)} acknowledged messages for online devices not delivered after {a.settle} s, "
@@ -1078,12 +1091,15 @@ class Soak:
                 d.handle = None
             while d.busy:
                 await asyncio.sleep(0.1)
+            # One pacer slot for the disconnect and the connect, so that devices leave at the
+            # connect rate too instead of all at once.
+            await self.pacer.wait()
             c = d.conn
             if c is not None:
                 d.conn = None
                 self.online -= 1
                 await c.disconnect()
-            await self.bring_online(d)
+            await self.bring_online(d, pace=False)
 
         await asyncio.gather(*(redo(d) for d in self.devices))
         log(f"all {self.online} devices reconnected in {self.loop.time() - t:.1f} s; {self.pending} pending")
@@ -1109,14 +1125,15 @@ class Soak:
         not_closed = [0]
 
         async def clean(d):
+            await self.pacer.wait()
             c = d.conn
             if c is not None:
                 d.conn = None
                 self.online -= 1
                 if not await c.disconnect():
                     not_closed[0] += 1
-            for _ in range(5):
-                c = await self.connect(d, clean=True)
+            for i in range(5):
+                c = await self.connect(d, clean=True, pace=i > 0)
                 if c is not None:
                     if not await c.disconnect():
                         not_closed[0] += 1
@@ -1306,6 +1323,8 @@ def report(args, soak, res, checks, herald_exit, binary, version):
         "cpu_pct_connect": {"herald": cpu([s for s in st if s["phase"] == "connect"], "herald"),
                             "soak": cpu([s for s in st if s["phase"] == "connect"], "soak")},
         "lag_max_ms_churn": max((s["lag_max_ms"] for s in churn), default=None),
+        "lag_ms_churn_per_sample_p50_p90": (pct([s["lag_max_ms"] for s in churn], 50),
+                                            pct([s["lag_max_ms"] for s in churn], 90)),
         "loadavg_churn": (round(min(s["loadavg"] for s in churn), 2), round(max(s["loadavg"] for s in churn), 2)) if churn else None,
         "achieved_rate": round(a["published"] / max(1e-9, soak.churn_end - soak.churn_start)),
         "anomalies": {k: v for k, v in soak.anomalies.items() if v},
@@ -1331,7 +1350,8 @@ def report(args, soak, res, checks, herald_exit, binary, version):
         ("delivered / lost / duplicated", f"{a['delivered']:,} / {res['lost']:,} / {a['duplicates']:,} "
          f"(DUP=1 deliveries {a['dup_flagged']:,})"),
         ("live delivery latency p50/p99/max", f"{summary['latency_live_ms']['p50']} / {summary['latency_live_ms']['p99']} / "
-         f"{summary['latency_live_ms']['max']} ms ({len(lat):,} msgs to online devices)"),
+         f"{summary['latency_live_ms']['max']} ms (publish .. PUBLISH at the device, {len(lat):,} msgs "
+         "delivered on the connection the device had at publish)"),
         ("drain", f"{res['drain_s']} s after the reconnects; undelivered to online devices after "
          f"{args.settle:g} s settle: {res['undelivered_to_online_after_settle']}"),
         ("Herald RSS", f"start {mb(rss_start)}, after warm-up {mb(rss_warm)}, peak {mb(rss_peak)}, "
@@ -1349,7 +1369,8 @@ def report(args, soak, res, checks, herald_exit, binary, version):
             *summary["cpu_pct_churn"]["herald"], *summary["cpu_pct_churn"]["redis"], *summary["cpu_pct_churn"]["soak"])),
         ("CPU mean/max while connecting", "herald {}/{} %, soak {}/{} %".format(
             *summary["cpu_pct_connect"]["herald"], *summary["cpu_pct_connect"]["soak"])),
-        ("event-loop lag max (churn)", f"{summary['lag_max_ms_churn']} ms; load average {summary['loadavg_churn']}"),
+        ("event-loop lag (churn)", "worst per sample: median {} ms, p90 {} ms, max {} ms; load average {}".format(
+            *summary["lag_ms_churn_per_sample_p50_p90"], summary["lag_max_ms_churn"], summary["loadavg_churn"])),
         ("Herald exit on SIGTERM", herald_exit),
     ]
     w = max(len(r[0]) for r in rows)
