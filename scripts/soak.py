@@ -970,6 +970,7 @@ class Soak:
             totals, _ = scrape_metrics(self.mport)
             s["connections_active"] = int(totals.get("herald_connections_active", -1))
             s["messages_dropped"] = int(totals.get("herald_messages_dropped_total", 0))
+            s["takeovers"] = int(totals.get("herald_session_takeovers_total", 0))
         except (OSError, ValueError) as e:
             s["metrics_error"] = repr(e)
         return s
@@ -1270,7 +1271,7 @@ def report(args, soak, res, checks, herald_exit, binary, version):
 
     def cpu(samples, who):
         v = [s[f"{who}_cpu_pct"] for s in samples if s.get(f"{who}_cpu_pct") is not None]
-        return (round(mean(v), 1), max(v)) if v else (None, None)
+        return (round(mean(v), 1), max(v)) if v else ("-", "-")
 
     lat = soak.latencies
     conn_t = soak.connack_times
@@ -1293,6 +1294,7 @@ def report(args, soak, res, checks, herald_exit, binary, version):
         "drain_s": res["drain_s"], "clean_s": res["clean_s"],
         "churn": {k[6:]: a[k] for k in a if k.startswith("churn_")},
         "takeovers_closed_by_herald": a["takeovers_closed"],
+        "takeovers_metric": int(res["metrics"].get("herald_session_takeovers_total", 0)),
         "connects": a["connects"], "connect_errors": a["connect_errors"],
         "latency_live_ms": {"p50": round(pct(lat, 50) * 1000, 2) if lat else None,
                             "p99": round(pct(lat, 99) * 1000, 2) if lat else None,
@@ -1345,7 +1347,8 @@ def report(args, soak, res, checks, herald_exit, binary, version):
          f"{summary['connack_ms']['p50']}/{summary['connack_ms']['p99']} ms; {a['connects']:,} connects, "
          f"{a['connect_errors']} errors"),
         ("churn (went offline)", ", ".join(f"{k} {v:,}" for k, v in summary["churn"].items())
-         + f"; takeovers closed by Herald {a['takeovers_closed']:,}"),
+         + f"; vanished connections closed by Herald on takeover {a['takeovers_closed']:,} "
+         f"(herald_session_takeovers_total {summary['takeovers_metric']:,})"),
         ("messages published / acknowledged", f"{a['published']:,} / {a['acked']:,} (unacknowledged at end {res['unacked_at_end']})"),
         ("delivered / lost / duplicated", f"{a['delivered']:,} / {res['lost']:,} / {a['duplicates']:,} "
          f"(DUP=1 deliveries {a['dup_flagged']:,})"),
