@@ -1269,8 +1269,11 @@ def report(args, soak, res, checks, herald_exit, binary, version):
     w0 = soak.churn_start + args.warmup
     after_warm = [s for s in churn if s["t"] >= w0]
 
-    def cpu(samples, who):
-        v = [s[f"{who}_cpu_pct"] for s in samples if s.get(f"{who}_cpu_pct") is not None]
+    def cpu(phase, who):
+        """Mean and max CPU % over the sample windows wholly inside `phase` (the first
+        sample of a phase also covers the end of the one before)."""
+        v = [s[f"{who}_cpu_pct"] for p, s in zip(st, st[1:])
+             if s["phase"] == phase and p["phase"] == phase and s.get(f"{who}_cpu_pct") is not None]
         return (round(mean(v), 1), max(v)) if v else ("-", "-")
 
     lat = soak.latencies
@@ -1320,10 +1323,8 @@ def report(args, soak, res, checks, herald_exit, binary, version):
                   **res["redis"]},
         "messages_dropped": int(sum(v for k, v in res["metrics"].items()
                                     if k.startswith("herald_messages_dropped_total"))),
-        "cpu_pct_churn": {"herald": cpu(churn, "herald"), "redis": cpu(churn, "redis"),
-                          "soak": cpu(churn, "soak")},
-        "cpu_pct_connect": {"herald": cpu([s for s in st if s["phase"] == "connect"], "herald"),
-                            "soak": cpu([s for s in st if s["phase"] == "connect"], "soak")},
+        "cpu_pct_by_phase": {ph: {who: cpu(ph, who) for who in ("soak", "herald", "redis")}
+                             for ph in ("connect", "churn", "drain", "clean")},
         "lag_max_ms_churn": max((s["lag_max_ms"] for s in churn), default=None),
         "lag_ms_churn_per_sample_p50_p90": (pct([s["lag_max_ms"] for s in churn], 50),
                                             pct([s["lag_max_ms"] for s in churn], 90)),
@@ -1368,10 +1369,9 @@ def report(args, soak, res, checks, herald_exit, binary, version):
         ("Redis keys", f"start {res['baseline']['redis_keys']}, before clean {res['before_clean']['redis_keys']:,} "
          f"{res['before_clean']['redis_keys_by_kind']}, end {res['end']['redis_keys']:,} {res['end']['redis_keys_by_kind']}"),
         ("messages dropped (metrics)", summary["messages_dropped"]),
-        ("CPU mean/max during churn", "herald {}/{} %, redis {}/{} %, soak (this script) {}/{} %".format(
-            *summary["cpu_pct_churn"]["herald"], *summary["cpu_pct_churn"]["redis"], *summary["cpu_pct_churn"]["soak"])),
-        ("CPU mean/max while connecting", "herald {}/{} %, soak {}/{} %".format(
-            *summary["cpu_pct_connect"]["herald"], *summary["cpu_pct_connect"]["soak"])),
+        ("CPU % mean/max: script | herald | redis", "; ".join(
+            "{} {}/{} | {}/{} | {}/{}".format(ph, *c["soak"], *c["herald"], *c["redis"])
+            for ph, c in summary["cpu_pct_by_phase"].items())),
         ("event-loop lag (churn)", "worst per sample: median {} ms, p90 {} ms, max {} ms; load average {}".format(
             *summary["lag_ms_churn_per_sample_p50_p90"], summary["lag_max_ms_churn"], summary["loadavg_churn"])),
         ("Herald exit on SIGTERM", herald_exit),
