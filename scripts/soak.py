@@ -1391,10 +1391,16 @@ def report(args, soak, res, checks, herald_exit, binary, version):
 
 # --------------------------------------------------------------------------------------------
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the ones --quick decides (None here)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
-        prog="scripts/soak.py", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="scripts/soak.py", description=__doc__.split("\n\n")[0], formatter_class=_Help)
     p.add_argument("--herald", default=os.path.join(ROOT, "target/release/herald"), help="the herald binary")
     p.add_argument("--herald-arg", action="append", default=[], metavar="ARG",
                    help="one more herald flag (repeatable), e.g. --herald-arg=--config --herald-arg=x.toml")
