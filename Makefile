@@ -14,6 +14,11 @@
 #                  Herald's RSS, honest push latency and liveness; under 10 minutes. Flags:
 #                  make attack ARGS='--quick' (or '--case slow-readers --store memory
 #                  --json results.json'); another binary: make attack HERALD=path
+#   make soak      soak test, not part of `make test` (scripts/soak.py): release build, then a private
+#                  Redis and Herald, 15,000 persistent-session devices with churn and 500 QoS 1
+#                  pushes/s for 10 min; checks no acknowledged message is lost, RSS stays flat, and
+#                  fds and Redis go back to their baseline. make soak ARGS=--quick (2,000 devices,
+#                  60 s); another binary: make soak HERALD=/path/to/herald; see scripts/soak.py --help
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -22,7 +27,7 @@ HERALD := target/release/herald
 ARGS ?=
 export PYTHON CARGO
 
-.PHONY: build run test deps unit interop bench cluster attack
+.PHONY: build run test deps unit interop bench cluster attack soak fuzz
 
 build:
 	$(CARGO) build --release
@@ -50,3 +55,6 @@ cluster: build
 
 attack: build
 	$(PYTHON) scripts/attack.py --herald $(HERALD) $(ARGS)
+
+soak: build
+	$(PYTHON) scripts/soak.py --herald $(HERALD) $(ARGS)
