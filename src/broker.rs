@@ -3,7 +3,7 @@
 //! A publish is resolved to receivers (the owner of a push topic, or the router's matches),
 //! stored in each receiver's outbox when its QoS is above 0, and only then hinted to the
 //! receiver's live connection through its mailbox. `publish` returns after the stores, so
-//! the caller's PUBACK means "in the outbox" (design.md, store before ack).
+//! the caller's PUBACK means "in the outbox" (ARCHITECTURE.md 1.1, store before ack).
 //!
 //! The client table maps a client id to its live connection (if any) and, for a persistent
 //! session that is offline, the protocol state that must survive it (QoS 2 packet ids).

@@ -25,6 +25,8 @@
 //! dev42's session wakes, takes the hint (or reads the outbox, after a reconnect or a dropped
 //! hint), writes PUBLISH with packet id `seq % 65535 + 1`, and deletes the outbox entry when
 //! dev42's PUBACK arrives.
+//!
+//! The whole path (one node and two), Redis keys, tasks, bounds, failures: ARCHITECTURE.md.
 
 pub mod auth;
 pub mod broker;

@@ -2,7 +2,7 @@
 //! `redis-server`, killed with SIGKILL where a test says so. Each test starts its own Redis
 //! and nodes on free loopback ports, so the tests run in parallel.
 //!
-//! What is checked (design.md sections 4 and 6): a push published on one node reaches a
+//! What is checked (ARCHITECTURE.md sections 3 and 7): a push published on one node reaches a
 //! device on another (two hops) and is in the device's outbox in Redis before the publisher's
 //! PUBACK; a client id that moves between nodes leaves exactly one open connection and loses
 //! no message, also when the kick is lost; a killed node loses nothing that was acknowledged
@@ -777,9 +777,9 @@ async fn node_loss_loses_no_acknowledged_message() {
         let (id, got, reconnect) = h.await.unwrap();
         received += got.len();
         slowest_reconnect = slowest_reconnect.max(reconnect.unwrap_or_default());
-        // First receptions in publish order (design.md 6.4); a copy received again has the
-        // packet id of the first (6.5), also when node c sends it. Its DUP flag is counted
-        // here and asserted by `resend_after_the_owner_dies_has_dup_and_its_packet_id`.
+        // First receptions in publish order (ARCHITECTURE.md 1.5); a copy received again has
+        // the packet id of the first (1.3), also when node c sends it. Its DUP flag (1.4) is
+        // counted here and asserted by `resend_after_the_owner_dies_has_dup_and_its_packet_id`.
         let mut firsts: HashMap<usize, u16> = HashMap::new();
         let mut last = None;
         for (i, pkid, dup) in got {
@@ -895,10 +895,10 @@ async fn device_loop(
     }
 }
 
-/// design.md section 5: "owner dies after send, before device PUBACK: redelivered on
-/// reconnect with DUP=1, same packet id". The device on B gets a push (forwarded from A) and
-/// does not acknowledge it; B is killed at once; on C the message comes again with DUP=1 and
-/// the same packet id.
+/// ARCHITECTURE.md section 7, "owner node killed after sending, before the device's PUBACK":
+/// redelivered on reconnect with DUP=1 and the same packet id. The device on B gets a push
+/// (forwarded from A) and does not acknowledge it; B is killed at once; on C the message comes
+/// again with DUP=1 and the same packet id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resend_after_the_owner_dies_has_dup_and_its_packet_id() {
     let cluster = Cluster::new(Some(SHORT_SWEEP));

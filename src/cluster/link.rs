@@ -1,5 +1,5 @@
 //! The node-to-node link: MQTT 3.1.1 itself, so framing, keepalive and acknowledgements come
-//! from the protocol Herald already speaks (design.md section 4).
+//! from the protocol Herald already speaks (ARCHITECTURE.md 3.3).
 //!
 //! A node dials each peer it must reach as an MQTT client (client id `$herald/<node>/<inc>`,
 //! clean session) and forwards PUBLISH packets on internal topics:

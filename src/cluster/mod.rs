@@ -1,4 +1,4 @@
-//! Cluster: many Herald nodes over one Redis (design.md section 4).
+//! Cluster: many Herald nodes over one Redis (ARCHITECTURE.md section 3).
 //!
 //! What lives where:
 //! - Redis holds the truth: outboxes (see `outbox`), the route table `herald:route:{cid}`

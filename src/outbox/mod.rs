@@ -1,9 +1,9 @@
 //! The outbox: per-client queues of QoS 1/2 messages that wait for the device's PUBACK.
 //!
-//! The outbox is the only source of truth for an undelivered message (design.md section 1).
-//! Everything else that carries a message towards a device (a connection's mailbox, later the
-//! node-to-node link) is a hint that makes delivery fast; losing a hint delays a message until
-//! the connection re-reads its outbox, it never loses one.
+//! The outbox is the only source of truth for an undelivered message (ARCHITECTURE.md
+//! section 1). Everything else that carries a message towards a device (a connection's
+//! mailbox, later the node-to-node link) is a hint that makes delivery fast; losing a hint
+//! delays a message until the connection re-reads its outbox, it never loses one.
 //!
 //! Each client's entries carry a per-client sequence number. It orders delivery, names the
 //! entry for acknowledgement, and gives the MQTT packet id (`seq % 65535 + 1`), so a resend
@@ -209,7 +209,7 @@ impl Store {
 
     /// `seq` is about to be written to the wire. With Redis the PUBLISH must wait for the
     /// returned receiver: the watermark is written ahead, so that a resend after a crash of
-    /// this node carries DUP = 1 (design.md, invariant 5). Best effort, like `ack`.
+    /// this node carries DUP = 1 (ARCHITECTURE.md 1.4). Best effort, like `ack`.
     pub async fn mark_sent(
         &self,
         client: &Arc<str>,
