@@ -9,15 +9,20 @@
 #   make bench     benchmarks (scripts/bench.sh)
 #   make cluster   release build, then a 3-node cluster on loopback with a private Redis until
 #                  Ctrl-C (scripts/cluster.sh); flags: make cluster ARGS='--for 30'
+#   make fuzz      cargo-fuzz targets in fuzz/ (codec_decode, codec_roundtrip, session), each
+#                  for FUZZ_SECONDS (default 60), one at a time under nice -n 19; needs the
+#                  nightly toolchain, installs cargo-fuzz if missing (scripts/fuzz.sh). Not
+#                  part of `make test` or CI. Crashes: fuzz/artifacts/<target>/
 
 SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON ?= python3
 HERALD := target/release/herald
 ARGS ?=
+FUZZ_SECONDS ?= 60
 export PYTHON CARGO
 
-.PHONY: build run test deps unit interop bench cluster
+.PHONY: build run test deps unit interop bench cluster fuzz
 
 build:
 	$(CARGO) build --release
@@ -42,3 +47,6 @@ bench: build
 
 cluster: build
 	bash scripts/cluster.sh $(ARGS)
+
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) bash scripts/fuzz.sh
