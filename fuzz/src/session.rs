@@ -12,6 +12,7 @@
 //! every connection task ends once its socket is closed, leaving no client registered.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Waker};
@@ -21,7 +22,7 @@ use arbitrary::Arbitrary;
 use bytes::BytesMut;
 use herald::auth::Auth;
 use herald::broker::Broker;
-use herald::config::OverflowPolicy;
+use herald::config::{OverflowPolicy, Secret};
 use herald::session::Connection;
 use herald::Config;
 use mqttbytes::v4;
@@ -53,6 +54,8 @@ pub struct Setup {
     pub max_messages: u8,
     pub drop_new: bool,
     pub push: bool,
+    /// Anonymous clients under an ACL (`ACL` below) instead of authentication off.
+    pub acl: bool,
     /// Bytes the duplex pipe holds before the broker's writes block.
     pub pipe: u16,
     /// Added to the 1024-byte minimum of `server.max_write_buffer`.
@@ -68,7 +71,7 @@ pub enum Op {
         clean: bool,
         keep_alive: u8,
         will: Option<(Topic, u8, bool, Vec<u8>)>,
-        login: Option<(String, String)>,
+        login: Option<Login>,
     },
     /// A well-formed packet; opens a connection first if the slot is empty.
     Send {
@@ -110,6 +113,13 @@ pub enum Id {
     /// `$herald/...` is refused.
     Reserved,
     Any(String),
+}
+
+#[derive(Arbitrary, Debug)]
+pub enum Login {
+    /// A valid device token for `IDS[n]` (authenticates only with `Setup::acl`).
+    Token(u8),
+    Plain(String, String),
 }
 
 #[derive(Arbitrary, Debug, Clone)]
@@ -158,7 +168,9 @@ impl Topic {
     fn name(&self) -> String {
         match self {
             Topic::Push(n) => format!("push/{}", IDS[usize::from(*n) % IDS.len()]),
-            Topic::Plain(n) => ["a", "a/b", "a/b/c", "b"][usize::from(*n) % 4].into(),
+            Topic::Plain(n) => {
+                ["a", "a/b", "a/b/c", "b", "a/c0/x", "a/c1"][usize::from(*n) % 6].into()
+            }
             Topic::Sys => "$SYS/x".into(),
             Topic::Cluster => "$cluster/x".into(),
             Topic::Any(s) => s.clone(),
@@ -237,6 +249,11 @@ impl Setup {
         };
         c.push.enabled = self.push;
         c.server.max_write_buffer = 1024 + usize::from(self.write_buffer % 4096);
+        if self.acl {
+            c.auth.acl_file = Some(acl_file().into());
+            c.auth.allow_anonymous = Some(true);
+            c.auth.jwt_hs256_secret = Some(Secret::new(TOKEN_SECRET));
+        }
         c.validate("fuzz").expect("the fuzz config is valid");
         c
     }
@@ -294,6 +311,15 @@ impl Client {
         }
         match &p {
             P::Publish(publish) if publish.qos as u8 > 0 => {
+                // MQTT 3.1.1 2.3.1: a packet id is not reused while its flow is unfinished.
+                // `received` holds the flows this client has not finished (it may forget
+                // some, never keep a finished one), and the broker resends only on a new
+                // connection, so no PUBLISH may come with one of their ids.
+                assert!(
+                    !self.received.iter().any(|(id, _)| *id == publish.pkid),
+                    "packet id {} reused while its flow is unfinished: {publish:?}",
+                    publish.pkid
+                );
                 self.received.push((publish.pkid, p.clone()));
             }
             P::PubRel(r) => self.received.push((r.pkid, p.clone())),
@@ -313,10 +339,49 @@ impl Client {
     }
 }
 
-fn auth() -> Arc<Auth> {
-    // Open authentication keeps no state between inputs, so one serves them all.
-    static AUTH: OnceLock<Arc<Auth>> = OnceLock::new();
-    AUTH.get_or_init(|| Arc::new(Auth::load(&Config::default()).expect("auth")))
+/// Rules for anonymous clients and for devices (`pattern`) that allow, refuse and deny parts
+/// of the topics the operations use.
+const ACL: &str = "topic read a/#\ntopic write a/b\ntopic deny a/b/c\ntopic readwrite push/#\n\
+                   topic read $SYS/#\nuser u\ntopic readwrite #\npattern readwrite a/%c/#\n\
+                   pattern write push/#\n";
+
+/// Not a secret: the fuzz broker only ever talks to the harness.
+const TOKEN_SECRET: &str = "herald-fuzz-hs256-key-of-32-bytes+";
+
+/// An HS256 device token for `client_id` that expires in 2100.
+fn token(client_id: &str) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
+    use hmac::Mac;
+    let claims = format!("{{\"sub\":{client_id:?},\"exp\":4102444800}}");
+    let signed = format!(
+        "{}.{}",
+        B64.encode(br#"{"alg":"HS256","typ":"JWT"}"#),
+        B64.encode(claims)
+    );
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(TOKEN_SECRET.as_bytes())
+        .expect("any key length");
+    mac.update(signed.as_bytes());
+    format!("{signed}.{}", B64.encode(mac.finalize().into_bytes()))
+}
+
+fn acl_file() -> &'static Path {
+    static FILE: OnceLock<PathBuf> = OnceLock::new();
+    FILE.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("herald-fuzz-{}.acl", std::process::id()));
+        std::fs::write(&path, ACL).expect("write the ACL file");
+        path
+    })
+}
+
+fn auth(config: &Config) -> Arc<Auth> {
+    // Open authentication keeps no state between inputs, so one serves them all; with an
+    // ACL the failed-login limiter has state, and each input gets its own.
+    static OPEN: OnceLock<Arc<Auth>> = OnceLock::new();
+    if config.auth.acl_file.is_some() {
+        return Arc::new(Auth::load(config).expect("auth with the ACL"));
+    }
+    OPEN.get_or_init(|| Arc::new(Auth::load(&Config::default()).expect("auth")))
         .clone()
 }
 
@@ -413,7 +478,10 @@ impl Harness {
                     will: will
                         .as_ref()
                         .map(|(t, q, r, m)| (t.name(), m.clone(), q % 3, *r)),
-                    login: login.clone(),
+                    login: login.as_ref().map(|l| match l {
+                        Login::Token(n) => (String::new(), token(IDS[usize::from(*n) % IDS.len()])),
+                        Login::Plain(u, p) => (u.clone(), p.clone()),
+                    }),
                 };
                 let mut buf = BytesMut::new();
                 if encode(&connect, &mut buf).is_some() && self.open(slot_of(*slot)).is_some() {
@@ -499,6 +567,7 @@ pub fn run_raw(bytes: &[u8]) {
         max_messages: 63,
         drop_new: false,
         push: true,
+        acl: false,
         pipe: 4096,
         write_buffer: 0,
     };
@@ -554,7 +623,8 @@ pub fn run(input: &Input) {
         .expect("runtime");
     rt.block_on(async {
         let config = input.setup.config();
-        let broker = Broker::open(config, None, auth())
+        let auth = auth(&config);
+        let broker = Broker::open(config, None, auth)
             .await
             .expect("memory store opens");
         let mut h = Harness {
