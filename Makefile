@@ -19,12 +19,17 @@
 #                  pushes/s for 10 min; checks no acknowledged message is lost, RSS stays flat, and
 #                  fds and Redis go back to their baseline. make soak ARGS=--quick (2,000 devices,
 #                  60 s); another binary: make soak HERALD=/path/to/herald; see scripts/soak.py --help
+#   make fuzz      cargo-fuzz targets in fuzz/ (codec_decode, codec_roundtrip, session), each
+#                  for FUZZ_SECONDS (default 60), one at a time under nice -n 19; needs the
+#                  nightly toolchain, installs cargo-fuzz if missing (scripts/fuzz.sh). Not
+#                  part of `make test` or CI. Crashes: fuzz/artifacts/<target>/
 
 SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON ?= python3
 HERALD := target/release/herald
 ARGS ?=
+FUZZ_SECONDS ?= 60
 export PYTHON CARGO
 
 .PHONY: build run test deps unit interop bench cluster attack soak fuzz
@@ -58,3 +63,6 @@ attack: build
 
 soak: build
 	$(PYTHON) scripts/soak.py --herald $(HERALD) $(ARGS)
+
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) bash scripts/fuzz.sh
