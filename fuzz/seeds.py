@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Writes the hand-made seed corpora: one small file per MQTT packet type (and a few short
-sessions) for codec_decode and session. codec_roundtrip's seeds come from a short fuzz run
+sessions) for codec_decode and session. codec_roundtrip's seeds come from a fuzz run
 (see README.md): its input is `arbitrary`'s encoding of a struct, not MQTT bytes.
 
 Run from fuzz/: python3 seeds.py. Rewrites corpus/codec_decode and corpus/session."""

@@ -368,8 +368,14 @@ fn token(client_id: &str) -> String {
 fn acl_file() -> &'static Path {
     static FILE: OnceLock<PathBuf> = OnceLock::new();
     FILE.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("herald-fuzz-{}.acl", std::process::id()));
-        std::fs::write(&path, ACL).expect("write the ACL file");
+        // One file for every run (not one per process left behind in /tmp), written through
+        // a rename so that a process starting meanwhile never reads half of it.
+        let path = std::env::temp_dir().join("herald-fuzz.acl");
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(ACL) {
+            let part = path.with_extension(format!("acl.{}", std::process::id()));
+            std::fs::write(&part, ACL).expect("write the ACL file");
+            std::fs::rename(&part, &path).expect("rename the ACL file");
+        }
         path
     })
 }
