@@ -3,7 +3,7 @@
 //!
 //! Every byte budget of a connection or a store is bounded on its own; what they cannot
 //! bound is their sum over many connections. The guard watches the sum: the server's
-//! periodic task samples RSS (`/proc/self/statm`, a few times a second) and moves between
+//! periodic task samples RSS (`/proc/self/statm`, every 20 ms while a limit is set) and moves between
 //! three levels, with hysteresis so that it does not flap:
 //! - `Normal`;
 //! - `Throttle` (RSS at 90% of the limit, back below 85%): connections that have published
@@ -16,7 +16,7 @@
 //! cgroup's memory limit (`memory.max`, cgroup v2, or v1's `memory.limit_in_bytes`) when
 //! there is one; without either there is no guard.
 
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::metrics;
 
@@ -31,8 +31,6 @@ pub struct MemGuard {
     /// Bytes; 0 = no guard.
     limit: usize,
     level: AtomicU8,
-    /// RSS at the last sample, bytes.
-    rss: AtomicUsize,
 }
 
 impl MemGuard {
@@ -46,7 +44,6 @@ impl MemGuard {
         MemGuard {
             limit,
             level: AtomicU8::new(Level::Normal as u8),
-            rss: AtomicUsize::new(0),
         }
     }
 
@@ -82,7 +79,6 @@ impl MemGuard {
         let Some(rss) = rss_bytes() else {
             return (before, before);
         };
-        self.rss.store(rss, Ordering::Relaxed);
         let after = next_level(before, rss, self.limit);
         if after != before {
             self.level.store(after as u8, Ordering::Relaxed);

@@ -276,26 +276,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             if reserved.is_none() {
                 match codec::connect_prefix(rbuf) {
                     Some((size, _)) if size <= small => {}
-                    // More than any valid CONNECT can be: every field at its longest.
-                    Some((size, _)) if size > codec::MAX_CONNECT_SIZE => {
-                        metrics::limit_hit("server_max_connect_size");
-                        return Err(Some(DecodeError::TooLarge(size)));
-                    }
-                    Some((size, Some(true))) => match LargeConnect::reserve(size) {
-                        Some(r) => reserved = Some(r),
-                        None => {
-                            metrics::limit_hit("large_connects");
-                            return Err(Some(DecodeError::TooLarge(size)));
+                    Some((size, Some(true))) if size <= codec::MAX_CONNECT_SIZE => {
+                        match LargeConnect::reserve(size) {
+                            Some(r) => reserved = Some(r),
+                            None => {
+                                metrics::limit_hit("large_connects");
+                                return Err(Some(DecodeError::TooLarge(size)));
+                            }
                         }
-                    },
-                    // Over the limit without a will, or a header that keeps its flags out of
-                    // reach (a protocol name longer than any real one).
-                    Some((size, Some(false))) => {
+                    }
+                    // Over the limit without a will, more than any valid CONNECT can be, or
+                    // a header that keeps its flags out of reach (a protocol name longer
+                    // than any real one).
+                    Some((size, will)) if will.is_some() || rbuf.len() >= 16 => {
                         metrics::limit_hit("server_max_connect_size");
                         return Err(Some(DecodeError::TooLarge(size)));
-                    }
-                    Some((size, None)) if rbuf.len() >= 16 => {
-                        return Err(Some(DecodeError::TooLarge(size)))
                     }
                     _ => {}
                 }

@@ -93,13 +93,7 @@ impl Node {
     }
 
     async fn metric(&self, series: &str) -> f64 {
-        let mut s = TcpStream::connect(self.metrics).await.expect("metrics");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: h\r\n\r\n")
-            .await
-            .unwrap();
-        let mut body = String::new();
-        let _ = tokio::time::timeout(WAIT, s.read_to_string(&mut body)).await;
-        metric_in(&body, series)
+        metric_in(&scrape(self.metrics).await, series)
     }
 
     /// Waits until `series` reaches `at_least`.
@@ -326,24 +320,13 @@ async fn unfinished_connects_are_bounded() {
     let addr = node.addr();
     // CONNECT header announcing `len` bytes: "MQTT", level 4, flags, keepalive.
     let header = |len: usize, will: bool| {
-        let mut h = vec![0x10];
-        let mut n = len;
-        loop {
-            let mut b = (n % 128) as u8;
-            n /= 128;
-            if n > 0 {
-                b |= 0x80;
-            }
-            h.push(b);
-            if n == 0 {
-                break;
-            }
-        }
+        let mut h = fixed_header(0x10, len);
         h.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4]);
         h.push(if will { 0x06 } else { 0x02 });
         h.extend_from_slice(&[0, 30]);
         h
     };
+
     let base = node.rss();
     // Without a will: closed at once, each one.
     for _ in 0..50 {
@@ -506,6 +489,6 @@ async fn memory_guard_slows_publishers_then_refuses_connections() {
             >= 1.0
     );
     assert!(node.log().contains("memory guard"), "{}", node.log());
-    // Sampled four times a second: what arrives between two samples can overshoot a little.
+    // Sampled every 20 ms: what arrives between two samples can overshoot a little.
     assert!(node.rss() < 128 * MIB, "RSS {} MiB", node.rss() / MIB);
 }

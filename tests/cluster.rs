@@ -29,8 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::process::{free_port, Herald, RedisServer};
-use common::{frame, text, ConnectReturnCode, Event, Opts, Packet, Publish, QoS, Raw};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use common::{frame, scrape, text, ConnectReturnCode, Event, Opts, Packet, Publish, QoS, Raw};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A config that makes the sweep (the recovery of lost forwards) run every second.
@@ -216,17 +215,6 @@ fn scrape_blocking(addr: SocketAddr) -> String {
     let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nhost: test\r\n\r\n");
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);
-    body
-}
-
-/// `GET /metrics` over plain TCP (the endpoint answers any request and closes).
-async fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).await.expect("connect to /metrics");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: test\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.expect("read /metrics");
     body
 }
 

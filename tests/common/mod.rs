@@ -335,10 +335,9 @@ fn put_str(buf: &mut BytesMut, s: &[u8]) {
     buf.put_slice(s);
 }
 
-/// A whole packet: first byte, remaining length, body.
-pub fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
+/// A fixed header: first byte and remaining length (a test may announce more than it sends).
+pub fn fixed_header(byte1: u8, mut len: usize) -> Vec<u8> {
     let mut out = vec![byte1];
-    let mut len = body.len();
     loop {
         let mut b = (len % 128) as u8;
         len /= 128;
@@ -347,11 +346,27 @@ pub fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
         }
         out.push(b);
         if len == 0 {
-            break;
+            return out;
         }
     }
+}
+
+/// A whole packet: first byte, remaining length, body.
+pub fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = fixed_header(byte1, body.len());
     out.extend_from_slice(body);
     out
+}
+
+/// `GET /metrics` from a metrics listener (another process's, or this one's): the body.
+pub async fn scrape(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect to /metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .expect("send the request");
+    let mut body = String::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_string(&mut body)).await;
+    body
 }
 
 /// PUBLISH bytes with every field under the caller's control.
