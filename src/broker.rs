@@ -1,6 +1,6 @@
 //! The broker: shared state of one node and the publish path.
 //!
-//! A publish is resolved to receivers (the owner of a push topic, or the router's matches),
+//! A publish is resolved to receivers (the owner of a push topic, or the subscription table's matches),
 //! stored in each receiver's outbox when its QoS is above 0, and only then hinted to the
 //! receiver's live connection through its mailbox. `publish` returns after the stores, so
 //! the caller's PUBACK means "in the outbox" (ARCHITECTURE.md 1.1, store before ack).
@@ -20,14 +20,15 @@ use dashmap::DashMap;
 use futures::future::BoxFuture;
 
 use crate::auth::Auth;
-use crate::cluster::{Claim, Cluster, Frame, Route};
-use crate::codec::{min_qos, Qos};
+use crate::cluster::{self, Claim, Cluster};
 use crate::config::Config;
 use crate::mailbox::{Delivery, Kick, Limits as MailboxLimits, Mailbox};
 use crate::memguard::MemGuard;
+use crate::message::{now_ms, ClientId, Message, Qos};
 use crate::metrics;
-use crate::outbox::{now_ms, Enqueued, Message, RouteHint, Store, StoreError};
-use crate::router::{ClientId, Router};
+use crate::outbox::{Enqueued, Store, StoreError};
+use crate::retained::Retained;
+use crate::subscriptions::Subscriptions;
 use crate::topic::PushTemplate;
 
 /// Protocol state of a persistent session that outlives its connection.
@@ -83,16 +84,17 @@ pub struct Attached {
 }
 
 pub struct Broker {
-    pub config: Config,
-    pub router: Router,
-    pub store: Store,
+    config: Config,
+    subscriptions: Subscriptions,
+    retained: Retained,
+    store: Store,
     push: Option<PushTemplate>,
     clients: DashMap<ClientId, ClientState>,
     next_conn_id: AtomicU64,
     incarnation: u64,
-    pub cluster: Option<Arc<Cluster>>,
+    cluster: Option<Arc<Cluster>>,
     /// Who may connect and what they may do.
-    pub auth: Arc<Auth>,
+    auth: Arc<Auth>,
     guard: MemGuard,
     /// Unix ms from which silence counts against a client's keepalive: moved forward after
     /// the node itself stalled, and while the memory guard holds publishers' sockets unread,
@@ -104,22 +106,23 @@ pub struct Broker {
 const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
 
 impl Broker {
-    /// Opens the store and loads what it keeps (subscriptions, retained messages). In a
-    /// cluster a persistent session's subscriptions are loaded by the node it connects to.
+    /// Loads what the store keeps (subscriptions, retained messages). In a cluster a
+    /// persistent session's subscriptions are loaded by the node it connects to.
     pub async fn open(
         config: Config,
+        store: Store,
         cluster: Option<Arc<Cluster>>,
         auth: Arc<Auth>,
     ) -> Result<Broker, StoreError> {
-        let store = Store::open(&config).await?;
-        let router = Router::default();
+        let subscriptions = Subscriptions::default();
         if cluster.is_none() {
             for (client, filter, qos) in store.load_subscriptions().await? {
-                router.subscribe(&Arc::from(client), &filter, qos);
+                subscriptions.subscribe(&Arc::from(client), &filter, qos);
             }
         }
+        let retained = Retained::default();
         for msg in store.load_retained().await? {
-            router.retain(&Arc::new(msg));
+            retained.retain(&Arc::new(msg));
         }
         Ok(Broker {
             push: config
@@ -127,7 +130,8 @@ impl Broker {
                 .enabled
                 .then(|| PushTemplate::new(&config.push.topic_template)),
             store,
-            router,
+            subscriptions,
+            retained,
             clients: DashMap::new(),
             next_conn_id: AtomicU64::new(1),
             incarnation: now_ms() ^ u64::from(std::process::id()) << 40,
@@ -137,6 +141,21 @@ impl Broker {
             cluster,
             auth,
         })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Who may connect and what they may do.
+    pub fn auth(&self) -> &Arc<Auth> {
+        &self.auth
+    }
+
+    /// The outbox store. The store's periodic sweep (server) and a session's own outbox
+    /// calls go through here.
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// The memory guard (`memguard`).
@@ -207,9 +226,9 @@ impl Broker {
             }
             None => (false, None),
         };
-        let claimed = match (&self.cluster, self.store.redis()) {
-            (Some(c), Some(r)) => c.claim(r, client).await.map(Some),
-            _ => Ok(None),
+        let claimed = match &self.cluster {
+            Some(c) => c.claim(client).await.map(Some),
+            None => Ok(None),
         };
         let stored = match &claimed {
             Err(e) => Err(e.clone()),
@@ -218,7 +237,7 @@ impl Broker {
         let stored = match stored {
             Ok(a) => {
                 if clean {
-                    self.router.unsubscribe_all(client);
+                    self.subscriptions.unsubscribe_all(client);
                 }
                 a
             }
@@ -256,7 +275,7 @@ impl Broker {
 
     /// Cluster: this node now owns `client` at `claim.epoch`; tell the previous owner.
     async fn claimed(&self, client: &ClientId, conn_id: u64, mailbox: &Mailbox, claim: Claim) {
-        let (Some(c), Some(r)) = (&self.cluster, self.store.redis()) else {
+        let Some(c) = &self.cluster else {
             return;
         };
         let kicked_meanwhile = match self.clients.get_mut(client) {
@@ -271,18 +290,8 @@ impl Broker {
             metrics::remote_kick();
             mailbox.kick(Kick::Takeover);
         }
-        let Some(prev) = claim.previous else {
-            return;
-        };
-        if let Some(addr) = c.live_elsewhere(r, &prev).await {
-            metrics::forwarded(metrics::Forward::Kick);
-            let kick = Frame::Kick {
-                target_inc: prev.inc,
-                client: client.clone(),
-                epoch: prev.epoch,
-            };
-            // A lost kick is found by the sweep (the route names a newer epoch).
-            let _ = c.send(&prev.node, addr, kick, false);
+        if let Some(prev) = claim.previous {
+            c.kick_previous(client, &prev).await;
         }
     }
 
@@ -290,7 +299,7 @@ impl Broker {
     async fn load_subscriptions(&self, client: &ClientId) -> Result<(), StoreError> {
         let mut new_filter = false;
         for (filter, qos) in self.store.client_subscriptions(client).await? {
-            new_filter |= self.router.subscribe(client, &filter, qos);
+            new_filter |= self.subscriptions.subscribe(client, &filter, qos);
         }
         if new_filter {
             self.interest_changed();
@@ -306,7 +315,7 @@ impl Broker {
 
     /// Cluster: `client` connected to another node at an epoch after `epoch`. Close the
     /// connection here unless it is newer, and forget the session: it lives there now.
-    pub fn remote_kick(&self, client: &str, epoch: u64) {
+    fn kick_if_older(&self, client: &str, epoch: u64) {
         let forget = {
             let Some(mut e) = self.clients.get_mut(client) else {
                 return;
@@ -334,13 +343,13 @@ impl Broker {
             self.clients
                 .remove_if(client, |_, e| e.conn.is_none() && e.epoch() <= epoch);
         }
-        if self.router.unsubscribe_all(client) {
+        if self.subscriptions.unsubscribe_all(client) {
             self.interest_changed();
         }
     }
 
     /// Cluster: a peer stored a message for `client` and says it is connected here.
-    pub fn take_forward(&self, client: &str, seq: u64, qos: Qos, msg: Arc<Message>) {
+    fn take_forward(&self, client: &str, seq: u64, qos: Qos, msg: Arc<Message>) {
         if let Some(mb) = self.mailbox(client) {
             let d = match qos {
                 Qos::AtMostOnce => Delivery::Direct(msg),
@@ -383,14 +392,18 @@ impl Broker {
                 .clients
                 .remove_if(client, |_, e| e.conn_id == conn_id && e.conn.is_none());
             if removed.is_some() {
-                if self.router.unsubscribe_all(client) {
+                if self.subscriptions.unsubscribe_all(client) {
                     self.interest_changed();
                 }
-                let cleared = match (&self.cluster, self.store.redis()) {
+                let cleared = match &self.cluster {
                     // Only while the route is still ours: the client may already be on
                     // another node with a new clean session.
-                    (Some(c), Some(r)) => c.release(r, client, epoch, true).await.map(|_| ()),
-                    _ => self.store.clear(client).await,
+                    Some(c) => match c.release(client, epoch, true).await {
+                        Ok(true) => self.store.unindex(client).await,
+                        Ok(false) => Ok(()),
+                        Err(e) => Err(e),
+                    },
+                    None => self.store.clear(client).await,
                 };
                 if let Err(e) = cleared {
                     tracing::warn!(client = %client, error = %e, "could not clear outbox");
@@ -422,12 +435,12 @@ impl Broker {
         if let Some(owner) = self.push.as_ref().and_then(|p| p.owner_of_filter(filter)) {
             // The push subscription is implicit; a client may name its own, never another's.
             return Ok(if owner == &**client {
-                min_qos(qos, Qos::AtLeastOnce) as u8
+                qos.min(Qos::AtLeastOnce) as u8
             } else {
                 0x80
             });
         }
-        let (held, count) = self.router.holds(client, filter);
+        let (held, count) = self.subscriptions.holds(client, filter);
         if !held && count >= self.config.session.max_subscriptions {
             metrics::limit_hit("session_max_subscriptions");
             return Ok(0x80);
@@ -435,7 +448,7 @@ impl Broker {
         if persistent {
             self.store.save_subscription(client, filter, qos).await?;
         }
-        if self.router.subscribe(client, filter, qos) {
+        if self.subscriptions.subscribe(client, filter, qos) {
             self.interest_changed();
         }
         Ok(qos as u8)
@@ -447,7 +460,7 @@ impl Broker {
         persistent: bool,
         filter: &str,
     ) -> Result<(), StoreError> {
-        if self.router.unsubscribe(client, filter) {
+        if self.subscriptions.unsubscribe(client, filter) {
             self.interest_changed();
         }
         if persistent {
@@ -467,8 +480,8 @@ impl Broker {
     ) -> Result<Vec<Arc<Message>>, StoreError> {
         let mut qos0 = Vec::new();
         let mut stores = Vec::new();
-        for msg in self.router.retained_for(filter, now_ms()) {
-            match min_qos(msg.qos, granted) {
+        for msg in self.retained.matching(filter, now_ms()) {
+            match msg.qos.min(granted) {
                 Qos::AtMostOnce => qos0.push(msg),
                 qos => stores.push(self.deliver(client.clone(), qos, msg, false)),
             }
@@ -494,13 +507,13 @@ impl Broker {
             // Push topics are never retained: a retained copy would be readable by wildcard
             // subscribers, which would break device isolation.
             msg.retain = false;
-            let qos = min_qos(msg.qos, Qos::AtLeastOnce);
+            let qos = msg.qos.min(Qos::AtLeastOnce);
             return Box::pin(self.deliver(Arc::from(owner), qos, Arc::new(msg), true));
         }
         let forwarded = self.cluster.as_ref().and_then(|c| c.forward_publish(&msg));
         let retained = msg.retain.then(|| {
             let retained = Arc::new(msg.clone());
-            self.router.retain(&retained);
+            self.retained.retain(&retained);
             msg.retain = false;
             self.store.set_retained(&retained)
         });
@@ -518,12 +531,12 @@ impl Broker {
 
     /// Cluster: an ordinary-topic publish another node received, for subscribers here.
     /// That node stored the retained copy; this one only keeps it for later subscribers.
-    pub fn publish_from_peer(
+    fn publish_from_peer(
         self: &Arc<Self>,
         mut msg: Message,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
         if msg.retain {
-            self.router.retain(&Arc::new(msg.clone()));
+            self.retained.retain(&Arc::new(msg.clone()));
             msg.retain = false;
         }
         let deliveries = self.deliver_local(Arc::new(msg), false);
@@ -537,21 +550,19 @@ impl Broker {
         count_unmatched: bool,
     ) -> Vec<impl Future<Output = Result<(), StoreError>> + Send + 'static> {
         let mut receivers = HashMap::new();
-        self.router.matches(&msg.topic, &mut receivers);
+        self.subscriptions.matches(&msg.topic, &mut receivers);
         if receivers.is_empty() && count_unmatched {
             metrics::dropped(metrics::Drop::NoReceiver);
         }
         receivers
             .into_iter()
-            .map(|(client, sub_qos)| {
-                self.deliver(client, min_qos(msg.qos, sub_qos), msg.clone(), false)
-            })
+            .map(|(client, sub_qos)| self.deliver(client, msg.qos.min(sub_qos), msg.clone(), false))
             .collect()
     }
 
     /// Hands one message to one client: stored first unless QoS 0, then hinted. The store
     /// is submitted at call time. `anywhere`: the client may be connected to another node
-    /// (a push), rather than known here (a router match).
+    /// (a push), rather than known here (a subscription match).
     fn deliver(
         self: &Arc<Self>,
         client: ClientId,
@@ -559,15 +570,14 @@ impl Broker {
         msg: Arc<Message>,
         anywhere: bool,
     ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
-        let stored =
-            (qos != Qos::AtMostOnce).then(|| self.store.enqueue_routed(&client, qos, &msg));
+        let stored = (qos != Qos::AtMostOnce).then(|| self.store.enqueue(&client, qos, &msg));
         let broker = self.clone();
         async move {
             let Some(stored) = stored else {
                 if let Some(mb) = broker.mailbox(&client) {
                     mb.push(Delivery::Direct(msg), broker.mailbox_limits());
-                } else if anywhere {
-                    broker.forward_push(client, 0, qos, msg, None).await;
+                } else if let (true, Some(c)) = (anywhere, &broker.cluster) {
+                    c.forward_push(client, 0, qos, msg, None).await;
                 }
                 return Ok(());
             };
@@ -583,82 +593,10 @@ impl Broker {
             // sees the entry in its first outbox read or gets this hint.
             if let Some(mb) = broker.mailbox(&client) {
                 mb.push(Delivery::Stored { seq, qos, msg }, broker.mailbox_limits());
-            } else if anywhere && route.is_some() {
-                broker.forward_push(client, seq, qos, msg, route).await;
+            } else if let (true, Some(c), Some(_)) = (anywhere, &broker.cluster, &route) {
+                c.forward_push(client, seq, qos, msg, route).await;
             }
             Ok(())
-        }
-    }
-
-    /// Cluster: tells the node `client` is connected to (if another, live one) that its
-    /// outbox has `seq`. A hint: if it is lost, the owner's sweep or a reconnect finds the
-    /// message in the outbox. `known`: the route the store read with the enqueue; without
-    /// it (QoS 0, nothing stored) the route is read here.
-    async fn forward_push(
-        &self,
-        client: ClientId,
-        seq: u64,
-        qos: Qos,
-        msg: Arc<Message>,
-        known: Option<RouteHint>,
-    ) {
-        let (Some(c), Some(r)) = (&self.cluster, self.store.redis()) else {
-            return;
-        };
-        let route = match known {
-            Some(h) => Route {
-                node: h.node.into(),
-                inc: h.inc,
-                epoch: 0,
-            },
-            None => match c.route(r, &client).await {
-                Ok(Some(route)) => route,
-                _ => return,
-            },
-        };
-        let Some(addr) = c.live_elsewhere(r, &route).await else {
-            return;
-        };
-        metrics::forwarded(metrics::Forward::Push);
-        let frame = Frame::Push {
-            target_inc: route.inc,
-            client,
-            seq,
-            qos,
-            msg,
-        };
-        let _ = c.send(&route.node, addr, frame, false);
-    }
-
-    /// Cluster sweep: closes local connections whose client connected to another node since
-    /// (a lost kick), and wakes those whose outbox holds entries they were not told about
-    /// (a lost forward).
-    pub async fn cluster_sweep(&self) {
-        let (Some(c), Some(r)) = (&self.cluster, self.store.redis()) else {
-            return;
-        };
-        let conns: Vec<(ClientId, Arc<Mailbox>, u64)> = self
-            .clients
-            .iter()
-            .filter(|e| e.epoch() != 0)
-            .filter_map(|e| e.conn.clone().map(|mb| (e.key().clone(), mb, e.epoch())))
-            .collect();
-        for chunk in conns.chunks(500) {
-            let ids: Vec<&str> = chunk.iter().map(|(id, _, _)| &**id).collect();
-            let Ok(state) = c.sweep_state(r, &ids).await else {
-                return;
-            };
-            for ((_, mb, epoch), (route, newest)) in chunk.iter().zip(state) {
-                let moved = route
-                    .is_some_and(|rt| (*rt.node != *c.id || rt.inc != c.inc) && rt.epoch > *epoch);
-                if moved {
-                    metrics::remote_kick();
-                    mb.kick(Kick::Takeover);
-                } else if newest > mb.seen() {
-                    metrics::sweep_wakeup();
-                    mb.reread();
-                }
-            }
         }
     }
 
@@ -686,5 +624,45 @@ impl Broker {
 
     pub fn is_connected(&self, client: &str) -> bool {
         self.mailbox(client).is_some()
+    }
+}
+
+/// What the cluster asks of this node (see `cluster::Local`).
+impl cluster::Local for Broker {
+    fn take_forward(&self, client: &str, seq: u64, qos: Qos, msg: Arc<Message>) {
+        Broker::take_forward(self, client, seq, qos, msg)
+    }
+
+    fn kick_if_older(&self, client: &str, epoch: u64) {
+        Broker::kick_if_older(self, client, epoch)
+    }
+
+    fn publish_from_peer(
+        self: Arc<Self>,
+        msg: Message,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        Broker::publish_from_peer(&self, msg)
+    }
+
+    fn filters(&self) -> Vec<String> {
+        self.subscriptions.filters()
+    }
+
+    fn connections(&self) -> Vec<cluster::Connected> {
+        self.clients
+            .iter()
+            .filter(|e| e.epoch() != 0)
+            .filter_map(|e| {
+                e.conn.clone().map(|mailbox| cluster::Connected {
+                    client: e.key().clone(),
+                    mailbox,
+                    epoch: e.epoch(),
+                })
+            })
+            .collect()
+    }
+
+    fn newest<'a>(&'a self, clients: &'a [&'a str]) -> BoxFuture<'a, Result<Vec<u64>, StoreError>> {
+        Box::pin(self.store.newest(clients))
     }
 }

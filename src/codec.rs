@@ -1,11 +1,15 @@
-//! MQTT 3.1.1 wire format, wrapped around `mqttbytes`.
+//! MQTT 3.1.1 wire format: the one boundary between bytes and Herald's own packet types.
 //!
-//! `mqttbytes` frames and parses most packets, but it is lenient where a broker must be strict
-//! (reserved flag bits, wildcard topics in PUBLISH, empty SUBSCRIBE, U+0000 in strings) and it
-//! does not know the MQTT 3.1 "MQIsdp" protocol name. This module adds those checks and parses
-//! CONNECT, SUBSCRIBE and UNSUBSCRIBE itself, so the rest of Herald sees only well-formed
-//! packets. Outgoing packets are encoded here directly into the connection's write buffer;
-//! PUBLISH in particular is written from shared message parts without building an
+//! From `mqttbytes` Herald takes the framing check (`mqttbytes::check`: is a whole packet
+//! in the buffer, within the size limit) and the PUBLISH parser, which are correct and
+//! fast; the result is turned into Herald's `Publish` at once. The rest is hand-written:
+//! `mqttbytes` is lenient where a broker must be strict (reserved flag bits, wildcard
+//! topics in PUBLISH, empty SUBSCRIBE, U+0000 in strings), it does not know the MQTT 3.1
+//! "MQIsdp" protocol name, and it reads a CONNECT password as a UTF-8 string where 3.1.1
+//! makes it binary data. So CONNECT, SUBSCRIBE, UNSUBSCRIBE and the acks are parsed here,
+//! and the rest of Herald sees only well-formed packets in Herald's types (`Qos` from
+//! `message`). Outgoing packets are encoded here directly into the connection's write
+//! buffer; PUBLISH in particular is written from shared message parts without building an
 //! intermediate struct.
 //!
 //! Every UTF-8 string field (CONNECT's protocol name, client id, will topic and user name,
@@ -16,18 +20,49 @@
 //! 0x80 and the connection stays.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use mqttbytes::v4::{Connect, LastWill, Login, Publish, Unsubscribe};
-use mqttbytes::{Protocol, QoS};
 
-pub use mqttbytes::QoS as Qos;
+pub use crate::message::Qos;
 
-/// The lower of two QoS levels (`QoS` is not `Ord`).
-pub fn min_qos(a: Qos, b: Qos) -> Qos {
-    if (a as u8) <= (b as u8) {
-        a
-    } else {
-        b
-    }
+/// CONNECT, as Herald reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connect {
+    pub keep_alive: u16,
+    pub client_id: String,
+    pub clean_session: bool,
+    pub last_will: Option<Will>,
+    pub login: Option<Login>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Will {
+    pub topic: String,
+    pub message: Bytes,
+    pub qos: Qos,
+    pub retain: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Login {
+    pub username: String,
+    /// Binary data in MQTT 3.1.1 (a token, a hash, any bytes): never turned into text.
+    pub password: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    pub dup: bool,
+    pub qos: Qos,
+    pub retain: bool,
+    pub topic: String,
+    /// 0 at QoS 0.
+    pub pkid: u16,
+    pub payload: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsubscribe {
+    pub pkid: u16,
+    pub topics: Vec<String>,
 }
 
 /// A packet a client may send to the broker.
@@ -51,7 +86,7 @@ pub struct Subscribe {
     /// `Err(filter)` marks a filter that is a clean UTF-8 string but not a valid filter
     /// (`a#`): it is refused with 0x80 in the SUBACK rather than closing the connection, as
     /// Mosquitto and EMQX clients expect.
-    pub filters: Vec<(Result<String, String>, QoS)>,
+    pub filters: Vec<(Result<String, String>, Qos)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -128,9 +163,17 @@ pub fn decode(buf: &mut BytesMut, max_size: usize) -> Result<Option<Packet>, Dec
             if qos == 0 && flags & 0b1000 != 0 {
                 return Err(DecodeError::Malformed("DUP set on QoS 0"));
             }
-            let publish = Publish::read(header, frame)?;
-            check_topic_name(&publish.topic)?;
-            Packet::Publish(publish)
+            let p = mqttbytes::v4::Publish::read(header, frame)?;
+            check_topic_name(&p.topic)?;
+            Packet::Publish(Publish {
+                dup: p.dup,
+                // Checked above: 0, 1 or 2.
+                qos: Qos::try_from(qos).map_err(|_| DecodeError::Malformed("QoS 3"))?,
+                retain: p.retain,
+                topic: p.topic,
+                pkid: p.pkid,
+                payload: p.payload,
+            })
         }
         4 => {
             expect_flags(0)?;
@@ -239,13 +282,9 @@ fn decode_connect(b: &mut Bytes) -> Result<Connect, DecodeError> {
         let topic = take_string(b)?;
         check_topic_name(&topic)?;
         let message = take_bytes(b)?;
-        let qos = match (flags >> 3) & 0b11 {
-            0 => QoS::AtMostOnce,
-            1 => QoS::AtLeastOnce,
-            2 => QoS::ExactlyOnce,
-            _ => return Err(DecodeError::Malformed("will QoS 3")),
-        };
-        Some(LastWill {
+        let qos =
+            Qos::try_from((flags >> 3) & 0b11).map_err(|_| DecodeError::Malformed("will QoS 3"))?;
+        Some(Will {
             topic,
             message,
             qos,
@@ -268,10 +307,9 @@ fn decode_connect(b: &mut Bytes) -> Result<Connect, DecodeError> {
         String::new()
     };
     let password = if has_pass {
-        // Passwords are binary data in 3.1.1; keep them lossless enough for comparison.
-        String::from_utf8_lossy(&take_bytes(b)?).into_owned()
+        take_bytes(b)?
     } else {
-        String::new()
+        Bytes::new()
     };
     if !b.is_empty() {
         return Err(DecodeError::Malformed(
@@ -279,7 +317,6 @@ fn decode_connect(b: &mut Bytes) -> Result<Connect, DecodeError> {
         ));
     }
     Ok(Connect {
-        protocol: Protocol::V4,
         keep_alive,
         client_id,
         clean_session: flags & 0x02 != 0,
@@ -297,12 +334,8 @@ fn decode_subscribe(b: &mut Bytes) -> Result<Subscribe, DecodeError> {
     while !b.is_empty() {
         let filter = take_string(b)?;
         let options = take_u8(b)?;
-        let qos = match options {
-            0 => QoS::AtMostOnce,
-            1 => QoS::AtLeastOnce,
-            2 => QoS::ExactlyOnce,
-            _ => return Err(DecodeError::Malformed("bad subscription options")),
-        };
+        let qos = Qos::try_from(options)
+            .map_err(|_| DecodeError::Malformed("bad subscription options"))?;
         let filter = if crate::topic::valid_filter(&filter) {
             Ok(filter)
         } else {
@@ -465,7 +498,6 @@ pub fn encode_pingreq(buf: &mut BytesMut) {
     buf.put_slice(&[0xC0, 0]);
 }
 
-/// Writes a PUBLISH; `pkid` is ignored for QoS 0.
 /// The largest CONNECT MQTT 3.1.1 allows: a 5-byte fixed header, a 10-byte variable header
 /// and five length-prefixed fields (client id, will topic, will message, user name,
 /// password) of at most 65,535 bytes each.
@@ -503,11 +535,12 @@ pub fn publish_len(topic_len: usize, payload_len: usize) -> usize {
     9 + topic_len + payload_len
 }
 
+/// Writes a PUBLISH; `pkid` is ignored for QoS 0.
 pub fn encode_publish(
     buf: &mut BytesMut,
     topic: &str,
     payload: &[u8],
-    qos: QoS,
+    qos: Qos,
     pkid: u16,
     retain: bool,
     dup: bool,
@@ -555,8 +588,8 @@ mod tests {
                 assert_eq!(c.keep_alive, 30);
                 let login = c.login.expect("login");
                 assert_eq!(
-                    (login.username.as_str(), login.password.as_str()),
-                    ("a", "s3cret")
+                    (login.username.as_str(), &login.password[..]),
+                    ("a", &b"s3cret"[..])
                 );
             }
             other => panic!("{other:?}"),
@@ -639,7 +672,7 @@ mod tests {
     #[test]
     fn publish_roundtrip() {
         let mut buf = BytesMut::new();
-        encode_publish(&mut buf, "a/b", b"hi", QoS::AtLeastOnce, 7, true, true);
+        encode_publish(&mut buf, "a/b", b"hi", Qos::AtLeastOnce, 7, true, true);
         match decode(&mut buf, 1024) {
             Ok(Some(Packet::Publish(p))) => {
                 assert_eq!(p.topic, "a/b");
@@ -752,8 +785,19 @@ mod tests {
         );
 
         let mut publish = BytesMut::new();
-        encode_publish(&mut publish, "a\0b", b"x", QoS::AtMostOnce, 0, false, false);
+        encode_publish(&mut publish, "a\0b", b"x", Qos::AtMostOnce, 0, false, false);
         assert!(decode(&mut publish, 1024).is_err());
+    }
+
+    #[test]
+    fn passwords_are_binary() {
+        let c = connect_with_fields(b"id", (b"w/t", b"x"), b"user", b"\xff\xfe\x00k");
+        match decode_all(&c) {
+            Ok(Some(Packet::Connect(c))) => {
+                assert_eq!(&c.login.expect("login").password[..], b"\xff\xfe\x00k");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -761,7 +805,7 @@ mod tests {
         let c = connect_with_fields(b"id", (b"w/t", b"b\0ye"), b"user", b"p\0w");
         match decode_all(&c) {
             Ok(Some(Packet::Connect(c))) => {
-                assert_eq!(c.login.expect("login").password, "p\0w");
+                assert_eq!(&c.login.expect("login").password[..], b"p\0w");
                 assert_eq!(&c.last_will.expect("will").message[..], b"b\0ye");
             }
             other => panic!("{other:?}"),
@@ -771,7 +815,7 @@ mod tests {
             &mut publish,
             "a/b",
             b"\0\0",
-            QoS::AtMostOnce,
+            Qos::AtMostOnce,
             0,
             false,
             false,

@@ -545,7 +545,7 @@ impl Config {
             );
         }
         if self.store.kind == StoreKind::Redis {
-            if let Err(e) = crate::outbox::RedisOutbox::validate_url(&self.store.redis_url) {
+            if let Err(e) = crate::redis::Redis::validate_url(&self.store.redis_url) {
                 return bad("store.redis_url", e);
             }
         }

@@ -7,12 +7,16 @@
 //! - `auth`: who may connect as which client id (password file, device tokens, client
 //!   certificates) and what each may publish and read (ACL).
 //! - `codec`: MQTT 3.1.1 wire format (wraps `mqttbytes`, adds the strict checks).
+//! - `message`: the shared types (message, QoS, client id, packet ids, the envelope).
 //! - `broker`: the node's shared state; resolves receivers and stores before acking.
 //! - `topic`: topic names, filters, the push-topic template.
-//! - `router`: subscription trie and retained messages for non-push topics.
+//! - `subscriptions`, `retained`: who gets an ordinary-topic message, and the retained
+//!   messages a new subscription gets.
 //! - `outbox`: the per-client store of unacknowledged QoS 1/2 messages (source of truth).
+//! - `redis`: everything that talks to Redis: key schema, scripts, connection, health.
 //! - `mailbox`: hands live messages (hints) from the broker to a connection task.
-//! - `cluster`: many nodes over one Redis: route table, node-to-node link, forwarding.
+//! - `cluster`: many nodes over one Redis: route table, node registry, interest,
+//!   forwarding, the sweep, the node-to-node link.
 //! - `descriptors`: the descriptor limit, the connection capacity it allows, EMFILE.
 //! - `memguard`: slows publishers, then refuses connections, as RSS nears `server.max_memory`.
 //! - `config`, `metrics`: operations; `lograte` keeps the lines a remote peer can cause at
@@ -37,11 +41,14 @@ pub mod descriptors;
 pub mod lograte;
 pub mod mailbox;
 pub mod memguard;
+pub mod message;
 pub mod metrics;
 pub mod outbox;
-pub mod router;
+pub mod redis;
+pub mod retained;
 pub mod server;
 pub mod session;
+pub mod subscriptions;
 pub mod topic;
 pub mod transport;
 

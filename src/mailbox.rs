@@ -21,9 +21,9 @@ use parking_lot::Mutex;
 use std::task::{Context, Poll};
 use tokio::sync::Notify;
 
-use crate::codec::Qos;
+use crate::message::Message;
+use crate::message::Qos;
 use crate::metrics;
-use crate::outbox::Message;
 
 #[derive(Debug)]
 pub enum Delivery {
@@ -106,7 +106,7 @@ impl Mailbox {
             retry: AtomicBool::new(false),
             kick: AtomicU8::new(0),
             done: AtomicBool::new(false),
-            last_seen: AtomicU64::new(crate::outbox::now_ms()),
+            last_seen: AtomicU64::new(crate::message::now_ms()),
             seen: AtomicU64::new(0),
             expire_after: u64::from(keep_alive_secs) * 1500,
             conn_id,

@@ -10,7 +10,6 @@ use std::sync::OnceLock;
 
 use metrics::{Counter, Gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 struct Handles {
@@ -352,27 +351,27 @@ pub fn render() -> String {
         .unwrap_or_default()
 }
 
-/// Serves `GET /metrics` (any path, in fact) on `addr`. A scrape endpoint needs no router.
+/// Serves the metrics listener: `GET /metrics`, and 404 for any other path (axum: the
+/// operations endpoints of later work join this router). Every answer closes its
+/// connection, as a scrape is one request. axum's accept loop backs off on accept errors
+/// (out of descriptors) instead of spinning.
 pub async fn serve(listener: TcpListener) {
-    loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            // Out of descriptors, usually: wait for some to free up instead of spinning.
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            continue;
-        };
-        tokio::spawn(async move {
-            let mut req = [0u8; 1024];
-            // Read the request head; its content does not change the answer.
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut req)).await;
-            let body = render();
-            let head = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = sock.write_all(head.as_bytes()).await;
-            let _ = sock.write_all(body.as_bytes()).await;
-        });
+    use axum::http::{header, StatusCode};
+    let close = || [(header::CONNECTION, "close")];
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || async move {
+                (
+                    close(),
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    render(),
+                )
+            }),
+        )
+        .fallback(move || async move { (StatusCode::NOT_FOUND, close(), "not found\n") });
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "metrics listener stopped");
     }
 }
 

@@ -19,14 +19,18 @@ use crate::auth::Auth;
 use crate::broker::Broker;
 use crate::cluster::{self, Cluster, LinkSecurity, LinkTls};
 use crate::config::Config;
+use crate::config::StoreKind;
 use crate::descriptors;
 use crate::lograte::{self, Reason};
 use crate::metrics;
+use crate::outbox::Store;
+use crate::redis::Redis;
 use crate::session::Connection;
 use crate::transport::{self, TlsServer};
 
 /// A running Herald node.
 pub struct Server {
+    cluster: Option<Arc<Cluster>>,
     listeners: Listeners,
     metrics_addr: Option<SocketAddr>,
     broker: Arc<Broker>,
@@ -125,9 +129,19 @@ impl Server {
             None => None,
         };
         let timeout = config.server.shutdown_timeout;
+        // Every listener is bound before Redis is reached: a process that is up has all its
+        // ports.
         let cluster_listener = bind(config.cluster.listen).await?;
-        let cluster = match &cluster_listener {
-            Some(l) => {
+        let redis = match config.store.kind {
+            StoreKind::Redis => Some(
+                Redis::connect(&config.store.redis_url, config.store.redis_ca.as_deref())
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))?,
+            ),
+            StoreKind::Memory => None,
+        };
+        let cluster = match (&cluster_listener, &redis) {
+            (Some(l), Some(redis)) => {
                 let c = &config.cluster;
                 let port = listeners
                     .tcp
@@ -139,34 +153,31 @@ impl Server {
                     .node_id
                     .clone()
                     .unwrap_or_else(|| format!("{}:{port}", hostname()));
-                Some(Arc::new(Cluster::new(
+                let settings = cluster::Settings {
                     id,
-                    c.advertise.unwrap_or(l.local_addr()?),
-                    c.sweep_interval,
-                    c.node_ttl,
-                    link_security(&config, tls.as_ref())?,
-                )))
+                    advertise: c.advertise.unwrap_or(l.local_addr()?),
+                    sweep_interval: c.sweep_interval,
+                    node_ttl: c.node_ttl,
+                    security: link_security(&config, tls.as_ref())?,
+                };
+                Some(Arc::new(Cluster::new(settings, redis.clone())))
             }
-            None => None,
+            // The configuration check refuses a cluster without the Redis store.
+            _ => None,
         };
+        let store = Store::open(&config, redis);
         let broker = Arc::new(
-            Broker::open(config, cluster.clone(), auth)
+            Broker::open(config, store, cluster.clone(), auth)
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))?,
         );
         let shutdown = CancellationToken::new();
         let connections = Arc::new(Connections::default());
-        if let (Some(c), Some(l), Some(r)) = (&cluster, cluster_listener, broker.store.redis()) {
-            c.register(r)
+        if let (Some(c), Some(l)) = (&cluster, cluster_listener) {
+            let max_packet = broker.config().server.max_packet_size;
+            c.start(broker.clone(), l, max_packet, shutdown.clone())
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
-            tokio::spawn(c.clone().run(broker.clone(), shutdown.clone()));
-            tokio::spawn(cluster::serve(
-                l,
-                broker.clone(),
-                c.security(),
-                shutdown.clone(),
-            ));
         }
 
         if let Some(l) = metrics_listener {
@@ -191,7 +202,7 @@ impl Server {
                 let mut last = tokio::time::Instant::now();
                 loop {
                     tokio::select! {
-                        _ = sweep.tick() => broker.store.sweep().await,
+                        _ = sweep.tick() => broker.store().sweep().await,
                         t = keepalive.tick() => {
                             let late = t.elapsed() + t.duration_since(last);
                             last = t;
@@ -206,10 +217,10 @@ impl Server {
         }
         let capacity = match descriptors::raise() {
             Ok(l) => {
-                let capacity = l.capacity().min(broker.config.server.max_connections);
+                let capacity = l.capacity().min(broker.config().server.max_connections);
                 tracing::info!(
                     capacity,
-                    max_connections = broker.config.server.max_connections,
+                    max_connections = broker.config().server.max_connections,
                     descriptor_limit = l.soft,
                     reserved = l.reserve(),
                     "connection capacity"
@@ -218,7 +229,7 @@ impl Server {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the descriptor limit");
-                broker.config.server.max_connections
+                broker.config().server.max_connections
             }
         };
         if broker.guard().limit() > 0 {
@@ -246,7 +257,7 @@ impl Server {
                 tokio::spawn(accept_loop(l, kind, accept.clone()));
             }
         }
-        if broker.auth.is_open() {
+        if broker.auth().is_open() {
             tracing::warn!("no authentication configured: any client may connect as any client id and publish anywhere (keep this node on a trusted network; see README, Security)");
         }
         let shown = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_string(), |a| a.to_string());
@@ -259,6 +270,7 @@ impl Server {
             "herald started"
         );
         Ok(Server {
+            cluster,
             listeners,
             metrics_addr,
             broker,
@@ -303,15 +315,15 @@ impl Server {
                 }
             }
         }
-        if let Err(e) = self.broker.auth.reload() {
+        if let Err(e) = self.broker.auth().reload() {
             tracing::error!(error = %e, "authentication files not reloaded, keeping the old ones");
         }
     }
 
     /// Stops accepting, closes every connection, waits up to `shutdown_timeout`.
     pub async fn shutdown(self) {
-        if let (Some(c), Some(r)) = (&self.broker.cluster, self.broker.store.redis()) {
-            c.unregister(r).await;
+        if let Some(c) = &self.cluster {
+            c.unregister().await;
         }
         self.shutdown.cancel();
         self.broker.close_all();
@@ -445,7 +457,7 @@ async fn accept_loop(listener: TcpListener, kind: Transport, ctx: Arc<Accept>) {
             }
         };
         if ctx.connections.open.load(Ordering::Relaxed) >= max {
-            if max < ctx.broker.config.server.max_connections {
+            if max < ctx.broker.config().server.max_connections {
                 metrics::rejected_descriptors();
             } else {
                 metrics::rejected_max_connections();
@@ -467,7 +479,7 @@ async fn accept_loop(listener: TcpListener, kind: Transport, ctx: Arc<Accept>) {
             }
             (Transport::Ws, _) => {
                 tokio::spawn(async move {
-                    let max_packet = broker.config.server.max_packet_size;
+                    let max_packet = broker.config().server.max_packet_size;
                     if let Some(ws) =
                         handshake(&broker, peer, transport::ws_accept(stream, max_packet)).await
                     {
@@ -490,7 +502,7 @@ async fn accept_loop(listener: TcpListener, kind: Transport, ctx: Arc<Accept>) {
             (Transport::Wss, Some(tls)) => {
                 let tls = tls.clone();
                 tokio::spawn(async move {
-                    let max_packet = broker.config.server.max_packet_size;
+                    let max_packet = broker.config().server.max_packet_size;
                     let both = async {
                         let (s, id) = tls.accept(stream).await?;
                         Ok((transport::ws_accept(s, max_packet).await?, id))
@@ -519,7 +531,7 @@ async fn handshake<T, F>(broker: &Broker, peer: SocketAddr, f: F) -> Option<T>
 where
     F: std::future::Future<Output = std::io::Result<T>>,
 {
-    match tokio::time::timeout(broker.config.server.connect_timeout, f).await {
+    match tokio::time::timeout(broker.config().server.connect_timeout, f).await {
         Ok(Ok(s)) => Some(s),
         Ok(Err(e)) => {
             metrics::handshake_failed();

@@ -31,18 +31,17 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures::stream::{FuturesOrdered, StreamExt};
-use mqttbytes::v4::{Connect, Publish};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Credentials, Principal};
 use crate::broker::{Broker, SessionData};
-use crate::codec::{self, DecodeError, Packet, Qos};
+use crate::codec::{self, Connect, DecodeError, Packet, Publish};
 use crate::lograte::{self, Reason};
 use crate::mailbox::{Delivery, Kick, Mailbox};
+use crate::message::{packet_id, ClientId, Message, Qos};
 use crate::metrics::{self, AuthFailure, Denied};
-use crate::outbox::{packet_id, Entry, Message, StoreError};
-use crate::router::ClientId;
+use crate::outbox::{Entry, StoreError};
 
 thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; 16 * 1024].into_boxed_slice());
@@ -111,7 +110,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
 
     /// The identity a client certificate proved, used only with `tls.identity = "cert"`.
     pub fn with_cert_identity(mut self, identity: Option<String>) -> Self {
-        if self.broker.config.tls.identity == crate::config::TlsIdentity::Cert {
+        if self.broker.config().tls.identity == crate::config::TlsIdentity::Cert {
             self.cert_identity = identity.map(String::into_boxed_str);
         }
         self
@@ -160,7 +159,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
 
     /// Waits for CONNECT, answering what must be answered before a session exists.
     async fn handshake(&mut self, rbuf: &mut BytesMut) -> Option<Connect> {
-        let timeout = self.broker.config.server.connect_timeout;
+        let timeout = self.broker.config().server.connect_timeout;
         let shutdown = self.shutdown.clone();
         let first = tokio::select! {
             r = tokio::time::timeout(timeout, self.read_first(rbuf)) => r,
@@ -216,7 +215,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
                 return self.refuse(5).await;
             }
         }
-        let auth = self.broker.auth.clone();
+        let auth = self.broker.auth().clone();
         if auth.is_open() {
             return Some(None);
         }
@@ -225,9 +224,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             .authenticate(Credentials {
                 client_id: &c.client_id,
                 username: login.map(|l| l.username.as_str()),
-                password: login
-                    .map(|l| l.password.as_bytes())
-                    .filter(|p| !p.is_empty()),
+                password: login.map(|l| &l.password[..]).filter(|p| !p.is_empty()),
                 cert_identity: self.cert_identity.as_deref(),
                 peer: self.peer.ip(),
             })
@@ -261,7 +258,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
     /// (`LARGE_CONNECTS`), so sockets that each send most of a big CONNECT and stop hold at
     /// most that much between them until their connect timeout.
     async fn read_first(&mut self, rbuf: &mut BytesMut) -> Result<Connect, Option<DecodeError>> {
-        let server = &self.broker.config.server;
+        let server = &self.broker.config().server;
         let (max, small) = (server.max_packet_size, server.max_connect_size);
         let mut reserved: Option<LargeConnect> = None;
         loop {
@@ -504,7 +501,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             return end;
         }
         loop {
-            let can_take = self.wbuf.len() < self.broker.config.server.max_write_buffer;
+            let can_take = self.wbuf.len() < self.broker.config().server.max_write_buffer;
             if self.mail && can_take {
                 let take = stage(self.take_mail());
                 take.await;
@@ -533,7 +530,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 self.wbuf = BytesMut::new();
             }
             if woke.input {
-                self.mailbox.touch(crate::outbox::now_ms());
+                self.mailbox.touch(crate::message::now_ms());
                 let input = stage(self.handle_input());
                 if let Err(end) = input.await {
                     return end;
@@ -608,7 +605,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         // it has room, not only once it is empty. (Only after a write: no spinning.)
         let room = wrote
             && (self.mail || self.has_retained())
-            && self.wbuf.len() < self.broker.config.server.max_write_buffer;
+            && self.wbuf.len() < self.broker.config().server.max_write_buffer;
         if woke.input || woke.written || woke.mail || room {
             Poll::Ready(Ok(woke))
         } else {
@@ -682,7 +679,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             .map_or((0, 0), |p| (p.stores.len(), p.bytes));
         n < MAX_PENDING_PUBLISHES
             && bytes < MAX_PENDING_BYTES
-            && self.wbuf.len() < self.broker.config.server.max_write_buffer
+            && self.wbuf.len() < self.broker.config().server.max_write_buffer
             && !(self.publisher && self.broker.guard().throttled())
     }
 
@@ -706,7 +703,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     /// Bytes the write buffer may still take (`server.max_write_buffer`).
     fn write_room(&self) -> usize {
         self.broker
-            .config
+            .config()
             .server
             .max_write_buffer
             .saturating_sub(self.wbuf.len())
@@ -721,7 +718,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 
     /// Decodes and handles every complete packet in `rbuf`.
     async fn handle_input(&mut self) -> Result<(), End> {
-        let max_packet = self.broker.config.server.max_packet_size;
+        let max_packet = self.broker.config().server.max_packet_size;
         loop {
             match codec::decode(&mut self.rbuf, max_packet) {
                 Ok(Some(p)) => self.handle_packet(p).await?,
@@ -793,7 +790,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 }
                 drop(seen);
                 for (((filter, _), code), last) in s.filters.iter().zip(&codes).zip(last) {
-                    if let (Ok(f), Some(granted), true) = (filter, qos_of(*code), last) {
+                    if let (Ok(f), Some(granted), true) = (filter, Qos::try_from(*code).ok(), last)
+                    {
                         let qos0 = self
                             .broker
                             .send_retained(&self.client, f, granted)
@@ -858,7 +856,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         let size = msg.size();
         self.publisher = true;
         let stored = self.broker.publish(msg);
-        if self.broker.store.is_remote() {
+        if self.broker.store().is_remote() {
             // Stored concurrently with the next publishes instead of one round trip each.
             if qos == Qos::ExactlyOnce {
                 self.data_mut().incoming_qos2.insert(pkid);
@@ -919,7 +917,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         let seq = self.inflight[i].seq;
         self.inflight.remove(i);
         metrics::acked();
-        self.broker.store.ack(&self.client, seq).await;
+        self.broker.store().ack(&self.client, seq).await;
         Ok(true)
     }
 
@@ -931,7 +929,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             return false;
         }
         match self.extras.as_ref().and_then(|x| x.principal.as_ref()) {
-            Some(p) => self.broker.auth.may_publish(p, &self.client, topic),
+            Some(p) => self.broker.auth().may_publish(p, &self.client, topic),
             None => true,
         }
     }
@@ -942,7 +940,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         let Some(p) = self.extras.as_ref().and_then(|x| x.principal.as_ref()) else {
             return true;
         };
-        if self.broker.auth.may_read(p, &self.client, topic) {
+        if self.broker.auth().may_read(p, &self.client, topic) {
             return true;
         }
         metrics::dropped(metrics::Drop::AclDenied);
@@ -956,7 +954,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             return false;
         }
         match self.extras.as_ref().and_then(|x| x.principal.as_ref()) {
-            Some(p) => self.broker.auth.may_subscribe(p, &self.client, filter),
+            Some(p) => self.broker.auth().may_subscribe(p, &self.client, filter),
             None => true,
         }
     }
@@ -973,7 +971,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 
     fn window_free(&self) -> usize {
         let used = self.inflight.len() + self.data.as_ref().map_or(0, |d| d.awaiting_pubcomp.len());
-        self.broker.config.session.max_inflight.saturating_sub(used)
+        self.broker
+            .config()
+            .session
+            .max_inflight
+            .saturating_sub(used)
     }
 
     async fn take_delivery(&mut self, d: Delivery) {
@@ -1020,12 +1022,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     async fn fill_window(&mut self) -> Result<(), crate::outbox::StoreError> {
         while self.backlog
             && self.window_free() > 0
-            && self.wbuf.len() < self.broker.config.server.max_write_buffer
+            && self.wbuf.len() < self.broker.config().server.max_write_buffer
         {
             let want = self.window_free();
             let entries = self
                 .broker
-                .store
+                .store()
                 .fetch(&self.client, self.next_seq, want)
                 .await?;
             let complete = entries.len() < want;
@@ -1057,7 +1059,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             // Removed as if acknowledged, and counted: the reader lost the right to it.
             self.next_seq = e.seq + 1;
             self.mailbox.saw(e.seq);
-            self.broker.store.ack(&self.client, e.seq).await;
+            self.broker.store().ack(&self.client, e.seq).await;
             return true;
         }
         let dup = e.seq <= self.sent_watermark;
@@ -1080,7 +1082,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         self.mailbox.saw(e.seq);
         if !dup {
             // Entries sent in order: the newest watermark covers the ones before it.
-            if let Some(gate) = self.broker.store.mark_sent(&self.client, e.seq).await {
+            if let Some(gate) = self.broker.store().mark_sent(&self.client, e.seq).await {
                 self.sent_gate = Some(gate);
             }
         }
@@ -1162,13 +1164,4 @@ fn reserved_topic(topic: &str) -> bool {
                 .strip_prefix(p)
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
         })
-}
-
-fn qos_of(code: u8) -> Option<Qos> {
-    match code {
-        0 => Some(Qos::AtMostOnce),
-        1 => Some(Qos::AtLeastOnce),
-        2 => Some(Qos::ExactlyOnce),
-        _ => None,
-    }
 }

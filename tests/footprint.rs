@@ -9,6 +9,7 @@ use std::sync::Arc;
 use herald::auth::Auth;
 use herald::broker::Broker;
 use herald::config::Config;
+use herald::outbox::Store;
 use herald::session::Connection;
 use tokio_util::sync::CancellationToken;
 
@@ -17,7 +18,7 @@ async fn an_idle_connections_task_fits_a_384_byte_block() {
     let config = Config::default();
     let auth = Arc::new(Auth::load(&config).expect("no auth configured"));
     let broker = Arc::new(
-        Broker::open(config, None, auth)
+        Broker::open(config.clone(), Store::open(&config, None), None, auth)
             .await
             .expect("memory store"),
     );

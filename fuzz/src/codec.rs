@@ -14,7 +14,7 @@ pub enum Norm {
         client_id: String,
         clean: bool,
         will: Option<(String, Vec<u8>, u8, bool)>,
-        login: Option<(String, String)>,
+        login: Option<(String, Vec<u8>)>,
     },
     Publish {
         dup: bool,
@@ -53,7 +53,7 @@ pub fn norm(p: &Packet) -> Norm {
             login: c
                 .login
                 .as_ref()
-                .map(|l| (l.username.clone(), l.password.clone())),
+                .map(|l| (l.username.clone(), l.password.to_vec())),
         },
         Packet::Publish(p) => Norm::Publish {
             dup: p.dup,
@@ -84,17 +84,14 @@ pub fn norm(p: &Packet) -> Norm {
     }
 }
 
+/// Any byte as a valid QoS (3 and above as 2): the fuzzer's input picks one.
 pub fn qos(n: u8) -> Qos {
-    match n {
-        0 => Qos::AtMostOnce,
-        1 => Qos::AtLeastOnce,
-        _ => Qos::ExactlyOnce,
-    }
+    Qos::try_from(n.min(2)).unwrap_or(Qos::ExactlyOnce)
 }
 
 /// Encodes `p` the way a client would send it: with Herald's own encoders where it has one
 /// (PUBLISH, the acks, PINGREQ, a plain CONNECT), by hand otherwise. `None` when a field is
-/// too long to be encoded at all (a lossily decoded password can grow past 65535 bytes).
+/// too long to be encoded at all.
 pub fn encode(p: &Norm, buf: &mut BytesMut) -> Option<()> {
     match p {
         Norm::Connect {
@@ -104,15 +101,15 @@ pub fn encode(p: &Norm, buf: &mut BytesMut) -> Option<()> {
             will,
             login,
         } => {
-            let too_long = |s: &str| s.len() > usize::from(u16::MAX);
+            let too_long = |s: &[u8]| s.len() > usize::from(u16::MAX);
             if login
                 .as_ref()
-                .is_some_and(|(u, p)| too_long(u) || too_long(p))
+                .is_some_and(|(u, p)| too_long(u.as_bytes()) || too_long(p))
             {
                 return None;
             }
             if *clean && will.is_none() {
-                let login = login.as_ref().map(|(u, p)| (u.as_str(), p.as_bytes()));
+                let login = login.as_ref().map(|(u, p)| (u.as_str(), p.as_slice()));
                 codec::encode_connect(buf, client_id, *keep_alive, login);
                 return Some(());
             }
@@ -130,7 +127,7 @@ pub fn encode(p: &Norm, buf: &mut BytesMut) -> Option<()> {
                 // Herald decodes a missing password as "": sending an empty one is the same.
                 flags |= 0x80 | 0x40;
                 put_field(&mut body, user.as_bytes())?;
-                put_field(&mut body, pass.as_bytes())?;
+                put_field(&mut body, pass)?;
             }
             body[7] = flags;
             frame(buf, 0x10, &body)

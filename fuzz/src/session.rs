@@ -22,6 +22,7 @@ use arbitrary::Arbitrary;
 use bytes::BytesMut;
 use herald::auth::Auth;
 use herald::broker::Broker;
+use herald::outbox::Store;
 use herald::config::{OverflowPolicy, Secret};
 use herald::session::Connection;
 use herald::Config;
@@ -630,7 +631,7 @@ pub fn run(input: &Input) {
     rt.block_on(async {
         let config = input.setup.config();
         let auth = auth(&config);
-        let broker = Broker::open(config, None, auth)
+        let broker = Broker::open(config.clone(), Store::open(&config, None), None, auth)
             .await
             .expect("memory store opens");
         let mut h = Harness {

@@ -3,18 +3,10 @@
 //!
 //! A node dials each peer it must reach as an MQTT client (client id `$herald/<node>/<inc>`,
 //! clean session) and forwards PUBLISH packets on internal topics:
-//! - `$cluster/push` (QoS 0): a message already in a device's outbox, `{cid, seq, message}`;
-//!   a hint, so losing it only delays the message (the sweep or a reconnect recovers it).
-//! - `$cluster/pub` (QoS of the message, 0 or 1): an ordinary-topic publish for the peer's
-//!   own subscribers; the peer's PUBACK means it stored the message for them.
-//! - `$cluster/kick` (QoS 0): close your connection of client `cid` unless it is newer than
-//!   `epoch`.
-//!
-//! Each frame names the incarnation it was meant for, so a restarted peer ignores what was
-//! addressed to its previous life. The payload layout is Herald's own, big-endian:
-//! push = inc u64, seq u64, qos u8, retain u8, expires u64, cid (u16 length + bytes),
-//! topic (u16 + bytes), payload (the rest); pub = inc, qos, retain, expires, topic, payload;
-//! kick = inc, epoch u64, cid (the rest).
+//! clean session, `cluster.secret` as the password) and sends `frame::Frame`s as PUBLISH
+//! packets on internal topics: pushes and kicks at QoS 0, ordinary-topic publishes at the
+//! message's QoS (at most 1), acknowledged by the peer once stored. The other direction
+//! (`serve`) applies what peers send to the local node through `Local`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::BytesMut;
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -30,12 +22,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Broker;
-use crate::codec::{self, Packet, Qos, ServerPacket};
+use super::frame::Frame;
+use super::Local;
+use crate::codec::{self, Packet, ServerPacket};
 use crate::config::Secret;
 use crate::lograte::{self, Reason};
+use crate::message::Qos;
 use crate::metrics::{self, AuthFailure, Forward};
-use crate::outbox::{Message, StoreError};
+use crate::redis::StoreError;
 use crate::transport::TlsServer;
 
 /// How long a forwarded QoS 1 publish may wait for the peer's PUBACK.
@@ -50,181 +44,6 @@ const QUEUE_BYTES: usize = 32 * 1024 * 1024;
 const MAX_UNACKED: usize = 8192;
 const PING_EVERY: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
-const TOPIC_PUSH: &str = "$cluster/push";
-const TOPIC_PUB: &str = "$cluster/pub";
-const TOPIC_KICK: &str = "$cluster/kick";
-
-/// What one node tells another.
-#[derive(Debug, Clone)]
-pub enum Frame {
-    Push {
-        target_inc: u64,
-        client: Arc<str>,
-        seq: u64,
-        qos: Qos,
-        msg: Arc<Message>,
-    },
-    Publish {
-        target_inc: u64,
-        msg: Message,
-    },
-    Kick {
-        target_inc: u64,
-        client: Arc<str>,
-        epoch: u64,
-    },
-}
-
-impl Frame {
-    /// What the link's byte budget counts for a frame.
-    fn size(&self) -> usize {
-        match self {
-            Frame::Push { client, msg, .. } => client.len() + msg.size(),
-            Frame::Publish { msg, .. } => msg.size(),
-            Frame::Kick { client, .. } => client.len(),
-        }
-    }
-}
-
-fn put_str(b: &mut BytesMut, s: &str) {
-    b.put_u16(s.len() as u16);
-    b.put_slice(s.as_bytes());
-}
-
-fn put_message_head(b: &mut BytesMut, qos: Qos, msg: &Message) {
-    b.put_u8(qos as u8);
-    b.put_u8(msg.retain as u8);
-    b.put_u64(msg.expires_at);
-}
-
-impl Frame {
-    /// Appends the frame as a PUBLISH to `out`; `body` is scratch space.
-    fn encode(&self, out: &mut BytesMut, body: &mut BytesMut, pkid: u16) {
-        body.clear();
-        let (topic, qos) = match self {
-            Frame::Push {
-                target_inc,
-                client,
-                seq,
-                qos,
-                msg,
-            } => {
-                body.put_u64(*target_inc);
-                body.put_u64(*seq);
-                put_message_head(body, *qos, msg);
-                put_str(body, client);
-                put_str(body, &msg.topic);
-                body.put_slice(&msg.payload);
-                (TOPIC_PUSH, Qos::AtMostOnce)
-            }
-            Frame::Publish { target_inc, msg } => {
-                body.put_u64(*target_inc);
-                put_message_head(body, msg.qos, msg);
-                put_str(body, &msg.topic);
-                body.put_slice(&msg.payload);
-                let link_qos = if msg.qos == Qos::AtMostOnce {
-                    Qos::AtMostOnce
-                } else {
-                    Qos::AtLeastOnce
-                };
-                (TOPIC_PUB, link_qos)
-            }
-            Frame::Kick {
-                target_inc,
-                client,
-                epoch,
-            } => {
-                body.put_u64(*target_inc);
-                body.put_u64(*epoch);
-                body.put_slice(client.as_bytes());
-                (TOPIC_KICK, Qos::AtMostOnce)
-            }
-        };
-        codec::encode_publish(out, topic, body, qos, pkid, false, false);
-    }
-
-    fn decode(topic: &str, mut b: Bytes) -> Option<Frame> {
-        fn take_str(b: &mut Bytes) -> Option<Bytes> {
-            if b.remaining() < 2 {
-                return None;
-            }
-            let n = b.get_u16() as usize;
-            (b.remaining() >= n).then(|| b.split_to(n))
-        }
-        fn utf8(b: Bytes) -> Option<Arc<str>> {
-            std::str::from_utf8(&b).ok().map(Arc::from)
-        }
-        fn qos(n: u8) -> Option<Qos> {
-            match n {
-                0 => Some(Qos::AtMostOnce),
-                1 => Some(Qos::AtLeastOnce),
-                2 => Some(Qos::ExactlyOnce),
-                _ => None,
-            }
-        }
-        match topic {
-            TOPIC_PUSH => {
-                if b.remaining() < 8 + 8 + 10 {
-                    return None;
-                }
-                let target_inc = b.get_u64();
-                let seq = b.get_u64();
-                let q = qos(b.get_u8())?;
-                let retain = b.get_u8() == 1;
-                let expires_at = b.get_u64();
-                let client = utf8(take_str(&mut b)?)?;
-                let topic = utf8(take_str(&mut b)?)?;
-                Some(Frame::Push {
-                    target_inc,
-                    client,
-                    seq,
-                    qos: q,
-                    msg: Arc::new(Message {
-                        topic,
-                        payload: b,
-                        qos: q,
-                        retain,
-                        expires_at,
-                    }),
-                })
-            }
-            TOPIC_PUB => {
-                if b.remaining() < 8 + 10 {
-                    return None;
-                }
-                let target_inc = b.get_u64();
-                let q = qos(b.get_u8())?;
-                let retain = b.get_u8() == 1;
-                let expires_at = b.get_u64();
-                let topic = utf8(take_str(&mut b)?)?;
-                Some(Frame::Publish {
-                    target_inc,
-                    msg: Message {
-                        topic,
-                        payload: b,
-                        qos: q,
-                        retain,
-                        expires_at,
-                    },
-                })
-            }
-            TOPIC_KICK => {
-                if b.remaining() < 16 {
-                    return None;
-                }
-                let target_inc = b.get_u64();
-                let epoch = b.get_u64();
-                Some(Frame::Kick {
-                    target_inc,
-                    epoch,
-                    client: utf8(b)?,
-                })
-            }
-            _ => None,
-        }
-    }
-}
 
 struct Out {
     frame: Frame,
@@ -493,10 +312,19 @@ fn next_free(mut id: u16, used: &HashMap<u16, oneshot::Sender<()>>) -> u16 {
     }
 }
 
+/// What the receiving side of the links applies frames to.
+pub(super) struct Inbound {
+    pub(super) local: Arc<dyn Local>,
+    /// This node's incarnation: frames for another are dropped.
+    pub(super) inc: u64,
+    /// Room for a client's largest packet plus the frame's own fields.
+    pub(super) max_packet: usize,
+}
+
 /// Accepts peers' links and applies what they send.
-pub async fn serve(
+pub(super) async fn serve(
     listener: TcpListener,
-    broker: Arc<Broker>,
+    inbound: Arc<Inbound>,
     security: Arc<LinkSecurity>,
     stop: CancellationToken,
 ) {
@@ -514,19 +342,19 @@ pub async fn serve(
             },
             _ = stop.cancelled() => return,
         };
-        let (broker, stop, security) = (broker.clone(), stop.clone(), security.clone());
+        let (inbound, stop, security) = (inbound.clone(), stop.clone(), security.clone());
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
             let served = async {
                 match &security.tls {
-                    None => serve_in(stream, &broker, &security.secret).await,
+                    None => serve_in(stream, &inbound, &security.secret).await,
                     Some(tls) => {
                         let (s, _) =
                             tokio::time::timeout(CONNECT_TIMEOUT * 5, tls.server.accept(stream))
                                 .await
                                 .map_err(|_| "TLS handshake timed out".to_string())?
                                 .map_err(|e| format!("TLS handshake: {e}"))?;
-                        serve_in(s, &broker, &security.secret).await
+                        serve_in(s, &inbound, &security.secret).await
                     }
                 }
             };
@@ -549,16 +377,11 @@ type Storing =
 
 async fn serve_in<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
-    broker: &Arc<Broker>,
+    inbound: &Inbound,
     secret: &Secret,
 ) -> Result<(), String> {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    // Room for a client's largest packet plus the frame's own fields.
-    let max = broker
-        .config
-        .server
-        .max_packet_size
-        .saturating_add(64 * 1024);
+    let max = inbound.max_packet;
     let mut rbuf = BytesMut::new();
     let connect = tokio::time::timeout(CONNECT_TIMEOUT * 5, async {
         loop {
@@ -577,9 +400,8 @@ async fn serve_in<S: AsyncRead + AsyncWrite + Unpin>(
     .await
     .map_err(|_| "no CONNECT in time".to_string())??;
     let mut wbuf = BytesMut::new();
-    let presented = connect.login.as_ref().map_or("", |l| l.password.as_str());
-    let good: bool =
-        subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), secret.expose().as_bytes()).into();
+    let presented = connect.login.as_ref().map_or(&[][..], |l| &l.password[..]);
+    let good: bool = subtle::ConstantTimeEq::ct_eq(presented, secret.expose().as_bytes()).into();
     if !good {
         metrics::auth_failure(AuthFailure::ClusterSecret);
         codec::encode_connack(&mut wbuf, false, 5);
@@ -616,9 +438,9 @@ async fn serve_in<S: AsyncRead + AsyncWrite + Unpin>(
                         Packet::Publish(p) => {
                             let frame = Frame::decode(&p.topic, p.payload)
                                 .ok_or_else(|| format!("bad frame on {}", p.topic))?;
-                            // Packet id 0 marks QoS 0: routed in order, never acknowledged.
+                            // Packet id 0 marks QoS 0: applied in order, never acknowledged.
                             let pkid = if p.qos == Qos::AtMostOnce { 0 } else { p.pkid };
-                            match apply(broker, frame) {
+                            match apply(inbound, frame) {
                                 Some(store) => {
                                     storing.push_back(Box::pin(async move { (pkid, store.await) }))
                                 }
@@ -638,10 +460,9 @@ async fn serve_in<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Applies one frame; a forwarded publish returns the future of its local stores.
 fn apply(
-    broker: &Arc<Broker>,
+    inbound: &Inbound,
     frame: Frame,
 ) -> Option<futures::future::BoxFuture<'static, Result<(), StoreError>>> {
-    let cluster = broker.cluster.as_ref()?;
     match frame {
         Frame::Push {
             target_inc,
@@ -651,18 +472,18 @@ fn apply(
             msg,
         } => {
             metrics::forward_received(Forward::Push);
-            if target_inc != cluster.inc {
+            if target_inc != inbound.inc {
                 metrics::stale_route();
                 return None;
             }
-            broker.take_forward(&client, seq, qos, msg);
+            inbound.local.take_forward(&client, seq, qos, msg);
             None
         }
         Frame::Publish { msg, .. } => {
             metrics::forward_received(Forward::Publish);
             // Whatever incarnation it was meant for, its subscribers here are the ones the
-            // local router knows now.
-            Some(broker.publish_from_peer(msg))
+            // local subscription table knows now.
+            Some(inbound.local.clone().publish_from_peer(msg))
         }
         Frame::Kick {
             target_inc,
@@ -670,76 +491,10 @@ fn apply(
             epoch,
         } => {
             metrics::forward_received(Forward::Kick);
-            if target_inc == cluster.inc {
-                broker.remote_kick(&client, epoch);
+            if target_inc == inbound.inc {
+                inbound.local.kick_if_older(&client, epoch);
             }
             None
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn roundtrip(f: &Frame) -> Frame {
-        let (mut out, mut body) = (BytesMut::new(), BytesMut::new());
-        f.encode(&mut out, &mut body, 9);
-        match codec::decode(&mut out, 1 << 20) {
-            Ok(Some(Packet::Publish(p))) => Frame::decode(&p.topic, p.payload).unwrap(),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn frames_roundtrip() {
-        let msg = Message {
-            topic: Arc::from("push/d1"),
-            payload: Bytes::from_static(b"hello"),
-            qos: Qos::AtLeastOnce,
-            retain: true,
-            expires_at: 42,
-        };
-        let push = Frame::Push {
-            target_inc: 7,
-            client: Arc::from("d1"),
-            seq: 123,
-            qos: Qos::AtLeastOnce,
-            msg: Arc::new(msg.clone()),
-        };
-        match roundtrip(&push) {
-            Frame::Push {
-                target_inc: 7,
-                client,
-                seq: 123,
-                qos: Qos::AtLeastOnce,
-                msg: m,
-            } => {
-                assert_eq!(&*client, "d1");
-                assert_eq!(*m, msg);
-            }
-            other => panic!("{other:?}"),
-        }
-        match roundtrip(&Frame::Publish {
-            target_inc: 1,
-            msg: msg.clone(),
-        }) {
-            Frame::Publish { msg: m, .. } => assert_eq!(m, msg),
-            other => panic!("{other:?}"),
-        }
-        match roundtrip(&Frame::Kick {
-            target_inc: 3,
-            client: Arc::from("x/y"),
-            epoch: 5,
-        }) {
-            Frame::Kick {
-                target_inc: 3,
-                client,
-                epoch: 5,
-            } => assert_eq!(&*client, "x/y"),
-            other => panic!("{other:?}"),
-        }
-        assert!(Frame::decode(TOPIC_PUSH, Bytes::from_static(b"short")).is_none());
-        assert!(Frame::decode("$cluster/other", Bytes::new()).is_none());
     }
 }

@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
-use super::{now_ms, Enqueued, Entry, Limits, Message};
-use crate::codec::Qos;
+use super::{Enqueued, Entry, Limits};
 use crate::config::OverflowPolicy;
+use crate::message::Qos;
+use crate::message::{now_ms, Message};
 use crate::metrics;
 
 /// One client's queue. It exists only while it holds entries (an idle device costs nothing

@@ -18,51 +18,20 @@
 
 mod memory;
 mod redis;
-mod resp;
 
 use std::future::{ready, Future};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::future::Either;
 
-use bytes::Bytes;
+use crate::config::{Config, OverflowPolicy};
+// Re-exported while the session module still names them here.
+use crate::message::Qos;
+pub use crate::message::{now_ms, packet_id, Message};
 
-use crate::codec::Qos;
-use crate::config::{Config, OverflowPolicy, StoreKind};
-
+pub use crate::redis::StoreError;
 pub use memory::MemoryOutbox;
-pub use redis::{key as redis_key, RedisOutbox};
-
-/// A message as routed inside Herald. Shared (`Arc`) between all receivers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
-    pub topic: Arc<str>,
-    pub payload: Bytes,
-    pub qos: Qos,
-    pub retain: bool,
-    /// Unix milliseconds after which the message is dropped undelivered; 0 = never.
-    pub expires_at: u64,
-}
-
-impl Message {
-    pub fn is_expired(&self, now_ms: u64) -> bool {
-        self.expires_at != 0 && self.expires_at <= now_ms
-    }
-
-    /// What the byte budgets count for a message: its topic and payload (the fixed costs of
-    /// a queued message are bounded by the message counts next to each byte budget).
-    pub fn size(&self) -> usize {
-        self.topic.len() + self.payload.len()
-    }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use redis::RedisOutbox;
 
 /// One queued message for one client, delivered at `qos` (1 or 2).
 #[derive(Debug, Clone)]
@@ -70,11 +39,6 @@ pub struct Entry {
     pub seq: u64,
     pub qos: Qos,
     pub msg: Arc<Message>,
-}
-
-/// MQTT packet id for an outbox sequence number: never 0, and the same on every node.
-pub fn packet_id(seq: u64) -> u16 {
-    (seq % 65535) as u16 + 1
 }
 
 /// Where a client was connected when its message was stored (cluster nodes, Redis store).
@@ -90,12 +54,6 @@ pub enum Enqueued {
     Stored(u64),
     /// The outbox was full and the policy is `drop_new`: not stored (counted).
     Rejected,
-}
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -127,7 +85,8 @@ pub enum Store {
 }
 
 impl Store {
-    pub async fn open(config: &Config) -> Result<Store, StoreError> {
+    /// The memory store, or with `redis` the Redis store on that connection.
+    pub fn open(config: &Config, redis: Option<crate::redis::Redis>) -> Store {
         let limits = Limits {
             max_queued: config.session.max_queued_messages,
             max_queued_bytes: config.session.max_queued_bytes,
@@ -135,20 +94,16 @@ impl Store {
             max_total: config.store.max_messages,
             max_total_bytes: config.store.max_bytes,
         };
-        Ok(match config.store.kind {
-            StoreKind::Memory => Store::Memory(MemoryOutbox::new(limits)),
-            StoreKind::Redis => Store::Redis(Box::new(
-                RedisOutbox::connect(
-                    &config.store.redis_url,
-                    config.store.redis_ca.as_deref(),
-                    limits,
-                    config.session.message_ttl,
-                    config.store.redis_wait_replicas,
-                    config.cluster.listen.is_some(),
-                )
-                .await?,
-            )),
-        })
+        match redis {
+            None => Store::Memory(MemoryOutbox::new(limits)),
+            Some(r) => Store::Redis(Box::new(RedisOutbox::open(
+                r,
+                limits,
+                config.session.message_ttl,
+                config.store.redis_wait_replicas,
+                config.cluster.listen.is_some(),
+            ))),
+        }
     }
 
     /// Calls cross the network: worth running many at once.
@@ -157,22 +112,10 @@ impl Store {
     }
 
     /// Appends `msg` to `client`'s outbox. The append is submitted when this is called, not
-    /// when the future is first polled: calls made in order are stored in order.
+    /// when the future is first polled: calls made in order are stored in order. With it,
+    /// where the client is connected according to the route table, read right after the
+    /// store (a cluster node with the Redis store; `None` otherwise).
     pub fn enqueue(
-        &self,
-        client: &Arc<str>,
-        qos: Qos,
-        msg: &Arc<Message>,
-    ) -> impl Future<Output = Result<Enqueued, StoreError>> + Send + 'static {
-        match self {
-            Store::Memory(m) => Either::Left(ready(Ok(m.enqueue(client, qos, msg)))),
-            Store::Redis(r) => Either::Right(r.enqueue(client, qos, msg)),
-        }
-    }
-
-    /// `enqueue`, and where the client is connected according to the route table, read
-    /// right after the store (a cluster node with the Redis store; `None` otherwise).
-    pub fn enqueue_routed(
         &self,
         client: &Arc<str>,
         qos: Qos,
@@ -181,7 +124,7 @@ impl Store {
     {
         match self {
             Store::Memory(m) => Either::Left(ready(Ok((m.enqueue(client, qos, msg), None)))),
-            Store::Redis(r) => Either::Right(r.enqueue_routed(client, qos, msg)),
+            Store::Redis(r) => Either::Right(r.enqueue(client, qos, msg)),
         }
     }
 
@@ -307,10 +250,21 @@ impl Store {
         }
     }
 
-    pub fn redis(&self) -> Option<&RedisOutbox> {
+    /// The highest sequence number in each client's outbox (0 if empty). Only the Redis
+    /// store is shared with other nodes, so only it can hold what this node was not told.
+    pub async fn newest(&self, clients: &[&str]) -> Result<Vec<u64>, StoreError> {
         match self {
-            Store::Redis(r) => Some(r),
-            Store::Memory(_) => None,
+            Store::Memory(_) => Ok(vec![0; clients.len()]),
+            Store::Redis(r) => r.newest(clients).await,
+        }
+    }
+
+    /// A clean session ended on a cluster node, whose route release already cleared its
+    /// state: take it out of the subscriber index too.
+    pub async fn unindex(&self, client: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => Ok(()),
+            Store::Redis(r) => r.unindex(client).await,
         }
     }
 
@@ -331,17 +285,5 @@ impl Store {
             Store::Memory(_) => Ok(Vec::new()),
             Store::Redis(r) => r.load_retained().await,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn packet_ids_never_zero() {
-        assert_eq!(packet_id(0), 1);
-        assert_eq!(packet_id(65534), 65535);
-        assert_eq!(packet_id(65535), 1);
     }
 }

@@ -187,7 +187,7 @@ pub async fn wait_offline(server: &Server, client: &str) {
 
 /// Outbox length of `client`.
 pub async fn outbox_len(server: &Server, client: &str) -> usize {
-    server.broker().store.len(client).await.expect("store")
+    server.broker().store().len(client).await.expect("store")
 }
 
 /// Current value of one Prometheus series, e.g. `herald_malformed_packets_total` or

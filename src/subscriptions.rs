@@ -1,20 +1,21 @@
-//! Who receives a message: the subscription table and the retained messages.
+//! Who receives a message on an ordinary topic: the subscription table.
 //!
 //! Push topics never come here: a message on `push/X` goes to client X directly (see
-//! `broker`), which is both the fast path and the isolation rule. The router serves ordinary
-//! topics: exact and wildcard filters in one trie, one level per node, so matching a topic
-//! costs its depth, not the number of subscriptions.
+//! `broker`), which is both the fast path and the isolation rule. Exact and wildcard filters
+//! live in one trie, one level per node, so matching a topic costs its depth, not the number
+//! of subscriptions.
+//!
+//! One `RwLock` over the whole table: a publish takes it for reading (matching is a walk of
+//! a few levels), SUBSCRIBE and UNSUBSCRIBE for writing (one trie insert or remove). It is
+//! never held across an await or a store call. Measured with SUBSCRIBE/UNSUBSCRIBE churn
+//! beside QoS 0 publishers (BENCHMARKS.md, "Locks"); the figures are there.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use parking_lot::RwLock;
 
-use crate::codec::Qos;
-use crate::outbox::Message;
-use crate::topic;
-
-pub type ClientId = Arc<str>;
+pub use crate::message::ClientId;
+use crate::message::Qos;
 
 #[derive(Default)]
 struct Node {
@@ -70,9 +71,7 @@ impl Node {
         let add = |subs: &HashMap<ClientId, Qos>, out: &mut HashMap<ClientId, Qos>| {
             for (c, q) in subs {
                 let e = out.entry(c.clone()).or_insert(*q);
-                if (*q as u8) > (*e as u8) {
-                    *e = *q;
-                }
+                *e = (*e).max(*q);
             }
         };
         if !dollar {
@@ -125,12 +124,11 @@ impl Table {
 }
 
 #[derive(Default)]
-pub struct Router {
+pub struct Subscriptions {
     table: RwLock<Table>,
-    retained: RwLock<HashMap<Arc<str>, Arc<Message>>>,
 }
 
-impl Router {
+impl Subscriptions {
     /// True if no one here held `filter` before.
     pub fn subscribe(&self, client: &ClientId, filter: &str, qos: Qos) -> bool {
         let levels: Vec<&str> = filter.split('/').collect();
@@ -193,46 +191,10 @@ impl Router {
             .collect()
     }
 
-    pub fn subscriptions(&self, client: &str) -> Vec<(String, Qos)> {
-        self.table
-            .read()
-            .by_client
-            .get(client)
-            .map(|f| f.iter().map(|(k, v)| (k.clone(), *v)).collect())
-            .unwrap_or_default()
-    }
-
     /// Every client with a matching subscription, once, at its highest matching QoS.
     pub fn matches(&self, topic: &str, out: &mut HashMap<ClientId, Qos>) {
         let levels: Vec<&str> = topic.split('/').collect();
         self.table.read().root.collect(&levels, true, out);
-    }
-
-    /// Stores, replaces or (empty payload) clears the retained message of its topic.
-    pub fn retain(&self, msg: &Arc<Message>) {
-        let mut r = self.retained.write();
-        if msg.payload.is_empty() {
-            r.remove(&msg.topic);
-        } else {
-            r.insert(msg.topic.clone(), msg.clone());
-        }
-    }
-
-    /// Retained messages whose topic matches `filter` (unexpired).
-    pub fn retained_for(&self, filter: &str, now_ms: u64) -> Vec<Arc<Message>> {
-        let r = self.retained.read();
-        if !topic::has_wildcards(filter) {
-            return r
-                .get(filter)
-                .filter(|m| !m.is_expired(now_ms))
-                .cloned()
-                .into_iter()
-                .collect();
-        }
-        r.values()
-            .filter(|m| topic::matches(&m.topic, filter) && !m.is_expired(now_ms))
-            .cloned()
-            .collect()
     }
 }
 
@@ -240,7 +202,7 @@ impl Router {
 mod tests {
     use super::*;
 
-    fn matched(r: &Router, topic: &str) -> Vec<(String, u8)> {
+    fn matched(r: &Subscriptions, topic: &str) -> Vec<(String, u8)> {
         let mut out = HashMap::new();
         r.matches(topic, &mut out);
         let mut v: Vec<(String, u8)> = out
@@ -253,7 +215,7 @@ mod tests {
 
     #[test]
     fn wildcards_and_overlap() {
-        let r = Router::default();
+        let r = Subscriptions::default();
         let a: ClientId = "a".into();
         let b: ClientId = "b".into();
         r.subscribe(&a, "x/+/z", Qos::AtMostOnce);
@@ -265,12 +227,12 @@ mod tests {
         assert_eq!(matched(&r, "x/y/z"), [("a".into(), 0), ("b".into(), 1)]);
         r.unsubscribe_all("a");
         assert_eq!(matched(&r, "x/y/z"), [("b".into(), 1)]);
-        assert!(r.subscriptions("a").is_empty());
+        assert!(!r.holds("a", "x/+/z").0);
     }
 
     #[test]
     fn distinct_filters_are_counted() {
-        let r = Router::default();
+        let r = Subscriptions::default();
         let (a, b): (ClientId, ClientId) = ("a".into(), "b".into());
         assert!(r.subscribe(&a, "x/#", Qos::AtMostOnce));
         assert!(
@@ -291,7 +253,7 @@ mod tests {
 
     #[test]
     fn dollar_topics() {
-        let r = Router::default();
+        let r = Subscriptions::default();
         r.subscribe(&"a".into(), "#", Qos::AtMostOnce);
         r.subscribe(&"b".into(), "+/x", Qos::AtMostOnce);
         r.subscribe(&"c".into(), "$SYS/#", Qos::AtMostOnce);

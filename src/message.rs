@@ -1,0 +1,173 @@
+//! The types every part of Herald shares: a message, its QoS, the client id, packet ids, the
+//! clock messages expire by, and the envelope: the one binary form in which a message is
+//! stored (Redis outbox and retained messages) and forwarded (node-to-node link).
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes};
+
+/// A client id, shared by every table that names the client.
+pub type ClientId = Arc<str>;
+
+/// MQTT quality of service. Ordered, so that the QoS a subscriber gets is
+/// `msg.qos.min(granted)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum Qos {
+    AtMostOnce = 0,
+    AtLeastOnce = 1,
+    ExactlyOnce = 2,
+}
+
+/// A QoS byte that is not 0, 1 or 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidQos(pub u8);
+
+impl TryFrom<u8> for Qos {
+    type Error = InvalidQos;
+
+    fn try_from(n: u8) -> Result<Qos, InvalidQos> {
+        match n {
+            0 => Ok(Qos::AtMostOnce),
+            1 => Ok(Qos::AtLeastOnce),
+            2 => Ok(Qos::ExactlyOnce),
+            _ => Err(InvalidQos(n)),
+        }
+    }
+}
+
+/// A message as routed inside Herald. Shared (`Arc`) between all receivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: Arc<str>,
+    pub payload: Bytes,
+    pub qos: Qos,
+    pub retain: bool,
+    /// Unix milliseconds after which the message is dropped undelivered; 0 = never.
+    pub expires_at: u64,
+}
+
+/// Unix time in milliseconds: what `Message::expires_at` is measured in. Wall-clock time,
+/// because an expiry stored in Redis is read by other nodes and after restarts.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// MQTT packet id for an outbox sequence number: never 0, and the same on every node.
+pub fn packet_id(seq: u64) -> u16 {
+    (seq % 65535) as u16 + 1
+}
+
+/// Envelope layout version (the first byte), so that a future layout can be told apart.
+const ENVELOPE_V1: u8 = 1;
+/// Version, QoS, retain, expiry, topic length.
+const ENVELOPE_HEAD: usize = 1 + 1 + 1 + 8 + 2;
+
+impl Message {
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_at != 0 && self.expires_at <= now_ms
+    }
+
+    /// What the byte budgets count for a message: its topic and payload (the fixed costs of
+    /// a queued message are bounded by the message counts next to each byte budget).
+    pub fn size(&self) -> usize {
+        self.topic.len() + self.payload.len()
+    }
+
+    /// Bytes `put_envelope` writes.
+    pub fn envelope_len(&self) -> usize {
+        ENVELOPE_HEAD + self.topic.len() + self.payload.len()
+    }
+
+    /// Writes the envelope, with `qos` (the QoS it is delivered at, which may be lower than
+    /// the publisher's): version u8, qos u8, retain u8, expires_at u64, topic (u16 length
+    /// + bytes), payload (the rest), big-endian. Topics are at most 65,535 bytes (MQTT).
+    pub fn put_envelope(&self, b: &mut impl BufMut, qos: Qos) {
+        b.put_u8(ENVELOPE_V1);
+        b.put_u8(qos as u8);
+        b.put_u8(self.retain as u8);
+        b.put_u64(self.expires_at);
+        b.put_u16(self.topic.len() as u16);
+        b.put_slice(self.topic.as_bytes());
+        b.put_slice(&self.payload);
+    }
+
+    /// The envelope as a vector (retained messages).
+    pub fn envelope(&self, qos: Qos) -> Vec<u8> {
+        let mut b = Vec::with_capacity(self.envelope_len());
+        self.put_envelope(&mut b, qos);
+        b
+    }
+
+    /// Reads an envelope; the payload shares `raw`'s memory. `None` if it is not one
+    /// (another version, a bad QoS, a topic that is not UTF-8, too short).
+    pub fn from_envelope(mut raw: Bytes) -> Option<Message> {
+        if raw.len() < ENVELOPE_HEAD || raw[0] != ENVELOPE_V1 {
+            return None;
+        }
+        raw.advance(1);
+        let qos = Qos::try_from(raw.get_u8()).ok()?;
+        let retain = raw.get_u8() != 0;
+        let expires_at = raw.get_u64();
+        let tlen = usize::from(raw.get_u16());
+        if raw.len() < tlen {
+            return None;
+        }
+        let topic = std::str::from_utf8(&raw[..tlen])
+            .ok()
+            .map(Arc::<str>::from)?;
+        raw.advance(tlen);
+        Some(Message {
+            topic,
+            payload: raw,
+            qos,
+            retain,
+            expires_at,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packet_ids_never_zero() {
+        assert_eq!(packet_id(0), 1);
+        assert_eq!(packet_id(65534), 65535);
+        assert_eq!(packet_id(65535), 1);
+    }
+
+    #[test]
+    fn qos_bytes_and_order() {
+        assert_eq!(Qos::try_from(1), Ok(Qos::AtLeastOnce));
+        assert_eq!(Qos::try_from(3), Err(InvalidQos(3)));
+        assert_eq!(Qos::ExactlyOnce.min(Qos::AtLeastOnce), Qos::AtLeastOnce);
+        assert!(Qos::AtMostOnce < Qos::ExactlyOnce);
+    }
+
+    #[test]
+    fn envelope_roundtrip() {
+        let m = Message {
+            topic: "push/d|1".into(),
+            payload: Bytes::from_static(b"a|b\0c"),
+            qos: Qos::ExactlyOnce,
+            retain: true,
+            expires_at: 12345,
+        };
+        let raw = m.envelope(m.qos);
+        assert_eq!(raw.len(), m.envelope_len());
+        assert_eq!(Message::from_envelope(Bytes::from(raw)), Some(m.clone()));
+        let lower = Message::from_envelope(Bytes::from(m.envelope(Qos::AtLeastOnce))).unwrap();
+        assert_eq!(lower.qos, Qos::AtLeastOnce);
+        assert!(Message::from_envelope(Bytes::from_static(b"\x02garbage-----")).is_none());
+        let long_topic = [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+        assert!(Message::from_envelope(Bytes::copy_from_slice(&long_topic)).is_none());
+        let bad_qos = [1, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert!(Message::from_envelope(Bytes::copy_from_slice(&bad_qos)).is_none());
+    }
+}

@@ -1,0 +1,350 @@
+//! Redis outbox: durable, shared by every node of a cluster. Keys and scripts are
+//! `crate::redis`'s (`keys`, `scripts::ENQUEUE`, `scripts::ATTACH`); this module is the
+//! outbox's API over them, and `writer` holds the two tasks that write the hot path.
+//!
+//! Enqueues and attach are awaited: the publisher's PUBACK waits for the enqueue's reply.
+//! Enqueues are submitted in call order and written in pipelines by `writer`. Acks and sent
+//! watermarks are written by the other writer task (see `writer` for the rules). Attach
+//! waits for the watermarks queued before it. No connection is held per MQTT client.
+
+#[cfg(test)]
+mod tests;
+mod writer;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Attach, Enqueued, Entry, Limits, RouteHint, StoreError};
+use crate::config::OverflowPolicy;
+use crate::message::{now_ms, Message, Qos};
+use crate::metrics;
+use crate::redis::keys::{self, Client};
+use crate::redis::{Redis, CALL_TIMEOUT};
+use writer::{Applied, EnqueueArgs, Ordered, OrderedReply, Write, MAX_QUEUED_WRITES};
+
+pub struct RedisOutbox {
+    redis: Redis,
+    writes: mpsc::Sender<Write>,
+    ordered: mpsc::Sender<Ordered>,
+}
+
+/// `<seq>|<envelope>` as stored in the ZSET.
+fn decode_member(raw: Vec<u8>) -> Option<(u64, Message)> {
+    let bar = raw.iter().position(|&b| b == b'|')?;
+    let seq = std::str::from_utf8(&raw[..bar]).ok()?.parse().ok()?;
+    let msg = Message::from_envelope(Bytes::from(raw).slice(bar + 1..))?;
+    Some((seq, msg))
+}
+
+/// A stored QoS byte; anything above 2 was never written by Herald.
+fn stored_qos(n: u8) -> Option<Qos> {
+    Qos::try_from(n).ok()
+}
+
+impl RedisOutbox {
+    /// Starts the writer tasks on `redis`. `routes`: read each receiver's route with its
+    /// enqueue (a cluster node).
+    pub fn open(
+        redis: Redis,
+        limits: Limits,
+        ttl: Duration,
+        wait_replicas: u32,
+        routes: bool,
+    ) -> RedisOutbox {
+        let (tx, rx) = mpsc::channel(MAX_QUEUED_WRITES);
+        tokio::spawn(writer::write_loop(redis.hot(), rx, redis.health().clone()));
+        let (ordered, orx) = mpsc::channel(MAX_QUEUED_WRITES);
+        let args = EnqueueArgs {
+            sha: redis.scripts().enqueue.get_hash().to_string(),
+            cap: limits.max_queued as u64,
+            byte_cap: limits.max_queued_bytes as u64,
+            drop_new: limits.overflow == OverflowPolicy::DropNew,
+            ttl_ms: ttl.as_millis() as u64,
+            routes,
+        };
+        tokio::spawn(writer::ordered_loop(
+            redis.hot(),
+            orx,
+            redis.health().clone(),
+            args,
+            wait_replicas,
+        ));
+        RedisOutbox {
+            redis,
+            writes: tx,
+            ordered,
+        }
+    }
+
+    fn submit(
+        &self,
+        make: impl FnOnce(OrderedReply) -> Ordered,
+    ) -> oneshot::Receiver<Result<Applied, StoreError>> {
+        let (reply, rx) = oneshot::channel();
+        if let Err(e) = self.redis.health().check() {
+            let _ = reply.send(Err(e));
+            return rx;
+        }
+        if let Err(e) = self.ordered.try_send(make(reply)) {
+            let (why, o) = match e {
+                mpsc::error::TrySendError::Full(o) => ("store write queue full", o),
+                mpsc::error::TrySendError::Closed(o) => ("store writer stopped", o),
+            };
+            metrics::limit_hit("store_write_queue");
+            let _ = o.reply().send(Err(StoreError::Unavailable(why.into())));
+        }
+        rx
+    }
+
+    /// Appends `msg`; with it, the client's route as it was right after the store (a
+    /// cluster node; `None` elsewhere or without a route).
+    pub(super) fn enqueue(
+        &self,
+        client: &Arc<str>,
+        qos: Qos,
+        msg: &Arc<Message>,
+    ) -> impl std::future::Future<Output = Result<(Enqueued, Option<RouteHint>), StoreError>>
+           + Send
+           + 'static {
+        let reply = self.submit(|reply| Ordered::Enqueue {
+            client: client.clone(),
+            qos,
+            msg: msg.clone(),
+            reply,
+        });
+        async move {
+            let Applied {
+                seq,
+                dropped,
+                route,
+            } = reply
+                .await
+                .map_err(|_| StoreError::Unavailable("store writer stopped".into()))??;
+            for _ in 0..dropped {
+                metrics::dropped(metrics::Drop::OutboxFullOldest);
+            }
+            if seq == 0 {
+                metrics::dropped(metrics::Drop::OutboxFullNew);
+                return Ok((Enqueued::Rejected, None));
+            }
+            metrics::stored();
+            Ok((Enqueued::Stored(seq), route))
+        }
+    }
+
+    pub(super) async fn fetch(
+        &self,
+        client: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let mut cmd = redis::cmd("ZRANGEBYSCORE");
+        cmd.arg(keys::client(Client::Outbox, client))
+            .arg(from)
+            .arg("+inf")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit);
+        let raw: Vec<Vec<u8>> = self.redis.query(&cmd).await?;
+        let now = now_ms();
+        let mut out = Vec::with_capacity(raw.len());
+        let mut expired = Vec::new();
+        for member in raw {
+            match decode_member(member) {
+                Some((seq, msg)) if msg.is_expired(now) => expired.push(seq),
+                Some((seq, msg)) => out.push(Entry {
+                    seq,
+                    qos: msg.qos,
+                    msg: Arc::new(msg),
+                }),
+                None => {
+                    // Not ours or corrupt: skipping it keeps the device's stream moving.
+                    tracing::warn!(client, "undecodable outbox entry skipped");
+                }
+            }
+        }
+        for seq in expired {
+            metrics::dropped(metrics::Drop::Expired);
+            self.ack(&Arc::from(client), seq).await;
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn ack(&self, client: &Arc<str>, seq: u64) {
+        let _ = self.writes.send(Write::Ack(client.clone(), seq)).await;
+    }
+
+    /// Queues the watermark write; the receiver completes once Redis has it (or the write
+    /// failed: the message is then sent anyway, DUP being the only thing at stake).
+    pub(super) async fn mark_sent(&self, client: &Arc<str>, seq: u64) -> oneshot::Receiver<()> {
+        let (done, rx) = oneshot::channel();
+        let _ = self.writes.send(Write::Sent(client.clone(), seq)).await;
+        let _ = self.writes.send(Write::Barrier(done)).await;
+        rx
+    }
+
+    pub(super) async fn attach(&self, client: &str, clean: bool) -> Result<Attach, StoreError> {
+        // Watermarks go over the writer's own connection: wait for the ones queued so far
+        // (a connection taken over a moment ago), or this read could miss them and resend
+        // without DUP.
+        let (done, flushed) = oneshot::channel();
+        if self.writes.send(Write::Barrier(done)).await.is_ok() {
+            let _ = tokio::time::timeout(CALL_TIMEOUT, flushed).await;
+        }
+        let (present, sent): (u8, u64) = self
+            .redis
+            .evalsha(
+                &self.redis.scripts().attach,
+                &keys::session_state(client),
+                &[if clean { "1" } else { "0" }],
+            )
+            .await?;
+        if clean {
+            self.unindex(client).await?;
+        }
+        Ok(Attach {
+            sent_watermark: sent,
+            session_present: present == 1,
+        })
+    }
+
+    /// Takes `client` out of the index of clients with stored subscriptions.
+    pub(super) async fn unindex(&self, client: &str) -> Result<(), StoreError> {
+        self.redis
+            .query(redis::cmd("SREM").arg(keys::SUBSCRIBERS).arg(client))
+            .await
+    }
+
+    pub(super) async fn clear(&self, client: &str) -> Result<(), StoreError> {
+        self.redis
+            .query::<()>(redis::cmd("DEL").arg(&keys::session_state(client)))
+            .await?;
+        self.unindex(client).await
+    }
+
+    pub(super) async fn len(&self, client: &str) -> Result<usize, StoreError> {
+        self.redis
+            .query(redis::cmd("ZCARD").arg(keys::client(Client::Outbox, client)))
+            .await
+    }
+
+    /// The highest sequence number in each client's outbox (0 if empty), in one pipeline.
+    pub(super) async fn newest(&self, clients: &[&str]) -> Result<Vec<u64>, StoreError> {
+        let mut p = redis::pipe();
+        for c in clients {
+            p.cmd("ZRANGE")
+                .arg(keys::client(Client::Outbox, c))
+                .arg(-1)
+                .arg(-1)
+                .arg("WITHSCORES");
+        }
+        // Members are `<seq>|<binary envelope>`: bytes, not text.
+        let replies: Vec<Vec<(Vec<u8>, f64)>> = self.redis.query_pipe(&p).await?;
+        Ok(replies
+            .iter()
+            .map(|v| v.first().map_or(0, |(_, score)| *score as u64))
+            .collect())
+    }
+
+    pub(super) async fn save_subscription(
+        &self,
+        client: &str,
+        filter: &str,
+        qos: Qos,
+    ) -> Result<(), StoreError> {
+        let mut p = redis::pipe();
+        p.hset(keys::client(Client::Subs, client), filter, qos as u8)
+            .ignore()
+            .sadd(keys::SUBSCRIBERS, client)
+            .ignore();
+        self.redis.query_pipe(&p).await
+    }
+
+    pub(super) async fn remove_subscription(
+        &self,
+        client: &str,
+        filter: &str,
+    ) -> Result<(), StoreError> {
+        self.redis
+            .query(
+                redis::cmd("HDEL")
+                    .arg(keys::client(Client::Subs, client))
+                    .arg(filter),
+            )
+            .await
+    }
+
+    pub(super) async fn load_subscriptions(
+        &self,
+    ) -> Result<Vec<(String, String, Qos)>, StoreError> {
+        let clients: Vec<String> = self
+            .redis
+            .query(redis::cmd("SMEMBERS").arg(keys::SUBSCRIBERS))
+            .await?;
+        let mut out = Vec::new();
+        for chunk in clients.chunks(500) {
+            let mut p = redis::pipe();
+            for c in chunk {
+                p.hgetall(keys::client(Client::Subs, c));
+            }
+            let maps: Vec<HashMap<String, u8>> = self.redis.query_pipe(&p).await?;
+            for (c, subs) in chunk.iter().zip(maps) {
+                for (filter, qos) in subs {
+                    if let Some(qos) = stored_qos(qos) {
+                        out.push((c.clone(), filter, qos));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Subscriptions stored for one persistent session (a cluster node loads them when the
+    /// client connects to it).
+    pub(super) async fn client_subscriptions(
+        &self,
+        client: &str,
+    ) -> Result<Vec<(String, Qos)>, StoreError> {
+        let subs: HashMap<String, u8> = self
+            .redis
+            .query(redis::cmd("HGETALL").arg(keys::client(Client::Subs, client)))
+            .await?;
+        Ok(subs
+            .into_iter()
+            .filter_map(|(f, q)| Some((f, stored_qos(q)?)))
+            .collect())
+    }
+
+    pub(super) fn set_retained(
+        &self,
+        msg: &Message,
+    ) -> impl std::future::Future<Output = Result<(), StoreError>> + Send + 'static {
+        let envelope = (!msg.payload.is_empty()).then(|| msg.envelope(msg.qos));
+        let reply = self.submit(|reply| Ordered::Retained {
+            topic: msg.topic.clone(),
+            envelope,
+            reply,
+        });
+        async move {
+            reply
+                .await
+                .map_err(|_| StoreError::Unavailable("store writer stopped".into()))??;
+            Ok(())
+        }
+    }
+
+    pub(super) async fn load_retained(&self) -> Result<Vec<Message>, StoreError> {
+        let all: HashMap<String, Vec<u8>> = self
+            .redis
+            .query(redis::cmd("HGETALL").arg(keys::RETAINED))
+            .await?;
+        Ok(all
+            .into_values()
+            .filter_map(|v| Message::from_envelope(Bytes::from(v)))
+            .collect())
+    }
+}

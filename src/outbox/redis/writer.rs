@@ -1,0 +1,449 @@
+//! The outbox's two writer tasks, each with its own hot connection:
+//! - `ordered_loop`: enqueues and retained writes, in submission order, in pipelines (one
+//!   enqueue script call per run of enqueues, not per message: Redis spends less per
+//!   message). The publisher's PUBACK waits for its enqueue's reply.
+//! - `write_loop`: acks and sent watermarks, in pipelines. Losing an ack only means a
+//!   duplicate later, never a lost message. A watermark is written ahead: `mark_sent`
+//!   queues it with a barrier and the connection writes the PUBLISH once the barrier
+//!   answers, so a resend after a crash carries DUP = 1.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::message::{Message, Qos};
+use crate::metrics;
+use crate::outbox::{RouteHint, StoreError};
+use crate::redis::keys::{self, Client};
+use crate::redis::resp::{self, Replies, Reply};
+use crate::redis::{Health, Hot, CALL_TIMEOUT};
+
+/// The answer to an ordered write: for an enqueue (sequence number or 0, dropped entries).
+pub(super) type OrderedReply = oneshot::Sender<Result<Applied, StoreError>>;
+
+/// What Redis answered for one ordered write.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Applied {
+    /// The enqueue's sequence number (0: rejected), and entries dropped for room.
+    pub(super) seq: u64,
+    pub(super) dropped: u64,
+    /// The client's route after the store (cluster only).
+    pub(super) route: Option<RouteHint>,
+}
+
+/// A write whose order matters (enqueue, retained): submitted synchronously, so the order of
+/// calls is the order Redis applies them in, whatever order their futures are polled in.
+/// Encoded by the writer task, straight into its pipeline buffer.
+pub(super) enum Ordered {
+    Enqueue {
+        client: Arc<str>,
+        qos: Qos,
+        msg: Arc<Message>,
+        reply: OrderedReply,
+    },
+    /// HSET of the retained message of `topic`, or HDEL without an envelope.
+    Retained {
+        topic: Arc<str>,
+        envelope: Option<Vec<u8>>,
+        reply: OrderedReply,
+    },
+}
+
+impl Ordered {
+    pub(super) fn reply(self) -> OrderedReply {
+        match self {
+            Ordered::Enqueue { reply, .. } | Ordered::Retained { reply, .. } => reply,
+        }
+    }
+}
+
+/// What every enqueue passes to the script besides the message.
+pub(super) struct EnqueueArgs {
+    pub(super) sha: String,
+    pub(super) cap: u64,
+    pub(super) byte_cap: u64,
+    pub(super) drop_new: bool,
+    pub(super) ttl_ms: u64,
+    /// Read each receiver's route with its enqueue (a cluster node).
+    pub(super) routes: bool,
+}
+
+/// Ordered writes waiting for the next pipeline; beyond this, publishes are refused (counted).
+pub(super) const MAX_QUEUED_WRITES: usize = 65_536;
+
+pub(super) enum Write {
+    Ack(Arc<str>, u64),
+    Sent(Arc<str>, u64),
+    /// Answered once every write queued before it is applied (or given up).
+    Barrier(oneshot::Sender<()>),
+}
+
+/// Appends the enqueue script for `run` (all `Ordered::Enqueue`) to the pipeline in `out`.
+fn encode_enqueues(out: &mut BytesMut, run: &[Ordered], args: &EnqueueArgs) {
+    let stride = if args.routes { 4 } else { 3 };
+    resp::array(out, 8 + (stride + 1) * run.len());
+    resp::bulk(out, b"EVALSHA");
+    resp::bulk(out, args.sha.as_bytes());
+    resp::bulk_u64(out, (stride * run.len()) as u64);
+    for o in run {
+        if let Ordered::Enqueue { client, .. } = o {
+            keys::put_client(out, Client::Outbox, client);
+            keys::put_client(out, Client::Seq, client);
+            keys::put_client(out, Client::Qbytes, client);
+            if args.routes {
+                keys::put_client(out, Client::Route, client);
+            }
+        }
+    }
+    resp::bulk_u64(out, args.cap);
+    resp::bulk(out, if args.drop_new { b"1" } else { b"0" });
+    resp::bulk_u64(out, args.ttl_ms);
+    resp::bulk_u64(out, stride as u64);
+    resp::bulk_u64(out, args.byte_cap);
+    for o in run {
+        if let Ordered::Enqueue { qos, msg, .. } = o {
+            resp::bulk_header(out, msg.envelope_len());
+            msg.put_envelope(out, *qos);
+            resp::end(out);
+        }
+    }
+}
+
+/// Appends a retained write (HSET, or HDEL without an envelope) to the pipeline in `out`.
+fn encode_retained(out: &mut BytesMut, topic: &str, envelope: Option<&[u8]>) {
+    resp::array(out, if envelope.is_some() { 4 } else { 3 });
+    resp::bulk(out, if envelope.is_some() { b"HSET" } else { b"HDEL" });
+    resp::bulk(out, keys::RETAINED.as_bytes());
+    resp::bulk(out, topic.as_bytes());
+    if let Some(e) = envelope {
+        resp::bulk(out, e);
+    }
+}
+
+/// Reads the enqueue script's reply for a run of `n` messages into `results`. An error
+/// reply fails the whole run; anything else unexpected means the stream is out of step.
+fn enqueue_replies(
+    r: &mut Replies<'_>,
+    n: usize,
+    routes: bool,
+    health: &Health,
+    results: &mut Vec<Result<Applied, StoreError>>,
+) -> Result<(), resp::Error> {
+    let per = if routes { 4 } else { 2 };
+    match r.next()? {
+        Reply::Array(Some(len)) if len == per * n => {}
+        Reply::Error(e) => {
+            let e = health.error_reply(e);
+            results.extend(std::iter::repeat_n(Err(e), n));
+            return Ok(());
+        }
+        other => {
+            return Err(resp::Error::Protocol(format!(
+                "unexpected enqueue reply {other:?}"
+            )))
+        }
+    }
+    for _ in 0..n {
+        let mut applied = match (r.next()?, r.next()?) {
+            (Reply::Int(seq), Reply::Int(dropped)) if seq >= 0 && dropped >= 0 => Ok(Applied {
+                seq: seq as u64,
+                dropped: dropped as u64,
+                route: None,
+            }),
+            (Reply::Int(-1), Reply::Bulk(Some(e))) => Err(health.error_reply(e)),
+            other => {
+                return Err(resp::Error::Protocol(format!(
+                    "unexpected enqueue reply {other:?}"
+                )))
+            }
+        };
+        if routes {
+            let route = match (r.next()?, r.next()?) {
+                (Reply::Bulk(Some(node)), Reply::Bulk(Some(inc))) => {
+                    let node = std::str::from_utf8(node).ok();
+                    let inc = std::str::from_utf8(inc).ok().and_then(|i| i.parse().ok());
+                    node.zip(inc).map(|(node, inc)| RouteHint {
+                        node: Box::from(node),
+                        inc,
+                    })
+                }
+                (Reply::Bulk(_), Reply::Bulk(_)) => None,
+                other => {
+                    return Err(resp::Error::Protocol(format!(
+                        "unexpected route in enqueue reply {other:?}"
+                    )))
+                }
+            };
+            if let Ok(a) = &mut applied {
+                a.route = route;
+            }
+        }
+        results.push(applied);
+    }
+    Ok(())
+}
+
+/// Reads the reply of a retained write (an integer, or an error).
+fn retained_reply(
+    r: &mut Replies<'_>,
+    health: &Health,
+) -> Result<Result<Applied, StoreError>, resp::Error> {
+    Ok(match r.next()? {
+        Reply::Int(_) => Ok(Applied::default()),
+        Reply::Error(e) => Err(health.error_reply(e)),
+        other => {
+            return Err(resp::Error::Protocol(format!(
+                "unexpected retained reply {other:?}"
+            )))
+        }
+    })
+}
+
+/// Applies ordered writes in pipelines, in submission order: while one pipeline is out, the
+/// next one fills, so the batch size follows the load.
+///
+/// With `wait_replicas > 0` each pipeline ends in `WAIT`: the writes are acknowledged only
+/// once that many replicas have them, so a Sentinel failover cannot lose an acknowledged
+/// message. Without it, replication is asynchronous and a failover may lose the last writes.
+pub(super) async fn ordered_loop(
+    mut hot: Hot,
+    mut rx: mpsc::Receiver<Ordered>,
+    health: Arc<Health>,
+    args: EnqueueArgs,
+    wait_replicas: u32,
+) {
+    let mut batch = Vec::with_capacity(512);
+    let mut results = Vec::with_capacity(512);
+    // The batch in pipeline order: a run of this many enqueues (one script call), or 0 for
+    // a retained write.
+    let mut parts = Vec::with_capacity(16);
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    while rx.recv_many(&mut batch, 512).await > 0 {
+        if !health.is_up() {
+            // Submitted just before the store went down: fail at once, like new calls.
+            for o in batch.drain(..) {
+                let _ = o
+                    .reply()
+                    .send(Err(StoreError::Unavailable("redis is down".into())));
+            }
+            continue;
+        }
+        out.clear();
+        parts.clear();
+        let mut i = 0;
+        while i < batch.len() {
+            if let Ordered::Retained {
+                topic, envelope, ..
+            } = &batch[i]
+            {
+                encode_retained(&mut out, topic, envelope.as_deref());
+                parts.push(0);
+                i += 1;
+                continue;
+            }
+            // Retained writes split runs, so that the pipeline keeps submission order.
+            let run = batch[i..]
+                .iter()
+                .take_while(|o| matches!(o, Ordered::Enqueue { .. }))
+                .count();
+            encode_enqueues(&mut out, &batch[i..i + run], &args);
+            parts.push(run);
+            i += run;
+        }
+        let mut replies = parts.len();
+        if wait_replicas > 0 {
+            resp::array(&mut out, 3);
+            resp::bulk(&mut out, b"WAIT");
+            resp::bulk_u64(&mut out, wait_replicas as u64);
+            resp::bulk_u64(&mut out, CALL_TIMEOUT.as_millis() as u64 / 2);
+            replies += 1;
+        }
+        results.clear();
+        let outcome = match hot.round_trip(&out, replies, &health).await {
+            Ok(buf) => {
+                let mut r = Replies::new(buf);
+                let parsed = (|| {
+                    for &n in &parts {
+                        if n == 0 {
+                            results.push(retained_reply(&mut r, &health)?);
+                        } else {
+                            enqueue_replies(&mut r, n, args.routes, &health, &mut results)?;
+                        }
+                    }
+                    if wait_replicas == 0 {
+                        return Ok(None);
+                    }
+                    Ok(Some(match r.next()? {
+                        Reply::Int(n) => n.max(0) as u64,
+                        other => {
+                            r.skip(other)?;
+                            0
+                        }
+                    }))
+                })();
+                match parsed {
+                    Ok(None) => Ok(()),
+                    Ok(Some(acked)) if acked >= wait_replicas as u64 => Ok(()),
+                    Ok(Some(acked)) => {
+                        metrics::store_error();
+                        Err(StoreError::Unavailable(format!(
+                            "{acked} of {wait_replicas} replicas confirmed the write"
+                        )))
+                    }
+                    Err(e) => Err(hot.out_of_step(&health, e)),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {
+                for (o, r) in batch.drain(..).zip(results.drain(..)) {
+                    let _ = o.reply().send(r);
+                }
+            }
+            Err(e) => {
+                for o in batch.drain(..) {
+                    let _ = o.reply().send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Writes acks and sent watermarks in pipelines: one round trip for everything queued.
+pub(super) async fn write_loop(mut hot: Hot, mut rx: mpsc::Receiver<Write>, health: Arc<Health>) {
+    let mut batch = Vec::with_capacity(1024);
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    let (mut acks, mut sent, mut barriers) = (Vec::new(), Vec::new(), Vec::new());
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        for w in batch.drain(..) {
+            match w {
+                Write::Ack(c, seq) => acks.push(Keyed::new(c, seq)),
+                Write::Sent(c, seq) => sent.push(Keyed::new(c, seq)),
+                Write::Barrier(b) => barriers.push(b),
+            }
+        }
+        if health.is_up() {
+            apply(&mut hot, &mut out, &mut acks, &mut sent, &health).await;
+        }
+        // Lost acks (Redis down) come back as duplicates after a reconnect: late, never
+        // lost.
+        acks.clear();
+        sent.clear();
+        for b in barriers.drain(..) {
+            let _ = b.send(());
+        }
+    }
+}
+
+/// A client's sequence number, ordered by a hash of the client id first: sorting a batch
+/// then compares integers, not strings. Equal hashes of different clients (however rare)
+/// only split a client's numbers into more runs, which stays correct: each run is written
+/// in ascending order.
+struct Keyed {
+    hash: u64,
+    seq: u64,
+    client: Arc<str>,
+}
+
+impl Keyed {
+    fn new(client: Arc<str>, seq: u64) -> Keyed {
+        // FNV-1a: a few instructions per byte of a short id, no state.
+        let mut hash = 0xcbf2_9ce4_8422_2325_u64;
+        for &b in client.as_bytes() {
+            hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        Keyed { hash, seq, client }
+    }
+
+    fn order(&self, other: &Keyed) -> std::cmp::Ordering {
+        (self.hash, self.seq)
+            .cmp(&(other.hash, other.seq))
+            .then_with(|| self.client.cmp(&other.client))
+    }
+
+    /// Same client (a pointer comparison when both come from one connection).
+    fn same_client(&self, other: &Keyed) -> bool {
+        self.hash == other.hash && self.client == other.client
+    }
+}
+
+/// Writes one batch of acks and watermarks. On failure the store is marked down.
+async fn apply(
+    hot: &mut Hot,
+    out: &mut BytesMut,
+    acks: &mut [Keyed],
+    sent: &mut [Keyed],
+    health: &Health,
+) {
+    out.clear();
+    let mut commands = 0;
+    // A device acknowledges in order, so one client's acks in a batch are mostly a run of
+    // consecutive numbers: one ZREMRANGEBYSCORE per run.
+    acks.sort_unstable_by(Keyed::order);
+    let mut i = 0;
+    while i < acks.len() {
+        let run = &acks[i];
+        let mut last = run.seq;
+        let mut j = i + 1;
+        while j < acks.len() && acks[j].seq == last + 1 && acks[j].same_client(run) {
+            last += 1;
+            j += 1;
+        }
+        resp::array(out, 4);
+        resp::bulk(out, b"ZREMRANGEBYSCORE");
+        keys::put_client(out, Client::Outbox, &run.client);
+        resp::bulk_u64(out, run.seq);
+        resp::bulk_u64(out, last);
+        commands += 1;
+        i = j;
+    }
+    // A plain SET of each client's highest number: one connection writes a client's
+    // watermark in increasing order, and DUP is advisory in MQTT 3.1.1, so a rare race
+    // between two nodes costs nothing. The watermark only matters for entries still queued,
+    // so a number acknowledged in this same batch is left out: its ack comes first in the
+    // pipeline, so the SET could only take effect with it. A client whose numbers were all
+    // acknowledged gets no SET (many of them, with devices online).
+    sent.sort_unstable_by(Keyed::order);
+    let mut a = 0;
+    let mut highest = None;
+    for (j, here) in sent.iter().enumerate() {
+        while a < acks.len() && acks[a].order(here).is_lt() {
+            a += 1;
+        }
+        if acks.get(a).is_none_or(|ack| ack.order(here).is_ne()) {
+            highest = Some(here.seq);
+        }
+        if sent.get(j + 1).is_none_or(|next| !next.same_client(here)) {
+            if let Some(seq) = highest.take() {
+                resp::array(out, 3);
+                resp::bulk(out, b"SET");
+                keys::put_client(out, Client::Sent, &here.client);
+                resp::bulk_u64(out, seq);
+                commands += 1;
+            }
+        }
+    }
+    if commands == 0 {
+        return;
+    }
+    let Ok(buf) = hot.round_trip(out, commands, health).await else {
+        return;
+    };
+    let mut r = Replies::new(buf);
+    let checked = (|| {
+        for _ in 0..commands {
+            match r.next()? {
+                Reply::Error(e) => {
+                    let _ = health.error_reply(e);
+                }
+                other => r.skip(other)?,
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = checked {
+        let _ = hot.out_of_step(health, e);
+    }
+}
