@@ -26,7 +26,7 @@ use crate::mailbox::{Delivery, Kick, Limits as MailboxLimits, Mailbox};
 use crate::memguard::MemGuard;
 use crate::message::{now_ms, ClientId, Message, Qos};
 use crate::metrics;
-use crate::outbox::{Enqueued, Store, StoreError};
+use crate::outbox::{Enqueued, Outbox, Store, StoreError};
 use crate::retained::Retained;
 use crate::subscriptions::Subscriptions;
 use crate::topic::PushTemplate;
@@ -87,7 +87,8 @@ pub struct Broker {
     config: Config,
     subscriptions: Subscriptions,
     retained: Retained,
-    store: Store,
+    store: Arc<Store>,
+    outbox: Outbox,
     push: Option<PushTemplate>,
     clients: DashMap<ClientId, ClientState>,
     next_conn_id: AtomicU64,
@@ -124,11 +125,13 @@ impl Broker {
         for msg in store.load_retained().await? {
             retained.retain(&Arc::new(msg));
         }
+        let store = Arc::new(store);
         Ok(Broker {
             push: config
                 .push
                 .enabled
                 .then(|| PushTemplate::new(&config.push.topic_template)),
+            outbox: Outbox::new(store.clone()),
             store,
             subscriptions,
             retained,
@@ -152,10 +155,16 @@ impl Broker {
         &self.auth
     }
 
-    /// The outbox store. The store's periodic sweep (server) and a session's own outbox
-    /// calls go through here.
+    /// The outbox store (its periodic sweep, tests).
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// What a connection does with its client's outbox (read, acknowledge, mark sent). Not
+    /// carried in each session: one more pointer in an idle connection's task moves it into
+    /// tokio's next allocation size, 128 bytes more per connection (`tests/footprint.rs`).
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
     }
 
     /// The memory guard (`memguard`).

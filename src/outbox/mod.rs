@@ -26,8 +26,8 @@ use futures::future::Either;
 
 use crate::config::{Config, OverflowPolicy};
 // Re-exported while the session module still names them here.
-use crate::message::Qos;
 pub use crate::message::{now_ms, packet_id, Message};
+use crate::message::{ClientId, Qos};
 
 pub use crate::redis::StoreError;
 pub use memory::MemoryOutbox;
@@ -75,6 +75,47 @@ pub struct Attach {
     pub sent_watermark: u64,
     /// The store holds a persistent session for the client (survives a restart).
     pub session_present: bool,
+}
+
+/// One connection's way to its client's outbox, handed over at attach, so that a session
+/// reads, acknowledges and marks entries without reaching through the broker. One pointer:
+/// every idle connection carries it.
+#[derive(Clone)]
+pub struct Outbox(Arc<Store>);
+
+impl Outbox {
+    pub fn new(store: Arc<Store>) -> Outbox {
+        Outbox(store)
+    }
+
+    /// Calls cross the network: worth running many at once.
+    pub fn is_remote(&self) -> bool {
+        self.0.is_remote()
+    }
+
+    /// See `Store::fetch`.
+    pub async fn fetch(
+        &self,
+        client: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        self.0.fetch(client, from, limit).await
+    }
+
+    /// See `Store::ack`.
+    pub async fn ack(&self, client: &ClientId, seq: u64) {
+        self.0.ack(client, seq).await
+    }
+
+    /// See `Store::mark_sent`.
+    pub async fn mark_sent(
+        &self,
+        client: &ClientId,
+        seq: u64,
+    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        self.0.mark_sent(client, seq).await
+    }
 }
 
 /// The broker's store. An enum rather than a trait object: two implementations, static

@@ -1,0 +1,243 @@
+//! What goes to the client: deliveries from the mailbox, entries read from the outbox (in
+//! order, a window at a time), resends with DUP after the sent watermark, retained QoS 0
+//! messages waiting for room, all within the write buffer's byte budget
+//! (`server.max_write_buffer`). The socket itself is written by `Session::poll_io`.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{InFlight, Session};
+use crate::codec;
+use crate::mailbox::Delivery;
+use crate::message::{packet_id, Message, Qos};
+use crate::metrics;
+use crate::outbox::Entry;
+
+/// Retained QoS 0 messages one connection may have waiting (`Pending::retained`); more
+/// are dropped and counted.
+const MAX_RETAINED_WAITING: usize = 100_000;
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
+    /// Takes what the mailbox holds, as much as the write buffer has room for: QoS 0
+    /// messages are written, stored ones sent if they are next in line. What does not fit
+    /// stays in the mailbox (`mail` stays set) until the socket takes more.
+    pub(super) async fn take_mail(&mut self) {
+        let mut deliveries = Vec::new();
+        let room = self.write_room();
+        self.mail = self
+            .mailbox
+            .drain(&mut deliveries, room, self.wbuf.is_empty());
+        for d in deliveries {
+            self.take_delivery(d).await;
+        }
+        if self.mailbox.take_lost_hint() {
+            self.backlog = true;
+        }
+    }
+
+    async fn take_delivery(&mut self, d: Delivery) {
+        match d {
+            Delivery::Direct(msg) => {
+                if !self.may_read(&msg.topic) {
+                    return;
+                }
+                codec::encode_publish(
+                    &mut self.wbuf,
+                    &msg.topic,
+                    &msg.payload,
+                    Qos::AtMostOnce,
+                    0,
+                    msg.retain,
+                    false,
+                );
+                metrics::sent(0);
+            }
+            Delivery::Stored { seq, qos, msg } => {
+                if self.backlog || seq < self.next_seq {
+                    return;
+                }
+                // Before the first entry of a connection there is no cursor to compare with
+                // (`next_seq` 0), and hints may arrive out of order (a remote store finishes
+                // publishes in batches, forwards from other nodes overtake each other):
+                // taking the first hint as the start could skip a lower number whose hint
+                // comes next. The first entry is read from the outbox instead.
+                let in_order = seq == self.next_seq && self.next_seq != 0;
+                if in_order
+                    && self.window_free() > 0
+                    && self.fits(&msg)
+                    && self.send_entry(Entry { seq, qos, msg }).await
+                {
+                    return;
+                }
+                // A gap or a full window: the outbox has it, read it from there in order.
+                self.backlog = true;
+            }
+        }
+    }
+
+    /// Reads queued entries from the outbox while the window has room.
+    pub(super) async fn fill_window(&mut self) -> Result<(), crate::outbox::StoreError> {
+        while self.backlog
+            && self.window_free() > 0
+            && self.wbuf.len() < self.broker.config().server.max_write_buffer
+        {
+            let want = self.window_free();
+            let entries = self
+                .broker
+                .outbox()
+                .fetch(&self.client, self.next_seq, want)
+                .await?;
+            let complete = entries.len() < want;
+            for e in entries {
+                if !self.fits(&e.msg) {
+                    // Read again from `next_seq` once the socket has taken more.
+                    metrics::limit_hit("server_max_write_buffer");
+                    return Ok(());
+                }
+                if !self.send_entry(e).await {
+                    return Ok(());
+                }
+            }
+            if complete {
+                self.backlog = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one outbox entry. False if its packet id is still taken (a stuck message
+    /// 65535 entries back), in which case it waits.
+    async fn send_entry(&mut self, e: Entry) -> bool {
+        let pkid = packet_id(e.seq);
+        if self.inflight.iter().any(|f| f.pkid == pkid) || self.awaiting_pubcomp(pkid) {
+            return false;
+        }
+        if !self.may_read(&e.msg.topic) {
+            // Removed as if acknowledged, and counted: the reader lost the right to it.
+            self.next_seq = e.seq + 1;
+            self.mailbox.saw(e.seq);
+            self.broker.outbox().ack(&self.client, e.seq).await;
+            return true;
+        }
+        let dup = e.seq <= self.sent_watermark;
+        codec::encode_publish(
+            &mut self.wbuf,
+            &e.msg.topic,
+            &e.msg.payload,
+            e.qos,
+            pkid,
+            e.msg.retain,
+            dup,
+        );
+        metrics::sent(e.qos as u8);
+        self.inflight.push(InFlight {
+            seq: e.seq,
+            pkid,
+            qos: e.qos,
+        });
+        self.next_seq = e.seq + 1;
+        self.mailbox.saw(e.seq);
+        if !dup {
+            // Entries sent in order: the newest watermark covers the ones before it.
+            if let Some(gate) = self.broker.outbox().mark_sent(&self.client, e.seq).await {
+                self.sent_gate = Some(gate);
+            }
+        }
+        true
+    }
+
+    pub(super) fn window_free(&self) -> usize {
+        let used = self.inflight.len() + self.data.as_ref().map_or(0, |d| d.awaiting_pubcomp.len());
+        self.broker
+            .config()
+            .session
+            .max_inflight
+            .saturating_sub(used)
+    }
+
+    /// Bytes the write buffer may still take (`server.max_write_buffer`).
+    fn write_room(&self) -> usize {
+        self.broker
+            .config()
+            .server
+            .max_write_buffer
+            .saturating_sub(self.wbuf.len())
+    }
+
+    /// Whether a PUBLISH of `msg` may be appended now: within the budget, or alone in an
+    /// empty buffer (a message larger than the budget still goes out, by itself).
+    fn fits(&self, msg: &Message) -> bool {
+        self.wbuf.is_empty()
+            || codec::publish_len(msg.topic.len(), msg.payload.len()) <= self.write_room()
+    }
+
+    /// Queues retained QoS 0 messages for `write_retained`, up to `MAX_RETAINED_WAITING`.
+    pub(super) fn queue_retained(&mut self, msgs: Vec<Arc<Message>>) {
+        if msgs.is_empty() {
+            return;
+        }
+        let p = self.pending.get_or_insert_with(Default::default);
+        for m in msgs {
+            if p.retained.len() >= MAX_RETAINED_WAITING {
+                metrics::dropped(metrics::Drop::MailboxFull);
+                metrics::limit_hit("retained_waiting");
+                continue;
+            }
+            p.retained.push_back(m);
+        }
+    }
+
+    pub(super) fn has_retained(&self) -> bool {
+        self.pending
+            .as_ref()
+            .is_some_and(|p| !p.retained.is_empty())
+    }
+
+    /// Writes waiting retained QoS 0 messages while the write buffer has room.
+    pub(super) fn write_retained(&mut self) {
+        while let Some(msg) = self
+            .pending
+            .as_mut()
+            .and_then(|p| p.retained.front().cloned())
+        {
+            if !self.fits(&msg) {
+                return;
+            }
+            if let Some(p) = self.pending.as_mut() {
+                p.retained.pop_front();
+            }
+            if self.may_read(&msg.topic) {
+                codec::encode_publish(
+                    &mut self.wbuf,
+                    &msg.topic,
+                    &msg.payload,
+                    Qos::AtMostOnce,
+                    0,
+                    true,
+                    false,
+                );
+                metrics::sent(0);
+            }
+        }
+        if let Some(p) = self.pending.as_mut() {
+            if p.retained.is_empty() && p.retained.capacity() > 64 {
+                p.retained = Default::default();
+            }
+        }
+    }
+
+    /// Read access at delivery (only with authentication on); a refusal drops the message,
+    /// counted.
+    fn may_read(&self, topic: &str) -> bool {
+        let Some(p) = self.extras.as_ref().and_then(|x| x.principal.as_ref()) else {
+            return true;
+        };
+        if self.broker.auth().may_read(p, &self.client, topic) {
+            return true;
+        }
+        metrics::dropped(metrics::Drop::AclDenied);
+        tracing::debug!(client = %self.client, topic = %topic, "not delivered: the ACL no longer allows reading it");
+        false
+    }
+}
