@@ -7,8 +7,7 @@
 //!
 //! One `RwLock` over the whole table: a publish takes it for reading (matching is a walk of
 //! a few levels), SUBSCRIBE and UNSUBSCRIBE for writing (one trie insert or remove). It is
-//! never held across an await or a store call. Measured with SUBSCRIBE/UNSUBSCRIBE churn
-//! beside QoS 0 publishers (BENCHMARKS.md, "Locks"); the figures are there.
+//! never held across an await or a store call, and push topics (the hot path) never take it.
 
 use std::collections::HashMap;
 

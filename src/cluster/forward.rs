@@ -3,8 +3,7 @@
 //! subscribers, kicks of a client's older connection).
 //!
 //! The peer table is one mutex, taken for a map lookup and a channel `try_send` per
-//! forward, never across an await; the link task does the writing. Measured in
-//! BENCHMARKS.md ("Locks"): it does not show in a forwarded push profile.
+//! forward, never across an await; the link task does the writing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
