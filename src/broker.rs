@@ -499,7 +499,7 @@ impl Broker {
         Ok(qos0)
     }
 
-    /// Routes and stores a message from a client (or a will). Every store is submitted
+    /// Resolves receivers for a message from a client (or a will) and stores it for each. Every store is submitted
     /// before this returns, so messages published in order are stored in order however the
     /// futures are polled. The future resolves once every receiver's outbox holds the
     /// message; an error means some outbox may not, and the publisher must not be

@@ -24,7 +24,7 @@
 //!
 //! Path of a QoS 1 push: a backend's PUBLISH to `push/dev42` is decoded by `codec` in the
 //! backend's `session`, which calls `Broker::publish`. The broker sees a push topic (no
-//! router), appends the message to dev42's `outbox`, then drops a hint into dev42's
+//! subscription table), appends the message to dev42's `outbox`, then drops a hint into dev42's
 //! `mailbox` if it is online; only after the append does the backend's session write PUBACK.
 //! dev42's session wakes, takes the hint (or reads the outbox, after a reconnect or a dropped
 //! hint), writes PUBLISH with packet id `seq % 65535 + 1`, and deletes the outbox entry when

@@ -37,7 +37,7 @@ impl TryFrom<u8> for Qos {
     }
 }
 
-/// A message as routed inside Herald. Shared (`Arc`) between all receivers.
+/// A message inside Herald. Shared (`Arc`) between all receivers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub topic: Arc<str>,

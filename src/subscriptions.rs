@@ -259,4 +259,62 @@ mod tests {
         assert_eq!(matched(&r, "$SYS/x"), [("c".into(), 0)]);
         assert_eq!(matched(&r, "q/x").len(), 2);
     }
+
+    /// `cargo test --release --lib matching_under -- --ignored --nocapture`: how the one
+    /// lock behaves when SUBSCRIBE/UNSUBSCRIBE run beside publishes: matches per second on
+    /// one thread, alone and while another thread subscribes and unsubscribes wildcard
+    /// filters as fast as it can (on another core).
+    #[test]
+    #[ignore]
+    fn matching_under_subscribe_churn() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::time::{Duration, Instant};
+        let t = std::sync::Arc::new(Subscriptions::default());
+        for i in 0..10_000 {
+            t.subscribe(
+                &format!("c{i}").into(),
+                &format!("t/{i}/+"),
+                Qos::AtMostOnce,
+            );
+        }
+        let topics: Vec<String> = (0..10_000).map(|i| format!("t/{i}/x")).collect();
+        for churn in [false, true] {
+            let stop = std::sync::Arc::new(AtomicBool::new(false));
+            let ops = std::sync::Arc::new(AtomicU64::new(0));
+            let churner = churn.then(|| {
+                let (t, stop, ops) = (t.clone(), stop.clone(), ops.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let c: ClientId = format!("z{}", n % 1000).into();
+                        let f = format!("churn/{}/+/x", n % 100);
+                        t.subscribe(&c, &f, Qos::AtLeastOnce);
+                        t.unsubscribe(&c, &f);
+                        n += 1;
+                    }
+                    ops.store(n, Ordering::Relaxed);
+                })
+            });
+            let start = Instant::now();
+            let mut matched = 0u64;
+            let mut out = HashMap::new();
+            while start.elapsed() < Duration::from_secs(2) {
+                for topic in topics.iter().take(1000) {
+                    out.clear();
+                    t.matches(topic, &mut out);
+                    matched += 1;
+                }
+            }
+            let secs = start.elapsed().as_secs_f64();
+            stop.store(true, Ordering::Relaxed);
+            if let Some(h) = churner {
+                let _ = h.join();
+            }
+            eprintln!(
+                "churn {churn}: {:.0} matches/s, {:.0} subscribe+unsubscribe/s",
+                matched as f64 / secs,
+                ops.load(Ordering::Relaxed) as f64 / secs
+            );
+        }
+    }
 }

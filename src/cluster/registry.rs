@@ -27,7 +27,9 @@ pub(super) struct NodeInfo {
 /// runs or within `LOOKUP_EVERY` after.
 pub(super) struct Lookup {
     at: Instant,
-    result: Shared<BoxFuture<'static, Option<NodeInfo>>>,
+    /// `None`: Redis could not be asked (the cache is left as it is); `Some(None)`: the
+    /// node has no alive key.
+    result: Shared<BoxFuture<'static, Option<Option<NodeInfo>>>>,
 }
 
 fn parse_alive(v: &str) -> Option<NodeInfo> {
@@ -38,12 +40,12 @@ fn parse_alive(v: &str) -> Option<NodeInfo> {
     })
 }
 
-async fn read_alive(redis: Redis, node: String) -> Option<NodeInfo> {
+async fn read_alive(redis: Redis, node: String) -> Option<Option<NodeInfo>> {
     let v: Option<String> = redis
         .query(redis::cmd("GET").arg(keys::alive(&node)))
         .await
         .ok()?;
-    v.as_deref().and_then(parse_alive)
+    Some(v.as_deref().and_then(parse_alive))
 }
 
 impl Cluster {
@@ -181,7 +183,10 @@ impl Cluster {
                 }
             }
         };
-        let info = lookup.await;
+        let Some(info) = lookup.await else {
+            metrics::stale_route();
+            return None;
+        };
         if fresh {
             let mut nodes = self.nodes.write();
             match info {

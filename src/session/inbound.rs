@@ -1,7 +1,7 @@
 //! Packets from the client, one `handle_*` method per packet type (`handle_packet`
 //! dispatches), and what they share: the ACL checks, the acknowledgement of stored
 //! publishes (`published`) and the inbound QoS 2 state (`incoming_qos2`: packet ids taken,
-//! so that a resend before PUBREL is acknowledged and not routed twice).
+//! so that a resend before PUBREL is acknowledged and not delivered twice).
 
 use std::sync::Arc;
 

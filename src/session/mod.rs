@@ -216,7 +216,7 @@ struct Pending {
     /// `Message::size` summed over `stores`.
     bytes: usize,
     /// QoS 2 packet ids among `stores`: in `incoming_qos2` already (a resend must not be
-    /// routed twice), to be taken out again if they are never stored.
+    /// delivered twice), to be taken out again if they are never stored.
     qos2: Vec<u16>,
     /// QoS 0 retained messages matched by SUBSCRIBEs, written as the write buffer has room:
     /// shared with the retained store, so a SUBSCRIBE that matches many (or one, many
@@ -377,7 +377,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     }
 
     async fn finish(mut self, mut end: End) {
-        // Publishes received before the end are still routed (a QoS 0 publish followed by
+        // Publishes received before the end are still delivered (a QoS 0 publish followed by
         // DISCONNECT must arrive), and acknowledged if the socket still takes it.
         if self.pending.is_some() {
             let drain = async {
