@@ -512,8 +512,12 @@ impl Raw {
         &mut self.stream
     }
 
+    /// Writes `bytes` and flushes them: over TLS, a write the socket cannot take at once
+    /// leaves the rest in the TLS session's buffer, where only a flush (or another write)
+    /// sends it, and a client that then waits to read would wait for ever.
     pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.stream.write_all(bytes).await
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await
     }
 
     async fn send(&mut self, bytes: &[u8]) {
