@@ -17,6 +17,10 @@
 //! "Nothing else arrives" is checked with a marker rather than a sleep: another client
 //! publishes a marker the receiver is subscribed to, and everything the receiver gets before
 //! the marker is what the broker had routed to it before the marker.
+//!
+//! Metrics: an in-process broker counts into the one recorder of its test binary, shared
+//! with the binary's other tests running in parallel, so no test reads counters in-process;
+//! a test that checks a counter starts a `process::Broker` and scrapes its own process.
 #![allow(dead_code)]
 
 pub mod keys;
@@ -194,13 +198,6 @@ pub async fn wait_offline(server: &Server, client: &str) {
 /// Outbox length of `client`.
 pub async fn outbox_len(server: &Server, client: &str) -> usize {
     server.broker().store.len(client).await.expect("store")
-}
-
-/// Current value of one Prometheus series, e.g. `herald_malformed_packets_total` or
-/// `herald_messages_dropped_total{reason="mailbox_full"}`. Metrics are process-global and
-/// tests run in parallel, so tests compare before and after, never exact values.
-pub fn metric(series: &str) -> f64 {
-    metric_in(&herald::metrics::render(), series)
 }
 
 /// Value of one series in a Prometheus text exposition (a scrape of a broker process), e.g.
