@@ -216,17 +216,19 @@ async fn stored_bytes_are_bounded_per_client_and_in_total() {
 
     let (mut phone, _) = Raw::connect_ok(addr, &Opts::new("phone").clean(false)).await;
     let mut got = Vec::new();
-    loop {
-        match phone.next(Duration::from_millis(500)).await {
-            Event::Packet(Packet::Publish(p)) => {
-                got.push(p.payload[0]);
-                phone.puback(p.pkid).await;
-            }
-            Event::Timeout => break,
-            e => panic!("phone: {e:?}"),
-        }
+    for _ in 0..7 {
+        let p = phone.expect_publish().await;
+        got.push(p.payload[0]);
+        phone.puback(p.pkid).await;
     }
     assert_eq!(got, (5..12).collect::<Vec<u8>>(), "the newest 7 of 12");
+    // And no more: a QoS 0 push is never stored, so it comes after whatever the outbox held.
+    let rest = phone.until_marker(&mut publisher, "push/phone").await;
+    assert!(
+        rest.is_empty(),
+        "more than the newest 7 were kept: {:?}",
+        rest.iter().map(|p| p.payload[0]).collect::<Vec<_>>()
+    );
 }
 
 /// Sockets that send the start of a huge CONNECT and stop: without a will they are closed
