@@ -467,7 +467,8 @@ pub struct Launch {
 /// a private `redis-server`; `HERALD_TEST_TRANSPORT`, TLS only with the `pki` server
 /// certificate), unless `Launch` says otherwise. It is ready when it has answered a CONNECT
 /// (`ready-probe-<name>-<pid>`, clean session, counted in `herald_connections_total`) and no
-/// connection is open any more. When a test fails, the end of its log and its non-zero
+/// connection is open any more. (Under TLS the bare socket `Herald` opens to see it listen
+/// also counts, as one `herald_connections_rejected_total{reason="handshake"}`.) When a test fails, the end of its log and its non-zero
 /// series are printed as it goes away.
 pub struct Broker {
     herald: Herald,
