@@ -3,6 +3,8 @@
 //! memory, and checks that its resident memory stays within a stated bound and that honest
 //! clients are still served.
 //!
+//! Counters are read from that process (`process::Broker`), so they count this test alone.
+//!
 //! The bounds are generous against what the budgets allow (a few MiB per attacking
 //! connection) and far below what the attacks cost before the budgets (hundreds of MiB to
 //! GiBs): they tell the two apart without depending on the allocator's exact behaviour.
@@ -10,111 +12,26 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use common::process::{free_port, Herald};
+use common::process::{Broker, Launch};
 use common::*;
 
 const MIB: u64 = 1 << 20;
 
-/// A `herald` process on loopback with its own metrics listener.
-struct Node {
-    herald: Herald,
-    metrics: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Node {
-    /// Starts the binary with `toml` as its config file (memory store).
-    fn start(toml: &str) -> Node {
-        Node::start_in_shell(toml, None)
-    }
-
-    /// The same, started under `sh -c "ulimit -n N; exec herald ..."` when `nofile` is set.
-    fn start_in_shell(toml: &str, nofile: Option<u32>) -> Node {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("herald.toml");
-        std::fs::write(&config, toml).unwrap();
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let mut args: Vec<String> = vec![
-            "--config".into(),
-            config.display().to_string(),
-            "--listen".into(),
-            addr.to_string(),
-            "--metrics-listen".into(),
-            metrics.to_string(),
-            "--log-level".into(),
-            "info".into(),
-        ];
-        if let Some(n) = nofile {
-            let bin = Herald::binary().display().to_string();
-            let mut shell = format!("ulimit -n {n} && exec {bin}");
-            for a in &args {
-                shell.push(' ');
-                shell.push_str(a);
-            }
-            args = vec!["-c".into(), shell];
-        }
-        let log = dir.path().join("herald.log");
-        let herald = match nofile {
-            Some(_) => Herald::start_program(PathBuf::from("/bin/sh"), addr, args, &log),
-            None => Herald::start_args(addr, args, &log),
-        };
-        Node {
-            herald,
-            metrics,
-            _dir: dir,
-        }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.herald.addr
-    }
-
-    fn pid(&self) -> u32 {
-        self.herald.pid().expect("herald running")
-    }
-
-    /// Resident memory now, bytes.
-    fn rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .expect("VmRSS");
-        kb * 1024
-    }
-
-    async fn metric(&self, series: &str) -> f64 {
-        metric_in(&scrape(self.metrics).await, series)
-    }
-
-    /// Waits until `series` reaches `at_least`.
-    async fn wait_metric(&self, series: &str, at_least: f64) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let v = self.metric(series).await;
-            if v >= at_least {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{series} = {v}, waited for {at_least}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.herald.log().expect("log file")).unwrap_or_default()
-    }
+/// Resident memory of `node` now, bytes.
+fn rss(node: &Broker) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid())).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS");
+    kb * 1024
 }
 
 /// A connected client whose socket takes almost nothing: it reads its CONNACK (and what
@@ -151,14 +68,14 @@ async fn push_round_trip(publisher: &mut Raw, device: &mut Raw, id: &str, n: u32
 /// Before the budgets each such connection cost about 1 GiB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_amplification_stays_within_the_write_budget() {
-    let node = Node::start("");
+    let node = Broker::start("").await;
     let addr = node.addr();
     let mut setter = Raw::connect(addr, "setter").await;
     setter
         .publish("big/r", &vec![b'r'; 1000 * 1024], QoS::AtMostOnce, true)
         .await;
     setter.ping().await;
-    let base = node.rss();
+    let base = rss(&node);
 
     let mut attackers = Vec::new();
     let same: Vec<(&str, QoS)> = (0..1000).map(|_| ("big/r", QoS::AtMostOnce)).collect();
@@ -187,7 +104,7 @@ async fn retained_amplification_stays_within_the_write_budget() {
         let ms = push_round_trip(&mut setter, &mut device, "honest", n).await;
         assert!(ms < 500, "push took {ms} ms during the attack");
     }
-    let grown = node.rss().saturating_sub(base);
+    let grown = rss(&node).saturating_sub(base);
     assert!(
         grown < 48 * MIB,
         "RSS grew {} MiB for 4 amplifying connections",
@@ -205,9 +122,9 @@ async fn retained_amplification_stays_within_the_write_budget() {
 /// at most its write budget plus its mailbox budget, however much flows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_readers_of_large_messages_hold_their_budgets_only() {
-    let node = Node::start("");
+    let node = Broker::start("").await;
     let addr = node.addr();
-    let base = node.rss();
+    let base = rss(&node);
     let mut readers = Vec::new();
     for i in 0..2 {
         let mut r = non_reader(addr, &format!("slow-{i}")).await;
@@ -234,12 +151,12 @@ async fn slow_readers_of_large_messages_hold_their_budgets_only() {
         publisher
             .publish("slow/t", &payload, QoS::AtMostOnce, false)
             .await;
-        peak = peak.max(node.rss());
+        peak = peak.max(rss(&node));
     }
     publisher
         .publish("sync", b"", QoS::AtLeastOnce, false)
         .await;
-    peak = peak.max(node.rss());
+    peak = peak.max(rss(&node));
     node.wait_metric(
         r#"herald_messages_dropped_total{reason="mailbox_full"}"#,
         1.0,
@@ -262,9 +179,10 @@ async fn slow_readers_of_large_messages_hold_their_budgets_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_bytes_are_bounded_per_client_and_in_total() {
     let node =
-        Node::start("[session]\nmax_queued_bytes = \"4MiB\"\n[store]\nmax_bytes = \"32MiB\"\n");
+        Broker::start("[session]\nmax_queued_bytes = \"4MiB\"\n[store]\nmax_bytes = \"32MiB\"\n")
+            .await;
     let addr = node.addr();
-    let base = node.rss();
+    let base = rss(&node);
     let mut publisher = Raw::connect(addr, "backend").await;
     let payload = vec![b'p'; 512 * 1024];
     // 12 x 512 KB for one device: the newest 7 fit in 4 MiB.
@@ -293,22 +211,24 @@ async fn stored_bytes_are_bounded_per_client_and_in_total() {
         1.0,
     )
     .await;
-    let grown = node.rss().saturating_sub(base);
+    let grown = rss(&node).saturating_sub(base);
     assert!(grown < 64 * MIB, "RSS grew {} MiB", grown / MIB);
 
     let (mut phone, _) = Raw::connect_ok(addr, &Opts::new("phone").clean(false)).await;
     let mut got = Vec::new();
-    loop {
-        match phone.next(Duration::from_millis(500)).await {
-            Event::Packet(Packet::Publish(p)) => {
-                got.push(p.payload[0]);
-                phone.puback(p.pkid).await;
-            }
-            Event::Timeout => break,
-            e => panic!("phone: {e:?}"),
-        }
+    for _ in 0..7 {
+        let p = phone.expect_publish().await;
+        got.push(p.payload[0]);
+        phone.puback(p.pkid).await;
     }
     assert_eq!(got, (5..12).collect::<Vec<u8>>(), "the newest 7 of 12");
+    // And no more: a QoS 0 push is never stored, so it comes after whatever the outbox held.
+    let rest = phone.until_marker(&mut publisher, "push/phone").await;
+    assert!(
+        rest.is_empty(),
+        "more than the newest 7 were kept: {:?}",
+        rest.iter().map(|p| p.payload[0]).collect::<Vec<_>>()
+    );
 }
 
 /// Sockets that send the start of a huge CONNECT and stop: without a will they are closed
@@ -316,7 +236,7 @@ async fn stored_bytes_are_bounded_per_client_and_in_total() {
 /// one process-wide budget, and those beyond it are closed at once too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_connects_are_bounded() {
-    let node = Node::start("");
+    let node = Broker::start("").await;
     let addr = node.addr();
     // CONNECT header announcing `len` bytes: "MQTT", level 4, flags, keepalive.
     let header = |len: usize, will: bool| {
@@ -327,7 +247,7 @@ async fn unfinished_connects_are_bounded() {
         h
     };
 
-    let base = node.rss();
+    let base = rss(&node);
     // Without a will: closed at once, each one.
     for _ in 0..50 {
         let mut s = TcpStream::connect(addr).await.unwrap();
@@ -359,7 +279,7 @@ async fn unfinished_connects_are_bounded() {
     let mut b = [0u8; 16];
     let n = tokio::time::timeout(WAIT, s.read(&mut b)).await;
     assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "not closed: {n:?}");
-    let grown = node.rss().saturating_sub(base);
+    let grown = rss(&node).saturating_sub(base);
     assert!(grown < 96 * MIB, "RSS grew {} MiB", grown / MIB);
     // Honest clients still connect.
     let mut c = Raw::connect(addr, "honest").await;
@@ -371,7 +291,7 @@ async fn unfinished_connects_are_bounded() {
 /// cut off (and no will published) when it resumes; the stall is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_node_does_not_kick_clients_that_kept_pinging() {
-    let node = Node::start("");
+    let node = Broker::start("").await;
     let addr = node.addr();
     let mut watcher = Raw::connect(addr, "watcher").await;
     watcher.sub("will/#", QoS::AtMostOnce).await;
@@ -423,7 +343,14 @@ async fn a_stalled_node_does_not_kick_clients_that_kept_pinging() {
 /// the metrics listener still answers, and connections work again once some close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn descriptor_exhaustion_closes_new_clients_at_once() {
-    let node = Node::start_in_shell("", Some(256));
+    let node = Broker::launch(
+        "",
+        Launch {
+            nofile: Some(256),
+            ..Launch::default()
+        },
+    )
+    .await;
     let addr = node.addr();
     let mut clients = Vec::new();
     let mut refused = 0;
@@ -465,7 +392,7 @@ async fn descriptor_exhaustion_closes_new_clients_at_once() {
 /// connections get CONNACK 3; both counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_guard_slows_publishers_then_refuses_connections() {
-    let node = Node::start("[server]\nmax_memory = \"96MiB\"\n");
+    let node = Broker::start("[server]\nmax_memory = \"96MiB\"\n").await;
     let addr = node.addr();
     let payload = vec![b'm'; 512 * 1024];
     let mut refused = false;
@@ -490,5 +417,5 @@ async fn memory_guard_slows_publishers_then_refuses_connections() {
     );
     assert!(node.log().contains("memory guard"), "{}", node.log());
     // Sampled every 20 ms: what arrives between two samples can overshoot a little.
-    assert!(node.rss() < 128 * MIB, "RSS {} MiB", node.rss() / MIB);
+    assert!(rss(&node) < 128 * MIB, "RSS {} MiB", rss(&node) / MIB);
 }

@@ -2,20 +2,21 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::process::run_briefly;
 use common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_herald");
 
 #[test]
 fn help_explains_config_and_listen() {
-    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let out = run_briefly(&["--help"]);
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("--config"), "{help}");
@@ -26,14 +27,9 @@ fn run_with_config(text: &str) -> (std::process::Output, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broken-herald.toml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .output()
-        .unwrap();
-    (out, path.display().to_string())
+    let path = path.display().to_string();
+    let out = run_briefly(&["--config", path.as_str(), "--listen", "127.0.0.1:0"]);
+    (out, path)
 }
 
 #[test]
@@ -66,10 +62,7 @@ fn bad_config_value_fails_with_file_key_and_reason() {
 
 #[test]
 fn missing_config_file_fails() {
-    let out = Command::new(BIN)
-        .args(["--config", "/nonexistent/herald.toml"])
-        .output()
-        .unwrap();
+    let out = run_briefly(&["--config", "/nonexistent/herald.toml"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/herald.toml"));
 }
@@ -175,11 +168,8 @@ async fn sigterm_exits_zero_within_three_seconds() {
     let (mut broker, addr) = spawn_broker();
     let mut client = Raw::connect(addr, "sig").await;
     client.ping().await;
-    // The binary installs its SIGTERM handler only after it logs "herald started" (see
-    // sigterm_right_after_startup_exits_zero); give it that moment so this test is about
-    // shutdown itself.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
+    // No pause needed: the binary watches for SIGTERM before its listeners open (see
+    // sigterm_right_after_startup_exits_zero).
     sigterm(&broker);
     let status = wait_exit(&mut broker, Duration::from_secs(3)).await;
     assert!(status.success(), "exit status {status}");
@@ -195,17 +185,6 @@ async fn sigterm_right_after_startup_exits_zero() {
         let status = wait_exit(&mut broker, Duration::from_secs(3)).await;
         assert!(status.success(), "exit status {status}");
     }
-}
-
-/// The body of `GET /metrics` from another process's metrics listener.
-fn scrape(addr: SocketAddr) -> String {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: herald\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read /metrics");
-    out
 }
 
 #[tokio::test]
@@ -234,7 +213,7 @@ async fn malformed_floods_are_rate_limited_in_the_log_and_counted_in_full() {
     let took = started.elapsed();
 
     // This process's own broker: the counts are exact.
-    let exposition = scrape(metrics);
+    let exposition = scrape(metrics).await;
     assert_eq!(
         metric_in(&exposition, "herald_malformed_packets_total"),
         N as f64,

@@ -1,9 +1,11 @@
-//! CONNECT handling, client ids, connect timeout and keepalive.
+//! CONNECT handling, client ids, connect timeout and keepalive. The tests that check a
+//! counter run a broker process of their own (`process::Broker`); the rest an in-process one.
 
 mod common;
 
 use std::time::Duration;
 
+use common::process::Broker;
 use common::*;
 
 #[tokio::test]
@@ -46,20 +48,21 @@ async fn unsupported_levels_get_connack_1_then_close() {
     server.shutdown().await;
 }
 
+/// A broker process of its own: both bad first packets are counted, and nothing else.
 #[tokio::test]
 async fn first_packet_not_connect_closes() {
-    let server = start().await;
-    let before = metric("herald_malformed_packets_total");
-    let mut c = Raw::open(server.local_addr()).await;
+    let broker = Broker::start("").await;
+    let mut c = Raw::open(broker.addr()).await;
     c.send_raw(&[0xC0, 0]).await.unwrap();
     c.expect_closed(WAIT).await;
-    let mut c = Raw::open(server.local_addr()).await;
+    let mut c = Raw::open(broker.addr()).await;
     c.send_raw(&publish_bytes(b"a", b"x", 0, 0, false, false))
         .await
         .unwrap();
     c.expect_closed(WAIT).await;
-    assert!(metric("herald_malformed_packets_total") >= before + 2.0);
-    server.shutdown().await;
+    broker
+        .assert_metric("herald_malformed_packets_total", 2.0)
+        .await;
 }
 
 #[tokio::test]
@@ -105,33 +108,40 @@ async fn empty_client_id_without_clean_session_gets_connack_2() {
     server.shutdown().await;
 }
 
+/// A broker process of its own, so that its count of connect timeouts is this test's.
 #[tokio::test]
 async fn socket_without_connect_is_closed_after_connect_timeout() {
-    let server = start_with(|c| c.server.connect_timeout = Duration::from_millis(300)).await;
-    let before = metric(r#"herald_connections_rejected_total{reason="connect_timeout"}"#);
+    const TIMEOUTS: &str = r#"herald_connections_rejected_total{reason="connect_timeout"}"#;
+    let broker = Broker::start("[server]\nconnect_timeout = \"300ms\"\n").await;
+    // Taken before the socket opens, so never later than the broker's clock starts.
     let started = tokio::time::Instant::now();
-    let mut c = Raw::open(server.local_addr()).await;
-    c.expect_closed(Duration::from_secs(2)).await;
+    let mut c = Raw::open(broker.addr()).await;
+    c.expect_closed(Duration::from_secs(5)).await;
     let waited = started.elapsed();
     assert!(
-        waited >= Duration::from_millis(250),
-        "closed after {waited:?}"
+        waited >= Duration::from_millis(300),
+        "closed after {waited:?}, before the 300 ms connect timeout"
     );
-    assert!(
-        metric(r#"herald_connections_rejected_total{reason="connect_timeout"}"#) > before,
-        "connect timeouts are counted"
-    );
+    broker.assert_metric(TIMEOUTS, 1.0).await;
 
     // A partial CONNECT does not buy more time either.
     let started = tokio::time::Instant::now();
-    let mut c = Raw::open(server.local_addr()).await;
+    let mut c = Raw::open(broker.addr()).await;
     let connect = Opts::new("slow").encode();
     c.send_raw(&connect[..5]).await.unwrap();
-    c.expect_closed(Duration::from_secs(2)).await;
-    assert!(started.elapsed() < Duration::from_secs(1));
-    server.shutdown().await;
+    c.expect_closed(Duration::from_secs(5)).await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(2),
+        "a partial CONNECT closed after {waited:?}, want the 300 ms connect timeout"
+    );
+    broker.assert_metric(TIMEOUTS, 2.0).await;
 }
 
+/// Keepalive 1 s: the broker closes the silent connection once 1.5 s have passed since the
+/// CONNECT, not before (the lower bound is exact: the clock starts before the CONNECT is
+/// sent), and the will shows the close was abnormal. The broker checks keepalives every
+/// 250 ms; the upper bound leaves seconds more for a loaded machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_client_is_disconnected_after_one_and_a_half_keepalives() {
     let server = start().await;
@@ -142,14 +152,22 @@ async fn silent_client_is_disconnected_after_one_and_a_half_keepalives() {
         Opts::new("ka-silent")
             .keepalive(1)
             .will("ka/will", b"gone", QoS::AtLeastOnce, false);
-    let (mut silent, _) = Raw::connect_ok(addr, &opts).await;
     let started = tokio::time::Instant::now();
+    let (mut silent, _) = Raw::connect_ok(addr, &opts).await;
 
-    silent.expect_closed(Duration::from_millis(2500)).await;
-    let waited = started.elapsed();
+    let closed = silent
+        .closed_within(Duration::from_secs(10))
+        .await
+        .expect("a client silent past 1.5 x its keepalive still connected after 10 s");
+    let waited = closed - started;
+    // The broker's keepalive clock counts whole milliseconds of wall-clock time.
     assert!(
-        waited >= Duration::from_millis(1400) && waited <= Duration::from_millis(2500),
-        "keepalive 1 s closed after {waited:?}, want about 1.5 s"
+        waited >= Duration::from_millis(1490),
+        "keepalive 1 s: closed {waited:?} after the CONNECT, before 1.5 s"
+    );
+    assert!(
+        waited <= Duration::from_secs(5),
+        "keepalive 1 s: closed {waited:?} after the CONNECT, want about 1.5 s"
     );
     let will = watcher.expect_publish().await;
     assert_eq!(
@@ -159,14 +177,16 @@ async fn silent_client_is_disconnected_after_one_and_a_half_keepalives() {
     server.shutdown().await;
 }
 
+/// Keepalive 1 s, a PINGREQ every 250 ms for 2.5 s (well past the 1.5 s a silent client
+/// gets): each is answered and the connection stays. A ping may come 1.25 s late on a loaded
+/// machine before the broker could rightly close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pingreq_gets_pingresp_and_keeps_the_connection_alive() {
     let server = start().await;
     let (mut c, _) = Raw::connect_ok(server.local_addr(), &Opts::new("pinger").keepalive(1)).await;
     let started = tokio::time::Instant::now();
-    // Pings 0.6 s apart carry the connection well past 1.5 x keepalive.
-    while started.elapsed() < Duration::from_millis(2000) {
-        tokio::time::sleep(Duration::from_millis(600)).await;
+    while started.elapsed() < Duration::from_millis(2500) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
         c.ping().await;
     }
     c.sub("still/here", QoS::AtMostOnce).await;

@@ -1,4 +1,7 @@
 //! Limits: a slow reader cannot make the broker grow or stall, and max_connections.
+//!
+//! The tests that need a counter (drops for a stalled reader, refused connections) run a
+//! broker process of their own (`process::Broker`), so that every count is theirs.
 
 mod common;
 
@@ -6,39 +9,32 @@ use std::time::Duration;
 
 use tokio::net::TcpSocket;
 
+use common::process::Broker;
 use common::*;
 
 const MAILBOX_FULL: &str = r#"herald_messages_dropped_total{reason="mailbox_full"}"#;
 
-/// The drop counter is process-wide; one flood at a time makes "it went up" mean "this
-/// test's reader overflowed".
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 /// Buffers small enough that a reader who stops reading overflows them in a few messages.
-fn small_buffers(c: &mut herald::Config) {
-    c.server.max_write_buffer = 16 * 1024;
-    c.session.max_mailbox = 100;
-}
+const SMALL_BUFFERS: &str = "[server]\nmax_write_buffer = 16384\n[session]\nmax_mailbox = 100\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_reader_drops_qos0_keeps_qos1_and_others_keep_working() {
-    let _serial = SERIAL.lock().await;
-    let server = start_with(small_buffers).await;
-    let addr = server.local_addr();
+    let broker = Broker::start(SMALL_BUFFERS).await;
+    let addr = broker.addr();
 
-    let before = metric(MAILBOX_FULL);
+    // Returns once QoS 0 messages for it have been dropped, and counted.
     let mut slow = stalled_reader(
-        &server,
+        &broker,
         Opts::new("slow"),
         &[("slow/q0", QoS::AtMostOnce), ("slow/q1", QoS::AtLeastOnce)],
     )
     .await;
-    assert!(metric(MAILBOX_FULL) > before, "QoS 0 overflow is counted");
     let mut bystander = Raw::connect(addr, "fast").await;
     bystander.sub("fast/t", QoS::AtLeastOnce).await;
     let mut publisher = Raw::connect(addr, "publisher").await;
 
-    // QoS 1 for the stalled reader is stored, not dropped.
+    // QoS 1 for the stalled reader is stored, not dropped: these are the first messages this
+    // broker stores (the flood was QoS 0, its sync messages had no subscriber).
     for i in 0..10 {
         publisher
             .publish(
@@ -49,7 +45,9 @@ async fn slow_reader_drops_qos0_keeps_qos1_and_others_keep_working() {
             )
             .await;
     }
-    assert_eq!(outbox_len(&server, "slow").await, 10);
+    broker
+        .assert_metric("herald_messages_stored_total", 10.0)
+        .await;
 
     // Everyone else is served as usual meanwhile.
     publisher
@@ -77,22 +75,25 @@ async fn slow_reader_drops_qos0_keeps_qos1_and_others_keep_working() {
             next += 1;
         }
     }
-    server.shutdown().await;
 }
 
+/// A broker process of its own: the refusal is counted, once.
 #[tokio::test]
 async fn connection_over_max_connections_is_closed_without_connack() {
-    let server = start_with(|c| c.server.max_connections = 2).await;
-    let addr = server.local_addr();
-    let rejected = r#"herald_connections_rejected_total{reason="max_connections"}"#;
-    let before = metric(rejected);
+    let broker = Broker::start("[server]\nmax_connections = 2\n").await;
+    let addr = broker.addr();
     let mut a = Raw::connect(addr, "mc-a").await;
     let b = Raw::connect(addr, "mc-b").await;
 
     let mut third = Raw::open(addr).await;
     let _ = third.send_raw(&Opts::new("mc-c").encode()).await;
     third.expect_closed(WAIT).await;
-    assert!(metric(rejected) > before);
+    broker
+        .assert_metric(
+            r#"herald_connections_rejected_total{reason="max_connections"}"#,
+            1.0,
+        )
+        .await;
 
     // A freed slot can be used again.
     b.disconnect().await;
@@ -109,15 +110,15 @@ async fn connection_over_max_connections_is_closed_without_connack() {
     }
     assert!(slot_free, "a closed connection frees its slot");
     a.ping().await;
-    server.shutdown().await;
 }
 
 /// Connects a client with a tiny receive window that then reads nothing, subscribes it to
 /// `subs` and floods the first of them with QoS 0: 1 KB messages until the broker drops some
-/// for it, then 10 MB more in 64 KB messages, so that whatever the kernel buffers hold, its
-/// connection task ends up with a full write buffer and a socket that does not drain.
-async fn stalled_reader(server: &herald::Server, opts: Opts, subs: &[(&str, QoS)]) -> Raw {
-    let addr = server.local_addr();
+/// for it (the broker is the test's own, so its drops are this reader's), then 10 MB more in
+/// 64 KB messages, so that whatever the kernel buffers hold, its connection task ends up with
+/// a full write buffer and a socket that does not drain.
+async fn stalled_reader(broker: &Broker, opts: Opts, subs: &[(&str, QoS)]) -> Raw {
+    let addr = broker.addr();
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut slow = Raw::from_stream(socket.connect(addr).await.unwrap()).await;
@@ -129,10 +130,9 @@ async fn stalled_reader(server: &herald::Server, opts: Opts, subs: &[(&str, QoS)
     let topic = subs[0].0;
 
     let mut flooder = Raw::connect(addr, &format!("{}-flooder", opts.id)).await;
-    let before = metric(MAILBOX_FULL);
     let payload = vec![b'x'; 1024];
     let mut sent = 0;
-    while metric(MAILBOX_FULL) <= before {
+    while broker.metric(MAILBOX_FULL).await == 0.0 {
         assert!(
             sent < 64 * 1024,
             "no QoS 0 drop after {sent} KB to a stalled reader"
@@ -157,12 +157,11 @@ async fn stalled_reader(server: &herald::Server, opts: Opts, subs: &[(&str, QoS)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn takeover_closes_a_connection_stuck_on_a_full_socket() {
-    let _serial = SERIAL.lock().await;
-    let server = start_with(small_buffers).await;
-    let addr = server.local_addr();
+    let broker = Broker::start(SMALL_BUFFERS).await;
+    let addr = broker.addr();
     // Keepalive 0: nothing but the takeover can end the old connection.
     let opts = Opts::new("stuck").keepalive(0).clean(false);
-    let mut old = stalled_reader(&server, opts, &[("stuck/t", QoS::AtMostOnce)]).await;
+    let mut old = stalled_reader(&broker, opts, &[("stuck/t", QoS::AtMostOnce)]).await;
 
     let started = tokio::time::Instant::now();
     let (_new, present) = Raw::connect_ok(addr, &Opts::new("stuck").clean(false)).await;
@@ -173,18 +172,13 @@ async fn takeover_closes_a_connection_stuck_on_a_full_socket() {
         "CONNACK for the new connection took {waited:?}"
     );
     // The old socket drains to EOF: the broker closed it.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match old
-            .next(deadline.saturating_duration_since(tokio::time::Instant::now()))
-            .await
-        {
-            Event::Packet(_) => {}
-            Event::Closed => break,
-            Event::Timeout => panic!("old connection still open after takeover"),
-        }
-    }
-    server.shutdown().await;
+    assert!(
+        old.closed_within(WAIT).await.is_some(),
+        "old connection still open after takeover"
+    );
+    broker
+        .assert_metric("herald_session_takeovers_total", 1.0)
+        .await;
 }
 
 #[tokio::test]

@@ -1,36 +1,32 @@
 //! Bad input: each malformed packet closes its own connection, is counted, and leaves every
 //! other client working.
+//!
+//! The tests that check the count run a broker process of their own (`process::Broker`):
+//! the count is exactly what this test sent.
 
 mod common;
 
-use herald::Config;
-
+use common::process::Broker;
 use common::*;
 
-/// The malformed-packet counter is process-wide; one test at a time makes "it went up" mean
-/// "this test's packet was counted".
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Connects a bystander pair, then a client that sends `bad` after a good CONNECT. Asserts
-/// that the bad client is closed, the malformed counter went up, and the bystanders still
-/// complete a QoS 1 round trip afterwards.
-async fn closes_only_its_own_connection(bad: &[u8], tweak: impl FnOnce(&mut Config)) {
-    let _serial = SERIAL.lock().await;
-    let server = start_with(tweak).await;
-    let addr = server.local_addr();
+/// Connects a bystander pair, then a client that sends `bad` after a good CONNECT, on a
+/// broker process of its own with `toml` as its config. Asserts that the bad client is
+/// closed, that this one malformed packet is counted, and that the bystanders still complete
+/// a QoS 1 round trip afterwards.
+async fn closes_only_its_own_connection(bad: &[u8], toml: &str) {
+    let broker = Broker::start(toml).await;
+    let addr = broker.addr();
     let mut sub = Raw::connect(addr, "bystander-sub").await;
     sub.sub("by/t", QoS::AtLeastOnce).await;
     let mut publisher = Raw::connect(addr, "bystander-pub").await;
 
-    let before = metric("herald_malformed_packets_total");
     let mut evil = Raw::connect(addr, "evil").await;
     // Whether the broker has closed before the write ends is a race; the close is what counts.
     let _ = evil.send_raw(bad).await;
     evil.expect_closed(WAIT).await;
-    assert!(
-        metric("herald_malformed_packets_total") > before,
-        "malformed packet {bad:02x?} is counted"
-    );
+    broker
+        .assert_metric("herald_malformed_packets_total", 1.0)
+        .await;
 
     publisher
         .publish("by/t", b"still", QoS::AtLeastOnce, false)
@@ -39,99 +35,88 @@ async fn closes_only_its_own_connection(bad: &[u8], tweak: impl FnOnce(&mut Conf
     assert_eq!(text(&p), "still");
     sub.puback(p.pkid).await;
     sub.ping().await;
-    server.shutdown().await;
 }
 
 #[tokio::test]
 async fn remaining_length_with_five_continuation_bytes() {
-    closes_only_its_own_connection(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01], |_| {}).await;
+    closes_only_its_own_connection(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01], "").await;
 }
 
 #[tokio::test]
 async fn unknown_packet_type_15() {
-    closes_only_its_own_connection(&[0xF0, 0x00], |_| {}).await;
+    closes_only_its_own_connection(&[0xF0, 0x00], "").await;
 }
 
 #[tokio::test]
 async fn server_to_client_packet_type_from_a_client() {
     // CONNACK sent by a client.
-    closes_only_its_own_connection(&[0x20, 0x02, 0x00, 0x00], |_| {}).await;
+    closes_only_its_own_connection(&[0x20, 0x02, 0x00, 0x00], "").await;
 }
 
 #[tokio::test]
 async fn publish_with_qos_3() {
-    closes_only_its_own_connection(&[0x36, 5, 0, 1, b'a', 0, 1], |_| {}).await;
+    closes_only_its_own_connection(&[0x36, 5, 0, 1, b'a', 0, 1], "").await;
 }
 
 #[tokio::test]
 async fn publish_with_wildcard_in_topic() {
-    closes_only_its_own_connection(&publish_bytes(b"a/+/c", b"x", 0, 0, false, false), |_| {})
-        .await;
+    closes_only_its_own_connection(&publish_bytes(b"a/+/c", b"x", 0, 0, false, false), "").await;
 }
 
 #[tokio::test]
 async fn publish_with_hash_in_topic() {
-    closes_only_its_own_connection(&publish_bytes(b"a/#", b"x", 1, 3, false, false), |_| {}).await;
+    closes_only_its_own_connection(&publish_bytes(b"a/#", b"x", 1, 3, false, false), "").await;
 }
 
 #[tokio::test]
 async fn publish_with_invalid_utf8_topic() {
     closes_only_its_own_connection(
         &publish_bytes(&[b'a', 0xC3, 0x28], b"x", 0, 0, false, false),
-        |_| {},
+        "",
     )
     .await;
 }
 
 #[tokio::test]
 async fn publish_with_empty_topic() {
-    closes_only_its_own_connection(&publish_bytes(b"", b"x", 0, 0, false, false), |_| {}).await;
+    closes_only_its_own_connection(&publish_bytes(b"", b"x", 0, 0, false, false), "").await;
 }
 
 #[tokio::test]
 async fn oversized_packet() {
     let big = publish_bytes(b"by/t", &[b'x'; 200], 1, 9, false, false);
-    closes_only_its_own_connection(&big, |c| c.server.max_packet_size = 64).await;
+    closes_only_its_own_connection(&big, "[server]\nmax_packet_size = 64\n").await;
 }
 
 #[tokio::test]
 async fn subscribe_with_reserved_flags_clear() {
     let bad = subscribe_bytes(0x80, 1, &[("by/t", QoS::AtMostOnce)]);
-    closes_only_its_own_connection(&bad, |_| {}).await;
+    closes_only_its_own_connection(&bad, "").await;
 }
 
 #[tokio::test]
 async fn subscribe_with_qos_3_option() {
     let mut bad = subscribe_bytes(0x82, 1, &[("by/t", QoS::AtMostOnce)]);
     *bad.last_mut().unwrap() = 3;
-    closes_only_its_own_connection(&bad, |_| {}).await;
+    closes_only_its_own_connection(&bad, "").await;
 }
 
 #[tokio::test]
 async fn pingreq_with_reserved_flags_set() {
-    closes_only_its_own_connection(&[0xC1, 0x00], |_| {}).await;
+    closes_only_its_own_connection(&[0xC1, 0x00], "").await;
 }
 
 #[tokio::test]
 async fn pubrel_with_wrong_flags() {
-    closes_only_its_own_connection(&[0x60, 0x02, 0x00, 0x01], |_| {}).await;
+    closes_only_its_own_connection(&[0x60, 0x02, 0x00, 0x01], "").await;
 }
 
 #[tokio::test]
 async fn connect_with_reserved_flag_set_is_closed_without_connack() {
-    let _serial = SERIAL.lock().await;
-    let server = start().await;
-    let mut ok = Raw::connect(server.local_addr(), "fine").await;
-    let before = metric("herald_malformed_packets_total");
     let mut connect = Opts::new("bad-flags").encode();
     // Connect flags: after fixed header (2), protocol name (6) and level (1).
     connect[9] |= 0x01;
-    let mut c = Raw::open(server.local_addr()).await;
-    c.send_raw(&connect).await.unwrap();
-    c.expect_closed(WAIT).await;
-    assert!(metric("herald_malformed_packets_total") > before);
-    ok.ping().await;
-    server.shutdown().await;
+    connect_is_closed_without_connack(&connect).await;
 }
 
 #[tokio::test]
@@ -158,21 +143,18 @@ async fn packet_at_max_packet_size_is_accepted() {
 // U+0000 is forbidden in every UTF-8 string of MQTT 3.1.1 (1.5.3): the connection is closed,
 // as for any malformed packet. Binary fields (password, payloads) may hold it.
 
-/// Sends `connect` as the first packet: the broker must close without a CONNACK and count it.
+/// Sends `connect` as the first packet, on a broker process of its own: the broker must
+/// close without a CONNACK and count it, once; another client stays connected.
 async fn connect_is_closed_without_connack(connect: &[u8]) {
-    let _serial = SERIAL.lock().await;
-    let server = start().await;
-    let mut ok = Raw::connect(server.local_addr(), "fine").await;
-    let before = metric("herald_malformed_packets_total");
-    let mut c = Raw::open(server.local_addr()).await;
+    let broker = Broker::start("").await;
+    let mut ok = Raw::connect(broker.addr(), "fine").await;
+    let mut c = Raw::open(broker.addr()).await;
     let _ = c.send_raw(connect).await;
     c.expect_closed(WAIT).await;
-    assert!(
-        metric("herald_malformed_packets_total") > before,
-        "CONNECT {connect:02x?} is counted"
-    );
+    broker
+        .assert_metric("herald_malformed_packets_total", 1.0)
+        .await;
     ok.ping().await;
-    server.shutdown().await;
 }
 
 #[tokio::test]
@@ -200,7 +182,7 @@ async fn u0000_in_subscribe_filter() {
         1,
         &[("by/t", QoS::AtMostOnce), ("by/\0t", QoS::AtMostOnce)],
     );
-    closes_only_its_own_connection(&bad, |_| {}).await;
+    closes_only_its_own_connection(&bad, "").await;
 }
 
 #[tokio::test]
@@ -211,13 +193,12 @@ async fn u0000_in_unsubscribe_filter() {
         body.extend((f.len() as u16).to_be_bytes());
         body.extend(f);
     }
-    closes_only_its_own_connection(&frame(0xA2, &body), |_| {}).await;
+    closes_only_its_own_connection(&frame(0xA2, &body), "").await;
 }
 
 #[tokio::test]
 async fn u0000_in_publish_topic() {
-    closes_only_its_own_connection(&publish_bytes(b"by/\0t", b"x", 1, 4, false, false), |_| {})
-        .await;
+    closes_only_its_own_connection(&publish_bytes(b"by/\0t", b"x", 1, 4, false, false), "").await;
 }
 
 #[tokio::test]

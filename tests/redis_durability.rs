@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::process::{self, Herald, RedisServer};
-use common::{text, ConnectReturnCode, Opts, Packet, QoS, Raw, WAIT};
+use common::{text, wait_until, ConnectReturnCode, Opts, Packet, QoS, Raw, WAIT};
 
 /// Publishes `n` QoS 1 messages "0".."n-1" to `topic`, pipelined, and waits for every PUBACK.
 async fn publish_acked(addr: SocketAddr, topic: &str, n: usize) {
@@ -179,21 +179,11 @@ async fn redelivery_after_crash_has_dup_and_same_packet_id() {
     let first = device.expect_publish().await;
     assert!(!first.dup);
     // Not acknowledged. The sent watermark is written in the background: wait for it.
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let sent: Option<u64> = redis::cmd("GET")
-            .arg("herald:sent:{dev4}")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if sent.is_some() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "sent watermark never written");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let mut conn = redis.conn().await;
+    wait_until(WAIT, "the sent watermark is written", async || {
+        process::sent_watermark(&mut conn, "dev4").await.is_some()
+    })
+    .await;
 
     herald.kill();
     herald.restart();

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::process::{free_port, RedisServer};
+use common::process::{self, free_port, RedisServer};
 use common::*;
 use herald::config::StoreKind;
 use herald::{Config, Server};
@@ -71,16 +71,8 @@ async fn push_is_stored_and_delivered_over_rediss() {
             .await;
     }
     // The Redis behind the TLS port holds them (read through its plain port).
-    let mut plain = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let queued: u64 = redis::cmd("ZCARD")
-        .arg("herald:outbox:{dev-rediss}")
-        .query_async(&mut plain)
-        .await
-        .unwrap();
+    let mut plain = redis.conn().await;
+    let queued = process::outbox_len_in(&mut plain, "dev-rediss").await;
     assert_eq!(queued, 3, "the outbox in the TLS Redis");
 
     // Replayed in order, and acknowledged away (the ack writer over TLS).
@@ -92,12 +84,7 @@ async fn push_is_stored_and_delivered_over_rediss() {
         device.puback(p.pkid).await;
     }
     wait_until(Duration::from_secs(5), "the acks reach Redis", async || {
-        let n: u64 = redis::cmd("ZCARD")
-            .arg("herald:outbox:{dev-rediss}")
-            .query_async(&mut plain)
-            .await
-            .unwrap();
-        n == 0
+        process::outbox_len_in(&mut plain, "dev-rediss").await == 0
     })
     .await;
     server.shutdown().await;

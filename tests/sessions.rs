@@ -1,9 +1,11 @@
-//! Clean and persistent sessions, takeover, offline queueing with DUP, the outbox cap.
+//! Clean and persistent sessions, takeover, offline queueing with DUP, the outbox cap. The
+//! tests that check a counter run a broker process of their own (`process::Broker`); the
+//! rest an in-process one.
 
 mod common;
 
+use common::process::Broker;
 use common::*;
-use herald::config::OverflowPolicy;
 
 #[tokio::test]
 async fn clean_session_discards_subscriptions_and_queued_messages() {
@@ -77,13 +79,13 @@ async fn persistent_session_resumes_subscriptions_and_queued_messages() {
     server.shutdown().await;
 }
 
+/// A broker process of its own, so that its takeover count is this test's.
 #[tokio::test]
 async fn second_connection_with_same_id_takes_over_and_fires_the_will() {
-    let server = start().await;
-    let addr = server.local_addr();
+    let broker = Broker::start("").await;
+    let addr = broker.addr();
     let mut watcher = Raw::connect(addr, "to-watcher").await;
     watcher.sub("to/will", QoS::AtLeastOnce).await;
-    let takeovers = metric("herald_session_takeovers_total");
 
     let first_opts = Opts::new("to-dev").will("to/will", b"first-gone", QoS::AtLeastOnce, false);
     let (mut first, _) = Raw::connect_ok(addr, &first_opts).await;
@@ -92,7 +94,9 @@ async fn second_connection_with_same_id_takes_over_and_fires_the_will() {
     first.expect_closed(WAIT).await;
     let will = watcher.expect_publish().await;
     assert_eq!(text(&will), "first-gone");
-    assert!(metric("herald_session_takeovers_total") > takeovers);
+    broker
+        .assert_metric("herald_session_takeovers_total", 1.0)
+        .await;
 
     // The newer connection owns the id now.
     second.sub("to/t", QoS::AtMostOnce).await;
@@ -100,7 +104,6 @@ async fn second_connection_with_same_id_takes_over_and_fires_the_will() {
         .publish("to/t", b"for-second", QoS::AtMostOnce, false)
         .await;
     assert_eq!(text(&second.expect_publish().await), "for-second");
-    server.shutdown().await;
 }
 
 #[tokio::test]
@@ -180,17 +183,20 @@ async fn offline_queue_resends_unacked_first_with_dup_then_the_rest_in_order() {
     server.shutdown().await;
 }
 
-async fn fill_offline_outbox(policy: OverflowPolicy, id: &str) -> Vec<String> {
-    let server = start_with(|c| {
-        c.session.max_queued_messages = 3;
-        c.session.overflow = policy;
-    })
+/// Five pushes for offline `id` whose outbox holds 3, with `session.overflow = overflow`, on
+/// a broker process of its own: the two that do not fit are counted under `reason` (and
+/// nothing else is); returns what `id` gets when it comes back.
+async fn fill_offline_outbox(overflow: &str, reason: &str, id: &str) -> Vec<String> {
+    let broker = Broker::start(&format!(
+        "[session]\nmax_queued_messages = 3\noverflow = \"{overflow}\"\n"
+    ))
     .await;
-    let addr = server.local_addr();
+    let addr = broker.addr();
     let opts = Opts::new(id).clean(false);
     let (dev, _) = Raw::connect_ok(addr, &opts).await;
     dev.disconnect().await;
-    wait_offline(&server, id).await;
+    // No connection left: its session is saved.
+    broker.wait_connections(0).await;
 
     let mut backend = Raw::connect(addr, "backend").await;
     for i in 1..=5 {
@@ -200,7 +206,12 @@ async fn fill_offline_outbox(policy: OverflowPolicy, id: &str) -> Vec<String> {
             .publish(&format!("push/{id}"), m.as_bytes(), QoS::AtLeastOnce, false)
             .await;
     }
-    assert_eq!(outbox_len(&server, id).await, 3);
+    broker
+        .assert_metric(
+            &format!(r#"herald_messages_dropped_total{{reason="{reason}"}}"#),
+            2.0,
+        )
+        .await;
 
     let (mut dev, _) = Raw::connect_ok(addr, &opts).await;
     let mut got = Vec::new();
@@ -212,26 +223,19 @@ async fn fill_offline_outbox(policy: OverflowPolicy, id: &str) -> Vec<String> {
     // A QoS 0 push is never stored, so it comes after whatever the outbox still held.
     let rest = dev.until_marker(&mut backend, &format!("push/{id}")).await;
     assert!(rest.is_empty(), "only 3 were kept, got more: {rest:?}");
-    server.shutdown().await;
     got
 }
 
 #[tokio::test]
 async fn full_outbox_drop_oldest_keeps_the_newest() {
-    let before = metric(r#"herald_messages_dropped_total{reason="outbox_full_oldest"}"#);
-    let got = fill_offline_outbox(OverflowPolicy::DropOldest, "cap-oldest").await;
+    let got = fill_offline_outbox("drop_oldest", "outbox_full_oldest", "cap-oldest").await;
     assert_eq!(got, ["n3", "n4", "n5"]);
-    assert!(
-        metric(r#"herald_messages_dropped_total{reason="outbox_full_oldest"}"#) >= before + 2.0
-    );
 }
 
 #[tokio::test]
 async fn full_outbox_drop_new_keeps_the_first() {
-    let before = metric(r#"herald_messages_dropped_total{reason="outbox_full_new"}"#);
-    let got = fill_offline_outbox(OverflowPolicy::DropNew, "cap-new").await;
+    let got = fill_offline_outbox("drop_new", "outbox_full_new", "cap-new").await;
     assert_eq!(got, ["n1", "n2", "n3"]);
-    assert!(metric(r#"herald_messages_dropped_total{reason="outbox_full_new"}"#) >= before + 2.0);
 }
 
 #[tokio::test]
@@ -395,16 +399,16 @@ async fn inbound_qos2_duplicate_is_suppressed_across_a_reconnect() {
     server.shutdown().await;
 }
 
+/// A broker process of its own, so that its count of expired messages is this test's.
 #[tokio::test]
 async fn queued_messages_expire_after_message_ttl() {
-    let server =
-        start_with(|c| c.session.message_ttl = std::time::Duration::from_millis(200)).await;
-    let addr = server.local_addr();
+    let broker = Broker::start("[session]\nmessage_ttl = \"200ms\"\n").await;
+    let addr = broker.addr();
     let opts = Opts::new("ttl-dev").clean(false);
     let (dev, _) = Raw::connect_ok(addr, &opts).await;
     dev.disconnect().await;
-    wait_offline(&server, "ttl-dev").await;
-    let expired = metric(r#"herald_messages_dropped_total{reason="expired"}"#);
+    // No connection left: its session is saved.
+    broker.wait_connections(0).await;
     let mut backend = Raw::connect(addr, "ttl-backend").await;
     backend
         .publish("push/ttl-dev", b"stale", QoS::AtLeastOnce, false)
@@ -425,9 +429,10 @@ async fn queued_messages_expire_after_message_ttl() {
          message_ttl, so Redis deletes a whole outbox once its newest message expires and \
          those messages are never counted in herald_messages_dropped_total{reason=\"expired\"}",
     ) {
-        assert!(metric(r#"herald_messages_dropped_total{reason="expired"}"#) > expired);
+        broker
+            .assert_metric(r#"herald_messages_dropped_total{reason="expired"}"#, 1.0)
+            .await;
     }
-    server.shutdown().await;
 }
 
 #[tokio::test]

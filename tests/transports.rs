@@ -692,20 +692,17 @@ async fn sighup_reloads_certificate_passwords_and_acl_under_live_connections() {
     // Certificate B.
     copy_files(&b, &live);
     hup(&node, &log).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = tls_stream(tls, config.clone())
-            .await
-            .expect("TLS handshake");
-        if peer_cert(&s) == b_der {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still certificate A after SIGHUP"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_until(
+        Duration::from_secs(10),
+        "the node serves certificate B after SIGHUP",
+        async || {
+            let s = tls_stream(tls, config.clone())
+                .await
+                .expect("TLS handshake");
+            peer_cert(&s) == b_der
+        },
+    )
+    .await;
     old.ping().await;
 
     // A broken certificate file: B stays.

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: an in-process Herald on an ephemeral loopback
-//! port, and a raw MQTT 3.1.1 client. `process` has the helpers for real processes
-//! (`redis-server`, Sentinel, the `herald` binary).
+//! port, a raw MQTT 3.1.1 client, waiting and metric scraping. `process` has the helpers for
+//! real processes (`redis-server`, Sentinel, the `herald` binary, and `Broker`: a broker
+//! process of one test's own, for any test that checks a counter); `keys` names Herald's
+//! Redis keys.
 //!
 //! The store under test comes from `HERALD_TEST_STORE`: `memory` (the default) or `redis`.
 //! With `redis`, every `start_with` starts a private `redis-server` (free loopback port, temp
@@ -15,8 +17,13 @@
 //! "Nothing else arrives" is checked with a marker rather than a sleep: another client
 //! publishes a marker the receiver is subscribed to, and everything the receiver gets before
 //! the marker is what the broker had routed to it before the marker.
+//!
+//! Metrics: an in-process broker counts into the one recorder of its test binary, shared
+//! with the binary's other tests running in parallel, so no test reads counters in-process;
+//! a test that checks a counter starts a `process::Broker` and scrapes its own process.
 #![allow(dead_code)]
 
+pub mod keys;
 pub mod pki;
 pub mod process;
 
@@ -165,13 +172,16 @@ pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
     TestServer { server, redis }
 }
 
-/// Polls `cond` until it holds; panics after `wait`. For broker-side state that has no wire
-/// signal (a connection's cleanup finishing).
+/// Polls `cond` every 10 ms until it holds; panics with `what` after `wait`. For state that
+/// has no wire signal (a connection's cleanup finishing, a key in Redis, a log line).
 pub async fn wait_until(wait: Duration, what: &str, mut cond: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + wait;
     while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {wait:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -190,14 +200,9 @@ pub async fn outbox_len(server: &Server, client: &str) -> usize {
     server.broker().store().len(client).await.expect("store")
 }
 
-/// Current value of one Prometheus series, e.g. `herald_malformed_packets_total` or
-/// `herald_messages_dropped_total{reason="mailbox_full"}`. Metrics are process-global and
-/// tests run in parallel, so tests compare before and after, never exact values.
-pub fn metric(series: &str) -> f64 {
-    metric_in(&herald::metrics::render(), series)
-}
-
-/// Value of one series in a Prometheus text exposition (a scrape of another process).
+/// Value of one series in a Prometheus text exposition (a scrape of a broker process), e.g.
+/// `herald_malformed_packets_total` or `herald_messages_dropped_total{reason="expired"}`
+/// (labels as the exporter writes them); 0 when the series is not listed.
 pub fn metric_in(exposition: &str, series: &str) -> f64 {
     exposition
         .lines()
@@ -358,7 +363,7 @@ pub fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// `GET /metrics` from a metrics listener (another process's, or this one's): the body.
+/// `GET /metrics` from a broker process's metrics listener: the response.
 pub async fn scrape(addr: SocketAddr) -> String {
     let mut s = TcpStream::connect(addr).await.expect("connect to /metrics");
     s.write_all(b"GET /metrics HTTP/1.1\r\nhost: test\r\n\r\n")
@@ -366,6 +371,20 @@ pub async fn scrape(addr: SocketAddr) -> String {
         .expect("send the request");
     let mut body = String::new();
     let _ = tokio::time::timeout(WAIT, s.read_to_string(&mut body)).await;
+    body
+}
+
+/// `scrape` in plain blocking I/O with short timeouts, empty if nothing answers: for a
+/// `Drop` that reports on a failed test.
+pub fn scrape_blocking(addr: SocketAddr) -> String {
+    use std::io::Read;
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nhost: test\r\n\r\n");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
     body
 }
 
@@ -490,8 +509,12 @@ impl Raw {
         &mut self.stream
     }
 
+    /// Writes `bytes` and flushes them: over TLS, a write the socket cannot take at once
+    /// leaves the rest in the TLS session's buffer, where only a flush (or another write)
+    /// sends it, and a client that then waits to read would wait for ever.
     pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.stream.write_all(bytes).await
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await
     }
 
     async fn send(&mut self, bytes: &[u8]) {
@@ -547,6 +570,23 @@ impl Raw {
         match self.next(wait).await {
             Event::Closed => {}
             e => panic!("expected the broker to close the connection, got {e:?}"),
+        }
+    }
+
+    /// Reads until the broker closes the connection, dropping whatever arrives meanwhile
+    /// (never acknowledged); returns when it saw the close, or `None` if the connection is
+    /// still open after `wait`.
+    pub async fn closed_within(&mut self, wait: Duration) -> Option<Instant> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match self
+                .next(deadline.saturating_duration_since(Instant::now()))
+                .await
+            {
+                Event::Closed => return Some(Instant::now()),
+                Event::Timeout => return None,
+                Event::Packet(_) => {}
+            }
         }
     }
 
