@@ -146,14 +146,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 
     /// PUBACK for a QoS 1 message we sent.
     async fn handle_puback(&mut self, pkid: u16) -> Result<(), End> {
-        self.acked(pkid, Qos::AtLeastOnce).await?;
+        self.acked(pkid, Qos::AtLeastOnce).await;
         Ok(())
     }
 
     /// PUBREC for a QoS 2 message we sent: it leaves the outbox and waits for PUBCOMP. A
     /// PUBREC for one already released (a resend) is answered again.
     async fn handle_pubrec(&mut self, pkid: u16) -> Result<(), End> {
-        if self.acked(pkid, Qos::ExactlyOnce).await? || self.awaiting_pubcomp(pkid) {
+        if self.acked(pkid, Qos::ExactlyOnce).await || self.awaiting_pubcomp(pkid) {
             if !self.awaiting_pubcomp(pkid) {
                 self.data_mut().awaiting_pubcomp.push(pkid);
             }
@@ -241,19 +241,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     }
 
     /// PUBACK (QoS 1) or PUBREC (QoS 2) for an in-flight message: delete it from the outbox.
-    async fn acked(&mut self, pkid: u16, qos: Qos) -> Result<bool, End> {
+    async fn acked(&mut self, pkid: u16, qos: Qos) -> bool {
         let Some(i) = self
             .inflight
             .iter()
             .position(|f| f.pkid == pkid && f.qos == qos)
         else {
-            return Ok(false);
+            return false;
         };
         let seq = self.inflight[i].seq;
         self.inflight.remove(i);
         metrics::acked();
         self.broker.outbox().ack(&self.client, seq).await;
-        Ok(true)
+        true
     }
 
     /// Herald's internal topics are never a client's; the rest is the ACL's to say (which

@@ -12,7 +12,7 @@ use crate::codec;
 use crate::mailbox::Delivery;
 use crate::message::{packet_id, Message, Qos};
 use crate::metrics;
-use crate::outbox::Entry;
+use crate::outbox::{Entry, StoreError};
 
 /// Retained QoS 0 messages one connection may have waiting (`Pending::retained`); more
 /// are dropped and counted.
@@ -77,7 +77,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     }
 
     /// Reads queued entries from the outbox while the window has room.
-    pub(super) async fn fill_window(&mut self) -> Result<(), crate::outbox::StoreError> {
+    pub(super) async fn fill_window(&mut self) -> Result<(), StoreError> {
         while self.backlog
             && self.window_free() > 0
             && self.wbuf.len() < self.broker.config().server.max_write_buffer
