@@ -52,7 +52,8 @@ enum Frame {
     Header,
     /// Payload of a binary (or continuation) frame: goes to the reader.
     Data,
-    /// Payload of a control frame: collected in `control`.
+    /// Payload of a control frame: a ping's is kept in `pong` for the answer, a close's code in
+    /// `hdr`; a pong's is dropped.
     Ping,
     Pong,
     Close,
