@@ -157,10 +157,8 @@ fn client_packet(input: Input) {
                 client_id: client_id.clone(),
                 clean,
                 will: will.map(|(t, m, q, r)| (t, m, q % 4, r)),
-                login: user.map(|u| {
-                    let p = pass.map_or(String::new(), |p| String::from_utf8_lossy(&p).into());
-                    (u, p)
-                }),
+                // The password is binary data: it comes back byte for byte.
+                login: user.map(|u| (u, pass.unwrap_or_default())),
             });
             expect(&buf, want.clone(), "CONNECT");
             if let Some(w) = want {
@@ -195,7 +193,12 @@ fn client_packet(input: Input) {
             });
             expect(&buf, want.clone(), "PUBLISH");
             // The same packet from a client library's encoder.
-            let mut p = v4::Publish::new(topic, qos(q), payload);
+            let mq = match q {
+                0 => mqttbytes::QoS::AtMostOnce,
+                1 => mqttbytes::QoS::AtLeastOnce,
+                _ => mqttbytes::QoS::ExactlyOnce,
+            };
+            let mut p = v4::Publish::new(topic, mq, payload);
             (p.pkid, p.retain, p.dup) = (pkid, retain, dup);
             let mut other = BytesMut::new();
             if p.write(&mut other).is_ok() {

@@ -486,8 +486,11 @@ impl Harness {
                         .as_ref()
                         .map(|(t, q, r, m)| (t.name(), m.clone(), q % 3, *r)),
                     login: login.as_ref().map(|l| match l {
-                        Login::Token(n) => (String::new(), token(IDS[usize::from(*n) % IDS.len()])),
-                        Login::Plain(u, p) => (u.clone(), p.clone()),
+                        Login::Token(n) => (
+                            String::new(),
+                            token(IDS[usize::from(*n) % IDS.len()]).into_bytes(),
+                        ),
+                        Login::Plain(u, p) => (u.clone(), p.clone().into_bytes()),
                     }),
                 };
                 let mut buf = BytesMut::new();
