@@ -172,6 +172,26 @@ pub fn encode_subscribe(buf: &mut BytesMut, pkid: u16, filter: &str, qos: u8) {
     buf.put_u8(qos);
 }
 
+pub fn encode_unsubscribe(buf: &mut BytesMut, pkid: u16, filter: &str) {
+    buf.put_u8(0xA2);
+    put_len(buf, 2 + 2 + filter.len());
+    buf.put_u16(pkid);
+    buf.put_u16(filter.len() as u16);
+    buf.put_slice(filter.as_bytes());
+}
+
+/// A QoS 0 PUBLISH with the retain flag and `payload_len` zero bytes; 0 bytes clears the
+/// topic's retained message.
+pub fn encode_retained(buf: &mut BytesMut, topic: &[u8], payload_len: usize) {
+    let len = 2 + topic.len() + payload_len;
+    buf.reserve(len + 5);
+    buf.put_u8(0x31);
+    put_len(buf, len);
+    buf.put_u16(topic.len() as u16);
+    buf.put_slice(topic);
+    buf.put_bytes(0, payload_len);
+}
+
 /// Length of the stamp at the front of every benchmark payload.
 pub const STAMP_LEN: usize = 16;
 

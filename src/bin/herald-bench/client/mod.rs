@@ -27,7 +27,8 @@ use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub use codec::{
-    encode_connect, encode_puback, encode_publish, encode_subscribe, parse, stamp, Packet,
+    encode_connect, encode_puback, encode_publish, encode_retained, encode_subscribe,
+    encode_unsubscribe, parse, stamp, Packet,
 };
 pub use stream::{Stream, Target};
 pub use tls::{tls_config, tls_stats, Tls};
@@ -63,6 +64,7 @@ pub struct Client {
     pub connack: Option<(bool, u8)>,
     pub subacks: usize,
     pub refused_subs: usize,
+    pub unsubacks: usize,
     pub pubacks: u64,
 }
 
@@ -97,6 +99,7 @@ impl Client {
             connack: None,
             subacks: 0,
             refused_subs: 0,
+            unsubacks: 0,
             pubacks: 0,
         };
         encode_connect(
@@ -186,7 +189,8 @@ impl Client {
                             self.wbuf.put_u16(id);
                         }
                         Packet::PubRec | Packet::PubComp => {}
-                        Packet::UnsubAck | Packet::PingResp => {}
+                        Packet::UnsubAck => self.unsubacks += 1,
+                        Packet::PingResp => {}
                     }
                 }
                 Ok(None) => break,
@@ -205,6 +209,18 @@ impl Client {
             self.wbuf.clear();
         }
         Ok(())
+    }
+
+    /// SUBSCRIBE to one filter; its SUBACK shows in `subacks` (and `refused_subs`).
+    pub async fn subscribe(&mut self, pkid: u16, filter: &str, qos: u8) -> io::Result<()> {
+        encode_subscribe(&mut self.wbuf, pkid, filter, qos);
+        self.flush().await
+    }
+
+    /// UNSUBSCRIBE from one filter; its UNSUBACK shows in `unsubacks`.
+    pub async fn unsubscribe(&mut self, pkid: u16, filter: &str) -> io::Result<()> {
+        encode_unsubscribe(&mut self.wbuf, pkid, filter);
+        self.flush().await
     }
 
     pub async fn ping(&mut self) -> io::Result<()> {

@@ -1,5 +1,5 @@
-//! The five scenarios of issue 3: idle, push, push-rate, qos0, drain; and those of issue 10:
-//! handshake and login-storm.
+//! The five scenarios of issue 3: idle, push, push-rate, qos0, drain; those of issue 10:
+//! handshake and login-storm; and churn (issue 12).
 //!
 //! Every long-lived connection is one task; a publisher is two (writer and PUBACK reader).
 //! Handshakes go through one semaphore so that at most `--concurrency` are in flight.
@@ -13,8 +13,10 @@
 //! - `push`: push and push-rate.
 //! - `drain`: offline devices, queued messages, reconnect.
 //! - `qos0`: QoS 0 publisher-subscriber pairs.
+//! - `churn`: the qos0 pairs while other clients SUBSCRIBE and UNSUBSCRIBE (issue 12).
 //! - `handshake`, `login_storm`: issue 10.
 
+mod churn;
 mod devices;
 mod drain;
 mod handshake;
@@ -24,6 +26,7 @@ mod publisher;
 mod push;
 mod qos0;
 
+pub use churn::churn;
 pub use drain::drain;
 pub use handshake::handshake;
 pub use idle::idle;
