@@ -12,13 +12,16 @@
 //! - `qos0`: 1 and 4 publisher-subscriber pairs, QoS 0, bounded lag: msgs/s.
 //! - `drain`: devices go offline, 10 QoS 1 messages each are published, all reconnect: time
 //!   until every message has arrived.
+//! - `churn` (issue 12): the qos0 pairs while `--churn` clients SUBSCRIBE to a wildcard filter
+//!   and UNSUBSCRIBE as fast as they can (optionally among `--retained` retained messages):
+//!   msgs/s, latency, SUBSCRIBE round trips/s and SUBACK latency. Not part of `all`.
 //! - `handshake` (issue 10): N fresh connections (TCP, TLS without resumption with `--tls`,
 //!   CONNECT..CONNACK, DISCONNECT), at most `--concurrency` handshakes in flight:
 //!   connections/s and the broker's CPU per connection.
 //! - `login-storm` (issue 10): devices get pushes at a fixed rate; then `--logins` clients
 //!   log in with a user name and password (one argon2 verification each on the broker) at
 //!   once: push latency before, during and after the storm, logins/s.
-//! - `all`: every scenario in turn against the same broker.
+//! - `all`: every scenario but login-storm and churn in turn against the same broker.
 //!
 //! Every scenario runs over TLS with `--tls --cafile PEM` (rustls, ring, no session
 //! resumption: every connection is a full handshake; result names get a `-tls` suffix, e.g.
@@ -76,6 +79,16 @@ enum Cmd {
     Qos0(Opts),
     /// Offline devices get --per-device QoS 1 messages each, then reconnect: drain time.
     Drain(Opts),
+    /// Lock contention (issue 12): qos0 pairs publish while --churn clients SUBSCRIBE and
+    /// UNSUBSCRIBE in a loop: msgs/s, latency, SUBSCRIBE round trips/s, SUBACK latency.
+    ///
+    /// The qos0 pairs (--pairs) publish for --secs while --churn clients SUBSCRIBE to a
+    /// wildcard filter, wait for the SUBACK, UNSUBSCRIBE, wait for the UNSUBACK, again.
+    /// --retained N first stores N retained messages on r/<a>/<b> (cleared after the run),
+    /// and --churn-retained makes the churn filters r/<a>/+, which match --retained-fanout of
+    /// them each. Best with the broker and this tool both on two cores (taskset -c 0,1); not
+    /// part of `all`.
+    Churn(Opts),
     /// N fresh connections (TCP + TLS with --tls + CONNECT/CONNACK + DISCONNECT), at most
     /// --concurrency in flight: connections/s, broker CPU per connection.
     Handshake(Opts),
@@ -83,7 +96,7 @@ enum Cmd {
     /// with --username/--password at once (--login-concurrency in flight): push latency
     /// before, during and after, logins/s.
     LoginStorm(Opts),
-    /// Every scenario, one after the other.
+    /// Every scenario but login-storm and churn, one after the other.
     All(Opts),
     /// Side-by-side table of JSON results: `compare Herald=DIR Mosquitto=DIR ...`
     /// [--durable NAME].
@@ -221,7 +234,7 @@ pub struct Opts {
     /// push, push-rate, drain: device client id prefix; devices use push/<id>.
     #[arg(long, default_value = "dev")]
     pub id_prefix: String,
-    /// push, push-rate, qos0: seconds of publishing.
+    /// push, push-rate, qos0, churn: seconds of publishing.
     #[arg(long, default_value_t = 10.0)]
     pub secs: f64,
     /// push: publish exactly this many messages instead of for --secs.
@@ -243,12 +256,27 @@ pub struct Opts {
     /// Payload bytes (at least 16: the timestamp and sequence number).
     #[arg(long, default_value_t = 64)]
     pub payload: usize,
-    /// qos0: numbers of pairs to run, e.g. 1,4.
+    /// qos0, churn: numbers of pairs to run, e.g. 1,4 (a result each).
     #[arg(long, value_delimiter = ',', default_value = "1,4")]
     pub pairs: Vec<usize>,
-    /// qos0: messages a publisher may be ahead of its subscriber.
+    /// qos0, churn: messages a publisher may be ahead of its subscriber.
     #[arg(long, default_value_t = 1000)]
     pub lag: u64,
+    /// churn: clients that SUBSCRIBE and UNSUBSCRIBE in a loop while the pairs publish (0:
+    /// the qos0 baseline).
+    #[arg(long, default_value_t = 0)]
+    pub churn: usize,
+    /// churn: the churn clients subscribe to r/<a>/+ (a moving on each time), which matches
+    /// --retained-fanout of the --retained messages, instead of churn/<i>/+/x (none).
+    #[arg(long)]
+    pub churn_retained: bool,
+    /// churn: retained messages stored (QoS 0, on r/<a>/<b>) before the measured phase, and
+    /// cleared after it.
+    #[arg(long, default_value_t = 0)]
+    pub retained: usize,
+    /// churn: retained messages under each r/<a>, so matched by one churn SUBSCRIBE.
+    #[arg(long, default_value_t = 4)]
+    pub retained_fanout: usize,
     /// push, push-rate, drain, login-storm: the broker is fresh, so skip connecting every
     /// device id with a clean session before and after the run (with --username each of
     /// those connections is a password check on the broker).
@@ -398,6 +426,7 @@ fn main() -> ExitCode {
         Cmd::PushRate(o) => ("push-rate", o),
         Cmd::Qos0(o) => ("qos0", o),
         Cmd::Drain(o) => ("drain", o),
+        Cmd::Churn(o) => ("churn", o),
         Cmd::All(o) => ("all", o),
     };
     let Some(addr) = resolve(&opts.host, opts.port) else {
@@ -494,6 +523,11 @@ async fn run(which: &str, o: &Opts, target: &Target, pub_target: &Target) -> Vec
     if all || which == "qos0" {
         for &p in &o.pairs {
             out.push(progress(scenarios::qos0(o, target, p.max(1)).await));
+        }
+    }
+    if which == "churn" {
+        for &p in &o.pairs {
+            out.push(progress(scenarios::churn(o, target, p.max(1)).await));
         }
     }
     if all || which == "drain" {
