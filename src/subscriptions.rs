@@ -5,13 +5,18 @@
 //! live in one trie, one level per node, so matching a topic costs its depth, not the number
 //! of subscriptions.
 //!
-//! One `RwLock` over the whole table: a publish takes it for reading (matching is a walk of
-//! a few levels), SUBSCRIBE and UNSUBSCRIBE for writing (one trie insert or remove). It is
-//! never held across an await or a store call, and push topics (the hot path) never take it.
+//! Two locks: the trie, which a publish reads (matching is a walk of a few levels), and the
+//! index of who holds what, which only SUBSCRIBE, UNSUBSCRIBE and the cluster read. A
+//! writer holds the trie's write lock for the insert or remove alone; the bookkeeping
+//! (allocating the filter's copies, counting filters) happens under the index's lock, which
+//! publishes never take. Measured with a thread subscribing and unsubscribing as fast as it
+//! can beside a thread matching (`matching_under_subscribe_churn`; figures in
+//! BENCHMARKS.md, "Locks"). Neither lock is held across an await or a store call, and push
+//! topics (the hot path) never take them.
 
 use std::collections::HashMap;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 pub use crate::message::ClientId;
 use crate::message::Qos;
@@ -93,14 +98,13 @@ impl Node {
 }
 
 #[derive(Default)]
-struct Table {
-    root: Node,
+struct Index {
     by_client: HashMap<ClientId, HashMap<String, Qos>>,
     /// Distinct filters and how many clients hold each: what a cluster node announces.
     filters: HashMap<Box<str>, usize>,
 }
 
-impl Table {
+impl Index {
     fn add_filter(&mut self, filter: &str) -> bool {
         let n = self.filters.entry(Box::from(filter)).or_insert(0);
         *n += 1;
@@ -124,28 +128,33 @@ impl Table {
 
 #[derive(Default)]
 pub struct Subscriptions {
-    table: RwLock<Table>,
+    /// What a publish reads.
+    trie: RwLock<Node>,
+    /// Who holds what, for SUBSCRIBE bookkeeping and the cluster; never read by a publish.
+    /// Taken before `trie` by every writer, so that the two agree.
+    index: Mutex<Index>,
 }
 
 impl Subscriptions {
     /// True if no one here held `filter` before.
     pub fn subscribe(&self, client: &ClientId, filter: &str, qos: Qos) -> bool {
         let levels: Vec<&str> = filter.split('/').collect();
-        let mut t = self.table.write();
-        t.root.insert(&levels, client.clone(), qos);
-        let new = t
+        let mut index = self.index.lock();
+        self.trie.write().insert(&levels, client.clone(), qos);
+        let new = index
             .by_client
             .entry(client.clone())
             .or_default()
             .insert(filter.to_string(), qos)
             .is_none();
-        new && t.add_filter(filter)
+        new && index.add_filter(filter)
     }
 
     /// Whether `client` holds `filter` already, and how many filters it holds.
     pub fn holds(&self, client: &str, filter: &str) -> (bool, usize) {
-        let t = self.table.read();
-        t.by_client
+        self.index
+            .lock()
+            .by_client
             .get(client)
             .map_or((false, 0), |f| (f.contains_key(filter), f.len()))
     }
@@ -153,37 +162,37 @@ impl Subscriptions {
     /// True if no one here holds `filter` any more.
     pub fn unsubscribe(&self, client: &str, filter: &str) -> bool {
         let levels: Vec<&str> = filter.split('/').collect();
-        let mut t = self.table.write();
-        t.root.remove(&levels, client);
-        let Some(filters) = t.by_client.get_mut(client) else {
+        let mut index = self.index.lock();
+        self.trie.write().remove(&levels, client);
+        let Some(filters) = index.by_client.get_mut(client) else {
             return false;
         };
         let had = filters.remove(filter).is_some();
         if filters.is_empty() {
-            t.by_client.remove(client);
+            index.by_client.remove(client);
         }
-        had && t.drop_filter(filter)
+        had && index.drop_filter(filter)
     }
 
     /// True if some filter is no longer held by anyone here.
     pub fn unsubscribe_all(&self, client: &str) -> bool {
-        let mut t = self.table.write();
-        let Some(filters) = t.by_client.remove(client) else {
+        let mut index = self.index.lock();
+        let Some(filters) = index.by_client.remove(client) else {
             return false;
         };
         let mut gone = false;
         for filter in filters.keys() {
             let levels: Vec<&str> = filter.split('/').collect();
-            t.root.remove(&levels, client);
-            gone |= t.drop_filter(filter);
+            self.trie.write().remove(&levels, client);
+            gone |= index.drop_filter(filter);
         }
         gone
     }
 
     /// Every filter somebody here subscribes to.
     pub fn filters(&self) -> Vec<String> {
-        self.table
-            .read()
+        self.index
+            .lock()
             .filters
             .keys()
             .map(|f| f.to_string())
@@ -193,7 +202,7 @@ impl Subscriptions {
     /// Every client with a matching subscription, once, at its highest matching QoS.
     pub fn matches(&self, topic: &str, out: &mut HashMap<ClientId, Qos>) {
         let levels: Vec<&str> = topic.split('/').collect();
-        self.table.read().root.collect(&levels, true, out);
+        self.trie.read().collect(&levels, true, out);
     }
 }
 
