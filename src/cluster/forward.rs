@@ -3,7 +3,9 @@
 //! subscribers, kicks of a client's older connection).
 //!
 //! The peer table is one mutex, taken for a map lookup and a channel `try_send` per
-//! forward, never across an await; the link task does the writing.
+//! forward, never across an await; the link task does the writing. Profiled on node A of a
+//! forwarded push, the node on two cores: `Cluster::send`, lock included, is about 2 % of
+//! the node's CPU and the lock's slow path never shows (BENCHMARKS.md, "Locks").
 
 use std::net::SocketAddr;
 use std::sync::Arc;
