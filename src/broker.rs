@@ -87,8 +87,7 @@ pub struct Broker {
     config: Config,
     subscriptions: Subscriptions,
     retained: Retained,
-    store: Arc<Store>,
-    outbox: Outbox,
+    store: Store,
     push: Option<PushTemplate>,
     clients: DashMap<ClientId, ClientState>,
     next_conn_id: AtomicU64,
@@ -125,13 +124,11 @@ impl Broker {
         for msg in store.load_retained().await? {
             retained.retain(&Arc::new(msg));
         }
-        let store = Arc::new(store);
         Ok(Broker {
             push: config
                 .push
                 .enabled
                 .then(|| PushTemplate::new(&config.push.topic_template)),
-            outbox: Outbox::new(store.clone()),
             store,
             subscriptions,
             retained,
@@ -163,8 +160,8 @@ impl Broker {
     /// What a connection does with its client's outbox (read, acknowledge, mark sent). Not
     /// carried in each session: one more pointer in an idle connection's task moves it into
     /// tokio's next allocation size, 128 bytes more per connection (`tests/footprint.rs`).
-    pub fn outbox(&self) -> &Outbox {
-        &self.outbox
+    pub fn outbox(&self) -> Outbox<'_> {
+        Outbox::new(&self.store)
     }
 
     /// The memory guard (`memguard`).
@@ -585,7 +582,7 @@ impl Broker {
             let Some(stored) = stored else {
                 if let Some(mb) = broker.mailbox(&client) {
                     mb.push(Delivery::Direct(msg), broker.mailbox_limits());
-                } else if let (true, Some(c)) = (anywhere, &broker.cluster) {
+                } else if let Some(c) = broker.cluster.as_ref().filter(|_| anywhere) {
                     c.forward_push(client, 0, qos, msg, None).await;
                 }
                 return Ok(());
@@ -602,7 +599,11 @@ impl Broker {
             // sees the entry in its first outbox read or gets this hint.
             if let Some(mb) = broker.mailbox(&client) {
                 mb.push(Delivery::Stored { seq, qos, msg }, broker.mailbox_limits());
-            } else if let (true, Some(c), Some(_)) = (anywhere, &broker.cluster, &route) {
+            } else if let Some(c) = broker
+                .cluster
+                .as_ref()
+                .filter(|_| anywhere && route.is_some())
+            {
                 c.forward_push(client, seq, qos, msg, route).await;
             }
             Ok(())

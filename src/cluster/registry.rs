@@ -171,11 +171,10 @@ impl Cluster {
                     let result = read_alive(self.redis.clone(), node.to_string())
                         .boxed()
                         .shared();
-                    let at = now;
                     recent.insert(
                         Arc::from(node),
                         Lookup {
-                            at,
+                            at: now,
                             result: result.clone(),
                         },
                     );

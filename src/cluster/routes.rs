@@ -31,12 +31,16 @@ fn parse(node: Option<String>, inc: Option<String>, epoch: Option<String>) -> Op
     })
 }
 
-fn hmget(p: &mut redis::Pipeline, client: &str) {
-    p.cmd("HMGET")
-        .arg(keys::client(Client::Route, client))
+/// The fields of a route, as HMGET returns them.
+type Row = (Option<String>, Option<String>, Option<String>);
+
+fn hmget(client: &str) -> redis::Cmd {
+    let mut c = redis::cmd("HMGET");
+    c.arg(keys::client(Client::Route, client))
         .arg("node")
         .arg("inc")
         .arg("epoch");
+    c
 }
 
 impl Cluster {
@@ -75,20 +79,16 @@ impl Cluster {
     }
 
     pub async fn route(&self, client: &str) -> Result<Option<Route>, StoreError> {
-        let mut p = redis::pipe();
-        hmget(&mut p, client);
-        type Row = (Option<String>, Option<String>, Option<String>);
-        let (row,): (Row,) = self.redis.query_pipe(&p).await?;
-        Ok(parse(row.0, row.1, row.2))
+        let (node, inc, epoch): Row = self.redis.query(&hmget(client)).await?;
+        Ok(parse(node, inc, epoch))
     }
 
     /// Routes of many clients, in one pipeline.
     pub async fn routes(&self, clients: &[ClientId]) -> Result<Vec<Option<Route>>, StoreError> {
         let mut p = redis::pipe();
         for c in clients {
-            hmget(&mut p, c);
+            p.add_command(hmget(c));
         }
-        type Row = (Option<String>, Option<String>, Option<String>);
         let rows: Vec<Row> = self.redis.query_pipe(&p).await?;
         Ok(rows.into_iter().map(|(n, i, e)| parse(n, i, e)).collect())
     }

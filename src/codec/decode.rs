@@ -43,19 +43,16 @@ pub fn decode(buf: &mut BytesMut, max_size: usize) -> Result<Option<Packet>, Dec
             Packet::Connect(decode_connect(&mut body)?)
         }
         3 => {
-            let qos = (flags >> 1) & 0b11;
-            if qos == 3 {
-                return Err(DecodeError::Malformed("QoS 3"));
-            }
-            if qos == 0 && flags & 0b1000 != 0 {
+            let qos =
+                Qos::try_from((flags >> 1) & 0b11).map_err(|_| DecodeError::Malformed("QoS 3"))?;
+            if qos == Qos::AtMostOnce && flags & 0b1000 != 0 {
                 return Err(DecodeError::Malformed("DUP set on QoS 0"));
             }
             let p = mqttbytes::v4::Publish::read(header, frame)?;
             check_topic_name(&p.topic)?;
             Packet::Publish(Publish {
                 dup: p.dup,
-                // Checked above: 0, 1 or 2.
-                qos: Qos::try_from(qos).map_err(|_| DecodeError::Malformed("QoS 3"))?,
+                qos,
                 retain: p.retain,
                 topic: p.topic,
                 pkid: p.pkid,

@@ -77,14 +77,13 @@ pub struct Attach {
     pub session_present: bool,
 }
 
-/// One connection's way to its client's outbox, handed over at attach, so that a session
-/// reads, acknowledges and marks entries without reaching through the broker. One pointer:
-/// every idle connection carries it.
-#[derive(Clone)]
-pub struct Outbox(Arc<Store>);
+/// What a connection does with its client's outbox (read, acknowledge, mark sent): a
+/// narrow view of the store, without the calls that manage sessions and subscriptions.
+#[derive(Clone, Copy)]
+pub struct Outbox<'a>(&'a Store);
 
-impl Outbox {
-    pub fn new(store: Arc<Store>) -> Outbox {
+impl<'a> Outbox<'a> {
+    pub fn new(store: &'a Store) -> Outbox<'a> {
         Outbox(store)
     }
 
