@@ -33,6 +33,11 @@ pub struct ClusterConfig {
     pub tls: bool,
     /// CA that signs the other nodes' certificates (default: `tls.client_ca`).
     pub tls_ca: Option<PathBuf>,
+    /// How long a draining node (SIGTERM, `POST /admin/drain`) takes to close its device
+    /// connections, in batches spread over this time, so that they reconnect to the other
+    /// nodes without a storm.
+    #[serde(with = "humantime_serde")]
+    pub drain_duration: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -46,6 +51,7 @@ impl Default for ClusterConfig {
             secret: None,
             tls: false,
             tls_ca: None,
+            drain_duration: Duration::from_secs(30),
         }
     }
 }

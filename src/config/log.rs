@@ -8,6 +8,9 @@ pub struct LogConfig {
     /// tracing filter, e.g. "info" or "herald=debug".
     pub level: String,
     pub format: LogFormat,
+    /// Log each connect and clean disconnect at info (at 800k devices they are noise, so
+    /// they are at debug unless this is on). Refused CONNECTs are always at info.
+    pub connections: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -22,6 +25,7 @@ impl Default for LogConfig {
         LogConfig {
             level: "info".into(),
             format: LogFormat::Text,
+            connections: false,
         }
     }
 }

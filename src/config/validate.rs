@@ -118,6 +118,9 @@ impl Config {
         if c.sweep_interval < Duration::from_millis(100) {
             return bad("cluster.sweep_interval", "must be at least 100ms".into());
         }
+        if c.drain_duration > Duration::from_secs(3600) {
+            return bad("cluster.drain_duration", "must be at most 1h".into());
+        }
         if c.node_ttl < Duration::from_secs(1) {
             return bad("cluster.node_ttl", "must be at least 1s".into());
         }
