@@ -74,6 +74,16 @@ impl ClientState {
     }
 }
 
+/// `Broker::census`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Census {
+    pub online: usize,
+    pub online_persistent: usize,
+    /// Persistent sessions this node keeps without a connection (the memory store's).
+    pub offline: usize,
+    pub mailbox_bytes: usize,
+}
+
 /// What a new connection starts with.
 pub struct Attached {
     pub session_present: bool,
@@ -216,6 +226,9 @@ impl Broker {
         };
         if let Some(old) = old {
             metrics::takeover();
+            if crate::lograte::allow(crate::lograte::Reason::Takeover) {
+                tracing::info!(client = %client, "takeover: a new connection replaces the client's current one");
+            }
             old.kick(Kick::Takeover);
             if tokio::time::timeout(TAKEOVER_WAIT, old.wait_done())
                 .await
@@ -339,6 +352,9 @@ impl Broker {
             match &e.conn {
                 Some(mb) => {
                     metrics::remote_kick();
+                    if crate::lograte::allow(crate::lograte::Reason::Takeover) {
+                        tracing::info!(client = %client, "takeover: the client connected to another node");
+                    }
                     mb.kick(Kick::Takeover);
                     false
                 }
@@ -621,6 +637,46 @@ impl Broker {
                 mb.check(now, from);
             }
         }
+    }
+
+    /// Connected clients on this node.
+    pub fn connected(&self) -> usize {
+        self.clients.iter().filter(|e| e.conn.is_some()).count()
+    }
+
+    /// Asks up to `n` connections not asked yet to close (a drain's batch: no wills, the
+    /// devices are moving, not gone).
+    pub fn close_some(&self, n: usize) {
+        let mut asked = 0;
+        for e in self.clients.iter() {
+            if asked == n {
+                return;
+            }
+            if let Some(mb) = e.conn.as_ref().filter(|mb| mb.kicked().is_none()) {
+                mb.kick(Kick::Shutdown);
+                asked += 1;
+            }
+        }
+    }
+
+    /// Sessions online and offline, and the bytes waiting in mailboxes: a pass over every
+    /// client, run every few seconds for the gauges.
+    pub fn census(&self) -> Census {
+        let mut c = Census::default();
+        for e in self.clients.iter() {
+            match &e.conn {
+                Some(mb) => {
+                    c.online += 1;
+                    c.mailbox_bytes += mb.queued_bytes();
+                    if e.persistent {
+                        c.online_persistent += 1;
+                    }
+                }
+                None if e.persistent => c.offline += 1,
+                None => {}
+            }
+        }
+        c
     }
 
     /// Asks every connection to close (server shutdown: no wills).

@@ -21,6 +21,8 @@
 //! - `memguard`: slows publishers, then refuses connections, as RSS nears `server.max_memory`.
 //! - `config`, `metrics`: operations; `lograte` keeps the lines a remote peer can cause at
 //!   will (malformed packets, refused logins) to a few per reason per 10 s.
+//! - `admin`, `readiness`: the operations listener (`/metrics`, `/healthz`, `/readyz`,
+//!   `POST /admin/drain`) and what decides readiness; `server` runs the drain.
 //!
 //! Path of a QoS 1 push: a backend's PUBLISH to `push/dev42` is decoded by `codec` in the
 //! backend's `session`, which calls `Broker::publish`. The broker sees a push topic (no
@@ -32,6 +34,7 @@
 //!
 //! The whole path (one node and two), Redis keys, tasks, bounds, failures: ARCHITECTURE.md.
 
+pub mod admin;
 pub mod auth;
 pub mod broker;
 pub mod cluster;
@@ -44,6 +47,7 @@ pub mod memguard;
 pub mod message;
 pub mod metrics;
 pub mod outbox;
+pub mod readiness;
 pub mod redis;
 pub mod retained;
 pub mod server;

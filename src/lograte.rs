@@ -47,10 +47,13 @@ pub enum Reason {
     NodeLink = 8,
     /// A byte budget, the descriptor reserve or the memory guard refused a connection.
     Limit = 9,
+    /// A connection replaced by a newer one of its client (here or on another node): a
+    /// client reconnecting in a loop causes one each time.
+    Takeover = 10,
 }
 
 /// Every reason, in discriminant order.
-pub const REASONS: [Reason; 10] = [
+pub const REASONS: [Reason; 11] = [
     Reason::Malformed,
     Reason::UnsupportedProtocol,
     Reason::InvalidFilter,
@@ -61,6 +64,7 @@ pub const REASONS: [Reason; 10] = [
     Reason::LoginRefused,
     Reason::NodeLink,
     Reason::Limit,
+    Reason::Takeover,
 ];
 
 impl Reason {
@@ -78,6 +82,7 @@ impl Reason {
             Reason::LoginRefused => "login_refused",
             Reason::NodeLink => "node_link",
             Reason::Limit => "limit",
+            Reason::Takeover => "takeover",
         }
     }
 
@@ -94,6 +99,7 @@ impl Reason {
             Reason::LoginRefused => "login-refused",
             Reason::Limit => "limit",
             Reason::NodeLink => "node-link",
+            Reason::Takeover => "takeover",
         }
     }
 
@@ -101,9 +107,10 @@ impl Reason {
     /// hides those hides it too.
     fn level(self) -> Level {
         match self {
-            Reason::UnsupportedProtocol | Reason::InvalidFilter | Reason::LoginRefused => {
-                Level::INFO
-            }
+            Reason::UnsupportedProtocol
+            | Reason::InvalidFilter
+            | Reason::LoginRefused
+            | Reason::Takeover => Level::INFO,
             _ => Level::WARN,
         }
     }

@@ -238,6 +238,11 @@ impl Mailbox {
         self.notify();
     }
 
+    /// Bytes of the deliveries waiting (the census behind `herald_mailbox_bytes`).
+    pub fn queued_bytes(&self) -> usize {
+        self.queue.lock().bytes
+    }
+
     /// The periodic pass: kicks the connection if the client has been silent for 1.5 times
     /// its keepalive, counting from `silence_from` at the earliest, and wakes it if it asked
     /// for a retry.

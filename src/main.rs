@@ -222,13 +222,33 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        while signals.wait().await == Signal::Reload {
-            tracing::info!("SIGHUP: reloading certificates, password file and ACL");
-            server.reload();
+        let drain_requested = server.drain_requested();
+        loop {
+            tokio::select! {
+                s = signals.wait() => match s {
+                    Signal::Reload => {
+                        tracing::info!("SIGHUP: reloading certificates, password file and ACL");
+                        server.reload();
+                    }
+                    Signal::Stop => break,
+                },
+                _ = drain_requested.cancelled() => break,
+            }
         }
-        tracing::info!("shutting down");
-        server.shutdown().await;
-        ExitCode::SUCCESS
+        if !server.can_drain() {
+            tracing::info!("shutting down");
+            server.shutdown().await;
+            return ExitCode::SUCCESS;
+        }
+        // A cluster node drains (its devices move to the other nodes); a second signal
+        // cuts that short.
+        tokio::select! {
+            _ = server.drain() => ExitCode::SUCCESS,
+            _ = async { while signals.wait().await != Signal::Stop {} } => {
+                tracing::warn!("second stop signal: exiting now, without finishing the drain");
+                ExitCode::FAILURE
+            }
+        }
     })
 }
 

@@ -46,6 +46,13 @@ pub struct Message {
     pub retain: bool,
     /// Unix milliseconds after which the message is dropped undelivered; 0 = never.
     pub expires_at: u64,
+    /// Unix microseconds when Herald took the message (just before storing it): where the
+    /// delivery latency is measured from, also after a restart or on another node. 0 =
+    /// unknown (a version 1 envelope).
+    pub born_us: u64,
+    /// It reached this node over the node-to-node link (hop 2): the latency's `path`.
+    /// Not stored.
+    pub forwarded: bool,
 }
 
 /// Unix time in milliseconds: what `Message::expires_at` is measured in. Wall-clock time,
@@ -57,15 +64,28 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Unix time in microseconds: `Message::born_us`. Wall-clock, like `now_ms`, so that a
+/// message stored on one node is timed on another.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 /// MQTT packet id for an outbox sequence number: never 0, and the same on every node.
 pub fn packet_id(seq: u64) -> u16 {
     (seq % 65535) as u16 + 1
 }
 
-/// Envelope layout version (the first byte), so that a future layout can be told apart.
+/// Envelope layout version (the first byte), so that a layout can be told apart. Version 1
+/// had no `born_us`; it is still read.
 const ENVELOPE_V1: u8 = 1;
-/// Version, QoS, retain, expiry, topic length.
-const ENVELOPE_HEAD: usize = 1 + 1 + 1 + 8 + 2;
+const ENVELOPE_V2: u8 = 2;
+/// Version, QoS, retain, expiry, topic length (version 1).
+const ENVELOPE_V1_HEAD: usize = 1 + 1 + 1 + 8 + 2;
+/// Version 2 adds `born_us` after the expiry.
+const ENVELOPE_HEAD: usize = ENVELOPE_V1_HEAD + 8;
 
 impl Message {
     pub fn is_expired(&self, now_ms: u64) -> bool {
@@ -84,13 +104,15 @@ impl Message {
     }
 
     /// Writes the envelope, with `qos` (the QoS it is delivered at, which may be lower than
-    /// the publisher's): version u8, qos u8, retain u8, expires_at u64, topic (u16 length
-    /// + bytes), payload (the rest), big-endian. Topics are at most 65,535 bytes (MQTT).
+    /// the publisher's): version u8 (2), qos u8, retain u8, expires_at u64, born_us u64,
+    /// topic (u16 length + bytes), payload (the rest), big-endian. Topics are at most
+    /// 65,535 bytes (MQTT).
     pub fn put_envelope(&self, b: &mut impl BufMut, qos: Qos) {
-        b.put_u8(ENVELOPE_V1);
+        b.put_u8(ENVELOPE_V2);
         b.put_u8(qos as u8);
         b.put_u8(self.retain as u8);
         b.put_u64(self.expires_at);
+        b.put_u64(self.born_us);
         b.put_u16(self.topic.len() as u16);
         b.put_slice(self.topic.as_bytes());
         b.put_slice(&self.payload);
@@ -106,13 +128,24 @@ impl Message {
     /// Reads an envelope; the payload shares `raw`'s memory. `None` if it is not one
     /// (another version, a bad QoS, a topic that is not UTF-8, too short).
     pub fn from_envelope(mut raw: Bytes) -> Option<Message> {
-        if raw.len() < ENVELOPE_HEAD || raw[0] != ENVELOPE_V1 {
+        let version = *raw.first()?;
+        let head = match version {
+            ENVELOPE_V1 => ENVELOPE_V1_HEAD,
+            ENVELOPE_V2 => ENVELOPE_HEAD,
+            _ => return None,
+        };
+        if raw.len() < head {
             return None;
         }
         raw.advance(1);
         let qos = Qos::try_from(raw.get_u8()).ok()?;
         let retain = raw.get_u8() != 0;
         let expires_at = raw.get_u64();
+        let born_us = if version == ENVELOPE_V2 {
+            raw.get_u64()
+        } else {
+            0
+        };
         let tlen = usize::from(raw.get_u16());
         if raw.len() < tlen {
             return None;
@@ -127,6 +160,8 @@ impl Message {
             qos,
             retain,
             expires_at,
+            born_us,
+            forwarded: false,
         })
     }
 }
@@ -158,6 +193,8 @@ mod tests {
             qos: Qos::ExactlyOnce,
             retain: true,
             expires_at: 12345,
+            born_us: 1_700_000_000_000_000,
+            forwarded: false,
         };
         let raw = m.envelope(m.qos);
         assert_eq!(raw.len(), m.envelope_len());
@@ -169,5 +206,12 @@ mod tests {
         assert!(Message::from_envelope(Bytes::copy_from_slice(&long_topic)).is_none());
         let bad_qos = [1, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         assert!(Message::from_envelope(Bytes::copy_from_slice(&bad_qos)).is_none());
+        // A version 1 envelope (before born_us) still reads, with the time unknown.
+        let v1 = [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, b't', b'p'];
+        let old = Message::from_envelope(Bytes::copy_from_slice(&v1)).unwrap();
+        assert_eq!(
+            (&*old.topic, &old.payload[..], old.born_us),
+            ("t", &b"p"[..], 0)
+        );
     }
 }

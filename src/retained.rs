@@ -123,6 +123,8 @@ mod tests {
             qos: Qos::AtMostOnce,
             retain: true,
             expires_at: 0,
+            born_us: 0,
+            forwarded: false,
         }));
     }
 
@@ -169,6 +171,8 @@ mod tests {
             qos: Qos::AtLeastOnce,
             retain: true,
             expires_at: 10,
+            born_us: 0,
+            forwarded: false,
         }));
         assert_eq!(r.matching("t", 5).len(), 1);
         assert!(r.matching("#", 10).is_empty());

@@ -1,4 +1,4 @@
-//! Listeners, the accept loops and graceful shutdown.
+//! Listeners, the accept loops, the node's periodic work, graceful shutdown and the drain.
 //!
 //! Each client transport (TCP, TLS, WebSocket, WebSocket over TLS) is its own listener and
 //! accept task; they all hand their streams to the same `session::Connection`, which is
@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{self, Admin};
 use crate::auth::Auth;
 use crate::broker::Broker;
 use crate::cluster::{self, Cluster, LinkSecurity, LinkTls};
@@ -24,6 +25,7 @@ use crate::descriptors;
 use crate::lograte::{self, Reason};
 use crate::metrics;
 use crate::outbox::Store;
+use crate::readiness::Readiness;
 use crate::redis::Redis;
 use crate::session::Connection;
 use crate::transport::{self, TlsServer};
@@ -35,9 +37,14 @@ pub struct Server {
     metrics_addr: Option<SocketAddr>,
     broker: Arc<Broker>,
     shutdown: CancellationToken,
+    /// Cancelled when the node stops taking connections (drain or shutdown).
+    accepting: CancellationToken,
     connections: Arc<Connections>,
     timeout: Duration,
     tls: Option<Arc<TlsServer>>,
+    readiness: Arc<Readiness>,
+    /// `POST /admin/drain` cancels it.
+    drain_requested: CancellationToken,
 }
 
 /// The bound address of each client listener that is on.
@@ -96,7 +103,7 @@ fn local(l: &Option<TcpListener>) -> std::io::Result<Option<SocketAddr>> {
 impl Server {
     /// Binds the listeners and starts serving. Must run inside a tokio runtime.
     pub async fn start(config: Config) -> std::io::Result<Server> {
-        metrics::init();
+        metrics::init(config.metrics.listen.is_some());
         // The redis crate builds its rustls configs with the process default; Herald's own
         // code names the ring provider itself. Already installed (a second server in one
         // process, or an embedding program's choice) is fine.
@@ -121,13 +128,33 @@ impl Server {
         };
         let auth = Arc::new(Auth::load(&config).map_err(std::io::Error::other)?);
         let metrics_listener = match config.metrics.listen {
-            Some(addr) => Some(metrics::bind(addr).await?),
+            Some(addr) => Some(admin::bind(addr).await?),
             None => None,
         };
         let metrics_addr = match &metrics_listener {
             Some(l) => Some(l.local_addr()?),
             None => None,
         };
+        let shutdown = CancellationToken::new();
+        let readiness = Arc::new(Readiness::new());
+        let drain_requested = CancellationToken::new();
+        metrics::readiness(false, false);
+        // Served from now on: /healthz answers while Redis is being reached, /readyz says
+        // why the node is not ready yet.
+        if let Some(l) = metrics_listener {
+            let admin = Arc::new(Admin {
+                readiness: readiness.clone(),
+                drain: drain_requested.clone(),
+                can_drain: config.cluster.listen.is_some(),
+            });
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = admin::serve(l, admin) => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
         let timeout = config.server.shutdown_timeout;
         // Every listener is bound before Redis is reached: a process that is up has all its
         // ports.
@@ -140,6 +167,9 @@ impl Server {
             ),
             StoreKind::Memory => None,
         };
+        if let Some(r) = &redis {
+            readiness.watch_store(r.health().clone());
+        }
         let cluster = match (&cluster_listener, &redis) {
             (Some(l), Some(redis)) => {
                 let c = &config.cluster;
@@ -171,7 +201,6 @@ impl Server {
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))?,
         );
-        let shutdown = CancellationToken::new();
         let connections = Arc::new(Connections::default());
         if let (Some(c), Some(l)) = (&cluster, cluster_listener) {
             let max_packet = broker.config().server.max_packet_size;
@@ -179,25 +208,21 @@ impl Server {
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
         }
-
-        if let Some(l) = metrics_listener {
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = metrics::serve(l) => {}
-                    _ = stop.cancelled() => {}
-                }
-            });
-        }
         {
             let broker = broker.clone();
             let stop = shutdown.clone();
+            let readiness = readiness.clone();
+            let cluster = cluster.clone();
+            let sampled = metrics_addr.is_some();
             tokio::spawn(async move {
                 let mut sweep = tokio::time::interval(SWEEP_EVERY);
                 let mut keepalive = tokio::time::interval(KEEPALIVE_EVERY);
                 keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut logs = tokio::time::interval(LOG_SUMMARY_EVERY);
                 let mut memory = tokio::time::interval(MEMORY_EVERY);
+                let mut sample = tokio::time::interval(SAMPLE_EVERY);
+                sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut census = 0;
                 let guarded = broker.guard().limit() > 0;
                 let mut last = tokio::time::Instant::now();
                 loop {
@@ -209,6 +234,10 @@ impl Server {
                             tick(&broker, late);
                         }
                         _ = memory.tick(), if guarded => guard_memory(&broker),
+                        _ = sample.tick(), if sampled => {
+                            census = (census + 1) % CENSUS_EVERY;
+                            record_sample(&broker, &readiness, cluster.as_deref(), census == 1);
+                        }
                         _ = logs.tick() => lograte::flush(),
                         _ = stop.cancelled() => return,
                     }
@@ -238,9 +267,11 @@ impl Server {
                 "memory guard on"
             );
         }
+        let accepting = shutdown.child_token();
         let accept = Accept {
             broker: broker.clone(),
             shutdown: shutdown.clone(),
+            accepting: accepting.clone(),
             connections: connections.clone(),
             tls: tls.clone(),
             capacity,
@@ -269,15 +300,19 @@ impl Server {
             metrics = %shown(metrics_addr),
             "herald started"
         );
+        readiness.started();
         Ok(Server {
             cluster,
             listeners,
             metrics_addr,
             broker,
             shutdown,
+            accepting,
             connections,
             timeout,
             tls,
+            readiness,
+            drain_requested,
         })
     }
 
@@ -320,8 +355,61 @@ impl Server {
         }
     }
 
+    /// Cancelled by `POST /admin/drain`.
+    pub fn drain_requested(&self) -> CancellationToken {
+        self.drain_requested.clone()
+    }
+
+    /// Only cluster nodes drain: a single node has nowhere to send its devices.
+    pub fn can_drain(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// Takes the node out of its cluster without a reconnect storm: leaves the readiness
+    /// set, stops accepting, closes the device connections in batches spread over
+    /// `cluster.drain_duration` (each session releases its route as it ends; no wills, the
+    /// devices are not gone), waits for them, for the store writes and the forwards
+    /// already queued, then shuts down.
+    pub async fn drain(self) {
+        self.readiness.start_draining();
+        metrics::readiness(false, true);
+        self.accepting.cancel();
+        let period = self.broker.config().cluster.drain_duration;
+        let open = self.broker.connected();
+        let batches = (period.as_millis() / DRAIN_BATCH_EVERY.as_millis()).max(1) as usize;
+        tracing::info!(
+            connections = open,
+            duration_ms = period.as_millis() as u64,
+            batches,
+            "draining: not ready, not accepting, closing connections in batches (a second stop signal exits at once)"
+        );
+        let mut tick = tokio::time::interval(period / batches as u32);
+        for left in (1..=batches).rev() {
+            tick.tick().await;
+            let remaining = self.broker.connected();
+            if remaining == 0 {
+                break;
+            }
+            self.broker.close_some(remaining.div_ceil(left));
+        }
+        if tokio::time::timeout(self.timeout, self.connections.all_closed())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some connections did not close in time");
+        }
+        self.broker.store().flush().await;
+        if let Some(c) = &self.cluster {
+            c.flush_links(self.timeout).await;
+        }
+        tracing::info!("drained");
+        self.shutdown().await;
+    }
+
     /// Stops accepting, closes every connection, waits up to `shutdown_timeout`.
     pub async fn shutdown(self) {
+        self.readiness.start_draining();
+        metrics::readiness(false, true);
         if let Some(c) = &self.cluster {
             c.unregister().await;
         }
@@ -372,6 +460,43 @@ fn link_security(config: &Config, tls: Option<&Arc<TlsServer>>) -> std::io::Resu
     Ok(LinkSecurity { secret, tls })
 }
 
+/// A draining node closes a batch of connections this often.
+const DRAIN_BATCH_EVERY: Duration = Duration::from_millis(100);
+
+/// How often the gauges are set; the census (a pass over every connection's mailbox) runs
+/// every `CENSUS_EVERY` samples only.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+const CENSUS_EVERY: u32 = 5;
+
+/// Sets the gauges (only when the metrics listener is on).
+fn record_sample(broker: &Broker, readiness: &Readiness, cluster: Option<&Cluster>, census: bool) {
+    let mut s = metrics::Sample {
+        store_up: Some(readiness.store_up()),
+        store_ping_secs: broker.store().ping_secs(),
+        peers: cluster.map(|c| c.peers_known()),
+        links_up: cluster.map(|c| c.links_up()),
+        ..Default::default()
+    };
+    if census {
+        let c = broker.census();
+        s.online = Some(c.online);
+        s.mailbox_bytes = Some(c.mailbox_bytes);
+        s.offline = Some(c.offline);
+        if let Some(o) = broker.store().outbox_sample() {
+            s.outbox_messages = Some(o.messages);
+            s.outbox_oldest_secs = Some(o.oldest_age_secs);
+            // The Redis store's sessions are store-wide: those with no route are offline
+            // (without a cluster there are no routes, and this node is the only one).
+            s.offline = o.sessions.map(|(all, routed)| match cluster {
+                Some(_) => all.saturating_sub(routed) as usize,
+                None => (all as usize).saturating_sub(c.online_persistent),
+            });
+        }
+    }
+    metrics::record_sample(&s);
+    metrics::readiness(readiness.check().is_ok(), readiness.is_draining());
+}
+
 /// A gap between keepalive ticks this much over their interval means the node stalled
 /// (SIGSTOP, a starved CPU, a long swap-in): clients were silent because Herald was.
 const STALL: Duration = Duration::from_secs(2);
@@ -411,6 +536,8 @@ fn guard_memory(broker: &Broker) {
 struct Accept {
     broker: Arc<Broker>,
     shutdown: CancellationToken,
+    /// Cancelled when the node stops taking connections (drain, shutdown).
+    accepting: CancellationToken,
     connections: Arc<Connections>,
     tls: Option<Arc<TlsServer>>,
     /// `server.max_connections`, or fewer if the descriptors allow fewer.
@@ -424,7 +551,7 @@ async fn accept_loop(listener: TcpListener, kind: Transport, ctx: Arc<Accept>) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = ctx.shutdown.cancelled() => return,
+            _ = ctx.accepting.cancelled() => return,
         };
         let (stream, peer) = match accepted {
             Ok(x) => {

@@ -21,20 +21,24 @@ impl Auth {
             return Ok(Principal::Anonymous);
         }
         if self.limiter.is_blocked(c.peer) {
-            self.log_failure(&c, AuthFailure::Blocked);
+            self.log_failure(
+                &c,
+                AuthFailure::Blocked,
+                Refusal::NotAuthorized.connack_code(),
+            );
             return Err(Refusal::NotAuthorized);
         }
         match self.check(&c).await {
             Ok(p) => Ok(p),
             Err((refusal, reason)) => {
                 self.limiter.record_failure(c.peer);
-                self.log_failure(&c, reason);
+                self.log_failure(&c, reason, refusal.connack_code());
                 Err(refusal)
             }
         }
     }
 
-    fn log_failure(&self, c: &Credentials<'_>, reason: AuthFailure) {
+    fn log_failure(&self, c: &Credentials<'_>, reason: AuthFailure, code: u8) {
         metrics::auth_failure(reason);
         if reason == AuthFailure::Blocked {
             // A flood from one address would be one line per attempt; the counter has it.
@@ -46,8 +50,9 @@ impl Auth {
                 peer = %c.peer,
                 client_id = %c.client_id,
                 username = %c.username.unwrap_or(""),
+                code,
                 reason = reason.label(),
-                "login refused"
+                "refused CONNECT: login refused"
             );
         }
     }

@@ -49,6 +49,29 @@ impl Cluster {
         sent
     }
 
+    /// Node-to-node links currently connected.
+    pub fn links_up(&self) -> usize {
+        self.peers.lock().values().filter(|p| p.is_up()).count()
+    }
+
+    /// Waits (up to `limit`) until every link has written what was queued on it: a
+    /// draining node finishes the forwards it started.
+    pub async fn flush_links(&self, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self
+            .peers
+            .lock()
+            .values()
+            .all(|p| p.is_idle() || !p.is_up())
+        {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("node links not flushed in time");
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// Drops the links to nodes that left the alive table.
     pub(super) fn forget_peers_not_in<V>(&self, alive: &std::collections::HashMap<Arc<str>, V>) {
         self.peers.lock().retain(|n, _| alive.contains_key(n));

@@ -104,7 +104,8 @@ impl Frame {
                     return None;
                 }
                 let client = utf8(&b.split_to(n))?;
-                let msg = Message::from_envelope(b)?;
+                let mut msg = Message::from_envelope(b)?;
+                msg.forwarded = true;
                 Some(Frame::Push {
                     target_inc,
                     client,
@@ -118,10 +119,9 @@ impl Frame {
                     return None;
                 }
                 let target_inc = b.get_u64();
-                Some(Frame::Publish {
-                    target_inc,
-                    msg: Message::from_envelope(b)?,
-                })
+                let mut msg = Message::from_envelope(b)?;
+                msg.forwarded = true;
+                Some(Frame::Publish { target_inc, msg })
             }
             TOPIC_KICK => {
                 if b.remaining() < 16 {
@@ -162,6 +162,8 @@ mod tests {
             qos: Qos::AtLeastOnce,
             retain: true,
             expires_at: 42,
+            born_us: 0,
+            forwarded: false,
         };
         let push = Frame::Push {
             target_inc: 7,
@@ -179,7 +181,13 @@ mod tests {
                 msg: m,
             } => {
                 assert_eq!(&*client, "d1");
-                assert_eq!(*m, msg);
+                assert_eq!(
+                    *m,
+                    Message {
+                        forwarded: true,
+                        ..msg.clone()
+                    }
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -187,7 +195,13 @@ mod tests {
             target_inc: 1,
             msg: msg.clone(),
         }) {
-            Frame::Publish { msg: m, .. } => assert_eq!(m, msg),
+            Frame::Publish { msg: m, .. } => assert_eq!(
+                m,
+                Message {
+                    forwarded: true,
+                    ..msg
+                }
+            ),
             other => panic!("{other:?}"),
         }
         match roundtrip(&Frame::Kick {

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,21 +67,34 @@ pub struct Peer {
     tx: mpsc::Sender<Out>,
     /// Bytes of the frames queued or being written (`QUEUE_BYTES`).
     queued: Arc<AtomicUsize>,
+    /// The link is connected (`herald_cluster_links_up`).
+    up: Arc<AtomicBool>,
 }
 
 impl Peer {
     pub fn start(addr: SocketAddr, client_id: String, security: Arc<LinkSecurity>) -> Peer {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(addr, client_id, security, rx));
+        let up = Arc::new(AtomicBool::new(false));
+        tokio::spawn(run(addr, client_id, security, rx, up.clone()));
         Peer {
             addr,
             tx,
             queued: Arc::new(AtomicUsize::new(0)),
+            up,
         }
     }
 
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Nothing queued or being written.
+    pub fn is_idle(&self) -> bool {
+        self.queued.load(Ordering::Acquire) == 0
     }
 
     /// Queues `frame`. `Err` if the queue is full; with `ack`, the receiver completes when
@@ -117,16 +130,20 @@ async fn run(
     client_id: String,
     security: Arc<LinkSecurity>,
     mut rx: mpsc::Receiver<Out>,
+    connected: Arc<AtomicBool>,
 ) {
     let mut backoff = Duration::from_millis(100);
     // Logged on each change, and the first failure too: None = not tried yet.
     let mut up = None;
     loop {
-        let linked = match dial(addr, &client_id, &security).await {
+        let dialled = dial(addr, &client_id, &security).await;
+        connected.store(dialled.is_ok(), Ordering::Relaxed);
+        let linked = match dialled {
             Ok(LinkStream::Plain(s)) => Ok(serve_out(s, &mut rx, &mut up, addr).await),
             Ok(LinkStream::Tls(s)) => Ok(serve_out(*s, &mut rx, &mut up, addr).await),
             Err(e) => Err(e),
         };
+        connected.store(false, Ordering::Relaxed);
         match linked {
             Ok(true) => backoff = Duration::from_millis(100),
             Ok(false) => return,

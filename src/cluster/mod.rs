@@ -175,6 +175,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// Other live nodes, as last read from the registry.
+    pub fn peers_known(&self) -> usize {
+        self.nodes.read().len()
+    }
+
     async fn run(self: Arc<Self>, local: Arc<dyn Local>, stop: CancellationToken) {
         let mut refresh = tokio::time::interval(REFRESH_EVERY);
         let mut heartbeat = tokio::time::interval(self.node_ttl / 3);

@@ -208,6 +208,24 @@ impl MemoryOutbox {
         self.clients.get(client).map_or(0, |ob| ob.entries.len())
     }
 
+    /// Messages held (exact) and the age of the oldest: a pass over the outboxes, each
+    /// shard read-locked in turn, run every few seconds.
+    pub(super) fn sample(&self) -> super::OutboxSample {
+        let oldest = self
+            .clients
+            .iter()
+            .filter_map(|ob| ob.entries.front().map(|e| e.msg.born_us))
+            .filter(|b| *b > 0)
+            .min();
+        super::OutboxSample {
+            messages: self.total.load(Ordering::Relaxed) as u64,
+            oldest_age_secs: oldest.map_or(0.0, |b| {
+                crate::message::now_us().saturating_sub(b) as f64 / 1e6
+            }),
+            sessions: None,
+        }
+    }
+
     pub(super) fn sweep(&self) {
         let now = now_ms();
         self.clients.retain(|_, ob| {
@@ -240,6 +258,8 @@ mod tests {
             qos: Qos::AtLeastOnce,
             retain: false,
             expires_at,
+            born_us: 0,
+            forwarded: false,
         })
     }
 

@@ -28,6 +28,7 @@ use crate::config::{Config, OverflowPolicy};
 // Re-exported while the session module still names them here.
 pub use crate::message::{now_ms, packet_id, Message};
 use crate::message::{ClientId, Qos};
+use crate::metrics::{self, StoreOp};
 
 pub use crate::redis::StoreError;
 pub use memory::MemoryOutbox;
@@ -117,6 +118,15 @@ impl<'a> Outbox<'a> {
     }
 }
 
+/// The store's gauges (`Store::outbox_sample`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OutboxSample {
+    pub messages: u64,
+    pub oldest_age_secs: f64,
+    /// Redis store: persistent sessions in the store, and those with a route.
+    pub sessions: Option<(u64, u64)>,
+}
+
 /// The broker's store. An enum rather than a trait object: two implementations, static
 /// dispatch, `async fn` without boxing, and one place that shows what each does.
 pub enum Store {
@@ -162,9 +172,21 @@ impl Store {
         msg: &Arc<Message>,
     ) -> impl Future<Output = Result<(Enqueued, Option<RouteHint>), StoreError>> + Send + 'static
     {
+        let started = metrics::clock();
         match self {
-            Store::Memory(m) => Either::Left(ready(Ok((m.enqueue(client, qos, msg), None)))),
-            Store::Redis(r) => Either::Right(r.enqueue(client, qos, msg)),
+            Store::Memory(m) => {
+                let e = m.enqueue(client, qos, msg);
+                metrics::store_op(StoreOp::Enqueue, started);
+                Either::Left(ready(Ok((e, None))))
+            }
+            Store::Redis(r) => {
+                let stored = r.enqueue(client, qos, msg);
+                Either::Right(async move {
+                    let r = stored.await;
+                    metrics::store_op(StoreOp::Enqueue, started);
+                    r
+                })
+            }
         }
     }
 
@@ -183,9 +205,14 @@ impl Store {
 
     /// The device acknowledged `seq`: delete it. A failure is logged and counted by the
     /// store, not returned: the entry comes back as a duplicate, never lost.
+    /// Timed here for the memory store; the Redis store's writer times the write itself.
     pub async fn ack(&self, client: &Arc<str>, seq: u64) {
         match self {
-            Store::Memory(m) => m.ack(client, seq),
+            Store::Memory(m) => {
+                let started = metrics::clock();
+                m.ack(client, seq);
+                metrics::store_op(StoreOp::Ack, started);
+            }
             Store::Redis(r) => r.ack(client, seq).await,
         }
     }
@@ -210,6 +237,13 @@ impl Store {
     /// A connection for `client` starts. `clean` drops its queued entries and stored
     /// subscriptions first; the sequence counter keeps counting.
     pub async fn attach(&self, client: &Arc<str>, clean: bool) -> Result<Attach, StoreError> {
+        let started = metrics::clock();
+        let r = self.attach_untimed(client, clean).await;
+        metrics::store_op(StoreOp::Attach, started);
+        r
+    }
+
+    async fn attach_untimed(&self, client: &Arc<str>, clean: bool) -> Result<Attach, StoreError> {
         match self {
             Store::Memory(m) => {
                 let sent_watermark = m.sent(client);
@@ -241,6 +275,30 @@ impl Store {
         match self {
             Store::Memory(m) => Ok(m.len(client)),
             Store::Redis(r) => r.len(client).await,
+        }
+    }
+
+    /// Waits (a bounded time) for the store writes queued so far: a draining node's acks.
+    pub async fn flush(&self) {
+        if let Store::Redis(r) = self {
+            r.flush().await;
+        }
+    }
+
+    /// The store's last probe round trip (Redis), in seconds.
+    pub fn ping_secs(&self) -> Option<f64> {
+        match self {
+            Store::Memory(_) => None,
+            Store::Redis(r) => Some(r.ping_secs()),
+        }
+    }
+
+    /// What is queued: the memory store's own figures (a pass over its outboxes), or the
+    /// Redis store's last store-wide sample (`None` before the first).
+    pub fn outbox_sample(&self) -> Option<OutboxSample> {
+        match self {
+            Store::Memory(m) => Some(m.sample()),
+            Store::Redis(r) => r.sample(),
         }
     }
 

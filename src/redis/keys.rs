@@ -20,6 +20,8 @@
 //! | `herald:nodes` | SET | cluster | node ids |
 //! | `herald:filters:{node}` | SET | cluster | topic filters the node has subscribers for |
 //! | `herald:interest` | string (INCR) | cluster | bumped whenever a node's filters change |
+//! | `herald:sample` | string, PX | outbox | the sampling lease: which node samples the store next (`outbox::redis::sample`) |
+//! | `herald:stats` | HASH, PX | outbox | the last sample: messages, oldest_born_us, sessions, routed |
 
 use bytes::{BufMut, BytesMut};
 
@@ -68,6 +70,11 @@ pub fn client(kind: Client, client: &str) -> String {
     k
 }
 
+/// `herald:<kind>:{`: what every key of that kind starts with (the store sample's SCAN).
+pub fn client_prefix(kind: Client) -> String {
+    format!("{PREFIX}{}:{{", kind.name())
+}
+
 /// The same key as a RESP bulk string, written in place into a pipeline.
 pub(crate) fn put_client(b: &mut BytesMut, kind: Client, client: &str) {
     let name = kind.name();
@@ -99,6 +106,10 @@ pub fn session_state(cid: &str) -> [String; 5] {
 pub const SUBSCRIBERS: &str = "herald:subscribers";
 /// HASH topic -> envelope of every retained message.
 pub const RETAINED: &str = "herald:retained";
+/// The store sample's lease (string, PX).
+pub const SAMPLE_LEASE: &str = "herald:sample";
+/// The store sample's result (HASH, PX).
+pub const STATS: &str = "herald:stats";
 /// SET of node ids.
 pub const NODES: &str = "herald:nodes";
 /// Counter bumped whenever a node's filters change.

@@ -8,7 +8,9 @@
 //! through `Redis::query`, `query_pipe` and `invoke`; the outbox's two writer tasks each own
 //! a `Hot` connection speaking RESP directly (see `resp` for why).
 //!
-//! Availability: any I/O error or timeout marks the store down (logged once). While down,
+//! Availability: any I/O error or timeout marks the store down (logged once), and so does
+//! the active probe, a PING every second, when it gets no answer within `PROBE_TIMEOUT`
+//! (so a Redis that hangs with no traffic flowing is noticed too). While down,
 //! calls fail at once without touching Redis (CONNECT gets CONNACK 3, QoS 1 is not
 //! acknowledged), and one task pings Redis with backoff until it answers and has the
 //! scripts again (logged once); the hot connections are then made again.
@@ -19,7 +21,7 @@ pub mod keys;
 pub(crate) mod resp;
 pub mod scripts;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,15 +44,26 @@ pub enum StoreError {
 /// Upper bound on any one Redis call, so that a stalled Redis never hangs a client.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How often the active probe pings Redis, and how long it waits for the answer.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Whether Redis answers. Shared by every user of the connection.
 pub struct Health {
     up: AtomicBool,
     wake: Notify,
+    /// The last probe's round trip, in microseconds.
+    ping_us: AtomicU64,
 }
 
 impl Health {
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    /// The last active probe's round trip, in seconds.
+    pub fn ping_secs(&self) -> f64 {
+        self.ping_us.load(Ordering::Relaxed) as f64 / 1e6
     }
 
     /// `Err` while the store is down: callers fail at once.
@@ -130,12 +143,14 @@ impl Redis {
         let health = Arc::new(Health {
             up: AtomicBool::new(true),
             wake: Notify::new(),
+            ping_us: AtomicU64::new(0),
         });
         tokio::spawn(health_loop(
             endpoint.clone(),
             health.clone(),
             scripts.clone(),
         ));
+        tokio::spawn(probe_loop(endpoint.clone(), health.clone()));
         Ok(Redis {
             endpoint,
             health,
@@ -209,6 +224,34 @@ impl Redis {
     ) -> Result<T, StoreError> {
         let mut conn = self.endpoint.conn();
         self.call(call.invoke_async(&mut conn)).await
+    }
+}
+
+/// The active probe: a PING every `PROBE_EVERY` while the store is up; no answer within
+/// `PROBE_TIMEOUT` marks it down (then `health_loop` takes over). Ends with the process
+/// (the handle holds the connection).
+async fn probe_loop(endpoint: Arc<Endpoint>, health: Arc<Health>) {
+    let mut every = tokio::time::interval(PROBE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if !health.is_up() {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let mut conn = endpoint.conn();
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut conn);
+        match tokio::time::timeout(PROBE_TIMEOUT, ping).await {
+            Ok(Ok(_)) => {
+                let us = started.elapsed().as_micros() as u64;
+                health.ping_us.store(us, Ordering::Relaxed);
+            }
+            Ok(Err(e)) => {
+                health.failed(e);
+            }
+            Err(_) => health.mark_down("no answer to the probe's PING"),
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -24,18 +25,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
     pub(super) async fn open(mut self) -> Option<Session<S>> {
         let mut rbuf = BytesMut::new();
         let connect = self.handshake(&mut rbuf).await?;
+        let started = metrics::clock();
         if self.broker.guard().refusing() {
             metrics::rejected_memory();
-            if lograte::allow(Reason::Limit) {
-                tracing::warn!(peer = %self.peer, "refused CONNECT: memory guard at server.max_memory");
-            }
-            return self.refuse(3).await;
+            let why = "memory guard at server.max_memory";
+            return self.refuse(3, &connect.client_id, Some(why), started).await;
         }
-        let principal = self.admit(&connect).await?;
-        Session::start(
-            self.broker,
+        let principal = self.admit(&connect, started).await?;
+        let admitted = Admitted {
             connect,
             principal,
+            started,
+        };
+        Session::start(
+            admitted,
+            self.broker,
             self.peer,
             self.stream,
             rbuf,
@@ -64,6 +68,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
                 }
                 let mut out = BytesMut::new();
                 codec::encode_connack(&mut out, false, 1);
+                metrics::connect_answered(1, None);
                 let _ = self.stream.write_all(&out).await;
                 None
             }
@@ -88,18 +93,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
     /// Who the client is, and whether it may have this client id and this will: answers
     /// CONNACK 2, 4 or 5 itself when not. Runs before the session attaches, so before any
     /// takeover or route claim: a client can never take another's session.
-    async fn admit(&mut self, c: &Connect) -> Option<Option<Principal>> {
-        if c.client_id.starts_with(RESERVED_CLIENT_IDS) {
+    async fn admit(&mut self, c: &Connect, started: Option<Instant>) -> Option<Option<Principal>> {
+        let id = &c.client_id;
+        if id.starts_with(RESERVED_CLIENT_IDS) {
             metrics::auth_failure(AuthFailure::Reserved);
-            if lograte::allow(Reason::LoginRefused) {
-                tracing::info!(peer = %self.peer, client = %c.client_id, "refused CONNECT: client ids under $herald/ are the cluster's");
-            }
-            return self.refuse(2).await;
+            let why = "client ids under $herald/ are the cluster's";
+            return self.refuse(2, id, Some(why), started).await;
         }
         if let Some(w) = &c.last_will {
             if reserved_topic(&w.topic) {
                 metrics::auth_failure(AuthFailure::Will);
-                return self.refuse(5).await;
+                let why = "will to a reserved $ topic";
+                return self.refuse(5, id, Some(why), started).await;
             }
         }
         let auth = self.broker.auth().clone();
@@ -118,23 +123,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             .await;
         let principal = match principal {
             Ok(p) => p,
-            Err(r) => return self.refuse(r.connack_code()).await,
+            // Logged by `auth` with its reason.
+            Err(r) => return self.refuse(r.connack_code(), id, None, started).await,
         };
         if let Some(w) = &c.last_will {
             if !auth.may_publish(&principal, &c.client_id, &w.topic) {
                 metrics::auth_failure(AuthFailure::Will);
-                if lograte::allow(Reason::LoginRefused) {
-                    tracing::info!(peer = %self.peer, client = %c.client_id, topic = %w.topic, "refused CONNECT: will to a topic the client may not publish to");
-                }
-                return self.refuse(5).await;
+                let why = "will to a topic the client may not publish to";
+                return self.refuse(5, id, Some(why), started).await;
             }
         }
         Some(Some(principal))
     }
 
-    async fn refuse<T>(&mut self, code: u8) -> Option<T> {
+    /// Answers CONNACK `code` and ends the connection; `why`, if any, is logged at info
+    /// (at a limited rate: any peer can cause it).
+    async fn refuse<T>(
+        &mut self,
+        code: u8,
+        client: &str,
+        why: Option<&'static str>,
+        started: Option<Instant>,
+    ) -> Option<T> {
+        if let Some(reason) = why {
+            refused(self.peer, client, code, reason);
+        }
         let mut out = BytesMut::new();
         codec::encode_connack(&mut out, false, code);
+        metrics::connect_answered(code, started);
         let _ = self.stream.write_all(&out).await;
         None
     }
@@ -181,7 +197,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             }
             match poll_fn(|cx| poll_read_some(&mut self.stream, cx, rbuf)).await {
                 Ok(0) | Err(_) => return Err(None),
-                Ok(_) => {}
+                Ok(n) => metrics::bytes_received(n),
             }
         }
     }
@@ -216,19 +232,25 @@ impl Drop for LargeConnect {
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     /// Answers CONNECT. `None` if the connection is refused or the socket fails.
     async fn start(
+        admitted: Admitted,
         broker: Arc<Broker>,
-        c: Connect,
-        principal: Option<Principal>,
         peer: SocketAddr,
         mut io: S,
         rbuf: BytesMut,
         shutdown: CancellationToken,
     ) -> Option<Self> {
+        let Admitted {
+            connect: c,
+            principal,
+            started,
+        } = admitted;
         let mut out = BytesMut::new();
         let mut client_id = c.client_id;
         if client_id.is_empty() {
             if !c.clean_session {
+                refused(peer, "", 2, "empty client id without clean session");
                 codec::encode_connack(&mut out, false, 2);
+                metrics::connect_answered(2, started);
                 let _ = io.write_all(&out).await;
                 return None;
             }
@@ -243,9 +265,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             Ok(a) => a,
             Err(e) => {
                 if lograte::allow(Reason::StoreUnavailable) {
-                    tracing::warn!(client = %client, error = %e, "store unavailable, refusing CONNECT");
+                    tracing::warn!(peer = %peer, client = %client, code = 3, reason = "store unavailable", error = %e, "refused CONNECT");
                 }
                 codec::encode_connack(&mut out, false, 3);
+                metrics::connect_answered(3, started);
                 let _ = io.write_all(&out).await;
                 mailbox.mark_done();
                 return None;
@@ -256,14 +279,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         if shutdown.is_cancelled() {
             mailbox.kick(Kick::Shutdown);
         }
-        tracing::debug!(client = %client, peer = %peer, clean = c.clean_session, "connected");
+        if broker.config().log.connections {
+            tracing::info!(client = %client, peer = %peer, clean = c.clean_session, "connected");
+        } else {
+            tracing::debug!(client = %client, peer = %peer, clean = c.clean_session, "connected");
+        }
         codec::encode_connack(&mut out, attached.session_present, 0);
+        metrics::connect_answered(0, started);
         let will = c.last_will.map(|w| Message {
             topic: Arc::from(w.topic),
             payload: Bytes::copy_from_slice(&w.message),
             qos: w.qos,
             retain: w.retain,
             expires_at: 0,
+            born_us: 0,
+            forwarded: false,
         });
         let extras =
             (will.is_some() || principal.is_some()).then(|| Box::new(Extras { will, principal }));
@@ -286,6 +316,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             publisher: false,
             retry_later: false,
             sent_gate: None,
+            connected_us: crate::message::now_us(),
         };
         // QoS 2 messages released before the last connection dropped: finish them first.
         if let Some(d) = &s.data {
@@ -294,5 +325,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             }
         }
         Some(s)
+    }
+}
+
+/// A CONNECT that passed authentication, and when it arrived (metrics on).
+struct Admitted {
+    connect: Connect,
+    principal: Option<Principal>,
+    started: Option<Instant>,
+}
+
+/// The info line of a refused CONNECT, at a limited rate.
+fn refused(peer: SocketAddr, client: &str, code: u8, reason: &'static str) {
+    if lograte::allow(Reason::LoginRefused) {
+        tracing::info!(peer = %peer, client, code, reason, "refused CONNECT");
     }
 }

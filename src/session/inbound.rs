@@ -86,6 +86,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             qos,
             retain: p.retain,
             expires_at: 0,
+            born_us: crate::message::now_us(),
+            forwarded: false,
         };
         let size = msg.size();
         self.publisher = true;
@@ -249,8 +251,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         else {
             return false;
         };
-        let seq = self.inflight[i].seq;
-        self.inflight.remove(i);
+        let f = self.inflight.remove(i);
+        let seq = f.seq;
+        metrics::delivered(f.path, f.replay, f.born_us);
         metrics::acked();
         self.broker.outbox().ack(&self.client, seq).await;
         true

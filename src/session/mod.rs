@@ -165,6 +165,10 @@ struct InFlight {
     seq: u64,
     pkid: u16,
     qos: Qos,
+    /// For the delivery latency: the message's `born_us`, and its labels.
+    born_us: u64,
+    path: metrics::Path,
+    replay: bool,
 }
 
 struct Session<S> {
@@ -199,6 +203,8 @@ struct Session<S> {
     /// The sent watermark for the newest PUBLISH in `wbuf` is being written: the socket
     /// is not written until it is stored (write-ahead, for DUP after a crash).
     sent_gate: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Unix µs of CONNACK: a message born before it is a replay.
+    connected_us: u64,
 }
 
 /// What a CONNECT gave a session besides its client id.
@@ -321,6 +327,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                     return Poll::Ready(Err(End::Abnormal("write: socket closed".into())))
                 }
                 Poll::Ready(Ok(n)) => {
+                    metrics::bytes_sent(n);
                     self.wbuf.advance(n);
                     wrote = true;
                     woke.written = self.wbuf.is_empty();
@@ -336,7 +343,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(End::Abnormal("connection closed by peer".into())))
                 }
-                Poll::Ready(Ok(_)) => woke.input = true,
+                Poll::Ready(Ok(n)) => {
+                    metrics::bytes_received(n);
+                    woke.input = true;
+                }
                 Poll::Ready(Err(e)) => {
                     return Poll::Ready(Err(End::Abnormal(format!("read: {e}"))))
                 }
@@ -420,6 +430,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                         }
                     }
                 }
+            }
+            End::Clean | End::Shutdown if self.broker.config().log.connections => {
+                tracing::info!(client = %self.client, "disconnected");
             }
             End::Clean | End::Shutdown => {
                 tracing::debug!(client = %self.client, "disconnected");

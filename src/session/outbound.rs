@@ -52,6 +52,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                     false,
                 );
                 metrics::sent(0);
+                metrics::delivered(path_of(&msg), false, msg.born_us);
             }
             Delivery::Stored { seq, qos, msg } => {
                 if self.backlog || seq < self.next_seq {
@@ -131,10 +132,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             dup,
         );
         metrics::sent(e.qos as u8);
+        if dup {
+            metrics::redelivered();
+        }
         self.inflight.push(InFlight {
             seq: e.seq,
             pkid,
             qos: e.qos,
+            born_us: e.msg.born_us,
+            path: path_of(&e.msg),
+            replay: e.msg.born_us < self.connected_us,
         });
         self.next_seq = e.seq + 1;
         self.mailbox.saw(e.seq);
@@ -239,5 +246,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         metrics::dropped(metrics::Drop::AclDenied);
         tracing::debug!(client = %self.client, topic = %topic, "not delivered: the ACL no longer allows reading it");
         false
+    }
+}
+
+fn path_of(msg: &Message) -> metrics::Path {
+    if msg.forwarded {
+        metrics::Path::Forwarded
+    } else {
+        metrics::Path::Local
     }
 }

@@ -7,6 +7,7 @@
 //! watermarks are written by the other writer task (see `writer` for the rules). Attach
 //! waits for the watermarks queued before it. No connection is held per MQTT client.
 
+mod sample;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -30,6 +31,8 @@ pub struct RedisOutbox {
     redis: Redis,
     writes: mpsc::Sender<Write>,
     ordered: mpsc::Sender<Ordered>,
+    /// The last store-wide sample (`sample`).
+    stats: Arc<parking_lot::Mutex<Option<sample::Stats>>>,
 }
 
 /// `<seq>|<envelope>` as stored in the ZSET.
@@ -73,10 +76,13 @@ impl RedisOutbox {
             args,
             wait_replicas,
         ));
+        let stats = Arc::default();
+        tokio::spawn(sample::run(redis.clone(), Arc::clone(&stats)));
         RedisOutbox {
             redis,
             writes: tx,
             ordered,
+            stats,
         }
     }
 
@@ -174,8 +180,32 @@ impl RedisOutbox {
         Ok(out)
     }
 
+    /// Waits (at most the call timeout) for the acks and watermarks queued so far.
+    pub(super) async fn flush(&self) {
+        let (done, flushed) = oneshot::channel();
+        if self.writes.send(Write::Barrier(done)).await.is_ok() {
+            let _ = tokio::time::timeout(CALL_TIMEOUT, flushed).await;
+        }
+    }
+
+    pub(super) fn ping_secs(&self) -> f64 {
+        self.redis.health().ping_secs()
+    }
+
+    pub(super) fn sample(&self) -> Option<super::OutboxSample> {
+        let s = (*self.stats.lock())?;
+        Some(super::OutboxSample {
+            messages: s.messages,
+            oldest_age_secs: sample::oldest_age_secs(&s),
+            sessions: Some((s.sessions, s.routed)),
+        })
+    }
+
     pub(super) async fn ack(&self, client: &Arc<str>, seq: u64) {
-        let _ = self.writes.send(Write::Ack(client.clone(), seq)).await;
+        let _ = self
+            .writes
+            .send(Write::Ack(client.clone(), seq, metrics::clock()))
+            .await;
     }
 
     /// Queues the watermark write; the receiver completes once Redis has it (or the write

@@ -29,6 +29,8 @@ fn members_carry_their_sequence_number() {
         qos: Qos::ExactlyOnce,
         retain: true,
         expires_at: 12345,
+        born_us: 0,
+        forwarded: false,
     };
     let mut member = b"42|".to_vec();
     member.extend(m.envelope(m.qos));
@@ -90,6 +92,8 @@ fn msg(payload: &'static [u8]) -> Arc<Message> {
         qos: Qos::AtLeastOnce,
         retain: false,
         expires_at: 0,
+        born_us: 0,
+        forwarded: false,
     })
 }
 

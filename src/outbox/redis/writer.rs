@@ -73,7 +73,8 @@ pub(super) struct EnqueueArgs {
 pub(super) const MAX_QUEUED_WRITES: usize = 65_536;
 
 pub(super) enum Write {
-    Ack(Arc<str>, u64),
+    /// With when it was asked for (metrics on): timed until written.
+    Ack(Arc<str>, u64, Option<std::time::Instant>),
     Sent(Arc<str>, u64),
     /// Answered once every write queued before it is applied (or given up).
     Barrier(oneshot::Sender<()>),
@@ -316,16 +317,23 @@ pub(super) async fn write_loop(mut hot: Hot, mut rx: mpsc::Receiver<Write>, heal
     let mut batch = Vec::with_capacity(1024);
     let mut out = BytesMut::with_capacity(64 * 1024);
     let (mut acks, mut sent, mut barriers) = (Vec::new(), Vec::new(), Vec::new());
+    let mut started = Vec::new();
     while rx.recv_many(&mut batch, 1024).await > 0 {
         for w in batch.drain(..) {
             match w {
-                Write::Ack(c, seq) => acks.push(Keyed::new(c, seq)),
+                Write::Ack(c, seq, t) => {
+                    acks.push(Keyed::new(c, seq));
+                    started.extend(t);
+                }
                 Write::Sent(c, seq) => sent.push(Keyed::new(c, seq)),
                 Write::Barrier(b) => barriers.push(b),
             }
         }
         if health.is_up() {
             apply(&mut hot, &mut out, &mut acks, &mut sent, &health).await;
+        }
+        for t in started.drain(..) {
+            metrics::store_op(metrics::StoreOp::Ack, Some(t));
         }
         // Lost acks (Redis down) come back as duplicates after a reconnect: late, never
         // lost.

@@ -1,19 +1,57 @@
 //! Prometheus metrics.
 //!
-//! One process-wide recorder (metrics-exporter-prometheus) is installed on first use, and the
-//! counters on hot paths are registered once and kept as handles, so counting a message is an
-//! atomic add rather than a registry lookup. Each server may serve `/metrics` on its own
-//! address; in-process test servers share the recorder.
+//! One process-wide recorder (metrics-exporter-prometheus) holds the counters and gauges; it
+//! is installed only when the metrics listener is on (`init`), so a node without one counts
+//! into nothing. The counters on hot paths are registered once and kept as handles, so
+//! counting a message is an atomic add rather than a registry lookup. Histograms are
+//! Herald's own (`histogram`), and `/metrics` is rendered in a stable order with the process
+//! metrics merged in (`exposition`, `process`). Every name and its help text is in
+//! `DESCRIPTIONS`.
 
-use std::net::SocketAddr;
+mod descriptions;
+mod exposition;
+mod histogram;
+mod process;
+
+use descriptions::DESCRIPTIONS;
+
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
+use std::time::Instant;
 
 use metrics::{Counter, Gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
+
+use exposition::Extra;
+use histogram::{Histogram, DELIVERY_US, OPERATION_US};
+
+/// Whether the metrics listener is on: histograms (and the clock reads they need) are
+/// skipped when it is not.
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
 
 struct Handles {
     prometheus: Option<PrometheusHandle>,
+    delivery: [[Histogram; 2]; 2],
+    store_ops: [Histogram; 3],
+    connect: Histogram,
+    connacks: [Counter; 6],
+    bytes_received: Counter,
+    bytes_sent: Counter,
+    redelivered: Counter,
+    sessions: [Gauge; 2],
+    outbox_messages: Gauge,
+    outbox_oldest: Gauge,
+    store_up: Gauge,
+    store_ping: Gauge,
+    ready: Gauge,
+    draining: Gauge,
+    peers: Gauge,
+    links_up: Gauge,
+    mailbox_bytes: Gauge,
     connections_active: Gauge,
     connections_total: Counter,
     rejected_max_connections: Counter,
@@ -139,14 +177,41 @@ pub enum Denied {
 fn handles() -> &'static Handles {
     static H: OnceLock<Handles> = OnceLock::new();
     H.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let handle = recorder.handle();
         // Another recorder may already be installed (an embedding program's); then ours only
         // counts into that one and `render` has nothing of its own to show.
-        let prometheus = metrics::set_global_recorder(recorder).ok().map(|_| handle);
+        let prometheus = enabled()
+            .then(|| {
+                let recorder = PrometheusBuilder::new().build_recorder();
+                let handle = recorder.handle();
+                metrics::set_global_recorder(recorder).ok().map(|_| handle)
+            })
+            .flatten();
+        for (name, help) in DESCRIPTIONS {
+            metrics::describe_counter!(*name, *help);
+        }
         let qos = |name: &'static str| ["0", "1", "2"].map(|q| metrics::counter!(name, "qos" => q));
+        let delivery = || [Histogram::new(DELIVERY_US), Histogram::new(DELIVERY_US)];
         Handles {
             prometheus,
+            delivery: [delivery(), delivery()],
+            store_ops: STORE_OPS.map(|_| Histogram::new(OPERATION_US)),
+            connect: Histogram::new(OPERATION_US),
+            connacks: ["0", "1", "2", "3", "4", "5"]
+                .map(|c| metrics::counter!("herald_connack_total", "code" => c)),
+            bytes_received: metrics::counter!("herald_bytes_received_total"),
+            bytes_sent: metrics::counter!("herald_bytes_sent_total"),
+            redelivered: metrics::counter!("herald_messages_redelivered_total"),
+            sessions: ["online", "offline"]
+                .map(|s| metrics::gauge!("herald_sessions", "state" => s)),
+            outbox_messages: metrics::gauge!("herald_outbox_messages"),
+            outbox_oldest: metrics::gauge!("herald_outbox_oldest_age_seconds"),
+            store_up: metrics::gauge!("herald_store_up"),
+            store_ping: metrics::gauge!("herald_store_ping_seconds"),
+            ready: metrics::gauge!("herald_ready"),
+            draining: metrics::gauge!("herald_draining"),
+            peers: metrics::gauge!("herald_cluster_peers"),
+            links_up: metrics::gauge!("herald_cluster_links_up"),
+            mailbox_bytes: metrics::gauge!("herald_mailbox_bytes"),
             connections_active: metrics::gauge!("herald_connections_active"),
             connections_total: metrics::counter!("herald_connections_total"),
             rejected_max_connections: metrics::counter!(
@@ -191,8 +256,12 @@ fn handles() -> &'static Handles {
     })
 }
 
-/// Registers everything so that `/metrics` lists every series from the start.
-pub fn init() {
+/// Registers everything so that `/metrics` lists every series from the start. `enabled`:
+/// the metrics listener is on (the first call decides, for the whole process).
+pub fn init(enabled: bool) {
+    if enabled {
+        ENABLED.store(true, Ordering::Relaxed);
+    }
     handles();
 }
 
@@ -342,39 +411,166 @@ pub fn log_suppressed(reason: crate::lograte::Reason) {
     handles().log_suppressed[reason as usize].increment(1);
 }
 
-/// The Prometheus text exposition of every metric.
-pub fn render() -> String {
-    handles()
-        .prometheus
-        .as_ref()
-        .map(|h| h.render())
-        .unwrap_or_default()
+/// Where a delivered message came from: the `path` label of the delivery latency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Published on this node, or read from the outbox.
+    Local = 0,
+    /// Handed over by another node on the node-to-node link (hop 2).
+    Forwarded = 1,
 }
 
-/// Serves the metrics listener: `GET /metrics`, and 404 for any other path (axum: the
-/// operations endpoints of later work join this router). Every answer closes its
-/// connection, as a scrape is one request. axum's accept loop backs off on accept errors
-/// (out of descriptors) instead of spinning.
-pub async fn serve(listener: TcpListener) {
-    use axum::http::{header, StatusCode};
-    let close = || [(header::CONNECTION, "close")];
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            axum::routing::get(move || async move {
-                (
-                    close(),
-                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                    render(),
-                )
-            }),
-        )
-        .fallback(move || async move { (StatusCode::NOT_FOUND, close(), "not found\n") });
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "metrics listener stopped");
+/// A store operation timed by `herald_store_op_duration_seconds`.
+#[derive(Debug, Clone, Copy)]
+pub enum StoreOp {
+    Enqueue = 0,
+    Ack = 1,
+    Attach = 2,
+}
+
+const STORE_OPS: [&str; 3] = ["enqueue", "ack", "attach"];
+
+/// The start of something timed, or `None` when metrics are off (no clock read then).
+pub fn clock() -> Option<Instant> {
+    enabled().then(Instant::now)
+}
+
+fn micros(since: Instant) -> u64 {
+    since.elapsed().as_micros().min(u128::from(u64::MAX)) as u64
+}
+
+/// A message reached its device: `born_us` is its `Message::born_us` (0: unknown, an
+/// envelope from before it was recorded, not counted).
+pub fn delivered(path: Path, replay: bool, born_us: u64) {
+    if !enabled() || born_us == 0 {
+        return;
+    }
+    let us = crate::message::now_us().saturating_sub(born_us);
+    handles().delivery[path as usize][usize::from(replay)].record_us(us);
+}
+
+pub fn store_op(op: StoreOp, started: Option<Instant>) {
+    if let Some(t) = started {
+        handles().store_ops[op as usize].record_us(micros(t));
     }
 }
 
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+/// A CONNECT was answered (any return code).
+pub fn connect_answered(code: u8, started: Option<Instant>) {
+    let h = handles();
+    h.connacks[usize::from(code.min(5))].increment(1);
+    if let Some(t) = started {
+        h.connect.record_us(micros(t));
+    }
+}
+
+/// Bytes read from a client connection's socket.
+pub fn bytes_received(n: usize) {
+    handles().bytes_received.increment(n as u64);
+}
+
+/// Bytes written to a client connection's socket.
+pub fn bytes_sent(n: usize) {
+    handles().bytes_sent.increment(n as u64);
+}
+
+/// A PUBLISH resent with DUP=1 (after a reconnect, or a crash).
+pub fn redelivered() {
+    handles().redelivered.increment(1);
+}
+
+/// The node's state, set by its periodic sample (`server`); `None` leaves a gauge as it
+/// was (e.g. the Redis store's outbox figures between two samples).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Sample {
+    pub online: Option<usize>,
+    pub offline: Option<usize>,
+    pub outbox_messages: Option<u64>,
+    pub outbox_oldest_secs: Option<f64>,
+    pub mailbox_bytes: Option<usize>,
+    pub store_up: Option<bool>,
+    pub store_ping_secs: Option<f64>,
+    pub peers: Option<usize>,
+    pub links_up: Option<usize>,
+}
+
+pub fn record_sample(s: &Sample) {
+    let h = handles();
+    let set = |g: &Gauge, v: Option<f64>| {
+        if let Some(v) = v {
+            g.set(v);
+        }
+    };
+    set(&h.sessions[0], s.online.map(|v| v as f64));
+    set(&h.sessions[1], s.offline.map(|v| v as f64));
+    set(&h.outbox_messages, s.outbox_messages.map(|v| v as f64));
+    set(&h.outbox_oldest, s.outbox_oldest_secs);
+    set(&h.mailbox_bytes, s.mailbox_bytes.map(|v| v as f64));
+    set(&h.store_up, s.store_up.map(|u| f64::from(u8::from(u))));
+    set(&h.store_ping, s.store_ping_secs);
+    set(&h.peers, s.peers.map(|v| v as f64));
+    set(&h.links_up, s.links_up.map(|v| v as f64));
+}
+
+/// What `/readyz` answers, and whether the node is draining.
+pub fn readiness(ready: bool, draining: bool) {
+    let h = handles();
+    h.ready.set(f64::from(u8::from(ready)));
+    h.draining.set(f64::from(u8::from(draining)));
+}
+
+/// The Prometheus text exposition of every metric, in a stable order.
+pub fn render() -> String {
+    let h = handles();
+    let Some(prometheus) = &h.prometheus else {
+        return String::new();
+    };
+    let mut extras = process::families();
+    let mut delivery = String::new();
+    for (p, path) in ["local", "forwarded"].iter().enumerate() {
+        for (r, replay) in ["false", "true"].iter().enumerate() {
+            let labels = format!("path=\"{path}\",replay=\"{replay}\"");
+            h.delivery[p][r].render(&mut delivery, "herald_delivery_latency_seconds", &labels);
+        }
+    }
+    let mut ops = String::new();
+    for (i, op) in STORE_OPS.iter().enumerate() {
+        let labels = format!("op=\"{op}\"");
+        h.store_ops[i].render(&mut ops, "herald_store_op_duration_seconds", &labels);
+    }
+    let mut connect = String::new();
+    h.connect
+        .render(&mut connect, "herald_connect_duration_seconds", "");
+    let build = format!(
+        "herald_build_info{{version=\"{}\",commit=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION"),
+        env!("HERALD_COMMIT")
+    );
+    extras.extend([
+        Extra {
+            name: "herald_delivery_latency_seconds",
+            help: "Time from a message being taken for storing (QoS 1/2) or received (QoS 0) to the device's PUBACK (QoS 2: PUBREC; QoS 0: the write). path: forwarded if it crossed the node-to-node link; replay: delivered on a later connection than the one it was stored for.",
+            kind: "histogram",
+            samples: delivery,
+        },
+        Extra {
+            name: "herald_store_op_duration_seconds",
+            help: "Duration of store operations, including any wait in the store's write queue.",
+            kind: "histogram",
+            samples: ops,
+        },
+        Extra {
+            name: "herald_connect_duration_seconds",
+            help: "Time from a CONNECT packet to its CONNACK (authentication, session attach, route claim).",
+            kind: "histogram",
+            samples: connect,
+        },
+        Extra {
+            name: "herald_build_info",
+            help: "Herald's version and the commit it was built from; always 1.",
+            kind: "gauge",
+            samples: build,
+        },
+    ]);
+    exposition::render(&prometheus.render(), extras)
 }

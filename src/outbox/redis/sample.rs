@@ -1,0 +1,190 @@
+//! The Redis store's gauges (`herald_outbox_messages`, `herald_outbox_oldest_age_seconds`,
+//! `herald_sessions{state="offline"}`): a periodic sample, not counts maintained per
+//! message (a shared counter would be a key every enqueue touches, the one thing a store
+//! that must scale out on Redis Cluster cannot have).
+//!
+//! Every `SAMPLE_EVERY` each node tries to take the sampling lease (`keys::SAMPLE_LEASE`,
+//! SET NX PX); the one that gets it SCANs the keyspace (1,000 keys a call), reads each
+//! outbox's size and first entry, counts the persistent sessions and those with a route,
+//! and writes the result to `keys::STATS`, which every node reads into its gauges. So the
+//! figures are store-wide, the same on every node (use `max` across nodes, not `sum`), and
+//! at most one sample old. Cost: one pass over the keyspace per interval for the whole
+//! cluster, about a second of Redis CPU per million keys (documented in the README).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use crate::message::{now_us, Message};
+use crate::redis::keys;
+use crate::redis::{Redis, StoreError};
+
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(30);
+
+/// The store-wide figures of the last sample.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Stats {
+    pub messages: u64,
+    /// Unix µs of the oldest queued message with a known time (0: none).
+    pub oldest_born_us: u64,
+    /// Persistent sessions in the store.
+    pub sessions: u64,
+    /// Of those, the ones with a route (connected to a cluster node).
+    pub routed: u64,
+}
+
+/// Runs until the process ends, keeping `latest` up to date.
+pub async fn run(redis: Redis, latest: Arc<Mutex<Option<Stats>>>) {
+    let mut every = tokio::time::interval(SAMPLE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let lease = format!(
+        "{:x}",
+        crate::message::now_us() ^ u64::from(std::process::id())
+    );
+    loop {
+        every.tick().await;
+        if !redis.health().is_up() {
+            continue;
+        }
+        let mut take = redis::cmd("SET");
+        take.arg(keys::SAMPLE_LEASE)
+            .arg(&lease)
+            .arg("NX")
+            .arg("PX")
+            .arg((SAMPLE_EVERY.as_millis() * 9 / 10) as u64);
+        if let Ok(Some(_)) = redis.query::<Option<String>>(&take).await {
+            match scan(&redis).await {
+                Ok(s) => {
+                    let _ = write(&redis, &s).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "store sample failed"),
+            }
+        }
+        if let Ok(s) = read(&redis).await {
+            *latest.lock() = s;
+        }
+    }
+}
+
+async fn scan(redis: &Redis) -> Result<Stats, StoreError> {
+    let mut stats = Stats::default();
+    let mut cursor = 0u64;
+    let (outbox, session) = (
+        keys::client_prefix(keys::Client::Outbox),
+        keys::client_prefix(keys::Client::Session),
+    );
+    loop {
+        let mut c = redis::cmd("SCAN");
+        c.arg(cursor)
+            .arg("MATCH")
+            .arg("herald:*")
+            .arg("COUNT")
+            .arg(1000);
+        let (next, found): (u64, Vec<String>) = redis.query(&c).await?;
+        let mut p = redis::pipe();
+        let mut outboxes = 0;
+        for k in &found {
+            if k.starts_with(&outbox) {
+                p.cmd("ZCARD").arg(k).cmd("ZRANGE").arg(k).arg(0).arg(0);
+                outboxes += 1;
+            }
+        }
+        let mut sessions = Vec::new();
+        for k in &found {
+            if let Some(cid) = k.strip_prefix(&session).and_then(|r| r.strip_suffix('}')) {
+                sessions.push(keys::client(keys::Client::Route, cid));
+            }
+        }
+        for r in &sessions {
+            p.cmd("EXISTS").arg(r);
+        }
+        if outboxes + sessions.len() > 0 {
+            let replies: Vec<redis::Value> = redis.query_pipe(&p).await?;
+            let mut it = replies.into_iter();
+            for _ in 0..outboxes {
+                let (n, first) = (it.next(), it.next());
+                stats.messages +=
+                    redis::from_redis_value::<u64>(n.unwrap_or(redis::Value::Nil)).unwrap_or(0);
+                let first: Vec<Vec<u8>> = first
+                    .and_then(|v| redis::from_redis_value(v).ok())
+                    .unwrap_or_default();
+                if let Some(born) = first
+                    .into_iter()
+                    .next()
+                    .and_then(born_us)
+                    .filter(|b| *b > 0)
+                {
+                    if stats.oldest_born_us == 0 || born < stats.oldest_born_us {
+                        stats.oldest_born_us = born;
+                    }
+                }
+            }
+            stats.sessions += sessions.len() as u64;
+            for v in it {
+                if redis::from_redis_value::<u64>(v).unwrap_or(0) == 1 {
+                    stats.routed += 1;
+                }
+            }
+        }
+        if next == 0 {
+            return Ok(stats);
+        }
+        cursor = next;
+    }
+}
+
+/// The `born_us` of a stored `<seq>|<envelope>` member.
+fn born_us(member: Vec<u8>) -> Option<u64> {
+    let bar = member.iter().position(|&b| b == b'|')?;
+    Message::from_envelope(Bytes::from(member).slice(bar + 1..)).map(|m| m.born_us)
+}
+
+async fn write(redis: &Redis, s: &Stats) -> Result<(), StoreError> {
+    let mut p = redis::pipe();
+    p.cmd("HSET")
+        .arg(keys::STATS)
+        .arg("messages")
+        .arg(s.messages)
+        .arg("oldest_born_us")
+        .arg(s.oldest_born_us)
+        .arg("sessions")
+        .arg(s.sessions)
+        .arg("routed")
+        .arg(s.routed)
+        .ignore()
+        .cmd("PEXPIRE")
+        .arg(keys::STATS)
+        .arg((SAMPLE_EVERY.as_millis() * 3) as u64)
+        .ignore();
+    redis.query_pipe::<()>(&p).await
+}
+
+async fn read(redis: &Redis) -> Result<Option<Stats>, StoreError> {
+    let mut c = redis::cmd("HMGET");
+    c.arg(keys::STATS)
+        .arg("messages")
+        .arg("oldest_born_us")
+        .arg("sessions")
+        .arg("routed");
+    let v: Vec<Option<u64>> = redis.query(&c).await?;
+    Ok(match v.as_slice() {
+        [Some(messages), Some(oldest_born_us), Some(sessions), Some(routed)] => Some(Stats {
+            messages: *messages,
+            oldest_born_us: *oldest_born_us,
+            sessions: *sessions,
+            routed: *routed,
+        }),
+        _ => None,
+    })
+}
+
+/// The age of the oldest message, in seconds, from a sample's time.
+pub fn oldest_age_secs(s: &Stats) -> f64 {
+    if s.oldest_born_us == 0 {
+        0.0
+    } else {
+        now_us().saturating_sub(s.oldest_born_us) as f64 / 1e6
+    }
+}
