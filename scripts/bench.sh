@@ -33,6 +33,14 @@
 #   --no-redis         leave it out
 #   --redis-cpu CPUS   cores for redis-server (taskset -c; default 0, the broker's core)
 #   --no-tls           leave out the cases of issue 10 (tls-*, auth-*)
+#   --no-metrics       leave out the "Herald (metrics)" column
+#
+# Issue 13 (the cost of metrics): every Herald column above runs without a metrics
+# listener, which turns metrics off (no recorder, no histograms, no store sample). The
+# "Herald (metrics)" column runs push and push-rate with `--metrics-listen` on a free
+# loopback port while a scraper (curl on the load generator's core) reads /metrics once a
+# second, 15 times Prometheus's default rate: its push figure against the Herald column's,
+# from the same run, is the cost of metrics.
 #
 # Issue 10 (TLS and authentication; `--only tls` selects these cases, tls-* and auth-*): a
 # certificate is made per run in the temporary directory with openssl (a throw-away CA and
@@ -104,6 +112,7 @@ TWO_CORE=1
 REDIS=
 REDIS_CPU=0
 TLS=1
+METRICS=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) MODE=quick ;;
@@ -118,6 +127,7 @@ while [ $# -gt 0 ]; do
         --no-redis) REDIS=0 ;;
         --redis-cpu) REDIS_CPU=$2; shift ;;
         --no-tls) TLS=0 ;;
+        --no-metrics) METRICS=0 ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -136,6 +146,7 @@ BENCH=$TARGET_DIR/release/herald-bench
 if [ "$MODE" = smoke ]; then
     MOSQUITTO=0
     TWO_CORE=0
+    METRICS=0
     REDIS=${REDIS:-0}
 fi
 REDIS=${REDIS:-1}
@@ -338,6 +349,7 @@ start_broker() {
     local kind=$1
     shift
     REDIS_PID=
+    SCRAPER_PID=
     if [ "$kind" = herald-redis ]; then
         start_redis "${PIN_REDIS[@]}" || return 1
     fi
@@ -349,6 +361,22 @@ start_broker() {
     case $kind in
     herald)
         "$@" "$HERALD" --listen "127.0.0.1:$BROKER_PORT" --log-level warn >"$BROKER_LOG" 2>&1 &
+        ;;
+    herald-metrics)
+        free_port || return 1
+        local mport=$FREE
+        "$@" "$HERALD" --listen "127.0.0.1:$BROKER_PORT" --log-level warn \
+            --metrics-listen "127.0.0.1:$mport" >"$BROKER_LOG" 2>&1 &
+        BROKER_PID=$!
+        STARTED+=("$BROKER_PID")
+        # shellcheck disable=SC2016
+        "${PIN_BENCH[@]}" bash -c 'while kill -0 "$1" 2>/dev/null; do
+                curl -s -o /dev/null "http://127.0.0.1:$2/metrics"; sleep 1; done' \
+            scraper "$BROKER_PID" "$mport" &
+        SCRAPER_PID=$!
+        STARTED+=("$SCRAPER_PID")
+        wait_port "the broker" "$BROKER_PID" "$BROKER_PORT" "$BROKER_LOG"
+        return
         ;;
     herald-redis)
         "$@" "$HERALD" --listen "127.0.0.1:$BROKER_PORT" --log-level warn \
@@ -385,6 +413,9 @@ start_broker() {
 # The broker first, then its store (Herald may still write to Redis on the way out).
 stop_broker() {
     stop_pid "$BROKER_PID"
+    if [ -n "$SCRAPER_PID" ]; then
+        stop_pid "$SCRAPER_PID"
+    fi
     if [ -n "$REDIS_PID" ]; then
         stop_pid "$REDIS_PID"
     fi
@@ -436,6 +467,7 @@ COLS=("herald|herald|${PIN_BROKER[*]-}|")
 [ "$MOSQUITTO" = 1 ] && COLS+=("mosquitto|mosquitto|${PIN_BROKER[*]-}|")
 [ "$REDIS" = 1 ] && COLS+=("herald-redis|herald-redis|${PIN_BROKER[*]-}|$REDIS_SCENARIOS")
 [ "$TWO_CORE" = 1 ] && COLS+=("herald-2core|herald|${PIN_BOTH[*]-}|")
+[ "$METRICS" = 1 ] && COLS+=("herald-metrics|herald-metrics|${PIN_BROKER[*]-}|push push-rate")
 # Issue 10: the columns of each set of cases.
 TLS_COLS=("herald-tls|herald-tls|${PIN_BROKER[*]-}|")
 [ "$MOSQUITTO" = 1 ] && TLS_COLS+=("mosquitto-tls|mosquitto-tls|${PIN_BROKER[*]-}|"
@@ -490,6 +522,7 @@ if [ "$REDIS" = 1 ] && [ "$MOSQUITTO" = 1 ] && [ -d "$OUT/herald-redis" ]; then
     DURABLE=(--durable "Herald (redis)")
 fi
 [ "$TWO_CORE" = 1 ] && [ -d "$OUT/herald-2core" ] && COMPARE+=("Herald 2 cores=$OUT/herald-2core")
+[ "$METRICS" = 1 ] && [ -d "$OUT/herald-metrics" ] && COMPARE+=("Herald (metrics)=$OUT/herald-metrics")
 {
     echo "## Results ($MODE run)"
     echo

@@ -29,7 +29,8 @@ use histogram::{Histogram, DELIVERY_US, OPERATION_US};
 /// skipped when it is not.
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
-fn enabled() -> bool {
+/// Whether the metrics listener is on (samples nobody can read are not taken).
+pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 

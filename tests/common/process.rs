@@ -130,6 +130,14 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// Pid of the running redis-server (to stop and continue it: a hung Redis).
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(|c| c.id())
+            .expect("redis-server running")
+    }
+
     /// A connection to this Redis (to read what Herald stored).
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url())
@@ -354,6 +362,23 @@ impl Herald {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Waits up to `within` for the process to exit by itself; its status, or `None` (it is
+    /// then still running).
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            let c = self.child.as_mut()?;
+            if let Ok(Some(status)) = c.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
@@ -612,6 +637,12 @@ impl Broker {
     /// kill -9: no shutdown path runs.
     pub fn kill(&mut self) {
         self.herald.kill();
+    }
+
+    /// Waits up to `within` for the process to exit by itself (after a SIGTERM or a
+    /// drain); its status, or `None` if it is still running.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        tokio::task::block_in_place(|| self.herald.wait_exit(within))
     }
 
     /// Starts again with the same arguments (same ports, same node id), and waits until it

@@ -77,7 +77,9 @@ impl RedisOutbox {
             wait_replicas,
         ));
         let stats = Arc::default();
-        tokio::spawn(sample::run(redis.clone(), Arc::clone(&stats)));
+        if metrics::enabled() {
+            tokio::spawn(sample::run(redis.clone(), Arc::clone(&stats)));
+        }
         RedisOutbox {
             redis,
             writes: tx,
