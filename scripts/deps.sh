@@ -8,6 +8,8 @@
 #   mosquitto                     (Debian: mosquitto)          reference broker for comparisons
 #   redis-server                  (Debian: redis-server)       Redis store tests
 #   openssl                       (Debian: openssl)            interop/run.sh's test certificates
+#   promtool                      (Debian: prometheus)         tests/promtool.rs: checks /metrics,
+#                                                              config/alerts.yml and its unit tests
 #   node, npm                     (Debian: nodejs, npm)        interop/*.js
 #   paho-mqtt >= 2 for python3    (PyPI: paho-mqtt)            interop/paho_*.py
 #   mqtt (MQTT.js) v5             (npm: interop/package.json)  interop/mqttjs_*.js
@@ -42,6 +44,7 @@ have mosquitto_pub && have mosquitto_sub || apt_pkgs+=(mosquitto-clients)
 have mosquitto || apt_pkgs+=(mosquitto)
 have redis-server || apt_pkgs+=(redis-server)
 have openssl || apt_pkgs+=(openssl)
+have promtool || apt_pkgs+=(prometheus)
 # nodejs first: Debian's npm depends on it. (A Node.js from elsewhere, e.g. NodeSource's
 # nodejs, brings its own npm and conflicts with Debian's npm package.)
 have node || apt_pkgs+=(nodejs)
@@ -58,7 +61,7 @@ need_mqttjs=0
 have_mqttjs || need_mqttjs=1
 
 if [ ${#apt_pkgs[@]} -eq 0 ] && [ $need_paho -eq 0 ] && [ $need_mqttjs -eq 0 ]; then
-    echo "deps: all present (mosquitto, mosquitto-clients, redis-server, openssl, node with MQTT.js, $PYTHON with paho-mqtt)"
+    echo "deps: all present (mosquitto, mosquitto-clients, redis-server, openssl, promtool, node with MQTT.js, $PYTHON with paho-mqtt)"
     exit 0
 fi
 
@@ -105,7 +108,8 @@ fi
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
     echo "deps: installing Debian packages: ${apt_pkgs[*]}"
     # Do not let the packages start their own services: a Debian mosquitto daemon would take
-    # port 1883, which is Herald's. policy-rc.d is the Debian way to say so during an install.
+    # port 1883, which is Herald's (and a prometheus one 9090). policy-rc.d is the Debian way
+    # to say so during an install.
     policy=/usr/sbin/policy-rc.d
     if [ ! -e "$policy" ]; then
         printf '#!/bin/sh\nexit 101\n' >"$policy"
@@ -135,6 +139,7 @@ have mosquitto_sub || missing+=(mosquitto_sub)
 have mosquitto || missing+=(mosquitto)
 have redis-server || missing+=(redis-server)
 have openssl || missing+=(openssl)
+have promtool || missing+=(promtool)
 have node || missing+=(node)
 have npm || missing+=(npm)
 have_mqttjs || missing+=("MQTT.js in interop/node_modules")
