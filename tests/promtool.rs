@@ -72,7 +72,6 @@ const CONTRACT: &[(&str, &str, &[&str])] = &[
     ("herald_cluster_peers", "gauge", &[]),
     ("herald_cluster_links_up", "gauge", &[]),
     ("herald_mailbox_bytes", "gauge", &[]),
-    ("herald_write_buffer_bytes", "gauge", &[]),
     ("herald_connack_total", "counter", &["code"]),
     ("herald_bytes_received_total", "counter", &[]),
     ("herald_bytes_sent_total", "counter", &[]),
