@@ -324,12 +324,14 @@ impl Node {
         )
     }
 
-    /// Log lines at WARN or ERROR so far.
+    /// Log lines at WARN or ERROR so far, but for the one every start without
+    /// authentication logs.
     pub fn warnings(&self) -> Vec<String> {
         std::fs::read_to_string(&self.log)
             .unwrap_or_default()
             .lines()
             .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .filter(|l| !l.contains("no authentication configured"))
             .map(String::from)
             .collect()
     }
