@@ -8,7 +8,9 @@
 #   make interop   only the interop suite (interop/run.sh) against a fresh release build
 #   make bench     benchmarks (scripts/bench.sh)
 #   make cluster   release build, then a 3-node cluster on loopback with a private Redis until
-#                  Ctrl-C (scripts/cluster.sh); flags: make cluster ARGS='--for 30'
+#                  Ctrl-C (scripts/cluster.sh); flags: make cluster ARGS='--for 30'; a rolling
+#                  restart (each node in turn: SIGTERM, exit, start again, ready) once it is up:
+#                  make cluster ARGS='--rolling' (ends by itself with ARGS='--rolling --for 40')
 #   make attack    release build, then the network attack suite (scripts/attack.py): hostile
 #                  clients against a fresh Herald per case, memory and Redis stores, checking
 #                  Herald's RSS, honest push latency and liveness; under 10 minutes. Flags:

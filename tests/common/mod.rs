@@ -23,6 +23,7 @@
 //! a test that checks a counter starts a `process::Broker` and scrapes its own process.
 #![allow(dead_code)]
 
+pub mod fleet;
 pub mod keys;
 pub mod pki;
 pub mod process;
