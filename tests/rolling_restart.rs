@@ -46,10 +46,10 @@ const DEVICES: usize = 300;
 
 /// `[cluster] drain_duration`: short, for the test (30 s by default).
 const DRAIN: Duration = Duration::from_secs(2);
-/// How many batches the drain closes the device connections in (issue 13's design: adjust
-/// here if the drain's batching changes).
-const DRAIN_BATCHES: u32 = 10;
-/// One drain batch interval: 200 ms.
+/// How many batches the drain closes the device connections in: one every 100 ms
+/// (`server::DRAIN_BATCH_EVERY`) over `DRAIN`.
+const DRAIN_BATCHES: u32 = 20;
+/// One drain batch interval: 100 ms.
 const BATCH_INTERVAL: Duration =
     Duration::from_millis(DRAIN.as_millis() as u64 / DRAIN_BATCHES as u64);
 /// How much longer than `DRAIN` a node may take to exit after SIGTERM: the release of its
@@ -68,9 +68,9 @@ const RECONNECT_MAX: Duration = Duration::from_millis(300);
 /// 500 ms leaves room for a slower, busier machine without hiding a stall of a second.
 const GAP_SLACK: Duration = Duration::from_millis(500);
 /// The longest a device may be without a connection: its reconnect delay, then a CONNECT
-/// that the next node serves while it also takes the rest of that drain batch (30 devices
+/// that the next node serves while it also takes the rest of that drain batch (15 devices
 /// here) and, if it lags, the next batch one interval later: one batch interval for that
-/// queue, and `GAP_SLACK`. 1 s here.
+/// queue, and `GAP_SLACK`. 900 ms here.
 const MAX_GAP: Duration = BATCH_INTERVAL
     .saturating_add(RECONNECT_MAX)
     .saturating_add(GAP_SLACK);
