@@ -436,17 +436,35 @@ pub fn clock() -> Option<Instant> {
     enabled().then(Instant::now)
 }
 
+/// `clock` for one call in `SAMPLED` per thread: for operations of about a microsecond
+/// (the memory store's), where two clock reads each would cost more than the operation.
+pub fn sampled_clock() -> Option<Instant> {
+    const SAMPLED: u32 = 64;
+    thread_local! {
+        static CALLS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+    if !enabled() {
+        return None;
+    }
+    let n = CALLS.with(|c| {
+        let n = c.get().wrapping_add(1);
+        c.set(n);
+        n
+    });
+    (n % SAMPLED == 0).then(Instant::now)
+}
+
 fn micros(since: Instant) -> u64 {
     since.elapsed().as_micros().min(u128::from(u64::MAX)) as u64
 }
 
 /// A message reached its device: `born_us` is its `Message::born_us` (0: unknown, an
 /// envelope from before it was recorded, not counted).
-pub fn delivered(path: Path, replay: bool, born_us: u64) {
+pub fn delivered(path: Path, replay: bool, born_us: u64, now: &mut crate::message::Now) {
     if !enabled() || born_us == 0 {
         return;
     }
-    let us = crate::message::now_us().saturating_sub(born_us);
+    let us = now.us().saturating_sub(born_us);
     handles().delivery[path as usize][usize::from(replay)].record_us(us);
 }
 
@@ -454,6 +472,12 @@ pub fn store_op(op: StoreOp, started: Option<Instant>) {
     if let Some(t) = started {
         handles().store_ops[op as usize].record_us(micros(t));
     }
+}
+
+/// `store_op` for a batch that ended at `end` (one clock read for all of it).
+pub fn store_op_until(op: StoreOp, started: Instant, end: Instant) {
+    let us = end.saturating_duration_since(started).as_micros();
+    handles().store_ops[op as usize].record_us(us.min(u128::from(u64::MAX)) as u64);
 }
 
 /// A CONNECT was answered (any return code).

@@ -12,7 +12,7 @@ use super::{reserved_topic, End, Session};
 use crate::broker::SessionData;
 use crate::codec::{self, Packet, Publish, Subscribe, Unsubscribe};
 use crate::lograte::{self, Reason};
-use crate::message::{Message, Qos};
+use crate::message::{Message, Now, Qos};
 use crate::metrics::{self, Denied};
 use crate::outbox::StoreError;
 
@@ -20,9 +20,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     /// Decodes and handles every complete packet in `rbuf`.
     pub(super) async fn handle_input(&mut self) -> Result<(), End> {
         let max_packet = self.broker.config().server.max_packet_size;
+        let mut now = Now::default();
         loop {
             match codec::decode(&mut self.rbuf, max_packet) {
-                Ok(Some(p)) => self.handle_packet(p).await?,
+                Ok(Some(p)) => self.handle_packet(p, &mut now).await?,
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     metrics::malformed();
@@ -35,11 +36,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         }
     }
 
-    async fn handle_packet(&mut self, p: Packet) -> Result<(), End> {
+    /// `now`: the clock of this batch of packets (message birth, delivery latency).
+    async fn handle_packet(&mut self, p: Packet, now: &mut Now) -> Result<(), End> {
         match p {
-            Packet::Publish(p) => self.handle_publish(p).await?,
-            Packet::PubAck(pkid) => self.handle_puback(pkid).await?,
-            Packet::PubRec(pkid) => self.handle_pubrec(pkid).await?,
+            Packet::Publish(p) => self.handle_publish(p, now).await?,
+            Packet::PubAck(pkid) => self.handle_puback(pkid, now).await?,
+            Packet::PubRec(pkid) => self.handle_pubrec(pkid, now).await?,
             Packet::PubRel(pkid) => self.handle_pubrel(pkid),
             Packet::PubComp(pkid) => self.handle_pubcomp(pkid),
             Packet::Subscribe(s) => self.handle_subscribe(s).await?,
@@ -54,7 +56,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         Ok(())
     }
 
-    async fn handle_publish(&mut self, p: Publish) -> Result<(), End> {
+    async fn handle_publish(&mut self, p: Publish, now: &mut Now) -> Result<(), End> {
         metrics::received(p.qos as u8);
         let (qos, pkid) = (p.qos, p.pkid);
         if qos == Qos::ExactlyOnce
@@ -86,7 +88,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             qos,
             retain: p.retain,
             expires_at: 0,
-            born_us: crate::message::now_us(),
+            born_us: now.us(),
             forwarded: false,
         };
         let size = msg.size();
@@ -147,15 +149,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     }
 
     /// PUBACK for a QoS 1 message we sent.
-    async fn handle_puback(&mut self, pkid: u16) -> Result<(), End> {
-        self.acked(pkid, Qos::AtLeastOnce).await;
+    async fn handle_puback(&mut self, pkid: u16, now: &mut Now) -> Result<(), End> {
+        self.acked(pkid, Qos::AtLeastOnce, now).await;
         Ok(())
     }
 
     /// PUBREC for a QoS 2 message we sent: it leaves the outbox and waits for PUBCOMP. A
     /// PUBREC for one already released (a resend) is answered again.
-    async fn handle_pubrec(&mut self, pkid: u16) -> Result<(), End> {
-        if self.acked(pkid, Qos::ExactlyOnce).await || self.awaiting_pubcomp(pkid) {
+    async fn handle_pubrec(&mut self, pkid: u16, now: &mut Now) -> Result<(), End> {
+        if self.acked(pkid, Qos::ExactlyOnce, now).await || self.awaiting_pubcomp(pkid) {
             if !self.awaiting_pubcomp(pkid) {
                 self.data_mut().awaiting_pubcomp.push(pkid);
             }
@@ -243,7 +245,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     }
 
     /// PUBACK (QoS 1) or PUBREC (QoS 2) for an in-flight message: delete it from the outbox.
-    async fn acked(&mut self, pkid: u16, qos: Qos) -> bool {
+    async fn acked(&mut self, pkid: u16, qos: Qos, now: &mut Now) -> bool {
         let Some(i) = self
             .inflight
             .iter()
@@ -253,7 +255,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         };
         let f = self.inflight.remove(i);
         let seq = f.seq;
-        metrics::delivered(f.path, f.replay, f.born_us);
+        metrics::delivered(f.path, f.replay, f.born_us, now);
         metrics::acked();
         self.broker.outbox().ack(&self.client, seq).await;
         true

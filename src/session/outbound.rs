@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::{InFlight, Session};
 use crate::codec;
 use crate::mailbox::Delivery;
-use crate::message::{packet_id, Message, Qos};
+use crate::message::{packet_id, Message, Now, Qos};
 use crate::metrics;
 use crate::outbox::{Entry, StoreError};
 
@@ -28,15 +28,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         self.mail = self
             .mailbox
             .drain(&mut deliveries, room, self.wbuf.is_empty());
+        let mut now = Now::default();
         for d in deliveries {
-            self.take_delivery(d).await;
+            self.take_delivery(d, &mut now).await;
         }
         if self.mailbox.take_lost_hint() {
             self.backlog = true;
         }
     }
 
-    async fn take_delivery(&mut self, d: Delivery) {
+    async fn take_delivery(&mut self, d: Delivery, now: &mut Now) {
         match d {
             Delivery::Direct(msg) => {
                 if !self.may_read(&msg.topic) {
@@ -52,7 +53,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                     false,
                 );
                 metrics::sent(0);
-                metrics::delivered(path_of(&msg), false, msg.born_us);
+                metrics::delivered(path_of(&msg), false, msg.born_us, now);
             }
             Delivery::Stored { seq, qos, msg } => {
                 if self.backlog || seq < self.next_seq {

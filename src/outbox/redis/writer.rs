@@ -332,8 +332,11 @@ pub(super) async fn write_loop(mut hot: Hot, mut rx: mpsc::Receiver<Write>, heal
         if health.is_up() {
             apply(&mut hot, &mut out, &mut acks, &mut sent, &health).await;
         }
-        for t in started.drain(..) {
-            metrics::store_op(metrics::StoreOp::Ack, Some(t));
+        if !started.is_empty() {
+            let end = std::time::Instant::now();
+            for t in started.drain(..) {
+                metrics::store_op_until(metrics::StoreOp::Ack, t, end);
+            }
         }
         // Lost acks (Redis down) come back as duplicates after a reconnect: late, never
         // lost.
