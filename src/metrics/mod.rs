@@ -451,7 +451,7 @@ pub fn sampled_clock() -> Option<Instant> {
         c.set(n);
         n
     });
-    (n % SAMPLED == 0).then(Instant::now)
+    n.is_multiple_of(SAMPLED).then(Instant::now)
 }
 
 fn micros(since: Instant) -> u64 {
