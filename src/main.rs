@@ -60,7 +60,7 @@ struct Cli {
     /// Mosquitto-style ACL file (auth.acl_file).
     #[arg(long, value_name = "PATH")]
     acl_file: Option<PathBuf>,
-    /// Prometheus /metrics listener (metrics.listen).
+    /// Operations listener (metrics.listen): GET /metrics, /healthz, /readyz, POST /admin/drain.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_listen: Option<SocketAddr>,
     /// Where outboxes, sessions and retained messages live (store.kind).
