@@ -316,7 +316,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             publisher: false,
             retry_later: false,
             sent_gate: None,
-            connected_us: crate::message::now_us(),
         };
         // QoS 2 messages released before the last connection dropped: finish them first.
         if let Some(d) = &s.data {

@@ -203,8 +203,6 @@ struct Session<S> {
     /// The sent watermark for the newest PUBLISH in `wbuf` is being written: the socket
     /// is not written until it is stored (write-ahead, for DUP after a crash).
     sent_gate: Option<tokio::sync::oneshot::Receiver<()>>,
-    /// Unix µs of CONNACK: a message born before it is a replay.
-    connected_us: u64,
 }
 
 /// What a CONNECT gave a session besides its client id.

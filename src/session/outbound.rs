@@ -142,7 +142,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             qos: e.qos,
             born_us: e.msg.born_us,
             path: path_of(&e.msg),
-            replay: e.msg.born_us < self.connected_us,
+            // The connection id is when it started (`Broker::new_conn_id`).
+            replay: e.msg.born_us < self.mailbox.conn_id(),
         });
         self.next_seq = e.seq + 1;
         self.mailbox.saw(e.seq);

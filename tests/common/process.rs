@@ -526,7 +526,13 @@ impl Broker {
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, toml).expect("write the broker's config");
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        // Two free ports asked for one after the other can be the same one.
+        let metrics = loop {
+            let p = free_port();
+            if p != addr.port() {
+                break SocketAddr::from(([127, 0, 0, 1], p));
+            }
+        };
         let mut args: Vec<String> = vec![
             "--config".into(),
             config.display().to_string(),
