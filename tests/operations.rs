@@ -309,3 +309,42 @@ async fn a_cluster_node_drains_over_http_and_exits_zero() {
         Some("drain-a")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_cuts_the_drain_short() {
+    let redis = RedisServer::start();
+    let how = Launch {
+        args: vec![
+            "--cluster-listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--node-id".into(),
+            "impatient".into(),
+        ],
+        redis_url: Some(redis.url()),
+        ..Launch::default()
+    };
+    let mut b = Broker::launch("[cluster]\ndrain_duration = \"60s\"\n", how).await;
+    let mut devices = Vec::new();
+    for i in 0..20 {
+        devices.push(device(b.addr(), &format!("impatient-dev-{i}")).await);
+    }
+    let term = || {
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &b.pid().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(ok.success());
+    };
+    term();
+    // The drain has begun (a minute of it): not ready any more.
+    wait_ready_status(&b, 503, WAIT).await;
+    let second = tokio::time::Instant::now();
+    term();
+    let status = b
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("the second SIGTERM ends the process at once");
+    println!("exited {:?} after the second SIGTERM", second.elapsed());
+    assert!(!status.success(), "cut short: {status}");
+    assert!(b.log().contains("second stop signal"), "{}", b.log());
+}
