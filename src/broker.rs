@@ -23,6 +23,7 @@ use crate::auth::Auth;
 use crate::cluster::{self, Claim, Cluster};
 use crate::config::Config;
 use crate::mailbox::{Delivery, Kick, Limits as MailboxLimits, Mailbox};
+use crate::keepalive::Deadlines;
 use crate::memguard::MemGuard;
 use crate::message::{now_ms, ClientId, Message, Qos};
 use crate::metrics;
@@ -106,6 +107,8 @@ pub struct Broker {
     /// Who may connect and what they may do.
     auth: Arc<Auth>,
     guard: MemGuard,
+    /// Connections by keepalive deadline.
+    deadlines: Deadlines,
     /// Unix ms from which silence counts against a client's keepalive: moved forward after
     /// the node itself stalled, and while the memory guard holds publishers' sockets unread,
     /// so that no client is cut off for the node's own pause.
@@ -147,6 +150,7 @@ impl Broker {
             incarnation: now_ms() ^ u64::from(std::process::id()) << 40,
             guard: MemGuard::new(config.server.max_memory),
             silence_from: AtomicU64::new(0),
+            deadlines: Deadlines::default(),
             config,
             cluster,
             auth,
@@ -235,6 +239,8 @@ impl Broker {
             e.route = CLAIMING;
             e.conn.replace(mailbox.clone())
         };
+        self.deadlines
+            .watch(&mailbox, self.silence_from.load(Ordering::Relaxed));
         if let Some(old) = old {
             metrics::takeover();
             if crate::lograte::allow(crate::lograte::Reason::Takeover) {
@@ -637,17 +643,17 @@ impl Broker {
         }
     }
 
-    /// Kicks every connection silent for 1.5 times its keepalive, and wakes the ones waiting
-    /// to retry their outbox. Run a few times a second by the server: one pass over the
-    /// table instead of a timer per connection.
+    /// Kicks the connections whose keepalive ran out and wakes the ones waiting to retry
+    /// their outbox: only those whose deadline came (`keepalive`), not every connection.
+    /// Run a few times a second by the server.
     pub fn check_keepalives(&self) {
-        let now = now_ms();
         let from = self.silence_from.load(Ordering::Relaxed);
-        for e in self.clients.iter() {
-            if let Some(mb) = &e.conn {
-                mb.check(now, from);
-            }
-        }
+        self.deadlines.tick(now_ms(), from);
+    }
+
+    /// Wakes `mailbox`'s connection on the next tick (its outbox read failed).
+    pub fn retry_later(&self, mailbox: &Arc<Mailbox>) {
+        self.deadlines.retry(mailbox);
     }
 
     /// Connected clients on this node.

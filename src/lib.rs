@@ -14,7 +14,8 @@
 //!   messages a new subscription gets.
 //! - `outbox`: the per-client store of unacknowledged QoS 1/2 messages (source of truth).
 //! - `redis`: everything that talks to Redis: key schema, scripts, connection, health.
-//! - `mailbox`: hands live messages (hints) from the broker to a connection task.
+//! - `mailbox`: hands live messages (hints) from the broker to a connection task;
+//!   `keepalive` files connections by deadline, so idle ones cost no periodic work.
 //! - `cluster`: many nodes over one Redis: route table, node registry, interest,
 //!   forwarding, the sweep, the node-to-node link.
 //! - `descriptors`: the descriptor limit, the connection capacity it allows, EMFILE.
@@ -41,6 +42,7 @@ pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod descriptors;
+pub mod keepalive;
 pub mod lograte;
 pub mod mailbox;
 pub mod memguard;

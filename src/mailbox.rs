@@ -77,8 +77,6 @@ pub struct Mailbox {
     waker: AtomicWaker,
     signal: AtomicBool,
     lost_hint: AtomicBool,
-    /// The connection could not read its outbox and wants a wake-up from the periodic pass.
-    retry: AtomicBool,
     kick: AtomicU8,
     done: AtomicBool,
     /// Unix ms of the last packet from the client.
@@ -103,7 +101,6 @@ impl Mailbox {
             waker: AtomicWaker::new(),
             signal: AtomicBool::new(false),
             lost_hint: AtomicBool::new(false),
-            retry: AtomicBool::new(false),
             kick: AtomicU8::new(0),
             done: AtomicBool::new(false),
             last_seen: AtomicU64::new(crate::message::now_ms()),
@@ -228,11 +225,6 @@ impl Mailbox {
         self.last_seen.store(now_ms, Ordering::Relaxed);
     }
 
-    /// Asks the periodic pass for a wake-up (after a failed outbox read).
-    pub fn want_retry(&self) {
-        self.retry.store(true, Ordering::Release);
-    }
-
     /// Wakes the connection with nothing to do but look again (its socket, its mailbox).
     pub fn wake(&self) {
         self.notify();
@@ -243,17 +235,16 @@ impl Mailbox {
         self.queue.lock().bytes
     }
 
-    /// The periodic pass: kicks the connection if the client has been silent for 1.5 times
-    /// its keepalive, counting from `silence_from` at the earliest, and wakes it if it asked
-    /// for a retry.
-    pub fn check(&self, now_ms: u64, silence_from: u64) {
-        if self.retry.swap(false, Ordering::AcqRel) {
-            self.notify();
-        }
+    /// When the client's keepalive runs out: 1.5 times it after its last packet, counting
+    /// silence from `silence_from` at the earliest. `None` without a keepalive.
+    pub fn deadline(&self, silence_from: u64) -> Option<u64> {
         let last = self.last_seen.load(Ordering::Relaxed).max(silence_from);
-        if self.expire_after > 0 && now_ms.saturating_sub(last) >= self.expire_after {
-            self.kick(Kick::Keepalive);
-        }
+        (self.expire_after > 0).then(|| last + self.expire_after)
+    }
+
+    /// The connection has finished (`mark_done`).
+    pub fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
     }
 
     /// The connection has finished its cleanup (will published, session saved).

@@ -262,7 +262,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                     // the outbox again when the broker's periodic pass wakes us.
                     tracing::debug!(client = %self.client, error = %e, "outbox read failed, retrying later");
                     self.retry_later = true;
-                    self.mailbox.want_retry();
+                    self.broker.retry_later(&self.mailbox);
                 }
             }
             let woke = match poll_fn(|cx| self.poll_io(cx)).await {

@@ -43,6 +43,13 @@ const SPECS: &[Spec] = &[
         Some(("<=", 1.0)),
     ),
     spec("idle", "idle_cpu_pct", "broker CPU while idle", "%", None),
+    spec(
+        "idle",
+        "idle_cpu_us_per_conn_min",
+        "broker CPU per idle connection per minute",
+        "us",
+        Some(("<=", 1.0)),
+    ),
     spec("idle", "connected", "connected", "", None),
     spec("idle", "rss_before", "broker RSS before", "MB", None),
     spec(

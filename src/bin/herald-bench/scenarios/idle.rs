@@ -95,6 +95,17 @@ pub async fn idle(o: &Opts, target: &Target, n: usize) -> ScenarioResult {
     let idle_cpu = probe.since(&idle_mark);
     let rss2 = probe.rss();
     r.opt_metric("idle_cpu_pct", idle_cpu.broker_pct);
+    // The broker's CPU per idle connection per minute: what the node's periodic work costs
+    // a connection that only sits there (from /proc's 10 ms ticks: over 30 s with 19,000
+    // connections one tick is about 1 µs here).
+    if connected > 0 && o.idle_secs > 0.0 {
+        r.opt_metric(
+            "idle_cpu_us_per_conn_min",
+            idle_cpu
+                .broker_secs
+                .map(|s| s * 1e6 / connected as f64 / (o.idle_secs / 60.0)),
+        );
+    }
     r.opt_metric("idle_bench_cpu_pct", idle_cpu.own_pct);
     r.opt_metric("rss_before", rss0.map(|v| v as f64));
     r.opt_metric("rss_after_connect", rss1.map(|v| v as f64));
