@@ -171,8 +171,23 @@ impl Cluster {
             self.security.clone(),
             stop.clone(),
         ));
+        tokio::spawn(self.clone().sweep_loop(local.clone(), stop.clone()));
         tokio::spawn(self.clone().run(local, stop));
         Ok(())
+    }
+
+    /// The sweep, in a task of its own: a sweep over very many connections (a round trip
+    /// per 500) must not delay the alive key's refresh, or past two thirds of `node_ttl`
+    /// the node would look dead to its peers.
+    async fn sweep_loop(self: Arc<Self>, local: Arc<dyn Local>, stop: CancellationToken) {
+        let mut sweep = tokio::time::interval(self.sweep_interval);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = sweep.tick() => self.sweep(&*local).await,
+            }
+        }
     }
 
     /// Other live nodes, as last read from the registry.
@@ -183,9 +198,7 @@ impl Cluster {
     async fn run(self: Arc<Self>, local: Arc<dyn Local>, stop: CancellationToken) {
         let mut refresh = tokio::time::interval(REFRESH_EVERY);
         let mut heartbeat = tokio::time::interval(self.node_ttl / 3);
-        let mut sweep = tokio::time::interval(self.sweep_interval);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut interest_pending = false;
         loop {
             tokio::select! {
@@ -206,7 +219,6 @@ impl Cluster {
                 _ = self.interest_dirty.notified() => {
                     interest_pending = self.write_interest(local.filters()).await.is_err();
                 }
-                _ = sweep.tick() => self.sweep(&*local).await,
             }
         }
     }
