@@ -436,7 +436,7 @@ run_case() {
         return 0
     fi
     local rc store=() extra=()
-    [ -n "$REDIS_PID" ] && store=(--store-pid "$REDIS_PID")
+    [ -n "$REDIS_PID" ] && store=(--store-pid "$REDIS_PID" --store-addr "127.0.0.1:$REDIS_PORT")
     case $kind in
     *-tls | *-tls-nodelay) extra=(--tls --cafile "$PKI/ca.pem") ;;
     herald-auth | herald-storm) extra=(--username "$BENCH_USER" --password "$BENCH_PASSWORD") ;;
