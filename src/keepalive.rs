@@ -123,7 +123,11 @@ mod tests {
         d.tick(t0 + 15_250, t0 + 14_000);
         assert_eq!(mb.kicked(), None);
         drop(mb);
-        assert_eq!(d.tick(t0 + 30_000, 0), 0, "a closed connection is forgotten");
+        assert_eq!(
+            d.tick(t0 + 30_000, 0),
+            0,
+            "a closed connection is forgotten"
+        );
         assert!(d.is_empty());
     }
 }

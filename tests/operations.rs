@@ -9,7 +9,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::process::{free_port, Broker, Launch, RedisServer};
+use common::process::{Broker, Launch, RedisServer};
 use common::{wait_until, ConnectReturnCode, Event, Opts, Packet, QoS, Raw, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -227,7 +227,7 @@ async fn a_cluster_node_drains_over_http_and_exits_zero() {
         name: Some(id.into()),
         args: vec![
             "--cluster-listen".into(),
-            format!("127.0.0.1:{}", free_port()),
+            "127.0.0.1:0".into(),
             "--node-id".into(),
             id.into(),
         ],
@@ -261,6 +261,8 @@ async fn a_cluster_node_drains_over_http_and_exits_zero() {
     )
     .await;
     b.wait_metric("herald_cluster_peers", 1.0).await;
+    // A link to every live peer, dialled before any forward needs it.
+    a.wait_metric("herald_cluster_links_up", 1.0).await;
 
     let started = tokio::time::Instant::now();
     let (code, body) = http(b.metrics_addr(), "POST", "/admin/drain").await;
@@ -316,7 +318,7 @@ async fn a_second_sigterm_cuts_the_drain_short() {
     let how = Launch {
         args: vec![
             "--cluster-listen".into(),
-            format!("127.0.0.1:{}", free_port()),
+            "127.0.0.1:0".into(),
             "--node-id".into(),
             "impatient".into(),
         ],

@@ -7,6 +7,7 @@
 //! forwarded push, the node on two cores: `Cluster::send`, lock included, is about 2 % of
 //! the node's CPU and the lock's slow path never shows (BENCHMARKS.md, "Locks").
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -31,17 +32,7 @@ impl Cluster {
         ack: bool,
     ) -> Result<Option<tokio::sync::oneshot::Receiver<()>>, ()> {
         let mut peers = self.peers.lock();
-        if !peers
-            .get(node)
-            .is_some_and(|p| p.addr == addr && !p.is_closed())
-        {
-            let p = Peer::start(
-                addr,
-                format!("$herald/{}/{}", self.id, self.inc),
-                self.security.clone(),
-            );
-            peers.insert(Arc::from(node), p);
-        }
+        self.link_to(&mut peers, node, addr);
         let sent = peers.get(node).map_or(Err(()), |p| p.send(frame, ack));
         if sent.is_err() {
             metrics::forward_failed();
@@ -72,9 +63,30 @@ impl Cluster {
         }
     }
 
-    /// Drops the links to nodes that left the alive table.
-    pub(super) fn forget_peers_not_in<V>(&self, alive: &std::collections::HashMap<Arc<str>, V>) {
-        self.peers.lock().retain(|n, _| alive.contains_key(n));
+    /// Starts the link to `node` at `addr` unless one is there.
+    fn link_to(&self, peers: &mut HashMap<Arc<str>, Peer>, node: &str, addr: SocketAddr) {
+        if !peers
+            .get(node)
+            .is_some_and(|p| p.addr == addr && !p.is_closed())
+        {
+            let p = Peer::start(
+                addr,
+                format!("$herald/{}/{}", self.id, self.inc),
+                self.security.clone(),
+            );
+            peers.insert(Arc::from(node), p);
+        }
+    }
+
+    /// Keeps a link to every live node, dialled before the first forward (so that
+    /// `herald_cluster_links_up` below `herald_cluster_peers` means a peer this node
+    /// cannot reach), and drops the links to nodes that left the alive table.
+    pub(super) fn sync_links(&self, alive: &HashMap<Arc<str>, super::registry::NodeInfo>) {
+        let mut peers = self.peers.lock();
+        peers.retain(|n, _| alive.contains_key(n));
+        for (node, info) in alive {
+            self.link_to(&mut peers, node, info.addr);
+        }
     }
 
     /// Tells the node `client` is connected to (if another, live one) that its outbox has

@@ -137,7 +137,7 @@ impl Cluster {
         };
         self.interest_refresh(changed_members, version.unwrap_or(0))
             .await?;
-        self.forget_peers_not_in(&self.nodes.read());
+        self.sync_links(&self.nodes.read());
         Ok(())
     }
 

@@ -10,7 +10,7 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
     ("herald_cluster_forward_failures_total", "Forwards that could not be handed to their peer (link down, queue full, no answer); the sweep makes up for them."),
     ("herald_cluster_forwards_received_total", "Forwards received from other nodes, by kind."),
     ("herald_cluster_forwards_total", "Forwards sent to other nodes, by kind."),
-    ("herald_cluster_links_up", "Node-to-node links currently connected."),
+    ("herald_cluster_links_up", "Node-to-node links currently connected (one is kept to every live peer)."),
     ("herald_cluster_peers", "Other live nodes in the node registry."),
     ("herald_cluster_remote_kicks_total", "Connections closed because their client connected to another node."),
     ("herald_cluster_stale_routes_total", "Routes naming a dead node or an old incarnation, ignored."),
