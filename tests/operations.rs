@@ -264,7 +264,8 @@ async fn a_cluster_node_drains_over_http_and_exits_zero() {
     // A link to every live peer, dialled before any forward needs it: b has forwarded
     // nothing to a.
     b.wait_metric("herald_cluster_links_up", 1.0).await;
-    b.assert_metric("herald_cluster_forwards_total{kind=\"push\"}", 0.0).await;
+    b.assert_metric("herald_cluster_forwards_total{kind=\"push\"}", 0.0)
+        .await;
 
     let started = tokio::time::Instant::now();
     let (code, body) = http(b.metrics_addr(), "POST", "/admin/drain").await;
