@@ -26,12 +26,6 @@ pub struct Admin {
     pub can_drain: bool,
 }
 
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
-}
-
 fn answer(status: StatusCode, body: impl Into<String>) -> Response {
     let close = [(header::CONNECTION, "close")];
     (status, close, body.into()).into_response()

@@ -656,24 +656,10 @@ impl Broker {
         self.deadlines.retry(mailbox);
     }
 
-    /// Connected clients on this node.
-    pub fn connected(&self) -> usize {
-        self.clients.iter().filter(|e| e.conn.is_some()).count()
-    }
-
-    /// Asks up to `n` connections not asked yet to close (a drain's batch: no wills, the
-    /// devices are moving, not gone).
-    pub fn close_some(&self, n: usize) {
-        let mut asked = 0;
-        for e in self.clients.iter() {
-            if asked == n {
-                return;
-            }
-            if let Some(mb) = e.conn.as_ref().filter(|mb| mb.kicked().is_none()) {
-                mb.kick(Kick::Shutdown);
-                asked += 1;
-            }
-        }
+    /// The mailboxes of the clients connected now (a drain closes them in batches with
+    /// `Kick::Shutdown`: no wills, the devices are moving, not gone).
+    pub fn mailboxes(&self) -> Vec<Arc<Mailbox>> {
+        self.clients.iter().filter_map(|e| e.conn.clone()).collect()
     }
 
     /// Sessions online and offline, and the bytes waiting in mailboxes: a pass over every

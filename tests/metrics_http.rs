@@ -5,20 +5,11 @@ mod common;
 
 use std::net::SocketAddr;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
 /// The whole answer to `GET path`, read until the server closes the connection.
 async fn get(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let req = format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n");
-    s.write_all(req.as_bytes()).await.expect("send");
-    let mut out = String::new();
-    tokio::time::timeout(common::WAIT, s.read_to_string(&mut out))
+    common::http_raw(addr, "GET", path)
         .await
         .expect("the server closes the connection after its answer")
-        .expect("read");
-    out
 }
 
 #[tokio::test]

@@ -10,28 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::process::{Broker, Launch, RedisServer};
-use common::{wait_until, ConnectReturnCode, Event, Opts, Packet, QoS, Raw, WAIT};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
-/// `METHOD path` on the metrics listener: the status code and the body.
-async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let req = format!("{method} {path} HTTP/1.1\r\nhost: test\r\ncontent-length: 0\r\n\r\n");
-    s.write_all(req.as_bytes()).await.expect("send");
-    let mut out = String::new();
-    tokio::time::timeout(WAIT, s.read_to_string(&mut out))
-        .await
-        .expect("the server closes the connection after its answer")
-        .expect("read");
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
-}
+use common::{http, wait_until, ConnectReturnCode, Event, Opts, Packet, QoS, Raw, WAIT};
 
 /// Waits until `/readyz` answers `status`.
 async fn wait_ready_status(b: &Broker, status: u16, within: Duration) {

@@ -470,7 +470,7 @@ pub fn delivered(path: Path, replay: bool, born_us: u64, now: &mut crate::messag
 
 pub fn store_op(op: StoreOp, started: Option<Instant>) {
     if let Some(t) = started {
-        handles().store_ops[op as usize].record_us(micros(t));
+        store_op_until(op, t, Instant::now());
     }
 }
 

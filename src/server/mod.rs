@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::config::StoreKind;
 use crate::descriptors;
 use crate::lograte;
+use crate::mailbox::Kick;
 use crate::metrics;
 use crate::outbox::Store;
 use crate::readiness::Readiness;
@@ -127,14 +128,8 @@ impl Server {
             _ => None,
         };
         let auth = Arc::new(Auth::load(&config).map_err(std::io::Error::other)?);
-        let metrics_listener = match config.metrics.listen {
-            Some(addr) => Some(admin::bind(addr).await?),
-            None => None,
-        };
-        let metrics_addr = match &metrics_listener {
-            Some(l) => Some(l.local_addr()?),
-            None => None,
-        };
+        let metrics_listener = bind(config.metrics.listen).await?;
+        let metrics_addr = local(&metrics_listener)?;
         let shutdown = CancellationToken::new();
         let readiness = Arc::new(Readiness::new());
         let drain_requested = CancellationToken::new();
@@ -375,23 +370,25 @@ impl Server {
         metrics::readiness(false, true);
         self.accepting.cancel();
         let period = self.broker.config().cluster.drain_duration;
-        let open = self.broker.connected();
+        // One pass over the client table, not one per batch.
+        let open = self.broker.mailboxes();
         let batches = (period.as_millis() / DRAIN_BATCH_EVERY.as_millis()).max(1) as usize;
         tracing::info!(
-            connections = open,
+            connections = open.len(),
             duration_ms = period.as_millis() as u64,
             batches,
             "draining: not ready, not accepting, closing connections in batches (a second stop signal exits at once)"
         );
         let mut tick = tokio::time::interval(period / batches as u32);
-        for left in (1..=batches).rev() {
+        for batch in open.chunks(open.len().div_ceil(batches).max(1)) {
             tick.tick().await;
-            let remaining = self.broker.connected();
-            if remaining == 0 {
-                break;
+            for mb in batch {
+                mb.kick(Kick::Shutdown);
             }
-            self.broker.close_some(remaining.div_ceil(left));
         }
+        // Any connection that attached after the list was taken (its handshake was under
+        // way when accepting stopped).
+        self.broker.close_all();
         if tokio::time::timeout(self.timeout, self.connections.all_closed())
             .await
             .is_err()

@@ -18,7 +18,6 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::time::{timeout, Instant};
@@ -134,26 +133,9 @@ pub async fn mqtt_connect(
 
 /// The status code of `GET path` on `addr`, or `None` if nothing answers within a second.
 pub async fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    let get = async {
-        let mut s = TcpStream::connect(addr).await.ok()?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .ok()?;
-        let mut head = Vec::new();
-        let mut buf = [0u8; 256];
-        // "HTTP/1.1 200 ..."
-        while head.len() < 12 {
-            let n = s.read(&mut buf).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
-    };
-    timeout(Duration::from_secs(1), get).await.ok().flatten()
+    let get = super::http_raw(addr, "GET", path);
+    let out = timeout(Duration::from_secs(1), get).await.ok().flatten()?;
+    super::http_status_of(&out)
 }
 
 /// How a started node showed it was ready.

@@ -364,15 +364,40 @@ pub fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// `METHOD path` on a broker's metrics listener: the whole response, read until the
+/// server closes the connection (every answer does); `None` if nothing answers, or the
+/// answer does not end within `WAIT`.
+pub async fn http_raw(addr: SocketAddr, method: &str, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    let req = format!("{method} {path} HTTP/1.1\r\nhost: test\r\ncontent-length: 0\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut out = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    Some(out)
+}
+
+/// The status code of an `http_raw` response.
+pub fn http_status_of(response: &str) -> Option<u16> {
+    response.split(' ').nth(1)?.parse().ok()
+}
+
+/// `METHOD path` on a broker's metrics listener: the status code and the body.
+pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let out = http_raw(addr, method, path)
+        .await
+        .unwrap_or_else(|| panic!("no whole answer to {method} {path} from {addr}"));
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (http_status_of(&out).unwrap_or(0), body)
+}
+
 /// `GET /metrics` from a broker process's metrics listener: the response.
 pub async fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).await.expect("connect to /metrics");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: test\r\n\r\n")
+    http_raw(addr, "GET", "/metrics")
         .await
-        .expect("send the request");
-    let mut body = String::new();
-    let _ = tokio::time::timeout(WAIT, s.read_to_string(&mut body)).await;
-    body
+        .expect("connect to /metrics")
 }
 
 /// `scrape` in plain blocking I/O with short timeouts, empty if nothing answers: for a

@@ -223,10 +223,7 @@ impl RedisOutbox {
         // Watermarks go over the writer's own connection: wait for the ones queued so far
         // (a connection taken over a moment ago), or this read could miss them and resend
         // without DUP.
-        let (done, flushed) = oneshot::channel();
-        if self.writes.send(Write::Barrier(done)).await.is_ok() {
-            let _ = tokio::time::timeout(CALL_TIMEOUT, flushed).await;
-        }
+        self.flush().await;
         let (present, sent): (u8, u64) = self
             .redis
             .evalsha(
