@@ -32,8 +32,9 @@ What it does:
          (after --warmup s) is less than --rss-growth % (default 10) above the first third's;
      (c) Herald's open fds back to the baseline + --fd-slack once every client is gone;
      (d) Redis back to its baseline: keys other than the kinds Herald keeps by design
-         (--persistent-kinds, default `seq`: herald:seq:{cid} is a per-client counter that never
-         expires, src/outbox/redis.rs) back to the baseline count, and used_memory within
+         (--persistent-kinds, default `box`: herald:box:{cid}, a client's outbox, a stream that
+         stays, empty, until its TTL (session.message_ttl) once it has held a message, see
+         src/redis/keys.rs) back to the baseline count, and used_memory within
          --redis-slack-mb of the baseline plus what those kept keys take (MEMORY USAGE of a
          sample of them times their number);
      (e) no protocol anomalies: no PUBLISH on the wrong device's connection, no redelivery
@@ -230,7 +231,7 @@ def redis_memory_stats(port):
 
 
 def redis_keys_by_kind(port, sample_per_kind=0):
-    """SCAN of the whole keyspace: {kind: count}, kind = `seq` for herald:seq:{..}, the whole
+    """SCAN of the whole keyspace: {kind: count}, kind = `box` for herald:box:{..}, the whole
     key for keys without a client part, `other` for keys not Herald's. With sample_per_kind,
     also {kind: [a few key names]} (for MEMORY USAGE)."""
     counts, samples = {}, {}
@@ -1430,7 +1431,7 @@ def parse_args(argv):
     p.add_argument("--fd-slack", type=int, default=5, help="check (c): fds allowed over the baseline")
     p.add_argument("--redis-slack-mb", type=float, default=2,
                    help="check (d): used_memory allowed over the baseline plus the kept keys (MB)")
-    p.add_argument("--persistent-kinds", type=lambda s: [x for x in s.split(",") if x], default=["seq"],
+    p.add_argument("--persistent-kinds", type=lambda s: [x for x in s.split(",") if x], default=["box"],
                    help="check (d): key kinds (herald:KIND:{cid}) Herald keeps by design after a clean session")
     p.add_argument("--id-prefix", default="soak-", help="client id prefix")
     p.add_argument("--seed", type=int, help="random seed (default: time)")

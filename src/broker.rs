@@ -27,7 +27,7 @@ use crate::mailbox::{Delivery, Kick, Limits as MailboxLimits, Mailbox};
 use crate::memguard::MemGuard;
 use crate::message::{now_ms, ClientId, Message, Qos};
 use crate::metrics;
-use crate::outbox::{Enqueued, Outbox, Store, StoreError};
+use crate::outbox::{Enqueued, Outbox, Store, StoreError, Stored};
 use crate::retained::Retained;
 use crate::subscriptions::Subscriptions;
 use crate::topic::PushTemplate;
@@ -92,6 +92,8 @@ pub struct Attached {
     pub data: Option<Box<SessionData>>,
     /// Outbox entries at or below this sequence number may have been sent before: DUP = 1.
     pub sent_watermark: u64,
+    /// Live outbox entries at or below this one may have been sent before (`Attach`).
+    pub replay_to: u64,
 }
 
 pub struct Broker {
@@ -127,6 +129,7 @@ impl Broker {
         cluster: Option<Arc<Cluster>>,
         auth: Arc<Auth>,
     ) -> Result<Broker, StoreError> {
+        store.upgrade().await?;
         let subscriptions = Subscriptions::default();
         if cluster.is_none() {
             for (client, filter, qos) in store.load_subscriptions().await? {
@@ -268,7 +271,7 @@ impl Broker {
         };
         let stored = match &claimed {
             Err(e) => Err(e.clone()),
-            Ok(_) => self.store.attach(client, clean).await,
+            Ok(_) => self.store.attach(client, clean, conn_id).await,
         };
         let stored = match stored {
             Ok(a) => {
@@ -306,6 +309,7 @@ impl Broker {
             session_present: !clean && (existed || stored.session_present),
             data: saved.filter(|_| !clean),
             sent_watermark: stored.sent_watermark,
+            replay_to: stored.replay_to,
         })
     }
 
@@ -392,7 +396,13 @@ impl Broker {
         if let Some(mb) = self.mailbox(client) {
             let d = match qos {
                 Qos::AtMostOnce => Delivery::Direct(msg),
-                _ => Delivery::Stored { seq, qos, msg },
+                // The peer read the route with the store: the entry is live.
+                _ => Delivery::Stored {
+                    seq,
+                    qos,
+                    msg,
+                    live: true,
+                },
             };
             mb.push(d, self.mailbox_limits());
         }
@@ -609,7 +619,10 @@ impl Broker {
         msg: Arc<Message>,
         anywhere: bool,
     ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
-        let stored = (qos != Qos::AtMostOnce).then(|| self.store.enqueue(&client, qos, &msg));
+        let stored = (qos != Qos::AtMostOnce).then(|| {
+            let live = self.store.is_remote() && self.mailbox(&client).is_some();
+            self.store.enqueue(&client, qos, &msg, live)
+        });
         let broker = self.clone();
         async move {
             let Some(stored) = stored else {
@@ -620,9 +633,13 @@ impl Broker {
                 }
                 return Ok(());
             };
-            let (seq, route) = match stored.await {
-                Ok((Enqueued::Stored(seq), route)) => (seq, route),
-                Ok((Enqueued::Rejected, _)) => return Ok(()),
+            let (seq, route, live) = match stored.await {
+                Ok(Stored {
+                    outcome: Enqueued::Stored(seq),
+                    route,
+                    live,
+                }) => (seq, route, live),
+                Ok(_) => return Ok(()),
                 Err(e) => {
                     metrics::store_error();
                     return Err(e);
@@ -631,7 +648,13 @@ impl Broker {
             // Looked up after the store so that a connection registered meanwhile either
             // sees the entry in its first outbox read or gets this hint.
             if let Some(mb) = broker.mailbox(&client) {
-                mb.push(Delivery::Stored { seq, qos, msg }, broker.mailbox_limits());
+                let d = Delivery::Stored {
+                    seq,
+                    qos,
+                    msg,
+                    live,
+                };
+                mb.push(d, broker.mailbox_limits());
             } else if let Some(c) = broker
                 .cluster
                 .as_ref()

@@ -32,6 +32,8 @@ pub enum Delivery {
         seq: u64,
         qos: Qos,
         msg: Arc<Message>,
+        /// Stored as live (`outbox::Entry::live`).
+        live: bool,
     },
     /// QoS 0: exists nowhere else.
     Direct(Arc<Message>),

@@ -178,13 +178,8 @@ async fn redelivery_after_crash_has_dup_and_same_packet_id() {
         .await;
     let first = device.expect_publish().await;
     assert!(!first.dup);
-    // Not acknowledged. The sent watermark is written in the background: wait for it.
-    let mut conn = redis.conn().await;
-    wait_until(WAIT, "the sent watermark is written", async || {
-        process::sent_watermark(&mut conn, "dev4").await.is_some()
-    })
-    .await;
-
+    // Not acknowledged. Stored while the device was connected: no watermark is needed,
+    // the entry itself says it may have been sent.
     herald.kill();
     herald.restart();
 
@@ -193,6 +188,49 @@ async fn redelivery_after_crash_has_dup_and_same_packet_id() {
     assert_eq!(text(&again), "first");
     assert!(again.dup, "a resend must carry DUP=1");
     assert_eq!(again.pkid, first.pkid, "a resend keeps its packet id");
+    // A message stored after this connection started is its own: DUP=0 first.
+    p = Raw::connect(herald.addr, "pub").await;
+    p.publish("push/dev4", b"second", QoS::AtLeastOnce, false)
+        .await;
+    let second = device.expect_publish().await;
+    assert_eq!(text(&second), "second");
+    assert!(!second.dup, "a first delivery carries DUP=0");
+}
+
+/// A message queued while the device was away goes out from the outbox after the sent
+/// watermark is written; after a crash it comes again with DUP=1, and one queued and never
+/// sent comes with DUP=0.
+#[tokio::test]
+async fn redelivery_of_a_message_queued_offline_has_dup() {
+    let redis = RedisServer::start();
+    let mut herald = Herald::start(&redis.url(), &[]);
+    let mut conn = redis.conn().await;
+    // A push to a device that has not connected yet is queued for it.
+    let mut p = Raw::connect(herald.addr, "pub").await;
+    p.publish("push/dev5", b"queued", QoS::AtLeastOnce, false)
+        .await;
+    let (mut device, _) = Raw::connect_ok(herald.addr, &Opts::new("dev5").clean(false)).await;
+    let first = device.expect_publish().await;
+    assert_eq!(text(&first), "queued");
+    assert!(!first.dup);
+    wait_until(WAIT, "the sent watermark is written", async || {
+        process::sent_watermark(&mut conn, "dev5").await.is_some()
+    })
+    .await;
+    drop(device);
+    herald.kill();
+    herald.restart();
+    let mut p = Raw::connect(herald.addr, "pub").await;
+    p.publish("push/dev5", b"later", QoS::AtLeastOnce, false)
+        .await;
+    let (mut device, _) = Raw::connect_ok(herald.addr, &Opts::new("dev5").clean(false)).await;
+    let again = device.expect_publish().await;
+    assert_eq!(text(&again), "queued");
+    assert!(again.dup, "a resend must carry DUP=1");
+    assert_eq!(again.pkid, first.pkid);
+    let later = device.expect_publish().await;
+    assert_eq!(text(&later), "later");
+    assert!(!later.dup, "never sent before: DUP=0");
 }
 
 #[test]

@@ -144,6 +144,7 @@ impl MemoryOutbox {
             seq,
             qos,
             msg: msg.clone(),
+            live: false,
         });
         self.total.fetch_add(1, Ordering::Relaxed);
         self.total_bytes.fetch_add(size, Ordering::Relaxed);

@@ -40,6 +40,9 @@ pub struct Entry {
     pub seq: u64,
     pub qos: Qos,
     pub msg: Arc<Message>,
+    /// Stored while a connection of the client was live (Redis store): it may be written
+    /// to the wire without a sent watermark, and a later connection resends it with DUP.
+    pub live: bool,
 }
 
 /// Where a client was connected when its message was stored (cluster nodes, Redis store).
@@ -47,6 +50,17 @@ pub struct Entry {
 pub struct RouteHint {
     pub node: Box<str>,
     pub inc: u64,
+}
+
+/// What an enqueue did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub outcome: Enqueued,
+    /// Where the client is connected according to the route table, read with the store (a
+    /// cluster node with the Redis store; `None` otherwise).
+    pub route: Option<RouteHint>,
+    /// Stored as live (see `Entry::live`).
+    pub live: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +90,9 @@ pub struct Attach {
     pub sent_watermark: u64,
     /// The store holds a persistent session for the client (survives a restart).
     pub session_present: bool,
+    /// The newest entry when the connection started (Redis store): live entries up to it
+    /// may have been sent by an earlier connection, so they go out with DUP = 1.
+    pub replay_to: u64,
 }
 
 /// What a connection does with its client's outbox (read, acknowledge, mark sent): a
@@ -106,6 +123,14 @@ impl<'a> Outbox<'a> {
     /// See `Store::ack`.
     pub async fn ack(&self, client: &ClientId, seq: u64) {
         self.0.ack(client, seq).await
+    }
+
+    /// A persistent session's connection `conn` ended, having written entries up to `seq`:
+    /// its next connection then knows exactly what was sent (Redis; see `Attach::replay_to`).
+    pub async fn finish(&self, client: &ClientId, seq: u64, conn: u64) {
+        if let Store::Redis(r) = self.0 {
+            r.finish(client, seq, conn).await;
+        }
     }
 
     /// See `Store::mark_sent`.
@@ -152,6 +177,7 @@ impl Store {
                 config.session.message_ttl,
                 config.store.redis_wait_replicas,
                 config.cluster.listen.is_some(),
+                config.server.max_packet_size + 64,
             ))),
         }
     }
@@ -162,26 +188,29 @@ impl Store {
     }
 
     /// Appends `msg` to `client`'s outbox. The append is submitted when this is called, not
-    /// when the future is first polled: calls made in order are stored in order. With it,
-    /// where the client is connected according to the route table, read right after the
-    /// store (a cluster node with the Redis store; `None` otherwise).
+    /// when the future is first polled: calls made in order are stored in order. `live`: a
+    /// connection of the client is registered on this node now.
     pub fn enqueue(
         &self,
         client: &Arc<str>,
         qos: Qos,
         msg: &Arc<Message>,
-    ) -> impl Future<Output = Result<(Enqueued, Option<RouteHint>), StoreError>> + Send + 'static
-    {
+        live: bool,
+    ) -> impl Future<Output = Result<Stored, StoreError>> + Send + 'static {
         match self {
             Store::Memory(m) => {
                 let started = metrics::sampled_clock();
-                let e = m.enqueue(client, qos, msg);
+                let outcome = m.enqueue(client, qos, msg);
                 metrics::store_op(StoreOp::Enqueue, started);
-                Either::Left(ready(Ok((e, None))))
+                Either::Left(ready(Ok(Stored {
+                    outcome,
+                    route: None,
+                    live: false,
+                })))
             }
             Store::Redis(r) => {
                 let started = metrics::clock();
-                let stored = r.enqueue(client, qos, msg);
+                let stored = r.enqueue(client, qos, msg, live);
                 Either::Right(async move {
                     let r = stored.await;
                     metrics::store_op(StoreOp::Enqueue, started);
@@ -238,14 +267,25 @@ impl Store {
 
     /// A connection for `client` starts. `clean` drops its queued entries and stored
     /// subscriptions first; the sequence counter keeps counting.
-    pub async fn attach(&self, client: &Arc<str>, clean: bool) -> Result<Attach, StoreError> {
+    /// `conn`: the connection's id (`Broker::new_conn_id`), for `finish`.
+    pub async fn attach(
+        &self,
+        client: &Arc<str>,
+        clean: bool,
+        conn: u64,
+    ) -> Result<Attach, StoreError> {
         let started = metrics::clock();
-        let r = self.attach_untimed(client, clean).await;
+        let r = self.attach_untimed(client, clean, conn).await;
         metrics::store_op(StoreOp::Attach, started);
         r
     }
 
-    async fn attach_untimed(&self, client: &Arc<str>, clean: bool) -> Result<Attach, StoreError> {
+    async fn attach_untimed(
+        &self,
+        client: &Arc<str>,
+        clean: bool,
+        conn: u64,
+    ) -> Result<Attach, StoreError> {
         match self {
             Store::Memory(m) => {
                 let sent_watermark = m.sent(client);
@@ -255,9 +295,10 @@ impl Store {
                 Ok(Attach {
                     sent_watermark,
                     session_present: false,
+                    replay_to: 0,
                 })
             }
-            Store::Redis(r) => r.attach(client, clean).await,
+            Store::Redis(r) => r.attach(client, clean, conn).await,
         }
     }
 
@@ -377,6 +418,15 @@ impl Store {
         match self {
             Store::Memory(_) => Either::Left(ready(Ok(()))),
             Store::Redis(r) => Either::Right(r.set_retained(msg)),
+        }
+    }
+
+    /// Brings the store's keys to this version's layout (Redis; once per store, before the
+    /// first node of this version serves).
+    pub async fn upgrade(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => Ok(()),
+            Store::Redis(r) => r.upgrade().await,
         }
     }
 

@@ -6,11 +6,12 @@
 //!
 //! | key | type | owner | what |
 //! | --- | --- | --- | --- |
-//! | `herald:seq:{cid}` | string (INCR) | outbox | last sequence number; never expires, so packet ids never repeat while a connection may hold a cursor |
-//! | `herald:outbox:{cid}` | ZSET | outbox | score = seq, member = `<seq>\|<envelope>`; TTL `session.message_ttl`, refreshed by each enqueue |
-//! | `herald:qbytes:{cid}` | string | outbox | upper bound of the outbox's envelope bytes (`session.max_queued_bytes`) |
-//! | `herald:sent:{cid}` | string | outbox | highest seq written to the wire and still queued then (DUP on resend) |
-//! | `herald:session:{cid}` | string | outbox | present while the client has a persistent session |
+//! | `herald:box:{cid}` | STREAM | outbox | the outbox: entry id `0-<seq>`, one field, `d` (stored while no connection was live) or `l` (stored while one was), value = the envelope; TTL `session.message_ttl` plus a refresh interval (`scripts::ENQUEUE`) |
+//! | `herald:qbytes:{cid}` | string | outbox | `<seq> <bytes>`: the outbox held at most `<bytes>` of envelopes when `<seq>` was added (`session.max_queued_bytes`) |
+//! | `herald:sent:{cid}` | string | outbox | `<seq>`: highest seq of a `d` entry written to the wire (DUP on resend); `<seq> c`: the highest of any entry, written as the last connection ended (`scripts::ATTACH`) |
+//! | `herald:outbox:{cid}`, `herald:seq:{cid}` | ZSET, string | outbox | the layout before streams: moved into `box` by the first node of this version to start (`scripts::MIGRATE`), then deleted |
+//! | `herald:layout` | string | outbox | `2` once no key of the layout before streams is left |
+//! | `herald:session:{cid}` | string | outbox | present while the client has a persistent session; the id of its newest connection |
 //! | `herald:subs:{cid}` | HASH | outbox | filter -> QoS of a persistent session |
 //! | `herald:subscribers` | SET | outbox | client ids with stored subscriptions (read at start) |
 //! | `herald:retained` | HASH | outbox | topic -> envelope |
@@ -32,8 +33,10 @@ const PREFIX: &str = "herald:";
 /// The keys of one client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Client {
-    Seq,
     Outbox,
+    /// The ZSET outbox of the layout before streams (moved into `Outbox` when met).
+    LegacyOutbox,
+    LegacySeq,
     Qbytes,
     Sent,
     Session,
@@ -45,8 +48,9 @@ pub enum Client {
 impl Client {
     fn name(self) -> &'static str {
         match self {
-            Client::Seq => "seq",
-            Client::Outbox => "outbox",
+            Client::Outbox => "box",
+            Client::LegacyOutbox => "outbox",
+            Client::LegacySeq => "seq",
             Client::Qbytes => "qbytes",
             Client::Sent => "sent",
             Client::Session => "session",
@@ -88,8 +92,7 @@ pub(crate) fn put_client(b: &mut BytesMut, kind: Client, client: &str) {
 }
 
 /// A client's session state: what a clean session starts without and leaves nothing of
-/// (the sequence counter and the cluster's keys stay). Scripts take these as five
-/// consecutive KEYS, in this order.
+/// (the cluster's keys stay). Scripts take these as five consecutive KEYS, in this order.
 pub const SESSION_STATE: [Client; 5] = [
     Client::Outbox,
     Client::Sent,
@@ -102,6 +105,8 @@ pub fn session_state(cid: &str) -> [String; 5] {
     SESSION_STATE.map(|k| client(k, cid))
 }
 
+/// The store's key layout version (`outbox::redis::migrate`).
+pub const LAYOUT: &str = "herald:layout";
 /// SET of client ids with stored subscriptions.
 pub const SUBSCRIBERS: &str = "herald:subscribers";
 /// HASH topic -> envelope of every retained message.
@@ -131,7 +136,7 @@ mod tests {
 
     #[test]
     fn names() {
-        assert_eq!(client(Client::Outbox, "d|1"), "herald:outbox:{d|1}");
+        assert_eq!(client(Client::Outbox, "d|1"), "herald:box:{d|1}");
         let mut b = BytesMut::new();
         put_client(&mut b, Client::Sent, "dev|1");
         assert_eq!(&b[..], b"$19\r\nherald:sent:{dev|1}\r\n");

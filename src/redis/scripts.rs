@@ -9,89 +9,141 @@
 
 use redis::Script;
 
-/// Enqueues a batch of messages, in order. KEYS: per message, the outbox, seq and qbytes
-/// keys of its client, and in a cluster also its route key (stride 4). ARGV: the count cap,
-/// the drop-new flag, the TTL in ms (0: none), the stride, the byte cap, then each
-/// message's envelope. Returns per message its seq (0: rejected, outbox full) and the
-/// number of entries dropped for room, or -1 and the error of a message whose commands
-/// failed (the others are stored all the same, as one script per message would have); with
-/// stride 4 also the route's node and incarnation (nil without a route), read after the
-/// store, so that the node that stored the message knows where to forward it without
-/// another round trip. This is the one place the outbox reads a cluster key, for that round
-/// trip. The TTL of each outbox that took a message is refreshed once: the script runs at
-/// one instant, so once is the same as per message.
+/// Enqueues a batch of messages, in order. KEYS: per message, the outbox and qbytes keys
+/// of its client, and in a cluster also its route key (stride 3). ARGV: the count cap, the
+/// drop-new flag, the key TTL in ms (0: none), the stride, the byte cap, the largest
+/// envelope any message can have, then per message three: the sequence number from which
+/// its outbox must be measured (`check`), flags (1: refresh the TTL, 2: a connection of the
+/// client is live here), the envelope.
 ///
-/// The byte count (`qbytes`, envelope bytes) is raised by every enqueue and lowered by no
-/// ack (acks are a pipelined range delete that does not know sizes): it is an upper bound,
-/// made exact by counting the outbox's members only when it says the budget would be
-/// exceeded, and reset when the outbox is found empty. A device that keeps up never pays
-/// for a count.
+/// Returns per message four values: its seq (0: rejected, outbox full; -1 then the error:
+/// the others are stored all the same, as one script per message would have), entries
+/// dropped for room, the new `check` (0 if not measured), and 1 if the entry was stored as
+/// live; with stride 3 also the route's node and incarnation (nil without a route), read
+/// after the store, so that the node that stored the message knows where to forward it
+/// without another round trip. This is the one place the outbox reads a cluster key.
 ///
-/// Keys of many clients in one call: fine on one Redis (plain or behind Sentinel). Redis
-/// Cluster would need one call per hash slot (group the batch by `{client}` slot).
+/// Cost per message, the point of this layout: one XADD. The stream numbers its entries
+/// (`0-*`: consecutive, never reused while the key exists), so there is no counter to bump.
+/// The count and byte caps are checked without a command per message: the caller passes
+/// `check`, the seq below which the outbox cannot be over either cap (it last measured `n`
+/// entries and `b` bytes at seq `s`, so at seq `s + k` it holds at most `n + k` entries
+/// and `b + k * max_envelope` bytes, whoever added them). Only a message at or above
+/// `check` measures: XLEN, and the bytes added since the last measurement (kept in qbytes as
+/// `<seq> <bytes>`, an upper bound: acks do not lower it; a full count resets it when it
+/// says the budget is gone). The TTL is refreshed when the caller asks (at most once per
+/// interval per client and node, see `writer`), so the key outlives its newest message by
+/// `session.message_ttl`.
+///
+/// A stream that does not exist yet is numbered from Redis's clock in microseconds: above
+/// every number an earlier stream of the same client used (that would take more than one
+/// message per microsecond for its whole life), so a connection's cursor never sees numbers
+/// repeat after an outbox expired or a clean session deleted it.
+///
+/// Keys of many clients in one call: fine on one Redis (plain or behind Sentinel). On Redis
+/// Cluster the caller groups a batch by hash slot.
 pub const ENQUEUE: &str = r#"
 local cap = tonumber(ARGV[1])
 local drop_new = ARGV[2] == '1'
 local ttl = ARGV[3]
 local stride = tonumber(ARGV[4])
 local bcap = tonumber(ARGV[5])
-local function size_of(member)
-  return #member - string.find(member, '|', 1, true)
+local max_env = tonumber(ARGV[6])
+local function seq_of(id)
+  return tonumber(string.sub(id, 3))
 end
-local function one(box, counter, qbytes, envelope)
-  local size = #envelope
-  local n = redis.call('ZCARD', box)
-  local b = size
-  if n == 0 then
-    redis.call('SET', qbytes, size)
+local function add(box, field, envelope)
+  local id = redis.call('XADD', box, 'NOMKSTREAM', '0-*', field, envelope)
+  if id then return seq_of(id) end
+  local t = redis.call('TIME')
+  local seq = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  redis.call('XADD', box, string.format('0-%d', seq), field, envelope)
+  return seq
+end
+local function bytes_of(entries)
+  local b = 0
+  for _, e in ipairs(entries) do b = b + #e[2][2] end
+  return b
+end
+-- Measures the outbox right after `seq` (`size` bytes) was added and drops for room.
+-- Returns whether the new entry stays, the entries dropped, the next check.
+local function measure(box, qbytes, seq, size)
+  local n = redis.call('XLEN', box)
+  local q = redis.call('GET', qbytes)
+  local s0, b0
+  if q then s0, b0 = string.match(q, '^(%d+) (%d+)$') end
+  local b, exact
+  if s0 and tonumber(s0) < seq then
+    b = tonumber(b0) + bytes_of(redis.call('XRANGE', box, '(0-' .. s0, '+'))
   else
-    b = redis.call('INCRBY', qbytes, size)
-    if b > bcap then
-      b = size
-      for _, m in ipairs(redis.call('ZRANGE', box, 0, -1)) do b = b + size_of(m) end
-      redis.call('SET', qbytes, b)
-    end
+    b, exact = bytes_of(redis.call('XRANGE', box, '-', '+')), true
   end
-  local dropped = 0
-  if n >= cap or (n > 0 and b > bcap) then
+  if b > bcap and not exact then
+    b = bytes_of(redis.call('XRANGE', box, '-', '+'))
+  end
+  local kept, dropped = true, 0
+  if n > 1 and (n > cap or b > bcap) then
     if drop_new then
-      redis.call('SET', qbytes, b - size)
-      return 0, 0
+      redis.call('XDEL', box, string.format('0-%d', seq))
+      n, b, kept = n - 1, b - size, false
+    else
+      local gone = {}
+      for _, e in ipairs(redis.call('XRANGE', box, '-', '+')) do
+        if n <= 1 or (n <= cap and b <= bcap) then break end
+        gone[#gone + 1] = e[1]
+        b = b - #e[2][2]
+        n = n - 1
+      end
+      dropped = #gone
+      redis.call('XDEL', box, unpack(gone))
     end
-    while n > 0 and (n >= cap or b > bcap) do
-      local m = redis.call('ZPOPMIN', box)
-      b = b - size_of(m[1])
-      n = n - 1
-      dropped = dropped + 1
-    end
-    redis.call('SET', qbytes, b)
   end
-  local seq = redis.call('INCR', counter)
-  -- One number-to-string conversion, used for the score and the member.
-  local s = tostring(seq)
-  redis.call('ZADD', box, s, s .. '|' .. envelope)
-  return seq, dropped
+  redis.call('SET', qbytes, string.format('%d %d', seq, b))
+  local room = math.min(cap - n, math.floor((bcap - b) / max_env))
+  if room < 0 then room = 0 end
+  return kept, dropped, seq + room + 1
 end
-local per = stride == 4 and 4 or 2
+local function one(box, qbytes, check, field, envelope)
+  local seq = add(box, field, envelope)
+  if seq < check then return seq, 0, 0 end
+  local kept, dropped, next_check = measure(box, qbytes, seq, #envelope)
+  if not kept then return 0, 0, next_check end
+  return seq, dropped, next_check
+end
+local per = 4
+if stride == 3 then per = 6 end
 local out = {}
+local checks = {}
 local refresh = {}
-for i = 1, #ARGV - 5 do
+for i = 1, (#ARGV - 6) / 3 do
   local k = stride * (i - 1)
   local o = per * (i - 1)
-  local box = KEYS[k + 1]
-  local ok, seq, dropped = pcall(one, box, KEYS[k + 2], KEYS[k + 3], ARGV[i + 5])
+  local a = 6 + 3 * (i - 1)
+  local box, qbytes = KEYS[k + 1], KEYS[k + 2]
+  local flags = tonumber(ARGV[a + 2])
+  local live = math.floor(flags / 2) % 2
+  local route
+  if stride == 3 then
+    route = redis.call('HMGET', KEYS[k + 3], 'node', 'inc')
+    if route[1] then live = 1 end
+  end
+  local field = 'd'
+  if live == 1 then field = 'l' end
+  -- A check measured earlier in this call holds for the client's later messages.
+  local check = checks[box] or tonumber(ARGV[a + 1])
+  local ok, seq, dropped, next_check = pcall(one, box, qbytes, check, field, ARGV[a + 3])
   if ok then
-    out[o + 1] = seq
-    out[o + 2] = dropped
-    if seq ~= 0 then refresh[box] = KEYS[k + 3] end
+    if next_check ~= 0 then checks[box] = next_check end
+    if flags % 2 == 1 then refresh[box] = qbytes end
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4] = seq, dropped, next_check, live
   else
     out[o + 1] = -1
     out[o + 2] = type(seq) == 'table' and seq.err or tostring(seq)
+    out[o + 3], out[o + 4] = 0, 0
   end
-  if per == 4 then
-    local route = redis.call('HMGET', KEYS[k + 4], 'node', 'inc')
-    out[o + 3] = route[1]
-    out[o + 4] = route[2]
+  if stride == 3 then
+    out[o + 5] = route[1]
+    out[o + 6] = route[2]
   end
 end
 if ttl ~= '0' then
@@ -104,18 +156,69 @@ return out
 "#;
 
 /// A connection starts. KEYS: the client's session state (`keys::SESSION_STATE`: outbox,
-/// sent, session, subs, qbytes). ARGV[1]: '1' for a clean session, which deletes them all
-/// first. Returns {session present (0/1), sent watermark}.
+/// sent, session, subs, qbytes). ARGV: '1' for a clean session, which deletes them all
+/// first; the connection's id, kept in the session key (persistent sessions only) until
+/// the next one starts (`FINISH` writes only for the connection named there).
+///
+/// Returns {session present (0/1), sent watermark, replay_to}. The watermark is `<seq>`, or
+/// `<seq> c` when the last connection wrote it as it ended (`FINISH`): then it is exact, and
+/// `replay_to` is 0. Otherwise that connection may have crashed after writing live entries
+/// (which need no watermark, see `ENQUEUE`): `replay_to` is the newest entry's seq, and a
+/// live entry up to it goes out with DUP. The `c` is taken off here: this connection may
+/// crash too.
 pub const ATTACH: &str = r#"
 local present = redis.call('EXISTS', KEYS[3])
 if ARGV[1] == '1' then
   redis.call('DEL', unpack(KEYS, 1, 5))
-  present = 0
-else
-  redis.call('SET', KEYS[3], '1')
+  return {0, 0, 0}
 end
-local sent = tonumber(redis.call('GET', KEYS[2]) or '0')
-return {present, sent}
+redis.call('SET', KEYS[3], ARGV[2])
+local v = redis.call('GET', KEYS[2])
+local sent, ended = 0, false
+if v then
+  sent = tonumber(string.match(v, '^%d+')) or 0
+  ended = string.sub(v, -1) == 'c'
+end
+if ended then
+  redis.call('SET', KEYS[2], string.format('%d', sent), 'KEEPTTL')
+  return {present, sent, 0}
+end
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+local last = 0
+if newest then last = tonumber(string.sub(newest[1], 3)) end
+return {present, sent, last}
+"#;
+
+/// A persistent session's connection ends: its exact sent watermark (the highest seq it
+/// wrote to the wire, live entries included), marked `c` for `ATTACH`, but only while no
+/// newer connection of the client has started. KEYS: sent, session. ARGV: the seq, the
+/// connection's id. Returns 1 if written.
+pub const FINISH: &str = r#"
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1] .. ' c')
+return 1
+"#;
+
+/// Moves one client's outbox of the layout before streams (a ZSET scored by seq, members
+/// `<seq>|<envelope>`) into the stream, same numbers, then deletes the old keys. KEYS: the
+/// old outbox, the old counter, the stream, the old byte count (a plain number then, another
+/// format now). Returns the entries moved. A client whose stream exists already keeps it: a
+/// node of this version wrote it, so the old keys are older.
+pub const MIGRATE: &str = r#"
+local moved = 0
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    local bar = string.find(m, '|', 1, true)
+    if bar then
+      redis.call('XADD', KEYS[3], '0-' .. string.sub(m, 1, bar - 1), 'd', string.sub(m, bar + 1))
+      moved = moved + 1
+    end
+  end
+  local ttl = redis.call('PTTL', KEYS[1])
+  if moved > 0 and ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
+return moved
 "#;
 
 /// CONNECT on a cluster node: bump the client's epoch and make this node its route, in one
@@ -161,6 +264,8 @@ return redis.call('INCR', KEYS[3])
 pub struct Scripts {
     pub enqueue: Script,
     pub attach: Script,
+    pub migrate: Script,
+    pub finish: Script,
     pub claim: Script,
     pub release: Script,
     pub unregister: Script,
@@ -171,6 +276,8 @@ impl Scripts {
         Scripts {
             enqueue: Script::new(ENQUEUE),
             attach: Script::new(ATTACH),
+            migrate: Script::new(MIGRATE),
+            finish: Script::new(FINISH),
             claim: Script::new(CLAIM),
             release: Script::new(RELEASE),
             unregister: Script::new(UNREGISTER),
@@ -184,6 +291,8 @@ impl Scripts {
     ) -> redis::RedisResult<()> {
         self.enqueue.load_async(conn).await?;
         self.attach.load_async(conn).await?;
+        self.migrate.load_async(conn).await?;
+        self.finish.load_async(conn).await?;
         Ok(())
     }
 }

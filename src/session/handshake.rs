@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use super::{poll_read_some, reserved_topic, Connection, Extras, Session};
+use super::{poll_read_some, reserved_topic, Connection, Extras, Pending, Session};
 use crate::auth::{Credentials, Principal};
 use crate::broker::Broker;
 use crate::codec::{self, Connect, DecodeError, Packet};
@@ -311,7 +311,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             inflight: Vec::new(),
             next_seq: 0,
             backlog: true,
-            pending: None,
+            pending: (attached.replay_to > attached.sent_watermark).then(|| {
+                Box::new(Pending {
+                    replay_to: attached.replay_to,
+                    ..Default::default()
+                })
+            }),
             mail: false,
             publisher: false,
             retry_later: false,

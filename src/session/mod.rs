@@ -226,6 +226,9 @@ struct Pending {
     /// shared with the retained store, so a SUBSCRIBE that matches many (or one, many
     /// times) holds pointers here and at most the write budget of copies.
     retained: std::collections::VecDeque<Arc<Message>>,
+    /// Live outbox entries up to this seq may have been sent by an earlier connection
+    /// (`Attach::replay_to`); set only when it says more than the sent watermark.
+    replay_to: u64,
 }
 
 /// What the serving loop has to do after a wake-up.
@@ -435,6 +438,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             End::Clean | End::Shutdown => {
                 tracing::debug!(client = %self.client, "disconnected");
             }
+        }
+        if !self.clean && self.next_seq > 0 {
+            // Before `mark_done`: a takeover waits for it, and its attach reads this.
+            let written = (self.next_seq - 1).max(self.sent_watermark);
+            self.broker
+                .outbox()
+                .finish(&self.client, written, self.mailbox.conn_id())
+                .await;
         }
         let data = self.data.take();
         self.broker

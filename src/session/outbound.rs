@@ -55,7 +55,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 metrics::sent(0);
                 metrics::delivered(path_of(&msg), false, msg.born_us, now);
             }
-            Delivery::Stored { seq, qos, msg } => {
+            Delivery::Stored {
+                seq,
+                qos,
+                msg,
+                live,
+            } => {
                 if self.backlog || seq < self.next_seq {
                     return;
                 }
@@ -68,7 +73,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 if in_order
                     && self.window_free() > 0
                     && self.fits(&msg)
-                    && self.send_entry(Entry { seq, qos, msg }).await
+                    && self
+                        .send_entry(Entry {
+                            seq,
+                            qos,
+                            msg,
+                            live,
+                        })
+                        .await
                 {
                     return;
                 }
@@ -122,7 +134,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             self.broker.outbox().ack(&self.client, e.seq).await;
             return true;
         }
-        let dup = e.seq <= self.sent_watermark;
+        let dup = e.seq <= self.sent_watermark
+            || (e.live && self.pending.as_ref().is_some_and(|p| e.seq <= p.replay_to));
         codec::encode_publish(
             &mut self.wbuf,
             &e.msg.topic,
@@ -147,8 +160,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         });
         self.next_seq = e.seq + 1;
         self.mailbox.saw(e.seq);
-        if !dup {
-            // Entries sent in order: the newest watermark covers the ones before it.
+        if !dup && !e.live {
+            // Entries sent in order: the newest watermark covers the ones before it. A live
+            // entry needs none: a later connection resends every live one with DUP.
             if let Some(gate) = self.broker.outbox().mark_sent(&self.client, e.seq).await {
                 self.sent_gate = Some(gate);
             }

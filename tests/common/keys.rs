@@ -3,7 +3,7 @@
 
 use herald::redis::keys::{self, Client};
 
-/// The client's outbox: a sorted set of stored messages by sequence number.
+/// The client's outbox: a stream of stored messages, entry ids `0-<sequence number>`.
 pub fn outbox(client: &str) -> String {
     keys::client(Client::Outbox, client)
 }

@@ -394,11 +394,11 @@ impl Drop for Herald {
 
 /// How many messages `client`'s outbox holds in Redis.
 pub async fn outbox_len_in(conn: &mut redis::aio::MultiplexedConnection, client: &str) -> u64 {
-    redis::cmd("ZCARD")
+    redis::cmd("XLEN")
         .arg(keys::outbox(client))
         .query_async(conn)
         .await
-        .expect("ZCARD outbox")
+        .expect("XLEN outbox")
 }
 
 /// The node `client`'s route names in Redis, if it has one.

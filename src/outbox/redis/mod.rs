@@ -7,6 +7,7 @@
 //! watermarks are written by the other writer task (see `writer` for the rules). Attach
 //! waits for the watermarks queued before it. No connection is held per MQTT client.
 
+mod migrate;
 mod sample;
 #[cfg(test)]
 mod tests;
@@ -19,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Attach, Enqueued, Entry, Limits, RouteHint, StoreError};
+use super::{Attach, Enqueued, Entry, Limits, StoreError, Stored};
 use crate::config::OverflowPolicy;
 use crate::message::{now_ms, Message, Qos};
 use crate::metrics;
@@ -35,12 +36,21 @@ pub struct RedisOutbox {
     stats: Arc<parking_lot::Mutex<Option<sample::Stats>>>,
 }
 
-/// `<seq>|<envelope>` as stored in the ZSET.
-fn decode_member(raw: Vec<u8>) -> Option<(u64, Message)> {
-    let bar = raw.iter().position(|&b| b == b'|')?;
-    let seq = std::str::from_utf8(&raw[..bar]).ok()?.parse().ok()?;
-    let msg = Message::from_envelope(Bytes::from(raw).slice(bar + 1..))?;
-    Some((seq, msg))
+/// The seq of an entry id `0-<seq>`.
+fn seq_of(id: &str) -> Option<u64> {
+    id.strip_prefix("0-")?.parse().ok()
+}
+
+/// One stream entry as XRANGE returns it: its id, then its fields and values (one: `d`, or
+/// `l` for stored live, and the envelope).
+pub(super) type RawEntry = (String, Vec<(Vec<u8>, Vec<u8>)>);
+
+fn decode_entry(raw: RawEntry) -> Option<(u64, bool, Message)> {
+    let (id, fields) = raw;
+    let seq = seq_of(&id)?;
+    let (field, envelope) = fields.into_iter().next()?;
+    let msg = Message::from_envelope(Bytes::from(envelope))?;
+    Some((seq, field == b"l", msg))
 }
 
 /// A stored QoS byte; anything above 2 was never written by Herald.
@@ -57,9 +67,15 @@ impl RedisOutbox {
         ttl: Duration,
         wait_replicas: u32,
         routes: bool,
+        max_envelope: usize,
     ) -> RedisOutbox {
         let (tx, rx) = mpsc::channel(MAX_QUEUED_WRITES);
-        tokio::spawn(writer::write_loop(redis.hot(), rx, redis.health().clone()));
+        tokio::spawn(writer::write_loop(
+            redis.hot(),
+            rx,
+            redis.health().clone(),
+            redis.scripts().finish.get_hash().to_string(),
+        ));
         let (ordered, orx) = mpsc::channel(MAX_QUEUED_WRITES);
         let args = EnqueueArgs {
             sha: redis.scripts().enqueue.get_hash().to_string(),
@@ -68,6 +84,7 @@ impl RedisOutbox {
             drop_new: limits.overflow == OverflowPolicy::DropNew,
             ttl_ms: ttl.as_millis() as u64,
             routes,
+            max_envelope: max_envelope as u64,
         };
         tokio::spawn(writer::ordered_loop(
             redis.hot(),
@@ -109,19 +126,20 @@ impl RedisOutbox {
     }
 
     /// Appends `msg`; with it, the client's route as it was right after the store (a
-    /// cluster node; `None` elsewhere or without a route).
+    /// cluster node; `None` elsewhere or without a route), and whether it was stored as
+    /// live. `live`: a connection of the client is registered on this node now.
     pub(super) fn enqueue(
         &self,
         client: &Arc<str>,
         qos: Qos,
         msg: &Arc<Message>,
-    ) -> impl std::future::Future<Output = Result<(Enqueued, Option<RouteHint>), StoreError>>
-           + Send
-           + 'static {
+        live: bool,
+    ) -> impl std::future::Future<Output = Result<Stored, StoreError>> + Send + 'static {
         let reply = self.submit(|reply| Ordered::Enqueue {
             client: client.clone(),
             qos,
             msg: msg.clone(),
+            live,
             reply,
         });
         async move {
@@ -129,6 +147,7 @@ impl RedisOutbox {
                 seq,
                 dropped,
                 route,
+                live,
             } = reply
                 .await
                 .map_err(|_| StoreError::Unavailable("store writer stopped".into()))??;
@@ -137,10 +156,18 @@ impl RedisOutbox {
             }
             if seq == 0 {
                 metrics::dropped(metrics::Drop::OutboxFullNew);
-                return Ok((Enqueued::Rejected, None));
+                return Ok(Stored {
+                    outcome: Enqueued::Rejected,
+                    route: None,
+                    live,
+                });
             }
             metrics::stored();
-            Ok((Enqueued::Stored(seq), route))
+            Ok(Stored {
+                outcome: Enqueued::Stored(seq),
+                route,
+                live,
+            })
         }
     }
 
@@ -150,24 +177,24 @@ impl RedisOutbox {
         from: u64,
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
-        let mut cmd = redis::cmd("ZRANGEBYSCORE");
+        let mut cmd = redis::cmd("XRANGE");
         cmd.arg(keys::client(Client::Outbox, client))
-            .arg(from)
-            .arg("+inf")
-            .arg("LIMIT")
-            .arg(0)
+            .arg(format!("0-{from}"))
+            .arg("+")
+            .arg("COUNT")
             .arg(limit);
-        let raw: Vec<Vec<u8>> = self.redis.query(&cmd).await?;
+        let raw: Vec<RawEntry> = self.redis.query(&cmd).await?;
         let now = now_ms();
         let mut out = Vec::with_capacity(raw.len());
         let mut expired = Vec::new();
-        for member in raw {
-            match decode_member(member) {
-                Some((seq, msg)) if msg.is_expired(now) => expired.push(seq),
-                Some((seq, msg)) => out.push(Entry {
+        for entry in raw {
+            match decode_entry(entry) {
+                Some((seq, _, msg)) if msg.is_expired(now) => expired.push(seq),
+                Some((seq, live, msg)) => out.push(Entry {
                     seq,
                     qos: msg.qos,
                     msg: Arc::new(msg),
+                    live,
                 }),
                 None => {
                     // Not ours or corrupt: skipping it keeps the device's stream moving.
@@ -219,17 +246,31 @@ impl RedisOutbox {
         rx
     }
 
-    pub(super) async fn attach(&self, client: &str, clean: bool) -> Result<Attach, StoreError> {
+    /// A persistent session's connection `conn` ended having written entries up to `seq`
+    /// (`scripts::FINISH`).
+    pub(super) async fn finish(&self, client: &Arc<str>, seq: u64, conn: u64) {
+        let _ = self
+            .writes
+            .send(Write::Finish(client.clone(), seq, conn))
+            .await;
+    }
+
+    pub(super) async fn attach(
+        &self,
+        client: &str,
+        clean: bool,
+        conn: u64,
+    ) -> Result<Attach, StoreError> {
         // Watermarks go over the writer's own connection: wait for the ones queued so far
         // (a connection taken over a moment ago), or this read could miss them and resend
         // without DUP.
         self.flush().await;
-        let (present, sent): (u8, u64) = self
+        let (present, sent, newest): (u8, u64, u64) = self
             .redis
             .evalsha(
                 &self.redis.scripts().attach,
                 &keys::session_state(client),
-                &[if clean { "1" } else { "0" }],
+                &[if clean { "1" } else { "0" }, &conn.to_string()],
             )
             .await?;
         if clean {
@@ -238,6 +279,7 @@ impl RedisOutbox {
         Ok(Attach {
             sent_watermark: sent,
             session_present: present == 1,
+            replay_to: newest,
         })
     }
 
@@ -257,7 +299,7 @@ impl RedisOutbox {
 
     pub(super) async fn len(&self, client: &str) -> Result<usize, StoreError> {
         self.redis
-            .query(redis::cmd("ZCARD").arg(keys::client(Client::Outbox, client)))
+            .query(redis::cmd("XLEN").arg(keys::client(Client::Outbox, client)))
             .await
     }
 
@@ -265,17 +307,17 @@ impl RedisOutbox {
     pub(super) async fn newest(&self, clients: &[&str]) -> Result<Vec<u64>, StoreError> {
         let mut p = redis::pipe();
         for c in clients {
-            p.cmd("ZRANGE")
+            p.cmd("XREVRANGE")
                 .arg(keys::client(Client::Outbox, c))
-                .arg(-1)
-                .arg(-1)
-                .arg("WITHSCORES");
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1);
         }
-        // Members are `<seq>|<binary envelope>`: bytes, not text.
-        let replies: Vec<Vec<(Vec<u8>, f64)>> = self.redis.query_pipe(&p).await?;
+        let replies: Vec<Vec<RawEntry>> = self.redis.query_pipe(&p).await?;
         Ok(replies
             .iter()
-            .map(|v| v.first().map_or(0, |(_, score)| *score as u64))
+            .map(|v| v.first().and_then(|(id, _)| seq_of(id)).unwrap_or(0))
             .collect())
     }
 
@@ -364,6 +406,10 @@ impl RedisOutbox {
                 .map_err(|_| StoreError::Unavailable("store writer stopped".into()))??;
             Ok(())
         }
+    }
+
+    pub(super) async fn upgrade(&self) -> Result<(), StoreError> {
+        migrate::run(&self.redis).await
     }
 
     pub(super) async fn load_retained(&self) -> Result<Vec<Message>, StoreError> {

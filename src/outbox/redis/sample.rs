@@ -95,7 +95,14 @@ async fn scan(redis: &Redis) -> Result<Stats, StoreError> {
         let mut outboxes = 0;
         for k in &found {
             if k.starts_with(&outbox) {
-                p.cmd("ZCARD").arg(k).cmd("ZRANGE").arg(k).arg(0).arg(0);
+                p.cmd("XLEN")
+                    .arg(k)
+                    .cmd("XRANGE")
+                    .arg(k)
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1);
                 outboxes += 1;
             }
         }
@@ -115,13 +122,14 @@ async fn scan(redis: &Redis) -> Result<Stats, StoreError> {
                 let (n, first) = (it.next(), it.next());
                 stats.messages +=
                     redis::from_redis_value::<u64>(n.unwrap_or(redis::Value::Nil)).unwrap_or(0);
-                let first: Vec<Vec<u8>> = first
+                let first: Vec<super::RawEntry> = first
                     .and_then(|v| redis::from_redis_value(v).ok())
                     .unwrap_or_default();
                 if let Some(born) = first
                     .into_iter()
                     .next()
-                    .and_then(born_us)
+                    .and_then(|(_, fields)| fields.into_iter().next())
+                    .and_then(|(_, envelope)| born_us(envelope))
                     .filter(|b| *b > 0)
                 {
                     if stats.oldest_born_us == 0 || born < stats.oldest_born_us {
@@ -144,9 +152,8 @@ async fn scan(redis: &Redis) -> Result<Stats, StoreError> {
 }
 
 /// The `born_us` of a stored `<seq>|<envelope>` member.
-fn born_us(member: Vec<u8>) -> Option<u64> {
-    let bar = member.iter().position(|&b| b == b'|')?;
-    Message::from_envelope(Bytes::from(member).slice(bar + 1..)).map(|m| m.born_us)
+fn born_us(envelope: Vec<u8>) -> Option<u64> {
+    Message::from_envelope(Bytes::from(envelope)).map(|m| m.born_us)
 }
 
 /// Stores the sample, and holds the lease for `hold` from now (the sample's own pace).

@@ -17,12 +17,29 @@ fn put(
     qos: Qos,
     msg: &Arc<Message>,
 ) -> impl std::future::Future<Output = Result<Enqueued, StoreError>> {
-    let f = store.enqueue(client, qos, msg);
-    async move { f.await.map(|(e, _)| e) }
+    let f = store.enqueue(client, qos, msg, false);
+    async move { f.await.map(|s| s.outcome) }
+}
+
+/// Sequence numbers start from Redis's clock: results as offsets from `base`.
+fn offsets(got: &[Enqueued], base: u64) -> Vec<Option<u64>> {
+    got.iter()
+        .map(|e| match e {
+            Enqueued::Stored(seq) => Some(seq - base),
+            Enqueued::Rejected => None,
+        })
+        .collect()
+}
+
+fn seq(e: &Enqueued) -> u64 {
+    match e {
+        Enqueued::Stored(seq) => *seq,
+        Enqueued::Rejected => panic!("rejected"),
+    }
 }
 
 #[test]
-fn members_carry_their_sequence_number() {
+fn entries_carry_their_sequence_number_and_liveness() {
     let m = Message {
         topic: "push/d|1".into(),
         payload: Bytes::from_static(b"a|b\0c"),
@@ -32,10 +49,24 @@ fn members_carry_their_sequence_number() {
         born_us: 0,
         forwarded: false,
     };
-    let mut member = b"42|".to_vec();
-    member.extend(m.envelope(m.qos));
-    assert_eq!(decode_member(member), Some((42, m)));
-    assert_eq!(decode_member(b"x|\x01".to_vec()), None);
+    let entry =
+        |id: &str, field: &[u8]| (id.to_string(), vec![(field.to_vec(), m.envelope(m.qos))]);
+    assert_eq!(
+        decode_entry(entry("0-42", b"l")),
+        Some((42, true, m.clone()))
+    );
+    assert_eq!(
+        decode_entry(entry("0-43", b"d")),
+        Some((43, false, m.clone()))
+    );
+    assert_eq!(decode_entry(entry("7-43", b"d")), None);
+    assert_eq!(
+        decode_entry(("0-1".into(), vec![(b"d".to_vec(), b"\x01".to_vec())])),
+        None
+    );
+    let mut b = bytes::BytesMut::new();
+    writer::put_id(&mut b, 1_796_186_186_703_025);
+    assert_eq!(&b[..], b"$18\r\n0-1796186186703025\r\n");
 }
 
 /// A private redis-server (no persistence) on a free loopback port, killed on drop.
@@ -114,7 +145,7 @@ async fn outbox_with(redis: &TestRedis, overflow: OverflowPolicy, routes: bool) 
 
 async fn outbox_limits(redis: &TestRedis, limits: Limits, routes: bool) -> RedisOutbox {
     let redis = Redis::connect(&redis.url(), None).await.unwrap();
-    RedisOutbox::open(redis, limits, Duration::from_secs(60), 0, routes)
+    RedisOutbox::open(redis, limits, Duration::from_secs(60), 0, routes, 2048)
 }
 
 /// A cluster node reads each receiver's route with its enqueue: present, absent, and a
@@ -137,9 +168,9 @@ async fn routed_enqueue_returns_the_route_read_after_the_store() {
         .unwrap();
     let (a, b, bad): (Arc<str>, Arc<str>, Arc<str>) = ("a".into(), "b".into(), "bad".into());
     let calls = [
-        store.enqueue(&a, Qos::AtLeastOnce, &msg(b"1")),
-        store.enqueue(&bad, Qos::AtLeastOnce, &msg(b"x")),
-        store.enqueue(&b, Qos::AtLeastOnce, &msg(b"2")),
+        store.enqueue(&a, Qos::AtLeastOnce, &msg(b"1"), false),
+        store.enqueue(&bad, Qos::AtLeastOnce, &msg(b"x"), false),
+        store.enqueue(&b, Qos::AtLeastOnce, &msg(b"2"), false),
     ];
     let mut results = Vec::new();
     for c in calls {
@@ -149,12 +180,15 @@ async fn routed_enqueue_returns_the_route_read_after_the_store() {
         node: "n1".into(),
         inc: 42,
     };
-    assert_eq!(
-        results[0].as_ref().unwrap(),
-        &(Enqueued::Stored(1), Some(hint))
-    );
+    // A route means a live connection somewhere: stored live.
+    let first = results[0].as_ref().unwrap();
+    assert_eq!((&first.route, first.live), (&Some(hint), true));
     assert!(results[1].is_err(), "{:?}", results[1]);
-    assert_eq!(results[2].as_ref().unwrap(), &(Enqueued::Stored(1), None));
+    let third = results[2].as_ref().unwrap();
+    assert_eq!((&third.route, third.live), (&None, false));
+    let entries = store.fetch("a", 0, 10).await.unwrap();
+    assert!(entries[0].live);
+    assert!(!store.fetch("b", 0, 10).await.unwrap()[0].live);
 }
 
 /// Enqueues submitted together share one script call: a failing client (a key of the
@@ -181,27 +215,29 @@ async fn one_batch_keeps_per_message_semantics() {
     for c in calls {
         results.push(c.await);
     }
-    assert!(matches!(results[0], Ok(Enqueued::Stored(1))));
     assert!(results[1].is_err(), "{:?}", results[1]);
-    assert!(matches!(results[2], Ok(Enqueued::Stored(2))));
-    assert!(matches!(results[3], Ok(Enqueued::Stored(3))));
-    // Cap 2, drop oldest: 1 went.
-    let left: Vec<u64> = store
-        .fetch("a", 0, 10)
-        .await
-        .unwrap()
+    let base = seq(results[0].as_ref().unwrap());
+    let got: Vec<Enqueued> = [0, 2, 3]
         .iter()
-        .map(|e| e.seq)
+        .map(|&i| *results[i].as_ref().unwrap())
         .collect();
-    assert_eq!(left, [2, 3]);
+    assert_eq!(offsets(&got, base), [Some(0), Some(1), Some(2)]);
+    // Cap 2, drop oldest: the first went.
+    assert_eq!(seqs(&store, "a").await, [base + 1, base + 2]);
+    // The key outlives its newest message by the TTL (60 s) at least.
     let ttl: i64 = raw.pttl(keys::client(Client::Outbox, "a")).await.unwrap();
-    assert!(ttl > 50_000, "outbox TTL {ttl}");
+    assert!(ttl > 60_000, "outbox TTL {ttl}");
     // An error reply of one command is not an outage.
     assert!(store.redis.health().check().is_ok());
-    assert!(matches!(
-        put(&store, &a, Qos::AtLeastOnce, &msg(b"4")).await,
-        Ok(Enqueued::Stored(4))
-    ));
+    assert_eq!(
+        put(&store, &a, Qos::AtLeastOnce, &msg(b"4")).await.unwrap(),
+        Enqueued::Stored(base + 3)
+    );
+    // Later batches know the outbox is full without being told: the cap holds.
+    for _ in 0..10 {
+        put(&store, &a, Qos::AtLeastOnce, &msg(b"5")).await.unwrap();
+    }
+    assert_eq!(seqs(&store, "a").await, [base + 12, base + 13]);
 }
 
 #[tokio::test]
@@ -218,19 +254,18 @@ async fn drop_new_rejects_without_a_sequence_number() {
     for c in calls {
         results.push(c.await.unwrap());
     }
-    assert_eq!(
-        results,
-        [Enqueued::Stored(1), Enqueued::Stored(2), Enqueued::Rejected]
-    );
-    store.ack(&a, 1).await;
+    let base = seq(&results[0]);
+    assert_eq!(offsets(&results, base), [Some(0), Some(1), None]);
+    store.ack(&a, base).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while store.len("a").await.unwrap() != 1 {
         assert!(std::time::Instant::now() < deadline, "ack not applied");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // The refused message used up its number.
     assert_eq!(
         put(&store, &a, Qos::AtLeastOnce, &msg(b"4")).await.unwrap(),
-        Enqueued::Stored(3)
+        Enqueued::Stored(base + 3)
     );
 }
 
@@ -245,7 +280,7 @@ async fn seqs(store: &RedisOutbox, client: &str) -> Vec<u64> {
 async fn byte_budget_per_client() {
     let redis = TestRedis::start();
     let kib: &'static [u8] = &[b'x'; 1000];
-    // Each envelope is 13 + 6 (topic) + 1000 bytes: three fit in 3100.
+    // Each envelope is 21 + 6 (topic) + 1000 bytes: three fit in 3100.
     let limits = |overflow| Limits {
         max_queued: 100,
         max_queued_bytes: 3100,
@@ -255,12 +290,14 @@ async fn byte_budget_per_client() {
     };
     let store = outbox_limits(&redis, limits(OverflowPolicy::DropOldest), false).await;
     let a: Arc<str> = "a".into();
+    let mut got = Vec::new();
     for _ in 0..5 {
-        put(&store, &a, Qos::AtLeastOnce, &msg(kib)).await.unwrap();
+        got.push(put(&store, &a, Qos::AtLeastOnce, &msg(kib)).await.unwrap());
     }
-    assert_eq!(seqs(&store, "a").await, [3, 4, 5]);
-    for seq in [3, 4, 5] {
-        store.ack(&a, seq).await;
+    let base = seq(&got[0]);
+    assert_eq!(seqs(&store, "a").await, [base + 2, base + 3, base + 4]);
+    for n in 2..5 {
+        store.ack(&a, base + n).await;
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while store.len("a").await.unwrap() != 0 {
@@ -271,7 +308,7 @@ async fn byte_budget_per_client() {
     for _ in 0..3 {
         put(&store, &a, Qos::AtLeastOnce, &msg(kib)).await.unwrap();
     }
-    assert_eq!(seqs(&store, "a").await, [6, 7, 8]);
+    assert_eq!(seqs(&store, "a").await, [base + 5, base + 6, base + 7]);
     drop(store);
 
     let redis = TestRedis::start();
@@ -280,23 +317,94 @@ async fn byte_budget_per_client() {
     for _ in 0..4 {
         got.push(put(&store, &a, Qos::AtLeastOnce, &msg(kib)).await.unwrap());
     }
+    let base = seq(&got[0]);
+    assert_eq!(offsets(&got, base), [Some(0), Some(1), Some(2), None]);
+    // A persistent session's connection learns the newest entry (live ones up to it go out
+    // with DUP).
+    let attached = store.attach("a", false, 7).await.unwrap();
+    assert_eq!(attached.replay_to, base + 2);
+    // Once the connection ended and said what it wrote, the next one knows exactly; a
+    // connection that is not the newest one any more says nothing.
+    store.finish(&a, base + 1, 6).await;
+    store.flush().await;
     assert_eq!(
-        got,
-        [
-            Enqueued::Stored(1),
-            Enqueued::Stored(2),
-            Enqueued::Stored(3),
-            Enqueued::Rejected
-        ]
+        store.attach("a", false, 9).await.unwrap().replay_to,
+        base + 2
     );
-    // A clean session starts from nothing, and leaves no per-client key but the
-    // sequence counter.
+    store.finish(&a, base + 1, 9).await;
+    store.flush().await;
+    let attached = store.attach("a", false, 10).await.unwrap();
+    assert_eq!((attached.sent_watermark, attached.replay_to), (base + 1, 0));
+    // Taken off by that attach: a crash of connection 10 leaves it conservative again.
+    let attached = store.attach("a", false, 11).await.unwrap();
+    assert_eq!(
+        (attached.sent_watermark, attached.replay_to),
+        (base + 1, base + 2)
+    );
+    // A clean session starts from nothing, and leaves no per-client key.
     let mut raw = redis.conn().await;
     let _: () = raw.set(keys::client(Client::Sent, "a"), 2).await.unwrap();
-    store.attach("a", true).await.unwrap();
-    let mut left: Vec<String> = raw.keys("herald:*{a}").await.unwrap();
+    store.attach("a", true, 8).await.unwrap();
+    let left: Vec<String> = raw.keys("herald:*{a}").await.unwrap();
+    assert_eq!(left, Vec::<String>::new());
+    // A new stream numbers above the old one.
+    let again = put(&store, &a, Qos::AtLeastOnce, &msg(b"x")).await.unwrap();
+    assert!(seq(&again) > base + 3, "{again:?} after {base}");
+}
+
+/// The layout before streams (a ZSET and a counter per client) moves into streams at
+/// start, with the same numbers, and the next message follows them.
+#[tokio::test]
+async fn the_old_layout_moves_into_streams() {
+    let redis = TestRedis::start();
+    let mut raw = redis.conn().await;
+    let member = |seq: u64, payload: &'static [u8]| {
+        let mut m = format!("{seq}|").into_bytes();
+        m.extend(msg(payload).envelope(Qos::AtLeastOnce));
+        m
+    };
+    let old = keys::client(Client::LegacyOutbox, "a");
+    let _: () = raw.zadd(&old, member(5, b"five"), 5).await.unwrap();
+    let _: () = raw.zadd(&old, member(6, b"six"), 6).await.unwrap();
+    let _: () = raw.pexpire(&old, 90_000).await.unwrap();
+    let _: () = raw
+        .set(keys::client(Client::LegacySeq, "a"), 6)
+        .await
+        .unwrap();
+    let _: () = raw
+        .set(keys::client(Client::LegacySeq, "gone"), 3)
+        .await
+        .unwrap();
+    let store = outbox(&redis, OverflowPolicy::DropOldest).await;
+    store.upgrade().await.unwrap();
+    let entries = store.fetch("a", 0, 10).await.unwrap();
+    let got: Vec<(u64, &[u8])> = entries
+        .iter()
+        .map(|e| (e.seq, &e.msg.payload[..]))
+        .collect();
+    assert_eq!(got, [(5, &b"five"[..]), (6, &b"six"[..])]);
+    let a: Arc<str> = "a".into();
+    assert_eq!(
+        put(&store, &a, Qos::AtLeastOnce, &msg(b"7")).await.unwrap(),
+        Enqueued::Stored(7)
+    );
+    let mut left: Vec<String> = raw.keys("herald:*").await.unwrap();
     left.sort();
-    assert_eq!(left, [keys::client(Client::Seq, "a")]);
+    assert_eq!(
+        left,
+        [
+            keys::client(Client::Outbox, "a"),
+            keys::LAYOUT.to_string(),
+            keys::client(Client::Qbytes, "a"),
+        ]
+    );
+    let ttl: i64 = raw.pttl(keys::client(Client::Outbox, "a")).await.unwrap();
+    assert!(ttl > 60_000, "TTL kept or refreshed: {ttl}");
+    // Done once: the marker says so.
+    let _: () = raw.zadd(&old, member(1, b"late"), 1).await.unwrap();
+    store.upgrade().await.unwrap();
+    let still: bool = raw.exists(&old).await.unwrap();
+    assert!(still);
 }
 
 /// The sent watermark covers every number written and not acknowledged.

@@ -1,15 +1,18 @@
 //! The outbox's two writer tasks, each with its own hot connection:
 //! - `ordered_loop`: enqueues and retained writes, in submission order, in pipelines (one
 //!   enqueue script call per run of enqueues, not per message: Redis spends less per
-//!   message). The publisher's PUBACK waits for its enqueue's reply.
+//!   message). The publisher's PUBACK waits for its enqueue's reply. It keeps `Memo`, what
+//!   the enqueue script needs to skip work per client (`scripts::ENQUEUE`).
 //! - `write_loop`: acks and sent watermarks, in pipelines. Losing an ack only means a
 //!   duplicate later, never a lost message. A watermark is written ahead: `mark_sent`
 //!   queues it with a barrier and the connection writes the PUBLISH once the barrier
-//!   answers, so a resend after a crash carries DUP = 1.
+//!   answers, so a resend after a crash carries DUP = 1. Entries stored while the client
+//!   was connected (`live`) need none: after a crash every such entry is resent with DUP.
 
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::message::{Message, Qos};
@@ -30,6 +33,8 @@ pub(super) struct Applied {
     pub(super) dropped: u64,
     /// The client's route after the store (cluster only).
     pub(super) route: Option<RouteHint>,
+    /// Stored while a connection of the client was live (see `scripts::ENQUEUE`).
+    pub(super) live: bool,
 }
 
 /// A write whose order matters (enqueue, retained): submitted synchronously, so the order of
@@ -40,6 +45,8 @@ pub(super) enum Ordered {
         client: Arc<str>,
         qos: Qos,
         msg: Arc<Message>,
+        /// A connection of the client is registered on this node.
+        live: bool,
         reply: OrderedReply,
     },
     /// HSET of the retained message of `topic`, or HDEL without an envelope.
@@ -64,9 +71,87 @@ pub(super) struct EnqueueArgs {
     pub(super) cap: u64,
     pub(super) byte_cap: u64,
     pub(super) drop_new: bool,
+    /// `session.message_ttl`, 0 for none.
     pub(super) ttl_ms: u64,
     /// Read each receiver's route with its enqueue (a cluster node).
     pub(super) routes: bool,
+    /// The largest envelope a message can have (from `server.max_packet_size`).
+    pub(super) max_envelope: u64,
+}
+
+impl EnqueueArgs {
+    /// How often one node refreshes a client's outbox TTL at most: an eighth of the TTL,
+    /// within 1 s ..= 1 h.
+    fn refresh_every_ms(&self) -> u64 {
+        (self.ttl_ms / 8).clamp(1_000, 3_600_000)
+    }
+
+    /// The key TTL: a message stored just after a refresh still lives its full TTL.
+    fn key_ttl_ms(&self) -> u64 {
+        if self.ttl_ms == 0 {
+            0
+        } else {
+            self.ttl_ms + self.refresh_every_ms()
+        }
+    }
+}
+
+/// Slots in `Memo`: 1.5 MB per node.
+const MEMO_SLOTS: usize = 1 << 16;
+
+/// What the writer remembers per client for the enqueue script (`scripts::ENQUEUE`): the
+/// seq from which its outbox must be measured again, and when this node last refreshed its
+/// TTL. Direct-mapped, so it never grows; a client that is not in it (never seen, or its
+/// slot taken by another) is measured and refreshed, which is always correct, only dearer.
+/// A `check` stays valid for whichever node stores next: it bounds what any node can have
+/// added since. Slots are found by a keyed hash, so that no client id can be made to collide
+/// with another's on purpose and borrow its `check`.
+struct Memo {
+    hasher: std::collections::hash_map::RandomState,
+    slots: Vec<Slot>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    /// 0: empty.
+    hash: u64,
+    check: u64,
+    refreshed_ms: u64,
+}
+
+impl Memo {
+    fn new() -> Memo {
+        Memo {
+            hasher: Default::default(),
+            slots: vec![Slot::default(); MEMO_SLOTS],
+        }
+    }
+
+    fn hash(&self, client: &str) -> u64 {
+        self.hasher.hash_one(client) | 1
+    }
+
+    fn get(&self, hash: u64) -> Slot {
+        let s = self.slots[hash as usize % MEMO_SLOTS];
+        if s.hash == hash {
+            s
+        } else {
+            Slot::default()
+        }
+    }
+
+    fn put(&mut self, slot: Slot) {
+        self.slots[slot.hash as usize % MEMO_SLOTS] = slot;
+    }
+}
+
+/// The `check` and flags the script gets for one message (see `scripts::ENQUEUE`).
+fn plan(memo: &Memo, args: &EnqueueArgs, client: &str, live: bool, now_ms: u64) -> (u64, u8) {
+    let slot = memo.get(memo.hash(client));
+    let stale =
+        slot.hash == 0 || now_ms.saturating_sub(slot.refreshed_ms) >= args.refresh_every_ms();
+    let flags = (stale && args.ttl_ms != 0) as u8 | (live as u8) << 1;
+    (slot.check, flags)
 }
 
 /// Ordered writes waiting for the next pipeline; beyond this, publishes are refused (counted).
@@ -76,21 +161,30 @@ pub(super) enum Write {
     /// With when it was asked for (metrics on): timed until written.
     Ack(Arc<str>, u64, Option<std::time::Instant>),
     Sent(Arc<str>, u64),
+    /// A connection ended: its exact watermark, and its id (`scripts::FINISH`).
+    Finish(Arc<str>, u64, u64),
     /// Answered once every write queued before it is applied (or given up).
     Barrier(oneshot::Sender<()>),
 }
 
-/// Appends the enqueue script for `run` (all `Ordered::Enqueue`) to the pipeline in `out`.
-fn encode_enqueues(out: &mut BytesMut, run: &[Ordered], args: &EnqueueArgs) {
-    let stride = if args.routes { 4 } else { 3 };
-    resp::array(out, 8 + (stride + 1) * run.len());
+/// Appends the enqueue script for `run` (all `Ordered::Enqueue`) to the pipeline in `out`;
+/// `flags` gets each message's flags (for `remember`).
+fn encode_enqueues(
+    out: &mut BytesMut,
+    run: &[Ordered],
+    args: &EnqueueArgs,
+    memo: &Memo,
+    now_ms: u64,
+    flags: &mut Vec<u8>,
+) {
+    let stride = if args.routes { 3 } else { 2 };
+    resp::array(out, 9 + (stride + 3) * run.len());
     resp::bulk(out, b"EVALSHA");
     resp::bulk(out, args.sha.as_bytes());
     resp::bulk_u64(out, (stride * run.len()) as u64);
     for o in run {
         if let Ordered::Enqueue { client, .. } = o {
             keys::put_client(out, Client::Outbox, client);
-            keys::put_client(out, Client::Seq, client);
             keys::put_client(out, Client::Qbytes, client);
             if args.routes {
                 keys::put_client(out, Client::Route, client);
@@ -99,16 +193,42 @@ fn encode_enqueues(out: &mut BytesMut, run: &[Ordered], args: &EnqueueArgs) {
     }
     resp::bulk_u64(out, args.cap);
     resp::bulk(out, if args.drop_new { b"1" } else { b"0" });
-    resp::bulk_u64(out, args.ttl_ms);
+    resp::bulk_u64(out, args.key_ttl_ms());
     resp::bulk_u64(out, stride as u64);
     resp::bulk_u64(out, args.byte_cap);
+    resp::bulk_u64(out, args.max_envelope);
     for o in run {
-        if let Ordered::Enqueue { qos, msg, .. } = o {
+        if let Ordered::Enqueue {
+            client,
+            qos,
+            msg,
+            live,
+            ..
+        } = o
+        {
+            let (check, f) = plan(memo, args, client, *live, now_ms);
+            flags.push(f);
+            resp::bulk_u64(out, check);
+            resp::bulk_u64(out, f as u64);
             resp::bulk_header(out, msg.envelope_len());
             msg.put_envelope(out, *qos);
             resp::end(out);
         }
     }
+}
+
+/// Keeps what the script answered for `client` (a stored message), for its next ones.
+fn remember(memo: &mut Memo, client: &str, check: u64, flags: u8, now_ms: u64) {
+    let hash = memo.hash(client);
+    let mut slot = memo.get(hash);
+    slot.hash = hash;
+    if check != 0 {
+        slot.check = check;
+    }
+    if flags & 1 != 0 {
+        slot.refreshed_ms = now_ms;
+    }
+    memo.put(slot);
 }
 
 /// Appends a retained write (HSET, or HDEL without an envelope) to the pipeline in `out`.
@@ -122,21 +242,24 @@ fn encode_retained(out: &mut BytesMut, topic: &str, envelope: Option<&[u8]>) {
     }
 }
 
-/// Reads the enqueue script's reply for a run of `n` messages into `results`. An error
-/// reply fails the whole run; anything else unexpected means the stream is out of step.
+/// Reads the enqueue script's reply for a run of `n` messages into `results`, and each
+/// stored message's next check into `checks`. An error reply fails the whole run; anything
+/// else unexpected means the stream is out of step.
 fn enqueue_replies(
     r: &mut Replies<'_>,
     n: usize,
     routes: bool,
     health: &Health,
     results: &mut Vec<Result<Applied, StoreError>>,
+    checks: &mut Vec<u64>,
 ) -> Result<(), resp::Error> {
-    let per = if routes { 4 } else { 2 };
+    let per = if routes { 6 } else { 4 };
     match r.next()? {
         Reply::Array(Some(len)) if len == per * n => {}
         Reply::Error(e) => {
             let e = health.error_reply(e);
             results.extend(std::iter::repeat_n(Err(e), n));
+            checks.extend(std::iter::repeat_n(u64::MAX, n));
             return Ok(());
         }
         other => {
@@ -146,13 +269,22 @@ fn enqueue_replies(
         }
     }
     for _ in 0..n {
-        let mut applied = match (r.next()?, r.next()?) {
-            (Reply::Int(seq), Reply::Int(dropped)) if seq >= 0 && dropped >= 0 => Ok(Applied {
-                seq: seq as u64,
-                dropped: dropped as u64,
-                route: None,
-            }),
-            (Reply::Int(-1), Reply::Bulk(Some(e))) => Err(health.error_reply(e)),
+        let mut applied = match (r.next()?, r.next()?, r.next()?, r.next()?) {
+            (Reply::Int(seq), Reply::Int(dropped), Reply::Int(check), Reply::Int(live))
+                if seq >= 0 && dropped >= 0 && check >= 0 =>
+            {
+                checks.push(check as u64);
+                Ok(Applied {
+                    seq: seq as u64,
+                    dropped: dropped as u64,
+                    route: None,
+                    live: live == 1,
+                })
+            }
+            (Reply::Int(-1), Reply::Bulk(Some(e)), Reply::Int(_), Reply::Int(_)) => {
+                checks.push(u64::MAX);
+                Err(health.error_reply(e))
+            }
             other => {
                 return Err(resp::Error::Protocol(format!(
                     "unexpected enqueue reply {other:?}"
@@ -216,6 +348,9 @@ pub(super) async fn ordered_loop(
 ) {
     let mut batch = Vec::with_capacity(512);
     let mut results = Vec::with_capacity(512);
+    let mut memo = Memo::new();
+    // Per enqueue in the batch: the flags sent, the check answered (u64::MAX: failed).
+    let (mut flags, mut checks) = (Vec::with_capacity(512), Vec::with_capacity(512));
     // The batch in pipeline order: a run of this many enqueues (one script call), or 0 for
     // a retained write.
     let mut parts = Vec::with_capacity(16);
@@ -232,6 +367,9 @@ pub(super) async fn ordered_loop(
         }
         out.clear();
         parts.clear();
+        flags.clear();
+        checks.clear();
+        let now = crate::message::now_ms();
         let mut i = 0;
         while i < batch.len() {
             if let Ordered::Retained {
@@ -248,7 +386,7 @@ pub(super) async fn ordered_loop(
                 .iter()
                 .take_while(|o| matches!(o, Ordered::Enqueue { .. }))
                 .count();
-            encode_enqueues(&mut out, &batch[i..i + run], &args);
+            encode_enqueues(&mut out, &batch[i..i + run], &args, &memo, now, &mut flags);
             parts.push(run);
             i += run;
         }
@@ -269,7 +407,14 @@ pub(super) async fn ordered_loop(
                         if n == 0 {
                             results.push(retained_reply(&mut r, &health)?);
                         } else {
-                            enqueue_replies(&mut r, n, args.routes, &health, &mut results)?;
+                            enqueue_replies(
+                                &mut r,
+                                n,
+                                args.routes,
+                                &health,
+                                &mut results,
+                                &mut checks,
+                            )?;
                         }
                     }
                     if wait_replicas == 0 {
@@ -299,6 +444,15 @@ pub(super) async fn ordered_loop(
         };
         match outcome {
             Ok(()) => {
+                let enqueued = batch.iter().filter_map(|o| match o {
+                    Ordered::Enqueue { client, .. } => Some(client),
+                    Ordered::Retained { .. } => None,
+                });
+                for ((client, &check), &f) in enqueued.zip(&checks).zip(&flags) {
+                    if check != u64::MAX {
+                        remember(&mut memo, client, check, f, now);
+                    }
+                }
                 for (o, r) in batch.drain(..).zip(results.drain(..)) {
                     let _ = o.reply().send(r);
                 }
@@ -313,10 +467,16 @@ pub(super) async fn ordered_loop(
 }
 
 /// Writes acks and sent watermarks in pipelines: one round trip for everything queued.
-pub(super) async fn write_loop(mut hot: Hot, mut rx: mpsc::Receiver<Write>, health: Arc<Health>) {
+pub(super) async fn write_loop(
+    mut hot: Hot,
+    mut rx: mpsc::Receiver<Write>,
+    health: Arc<Health>,
+    finish_sha: String,
+) {
     let mut batch = Vec::with_capacity(1024);
     let mut out = BytesMut::with_capacity(64 * 1024);
     let (mut acks, mut sent, mut barriers) = (Vec::new(), Vec::new(), Vec::new());
+    let mut finished = Vec::new();
     let mut started = Vec::new();
     while rx.recv_many(&mut batch, 1024).await > 0 {
         for w in batch.drain(..) {
@@ -326,12 +486,20 @@ pub(super) async fn write_loop(mut hot: Hot, mut rx: mpsc::Receiver<Write>, heal
                     started.extend(t);
                 }
                 Write::Sent(c, seq) => sent.push(Keyed::new(c, seq)),
+                Write::Finish(c, seq, conn) => finished.push((c, seq, conn)),
                 Write::Barrier(b) => barriers.push(b),
             }
         }
         if health.is_up() {
-            apply(&mut hot, &mut out, &mut acks, &mut sent, &health).await;
+            let writes = Writes {
+                acks: &mut acks,
+                sent: &mut sent,
+                finished: &finished,
+                finish_sha: &finish_sha,
+            };
+            apply(&mut hot, &mut out, writes, &health).await;
         }
+        finished.clear();
         if !started.is_empty() {
             let end = std::time::Instant::now();
             for t in started.drain(..) {
@@ -380,35 +548,61 @@ impl Keyed {
     }
 }
 
+/// An entry id, `0-<seq>`, as a bulk string.
+pub(super) fn put_id(out: &mut BytesMut, seq: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut v = seq;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    resp::bulk_header(out, 2 + digits.len() - i);
+    out.put_slice(b"0-");
+    out.put_slice(&digits[i..]);
+    resp::end(out);
+}
+
+/// One batch of the write loop.
+struct Writes<'a> {
+    acks: &'a mut [Keyed],
+    sent: &'a mut [Keyed],
+    /// Connections that ended: client, watermark, connection id.
+    finished: &'a [(Arc<str>, u64, u64)],
+    finish_sha: &'a str,
+}
+
 /// Writes one batch of acks and watermarks. On failure the store is marked down.
-async fn apply(
-    hot: &mut Hot,
-    out: &mut BytesMut,
-    acks: &mut [Keyed],
-    sent: &mut [Keyed],
-    health: &Health,
-) {
+async fn apply(hot: &mut Hot, out: &mut BytesMut, w: Writes<'_>, health: &Health) {
+    let Writes {
+        acks,
+        sent,
+        finished,
+        finish_sha,
+    } = w;
     out.clear();
     let mut commands = 0;
-    // A device acknowledges in order, so one client's acks in a batch are mostly a run of
-    // consecutive numbers: one ZREMRANGEBYSCORE per run.
+    // One XDEL per client with all its numbers in the batch.
     acks.sort_unstable_by(Keyed::order);
     let mut i = 0;
     while i < acks.len() {
-        let run = &acks[i];
-        let mut last = run.seq;
-        let mut j = i + 1;
-        while j < acks.len() && acks[j].seq == last + 1 && acks[j].same_client(run) {
-            last += 1;
-            j += 1;
+        let first = &acks[i];
+        let n = acks[i..]
+            .iter()
+            .take_while(|a| a.same_client(first))
+            .count();
+        resp::array(out, 2 + n);
+        resp::bulk(out, b"XDEL");
+        keys::put_client(out, Client::Outbox, &first.client);
+        for a in &acks[i..i + n] {
+            put_id(out, a.seq);
         }
-        resp::array(out, 4);
-        resp::bulk(out, b"ZREMRANGEBYSCORE");
-        keys::put_client(out, Client::Outbox, &run.client);
-        resp::bulk_u64(out, run.seq);
-        resp::bulk_u64(out, last);
         commands += 1;
-        i = j;
+        i += n;
     }
     // A plain SET of each client's highest number: one connection writes a client's
     // watermark in increasing order, and DUP is advisory in MQTT 3.1.1, so a rare race
@@ -435,6 +629,18 @@ async fn apply(
                 commands += 1;
             }
         }
+    }
+    // After the watermarks written ahead, which they replace.
+    for (client, seq, conn) in finished {
+        resp::array(out, 7);
+        resp::bulk(out, b"EVALSHA");
+        resp::bulk(out, finish_sha.as_bytes());
+        resp::bulk(out, b"2");
+        keys::put_client(out, Client::Sent, client);
+        keys::put_client(out, Client::Session, client);
+        resp::bulk_u64(out, *seq);
+        resp::bulk_u64(out, *conn);
+        commands += 1;
     }
     if commands == 0 {
         return;
