@@ -20,6 +20,7 @@ mod hot;
 pub mod keys;
 pub(crate) mod resp;
 pub mod scripts;
+pub mod slots;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
