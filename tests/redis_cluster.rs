@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::process::{free_port, Herald};
-use common::redis_cluster::RedisCluster;
+use common::redis_cluster::{RedisCluster, Setup};
 use common::{text, wait_until, Opts, QoS, Raw};
 use herald::redis::slots::key_slot;
 use herald::redis::Redis;
@@ -399,7 +399,11 @@ async fn the_store_is_down_while_a_shard_is_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn herald_starts_on_a_cluster_with_a_password_and_accepts_connections() {
     const PASSWORD: &str = "cluster-s3cret";
-    let Some(cluster) = RedisCluster::start_with(3, 1, Some(PASSWORD)) else {
+    let setup = Setup {
+        password: Some(PASSWORD),
+        ..Setup::default()
+    };
+    let Some(cluster) = RedisCluster::start_with(3, 1, setup) else {
         return;
     };
     assert!(cluster.url().contains(PASSWORD));
@@ -444,6 +448,64 @@ fn start_herald(cluster: &RedisCluster, name: &str) -> (Herald, std::path::PathB
     .map(String::from)
     .into();
     (Herald::start_args(addr, args, &log), log)
+}
+
+/// `rediss+cluster://`: every node over TLS only, trusted through `store.redis_ca`. The
+/// cold calls go through redis-rs's TLS, the probe through Herald's own RESP connections
+/// (as the hot path's will), so both verify the nodes' certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_calls_and_the_probe_work_over_tls() {
+    let setup = Setup {
+        tls: true,
+        ..Setup::default()
+    };
+    let Some(cluster) = RedisCluster::start_with(3, 1, setup) else {
+        return;
+    };
+    assert!(cluster.url().starts_with("rediss+cluster://"));
+    let ca = common::pki::Pki::get().ca_path();
+    let redis = Redis::connect(&cluster.url(), Some(&ca))
+        .await
+        .expect("connect to the TLS cluster with store.redis_ca");
+    let keys = key_per_primary(&cluster, "tls:");
+    for k in &keys {
+        set(&redis, k, "over-tls").await;
+        assert_eq!(get(&redis, k).await.as_deref(), Some("over-tls"));
+    }
+    wait_until(
+        Duration::from_secs(5),
+        "the probe has measured a round",
+        async || redis.health().ping_secs() > 0.0,
+    )
+    .await;
+    assert!(redis.health().is_up());
+    // The nodes the hot path will dial are named for TLS.
+    let map = redis.slots().expect("slot map");
+    for shard in map.shards() {
+        let info = redis.node_info(&shard.primary);
+        assert!(
+            matches!(info.addr(), redis::ConnectionAddr::TcpTls { port, .. } if *port == shard.primary.port),
+            "{:?}",
+            info.addr()
+        );
+    }
+    // A certificate from a CA it was not told to trust: refused at start.
+    let other = common::pki::Pki::get().other_ca_path();
+    let refused = Redis::connect(&cluster.url(), Some(&other)).await;
+    assert!(refused.is_err(), "connected to a cluster it cannot verify");
+
+    // A broker on it accepts a persistent session (CONNECT runs the attach script).
+    let mut config = herald::Config::default();
+    config.server.listen = Some("127.0.0.1:0".parse().expect("addr"));
+    config.store.kind = herald::config::StoreKind::Redis;
+    config.store.redis_url = cluster.url();
+    config.store.redis_ca = Some(ca);
+    let server = herald::Server::start(config)
+        .await
+        .expect("herald on rediss+cluster://");
+    let (c, _) = Raw::connect_ok(server.local_addr(), &Opts::new("dev-tls").clean(false)).await;
+    c.disconnect().await;
+    server.shutdown().await;
 }
 
 /// A QoS 1 push stored in the cluster and delivered after a reconnect.

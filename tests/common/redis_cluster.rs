@@ -6,6 +6,10 @@
 //! (`migrate_slot_begin`, `migrate_slot_keys`, `migrate_slot_end`) so that a test can act
 //! while the slot is half-moved (ASK).
 //!
+//! `start_with` adds a password (`requirepass`, `masterauth`) or TLS (every port, the
+//! cluster bus and replication too, with the server certificate of `pki`; the URL is then
+//! `rediss+cluster://` and Herald needs `store.redis_ca` = `pki`'s CA).
+//!
 //! Every wait polls the nodes' own view (`CLUSTER INFO`, `CLUSTER SLOTS`, `INFO
 //! replication`) until it holds; none sleeps a fixed time. Processes are the fixture's own,
 //! killed by pid on drop. Without `redis-server` or `redis-cli` on PATH, `start` prints a
@@ -18,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use herald::redis::slots::{SlotMap, SLOTS};
 
+use super::pki::Pki;
 use super::process::free_port;
 
 /// How long the fixture waits for the cluster to reach a state. Only reached on failure; a
@@ -30,6 +35,16 @@ const POLL: Duration = Duration::from_millis(20);
 /// The failure detection time: a primary is failed over this long after it stops answering.
 const NODE_TIMEOUT_MS: u64 = 2000;
 
+/// How the nodes are reached, beyond their ports.
+#[derive(Clone, Copy, Default)]
+pub struct Setup<'a> {
+    /// Required by every node (`requirepass`, `masterauth`).
+    pub password: Option<&'a str>,
+    /// TLS only, with `pki`'s server certificate (`--port 0`, `--tls-port`, bus and
+    /// replication over TLS too).
+    pub tls: bool,
+}
+
 struct Node {
     child: Option<Child>,
     port: u16,
@@ -41,6 +56,7 @@ struct Node {
     id: String,
     /// `requirepass` and `masterauth`, if the cluster has a password.
     password: Option<String>,
+    tls: bool,
 }
 
 pub struct RedisCluster {
@@ -48,6 +64,7 @@ pub struct RedisCluster {
     /// Slots being migrated: slot -> (from, to) node indices.
     migrations: HashMap<u16, (usize, usize)>,
     password: Option<String>,
+    tls: bool,
     dir: tempfile::TempDir,
 }
 
@@ -58,13 +75,34 @@ fn on_path(binary: &str) -> bool {
 }
 
 /// One connection per admin command: the fixture talks to nodes that come and go.
-fn connect(port: u16, password: Option<&str>) -> redis::RedisResult<redis::Connection> {
-    let mut info = redis::IntoConnectionInfo::into_connection_info(("127.0.0.1", port))?;
+fn connect(port: u16, password: Option<&str>, tls: bool) -> redis::RedisResult<redis::Connection> {
+    let addr = if tls {
+        redis::ConnectionAddr::TcpTls {
+            host: "127.0.0.1".into(),
+            port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        redis::ConnectionAddr::Tcp("127.0.0.1".into(), port)
+    };
+    let mut info = redis::IntoConnectionInfo::into_connection_info(addr)?;
     if let Some(pw) = password {
         let settings = info.redis_settings().clone().set_password(pw);
         info = info.set_redis_settings(settings);
     }
-    let client = redis::Client::open(info)?;
+    let client = if tls {
+        let ca = std::fs::read(Pki::get().ca_path()).expect("test CA");
+        redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca),
+            },
+        )?
+    } else {
+        redis::Client::open(info)?
+    };
     let con = client.get_connection_with_timeout(Duration::from_millis(500))?;
     con.set_read_timeout(Some(Duration::from_secs(5)))?;
     Ok(con)
@@ -93,8 +131,24 @@ impl Node {
             "redis node {} already running",
             self.port
         );
-        let mut child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut server = Command::new("redis-server");
+        if self.tls {
+            let (pki, cert) = (Pki::get(), Pki::get().server());
+            server
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&cert.cert)
+                .arg("--tls-key-file")
+                .arg(&cert.key)
+                .arg("--tls-ca-cert-file")
+                .arg(pki.ca_path())
+                .args(["--tls-auth-clients", "no"])
+                .args(["--tls-cluster", "yes", "--tls-replication", "yes"]);
+        } else {
+            server.args(["--port", &self.port.to_string()]);
+        }
+        let mut child = server
+            .args(["--bind", "127.0.0.1"])
             .args(["--cluster-port", &self.bus_port.to_string()])
             .arg("--dir")
             .arg(&self.dir)
@@ -167,7 +221,11 @@ impl Node {
     }
 
     fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
-        cmd.query(&mut connect(self.port, self.password.as_deref())?)
+        cmd.query(&mut self.connect()?)
+    }
+
+    fn connect(&self) -> redis::RedisResult<redis::Connection> {
+        connect(self.port, self.password.as_deref(), self.tls)
     }
 }
 
@@ -176,15 +234,16 @@ impl RedisCluster {
     /// and in agreement (state ok, every slot served, every replica in sync). `None`, with a
     /// SKIPPED line, when redis-server or redis-cli is not installed.
     pub fn start(primaries: usize, replicas_per_primary: usize) -> Option<RedisCluster> {
-        RedisCluster::start_with(primaries, replicas_per_primary, None)
+        RedisCluster::start_with(primaries, replicas_per_primary, Setup::default())
     }
 
-    /// `start`, with `password` required by every node (`requirepass`, `masterauth`).
+    /// `start`, with a password or TLS.
     pub fn start_with(
         primaries: usize,
         replicas_per_primary: usize,
-        password: Option<&str>,
+        setup: Setup<'_>,
     ) -> Option<RedisCluster> {
+        let Setup { password, tls } = setup;
         let missing: Vec<&str> = ["redis-server", "redis-cli"]
             .into_iter()
             .filter(|b| !on_path(b))
@@ -212,6 +271,7 @@ impl RedisCluster {
                 dir: node_dir,
                 id: String::new(),
                 password: password.map(String::from),
+                tls,
             };
             // Another process may take a free port before redis-server binds it.
             let mut tries = 0;
@@ -230,7 +290,11 @@ impl RedisCluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let out = Command::new("redis-cli")
+        let mut cli = Command::new("redis-cli");
+        if tls {
+            cli.arg("--tls").arg("--cacert").arg(Pki::get().ca_path());
+        }
+        let out = cli
             .args(
                 password
                     .iter()
@@ -247,6 +311,7 @@ impl RedisCluster {
             nodes,
             migrations: HashMap::new(),
             password: password.map(String::from),
+            tls,
             dir,
         };
         assert!(
@@ -259,7 +324,8 @@ impl RedisCluster {
         Some(cluster)
     }
 
-    /// `redis+cluster://` with every node as a seed (and the password, if any).
+    /// `redis+cluster://` (`rediss+cluster://` with TLS) with every node as a seed, and the
+    /// password if any.
     pub fn url(&self) -> String {
         let seeds: Vec<String> = self
             .nodes
@@ -270,7 +336,8 @@ impl RedisCluster {
             Some(pw) => format!(":{pw}@"),
             None => String::new(),
         };
-        format!("redis+cluster://{auth}{}/", seeds.join(","))
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}+cluster://{auth}{}/", seeds.join(","))
     }
 
     /// Runs `cmd` on `node` itself (no redirection followed: a test sees MOVED and ASK).
@@ -289,8 +356,7 @@ impl RedisCluster {
         node: usize,
         p: &redis::Pipeline,
     ) -> redis::RedisResult<T> {
-        let n = &self.nodes[node];
-        p.query(&mut connect(n.port, n.password.as_deref())?)
+        p.query(&mut self.nodes[node].connect()?)
     }
 
     pub fn len(&self) -> usize {
