@@ -7,6 +7,8 @@
 #   mosquitto_pub, mosquitto_sub  (Debian: mosquitto-clients)  interop/mosquitto_*.sh
 #   mosquitto                     (Debian: mosquitto)          reference broker for comparisons
 #   redis-server                  (Debian: redis-server)       Redis store tests
+#   redis-cli                     (Debian: redis-tools)        tests/redis_cluster.rs: creates the
+#                                                              test Redis Cluster
 #   openssl                       (Debian: openssl)            interop/run.sh's test certificates
 #   promtool                      (Debian: prometheus)         tests/promtool.rs: checks /metrics,
 #                                                              config/alerts.yml and its unit tests
@@ -43,6 +45,7 @@ apt_pkgs=()
 have mosquitto_pub && have mosquitto_sub || apt_pkgs+=(mosquitto-clients)
 have mosquitto || apt_pkgs+=(mosquitto)
 have redis-server || apt_pkgs+=(redis-server)
+have redis-cli || apt_pkgs+=(redis-tools)
 have openssl || apt_pkgs+=(openssl)
 have promtool || apt_pkgs+=(prometheus)
 # nodejs first: Debian's npm depends on it. (A Node.js from elsewhere, e.g. NodeSource's

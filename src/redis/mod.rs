@@ -1,6 +1,7 @@
 //! Redis: the one module that talks to it. It owns the key schema (`keys`), the scripts
-//! (`scripts`), the connection (one address, Sentinel or TLS: `endpoint`), the hot path's own
-//! RESP connections (`hot`, `resp`) and the store's health. The outbox (`outbox::redis`) and
+//! (`scripts`), the connection (one address, Sentinel, TLS or Redis Cluster: `endpoint`;
+//! a cluster's hash slots and redirects: `slots`), the hot path's own RESP connections
+//! (`hot`, `resp`) and the store's health. The outbox (`outbox::redis`) and
 //! the cluster (`cluster`) use it and never each other's keys.
 //!
 //! Two kinds of connection: every cold call (attach, fetch, subscriptions, the cluster's
@@ -20,6 +21,7 @@ mod hot;
 pub mod keys;
 pub(crate) mod resp;
 pub mod scripts;
+pub mod slots;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,7 +32,7 @@ use tokio::sync::Notify;
 use crate::metrics;
 
 pub use endpoint::redacted_url;
-use endpoint::Endpoint;
+use endpoint::{ColdConn, Endpoint};
 pub(crate) use hot::Hot;
 use scripts::Scripts;
 
@@ -136,8 +138,7 @@ impl Redis {
             |e: &dyn std::fmt::Display| StoreError::Unavailable(format!("{shown}: {e}"));
         let endpoint = Arc::new(Endpoint::open(url, ca).await.map_err(|e| unavailable(&e))?);
         let scripts = Arc::new(Scripts::new());
-        scripts
-            .load(&mut endpoint.conn())
+        load_scripts(&endpoint, &scripts)
             .await
             .map_err(|e| unavailable(&e))?;
         let health = Arc::new(Health {
@@ -169,6 +170,29 @@ impl Redis {
 
     pub fn scripts(&self) -> &Scripts {
         &self.scripts
+    }
+
+    /// A Redis Cluster's slot map as last read; `None` unless the store is a cluster.
+    pub fn slots(&self) -> Option<Arc<slots::SlotMap>> {
+        self.endpoint.slots()
+    }
+
+    /// Reads a Redis Cluster's slot map again (after a MOVED, or a shard's connection
+    /// failed); concurrent callers share one `CLUSTER SLOTS`.
+    pub async fn refresh_slots(&self) -> Result<Arc<slots::SlotMap>, StoreError> {
+        if !self.endpoint.is_cluster() {
+            return Err(StoreError::Unavailable("not a redis cluster".into()));
+        }
+        self.endpoint
+            .refresh_slots()
+            .await
+            .map_err(|e| self.health.failed(e))
+    }
+
+    /// How to reach one node of a Redis Cluster (a shard's primary, a MOVED or ASK target)
+    /// with the store's password and TLS settings, for a connection of the hot path's own.
+    pub fn node_info(&self, node: &slots::Addr) -> redis::ConnectionInfo {
+        self.endpoint.node_info(node)
     }
 
     /// A hot-path connection for one writer task (made on first use).
@@ -227,7 +251,25 @@ impl Redis {
     }
 }
 
-/// The active probe: a PING every `PROBE_EVERY` while the store is up; no answer within
+/// Loads the scripts the outbox calls by hash alone. On a cluster, SCRIPT LOAD through the
+/// cluster connection goes to every node redis-rs is connected to, replicas too, so a
+/// promoted replica has them; a node it skipped answers NOSCRIPT later, which marks the
+/// store down and brings it back here. `Scripts::load` takes a `ConnectionManager`, so the
+/// cluster's list repeats its own; once it takes any `ConnectionLike`, this is
+/// `scripts.load(&mut endpoint.conn())` again.
+async fn load_scripts(endpoint: &Endpoint, scripts: &Scripts) -> redis::RedisResult<()> {
+    match endpoint.conn() {
+        ColdConn::Server(mut manager) => scripts.load(&mut manager).await,
+        mut cluster @ ColdConn::Cluster(_) => {
+            scripts.enqueue.load_async(&mut cluster).await?;
+            scripts.attach.load_async(&mut cluster).await?;
+            Ok(())
+        }
+    }
+}
+
+/// The active probe: a PING every `PROBE_EVERY` while the store is up (on a cluster, every
+/// primary is asked whether the cluster is ok: `Endpoint::ping`); no answer within
 /// `PROBE_TIMEOUT` marks it down (then `health_loop` takes over). Ends with the process
 /// (the handle holds the connection).
 async fn probe_loop(endpoint: Arc<Endpoint>, health: Arc<Health>) {
@@ -239,10 +281,7 @@ async fn probe_loop(endpoint: Arc<Endpoint>, health: Arc<Health>) {
             continue;
         }
         let started = std::time::Instant::now();
-        let mut conn = endpoint.conn();
-        let cmd = redis::cmd("PING");
-        let ping = cmd.query_async::<String>(&mut conn);
-        match tokio::time::timeout(PROBE_TIMEOUT, ping).await {
+        match tokio::time::timeout(PROBE_TIMEOUT, endpoint.ping()).await {
             Ok(Ok(_)) => {
                 let us = started.elapsed().as_micros() as u64;
                 health.ping_us.store(us, Ordering::Relaxed);
@@ -263,7 +302,7 @@ async fn health_loop(endpoint: Arc<Endpoint>, health: Arc<Health>, scripts: Arc<
         loop {
             let attempt = async {
                 endpoint.refresh().await?;
-                scripts.load(&mut endpoint.conn()).await
+                load_scripts(&endpoint, &scripts).await
             };
             let ready = tokio::time::timeout(CALL_TIMEOUT, attempt).await;
             if matches!(ready, Ok(Ok(()))) {

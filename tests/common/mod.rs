@@ -27,6 +27,7 @@ pub mod fleet;
 pub mod keys;
 pub mod pki;
 pub mod process;
+pub mod redis_cluster;
 
 use std::collections::VecDeque;
 use std::io::Write;

@@ -1,0 +1,540 @@
+//! Redis Cluster as Herald's store: the test cluster itself (tests/common/redis_cluster.rs),
+//! the cold path (`herald::redis::Redis` on `redis+cluster://`: commands, pipelines and
+//! scripts on every shard, through a failover and a slot migration with ASK then MOVED) and
+//! the `herald` binary started on a cluster.
+//!
+//! Each test starts its own 6-node cluster (3 primaries, 1 replica each); without
+//! redis-server and redis-cli installed each prints a SKIPPED line and passes.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::process::{free_port, Herald};
+use common::redis_cluster::{RedisCluster, Setup};
+use common::{text, wait_until, Opts, QoS, Raw};
+use herald::redis::slots::key_slot;
+use herald::redis::Redis;
+
+/// How long a test waits for the store to follow a change of the cluster (a failover is
+/// about 4 s of it). Only reached on failure.
+const FOLLOW: Duration = Duration::from_secs(30);
+
+fn cmd(args: &[&str]) -> redis::Cmd {
+    let mut c = redis::cmd(args[0]);
+    for a in &args[1..] {
+        c.arg(*a);
+    }
+    c
+}
+
+/// One key per shard of `cluster`, `prefix` then a number, in the order of the slot
+/// map's shards.
+fn key_per_primary(cluster: &RedisCluster, prefix: &str) -> Vec<String> {
+    let map = cluster.slot_map();
+    let mut keys: Vec<Option<String>> = vec![None; map.shards().len()];
+    for i in 0.. {
+        let key = format!("{prefix}{i}");
+        if let Some(shard) = map.shard_of_key(key.as_bytes()) {
+            keys[shard].get_or_insert(key);
+        }
+        if keys.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    keys.into_iter().flatten().collect()
+}
+
+async fn get(redis: &Redis, key: &str) -> Option<String> {
+    redis
+        .query(&cmd(&["GET", key]))
+        .await
+        .unwrap_or_else(|e| panic!("GET {key}: {e}"))
+}
+
+async fn set(redis: &Redis, key: &str, value: &str) {
+    let _: () = redis
+        .query(&cmd(&["SET", key, value]))
+        .await
+        .unwrap_or_else(|e| panic!("SET {key}: {e}"));
+}
+
+/// Whether the replica `node` has `key` = `value` (READONLY lets a replica answer for its
+/// primary's slots).
+fn replica_has(cluster: &RedisCluster, node: usize, key: &str, value: &str) -> bool {
+    let mut p = redis::pipe();
+    p.cmd("READONLY").ignore().cmd("GET").arg(key);
+    let got: redis::RedisResult<(Option<String>,)> = cluster.query_pipe(node, &p);
+    matches!(got, Ok((Some(v),)) if v == value)
+}
+
+#[test]
+fn the_fixture_starts_a_cluster_that_agrees_with_herald_on_slots() {
+    let started = Instant::now();
+    let Some(cluster) = RedisCluster::start(3, 1) else {
+        return;
+    };
+    let took = started.elapsed();
+    // For the record: how long the fixture takes to start (6 processes, create, agree).
+    eprintln!("redis cluster (3 primaries, 3 replicas) ready in {took:?}");
+    assert_eq!(cluster.len(), 6);
+    let map = cluster.slot_map();
+    assert!(map.is_complete());
+    assert_eq!(map.shards().len(), 3);
+    for shard in map.shards() {
+        assert_eq!(shard.replicas.len(), 1, "{shard:?}");
+    }
+    assert_eq!(cluster.primaries().len(), 3);
+    // Herald's slot function against Redis's own, on plain keys, tags, and Herald's keys.
+    let mut keys: Vec<String> = vec![
+        "foo".into(),
+        "".into(),
+        "{user1000}.following".into(),
+        "{user1000}.followers".into(),
+        "foo{}{bar}".into(),
+        "foo{{bar}}zap".into(),
+        "herald:outbox:{dev42}".into(),
+        "herald:retained".into(),
+    ];
+    keys.extend((0..200).map(|i| format!("key:{i}:{{tag{}}}", i % 7)));
+    for key in &keys {
+        let redis_slot: i64 = cluster
+            .query(0, &cmd(&["CLUSTER", "KEYSLOT", key]))
+            .expect("CLUSTER KEYSLOT");
+        assert_eq!(i64::from(key_slot(key.as_bytes())), redis_slot, "{key:?}");
+    }
+    assert_eq!(key_slot(b"foo"), 12182);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_calls_work_on_every_shard() {
+    let Some(cluster) = RedisCluster::start(3, 1) else {
+        return;
+    };
+    let redis = Redis::connect(&cluster.url(), None)
+        .await
+        .expect("connect to the cluster");
+
+    // Plain commands, one key per shard.
+    let keys = key_per_primary(&cluster, "cold:");
+    assert_eq!(keys.len(), 3);
+    for k in &keys {
+        set(&redis, k, &format!("v-{k}")).await;
+    }
+    for k in &keys {
+        assert_eq!(get(&redis, k).await, Some(format!("v-{k}")));
+    }
+    // Each really is on its own primary.
+    let on: std::collections::HashSet<usize> = keys
+        .iter()
+        .map(|k| cluster.primary_for_slot(key_slot(k.as_bytes())))
+        .collect();
+    assert_eq!(on.len(), 3);
+
+    // A pipeline of one slot (one client's keys share a hash tag).
+    let mut p = redis::pipe();
+    p.cmd("SET").arg("herald:a:{dev1}").arg("1").ignore();
+    p.cmd("INCR").arg("herald:b:{dev1}");
+    p.cmd("GET").arg("herald:a:{dev1}");
+    let (n, a): (i64, String) = redis.query_pipe(&p).await.expect("one-slot pipeline");
+    assert_eq!((n, a.as_str()), (1, "1"));
+
+    // Keys of several shards in one pipeline are refused, cleanly: the store stays up.
+    let mut p = redis::pipe();
+    for k in &keys {
+        p.cmd("GET").arg(k);
+    }
+    let cross: Result<Vec<Option<String>>, _> = redis.query_pipe(&p).await;
+    assert!(
+        cross.is_err(),
+        "a cross-slot pipeline went through: {cross:?}"
+    );
+    assert!(
+        redis.health().is_up(),
+        "a cross-slot pipeline took the store down"
+    );
+
+    // Scripts: the outbox's are on every node, replicas too (SCRIPT LOAD went to all).
+    let hashes = [
+        redis.scripts().enqueue.get_hash().to_string(),
+        redis.scripts().attach.get_hash().to_string(),
+    ];
+    for node in 0..cluster.len() {
+        let exists: Vec<bool> = cluster
+            .query(node, &cmd(&["SCRIPT", "EXISTS", &hashes[0], &hashes[1]]))
+            .expect("SCRIPT EXISTS");
+        assert_eq!(exists, vec![true, true], "node {node}");
+    }
+    // invoke (loads on NOSCRIPT) and evalsha, on each shard's key.
+    let script = redis::Script::new("return redis.call('GET', KEYS[1])");
+    for k in &keys {
+        let mut call = script.prepare_invoke();
+        call.key(k.as_str());
+        let got: String = redis.invoke(&call).await.expect("invoke");
+        assert_eq!(got, format!("v-{k}"));
+        let got: String = redis
+            .evalsha(&script, std::slice::from_ref(k), &[])
+            .await
+            .expect("evalsha");
+        assert_eq!(got, format!("v-{k}"));
+    }
+
+    // The probe pings through the cluster connection.
+    wait_until(
+        Duration::from_secs(5),
+        "the probe has measured a PING",
+        async || redis.health().ping_secs() > 0.0,
+    )
+    .await;
+
+    // The slot map for the hot path, and a refresh of it.
+    let map = redis.slots().expect("a cluster has a slot map");
+    assert!(map.is_complete());
+    assert_eq!(map.shards().len(), 3);
+    for k in &keys {
+        let primary = map.primary(key_slot(k.as_bytes())).expect("served");
+        assert_eq!(
+            primary.port,
+            cluster.port(cluster.primary_for_slot(key_slot(k.as_bytes())))
+        );
+    }
+    let again = redis.refresh_slots().await.expect("refresh");
+    assert_eq!(*again, *map);
+    assert!(redis.health().is_up());
+}
+
+/// A primary is SIGKILLed: its replica takes over, and the cold calls reach the data
+/// again on their own (redis-rs follows the new topology; the store recovers if it was
+/// marked down meanwhile). The old primary, restarted, rejoins as a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_calls_follow_a_failover() {
+    let Some(mut cluster) = RedisCluster::start(3, 1) else {
+        return;
+    };
+    let redis = Redis::connect(&cluster.url(), None)
+        .await
+        .expect("connect to the cluster");
+    let keys = key_per_primary(&cluster, "fo:");
+    for k in &keys {
+        set(&redis, k, &format!("v-{k}")).await;
+    }
+    let victim_key = &keys[0];
+    let slot = key_slot(victim_key.as_bytes());
+    let replica = cluster.replicas_for_slot(slot)[0];
+    let value = format!("v-{victim_key}");
+    // Replication is asynchronous: kill only once the replica has the key.
+    let deadline = Instant::now() + FOLLOW;
+    while !replica_has(&cluster, replica, victim_key, &value) {
+        assert!(
+            Instant::now() < deadline,
+            "the replica never got {victim_key}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Whether the store was marked down meanwhile (the probe's PING reaches every primary).
+    let went_down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watch = tokio::spawn({
+        let (redis, went_down) = (redis.clone(), went_down.clone());
+        async move {
+            loop {
+                if !redis.health().is_up() {
+                    went_down.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    });
+    let killed = cluster.kill_primary_for_slot(slot);
+    let started = Instant::now();
+    let promoted = tokio::task::block_in_place(|| cluster.wait_failover(slot));
+    assert_eq!(promoted, replica, "the replica took over");
+    let failover = started.elapsed();
+
+    // Every key, the failed-over one included, through the same `Redis`.
+    let deadline = Instant::now() + FOLLOW;
+    for k in &keys {
+        loop {
+            let got: Result<Option<String>, _> = redis.query(&cmd(&["GET", k])).await;
+            match got {
+                Ok(v) => {
+                    assert_eq!(v, Some(format!("v-{k}")), "{k} after the failover");
+                    break;
+                }
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "GET {k} still fails: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+    let recovered = started.elapsed();
+    wait_until(FOLLOW, "the store is up", async || redis.health().is_up()).await;
+    // Writes go to the new primary.
+    set(&redis, victim_key, "after").await;
+    let _: () = cluster
+        .query(promoted, &cmd(&["GET", victim_key]))
+        .map(|v: String| assert_eq!(v, "after"))
+        .expect("GET on the new primary");
+    let map = redis.refresh_slots().await.expect("refresh");
+    assert_eq!(
+        map.primary(slot).map(|a| a.port),
+        Some(cluster.port(promoted))
+    );
+    watch.abort();
+    eprintln!(
+        "failover: cluster agreed after {failover:?}, every key readable after {recovered:?}, \
+         store marked down meanwhile: {}",
+        went_down.load(std::sync::atomic::Ordering::Relaxed)
+    );
+
+    // The old primary comes back as the new one's replica.
+    tokio::task::block_in_place(|| cluster.restart(killed));
+    assert_eq!(cluster.primary_for_slot(slot), promoted);
+    assert_eq!(cluster.replicas_for_slot(slot), vec![killed]);
+    assert_eq!(get(&redis, victim_key).await.as_deref(), Some("after"));
+}
+
+/// A slot moves to another primary while the store is in use: while half-moved the old
+/// primary answers ASK for the keys it gave away, after the move MOVED; the cold calls
+/// follow both, and the store never goes down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_calls_follow_a_slot_migration() {
+    let Some(mut cluster) = RedisCluster::start(3, 1) else {
+        return;
+    };
+    let redis = Redis::connect(&cluster.url(), None)
+        .await
+        .expect("connect to the cluster");
+    let keys: Vec<String> = (0..10).map(|i| format!("herald:m{i}:{{mig}}")).collect();
+    let slot = key_slot(b"{mig}");
+    for k in &keys {
+        set(&redis, k, &format!("v-{k}")).await;
+    }
+    let from = cluster.primary_for_slot(slot);
+    let to = cluster
+        .primaries()
+        .into_iter()
+        .find(|&p| p != from)
+        .expect("another primary");
+
+    cluster.migrate_slot_begin(slot, to);
+    // Nothing moved yet: the old primary still serves them.
+    assert_eq!(get(&redis, &keys[0]).await, Some(format!("v-{}", keys[0])));
+
+    assert_eq!(cluster.migrate_slot_keys(slot), keys.len());
+    // The old primary now sends its clients on with ASK...
+    let direct: redis::RedisResult<Option<String>> = cluster.query(from, &cmd(&["GET", &keys[0]]));
+    let err = direct.expect_err("the old primary still answered for a moved key");
+    assert_eq!(err.code(), Some("ASK"), "{err}");
+    // ...which the cold calls follow, reads and writes alike.
+    for k in &keys {
+        assert_eq!(get(&redis, k).await, Some(format!("v-{k}")));
+    }
+    set(&redis, "herald:new:{mig}", "during").await;
+    let mut asking = redis::pipe();
+    asking
+        .cmd("ASKING")
+        .ignore()
+        .cmd("GET")
+        .arg("herald:new:{mig}");
+    let (on_target,): (Option<String>,) = cluster
+        .query_pipe(to, &asking)
+        .expect("GET on the importing primary");
+    assert_eq!(on_target.as_deref(), Some("during"));
+    // ASK does not move the slot: the map still names the old primary.
+    let map = redis.refresh_slots().await.expect("refresh");
+    assert_eq!(map.primary(slot).map(|a| a.port), Some(cluster.port(from)));
+
+    cluster.migrate_slot_end(slot);
+    // The old primary now answers MOVED...
+    let direct: redis::RedisResult<Option<String>> = cluster.query(from, &cmd(&["GET", &keys[0]]));
+    let err = direct.expect_err("the old primary still answered after the move");
+    assert_eq!(err.code(), Some("MOVED"), "{err}");
+    // ...which the cold calls follow.
+    for k in &keys {
+        assert_eq!(get(&redis, k).await, Some(format!("v-{k}")));
+    }
+    assert_eq!(
+        get(&redis, "herald:new:{mig}").await.as_deref(),
+        Some("during")
+    );
+    let map = redis.refresh_slots().await.expect("refresh");
+    assert_eq!(map.primary(slot).map(|a| a.port), Some(cluster.port(to)));
+    assert!(redis.health().is_up(), "a redirect took the store down");
+}
+
+/// A whole shard stops: the store goes down (the probe's PING reaches every primary), and
+/// comes back by itself when the shard does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_is_down_while_a_shard_is_and_recovers() {
+    let Some(mut cluster) = RedisCluster::start(3, 1) else {
+        return;
+    };
+    let redis = Redis::connect(&cluster.url(), None)
+        .await
+        .expect("connect to the cluster");
+    let keys = key_per_primary(&cluster, "sh:");
+    for k in &keys {
+        set(&redis, k, "v").await;
+    }
+    let shard = cluster.stop_shard(key_slot(keys[0].as_bytes()));
+    assert_eq!(shard.len(), 2);
+    wait_until(FOLLOW, "the store is marked down", async || {
+        !redis.health().is_up()
+    })
+    .await;
+    tokio::task::block_in_place(|| cluster.start_shard(&shard));
+    wait_until(FOLLOW, "the store is up again", async || {
+        redis.health().is_up()
+    })
+    .await;
+    for k in &keys {
+        assert_eq!(get(&redis, k).await.as_deref(), Some("v"));
+    }
+}
+
+/// Passwords: the cluster client authenticates with the URL's, and no log line shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn herald_starts_on_a_cluster_with_a_password_and_accepts_connections() {
+    const PASSWORD: &str = "cluster-s3cret";
+    let setup = Setup {
+        password: Some(PASSWORD),
+        ..Setup::default()
+    };
+    let Some(cluster) = RedisCluster::start_with(3, 1, setup) else {
+        return;
+    };
+    assert!(cluster.url().contains(PASSWORD));
+    let (herald, log) = start_herald(&cluster, "herald-pw");
+    // CONNECT runs the attach script on the client's shard: one client per shard.
+    for id in ["dev-a", "dev-b", "dev-c", "dev-d", "dev-e", "dev-f"] {
+        let (c, present) = Raw::connect_ok(herald.addr, &Opts::new(id).clean(false)).await;
+        assert!(!present);
+        c.disconnect().await;
+    }
+    let (c, present) = Raw::connect_ok(herald.addr, &Opts::new("dev-a").clean(false)).await;
+    assert!(present, "the session was stored in the cluster");
+    c.disconnect().await;
+    drop(herald);
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !logged.contains(PASSWORD),
+        "the password reached the log:\n{logged}"
+    );
+    // Without the password the cluster refuses, and Herald fails at start.
+    let url = cluster.url().replace(&format!(":{PASSWORD}@"), "");
+    let out = common::process::run_briefly(&["--store", "redis", "--redis-url", &url]);
+    assert!(
+        !out.status.success(),
+        "herald started without the cluster's password"
+    );
+}
+
+fn start_herald(cluster: &RedisCluster, name: &str) -> (Herald, std::path::PathBuf) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let log = cluster.dir().join(format!("{name}.log"));
+    let args: Vec<String> = [
+        "--listen",
+        &addr.to_string(),
+        "--store",
+        "redis",
+        "--redis-url",
+        &cluster.url(),
+        "--log-level",
+        "info",
+    ]
+    .map(String::from)
+    .into();
+    (Herald::start_args(addr, args, &log), log)
+}
+
+/// `rediss+cluster://`: every node over TLS only, trusted through `store.redis_ca`. The
+/// cold calls go through redis-rs's TLS, the probe through Herald's own RESP connections
+/// (as the hot path's will), so both verify the nodes' certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_calls_and_the_probe_work_over_tls() {
+    let setup = Setup {
+        tls: true,
+        ..Setup::default()
+    };
+    let Some(cluster) = RedisCluster::start_with(3, 1, setup) else {
+        return;
+    };
+    assert!(cluster.url().starts_with("rediss+cluster://"));
+    let ca = common::pki::Pki::get().ca_path();
+    let redis = Redis::connect(&cluster.url(), Some(&ca))
+        .await
+        .expect("connect to the TLS cluster with store.redis_ca");
+    let keys = key_per_primary(&cluster, "tls:");
+    for k in &keys {
+        set(&redis, k, "over-tls").await;
+        assert_eq!(get(&redis, k).await.as_deref(), Some("over-tls"));
+    }
+    wait_until(
+        Duration::from_secs(5),
+        "the probe has measured a round",
+        async || redis.health().ping_secs() > 0.0,
+    )
+    .await;
+    assert!(redis.health().is_up());
+    // The nodes the hot path will dial are named for TLS.
+    let map = redis.slots().expect("slot map");
+    for shard in map.shards() {
+        let info = redis.node_info(&shard.primary);
+        assert!(
+            matches!(info.addr(), redis::ConnectionAddr::TcpTls { port, .. } if *port == shard.primary.port),
+            "{:?}",
+            info.addr()
+        );
+    }
+    // A certificate from a CA it was not told to trust: refused at start.
+    let other = common::pki::Pki::get().other_ca_path();
+    let refused = Redis::connect(&cluster.url(), Some(&other)).await;
+    assert!(refused.is_err(), "connected to a cluster it cannot verify");
+
+    // A broker on it accepts a persistent session (CONNECT runs the attach script).
+    let mut config = herald::Config::default();
+    config.server.listen = Some("127.0.0.1:0".parse().expect("addr"));
+    config.store.kind = herald::config::StoreKind::Redis;
+    config.store.redis_url = cluster.url();
+    config.store.redis_ca = Some(ca);
+    let server = herald::Server::start(config)
+        .await
+        .expect("herald on rediss+cluster://");
+    let (c, _) = Raw::connect_ok(server.local_addr(), &Opts::new("dev-tls").clean(false)).await;
+    c.disconnect().await;
+    server.shutdown().await;
+}
+
+/// A QoS 1 push stored in the cluster and delivered after a reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "waits for the outbox's hot path on Redis Cluster (enqueue split by slot)"]
+async fn herald_pushes_through_a_cluster() {
+    let Some(cluster) = RedisCluster::start(3, 1) else {
+        return;
+    };
+    let (herald, _log) = start_herald(&cluster, "herald-push");
+    let (device, _) = Raw::connect_ok(herald.addr, &Opts::new("dev-push").clean(false)).await;
+    device.disconnect().await;
+    let mut backend = Raw::connect(herald.addr, "backend").await;
+    for i in 0..3 {
+        backend
+            .publish(
+                "push/dev-push",
+                format!("m{i}").as_bytes(),
+                QoS::AtLeastOnce,
+                false,
+            )
+            .await;
+    }
+    let (mut device, present) =
+        Raw::connect_ok(herald.addr, &Opts::new("dev-push").clean(false)).await;
+    assert!(present);
+    for i in 0..3 {
+        let p = device.expect_publish().await;
+        assert_eq!(text(&p), format!("m{i}"));
+        device.puback(p.pkid).await;
+    }
+}
