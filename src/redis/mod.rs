@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 use crate::metrics;
 
 pub use endpoint::redacted_url;
-use endpoint::{ColdConn, Endpoint};
+use endpoint::Endpoint;
 pub(crate) use hot::Hot;
 use scripts::Scripts;
 
@@ -138,7 +138,11 @@ impl Redis {
             |e: &dyn std::fmt::Display| StoreError::Unavailable(format!("{shown}: {e}"));
         let endpoint = Arc::new(Endpoint::open(url, ca).await.map_err(|e| unavailable(&e))?);
         let scripts = Arc::new(Scripts::new());
-        load_scripts(&endpoint, &scripts)
+        // On a cluster, SCRIPT LOAD goes to every node the cluster connection knows,
+        // replicas too, so a promoted replica has them; a node it skipped answers NOSCRIPT
+        // later, which marks the store down and brings it back through `health_loop`.
+        scripts
+            .load(&mut endpoint.conn())
             .await
             .map_err(|e| unavailable(&e))?;
         let health = Arc::new(Health {
@@ -251,23 +255,6 @@ impl Redis {
     }
 }
 
-/// Loads the scripts the outbox calls by hash alone. On a cluster, SCRIPT LOAD through the
-/// cluster connection goes to every node redis-rs is connected to, replicas too, so a
-/// promoted replica has them; a node it skipped answers NOSCRIPT later, which marks the
-/// store down and brings it back here. `Scripts::load` takes a `ConnectionManager`, so the
-/// cluster's list repeats its own; once it takes any `ConnectionLike`, this is
-/// `scripts.load(&mut endpoint.conn())` again.
-async fn load_scripts(endpoint: &Endpoint, scripts: &Scripts) -> redis::RedisResult<()> {
-    match endpoint.conn() {
-        ColdConn::Server(mut manager) => scripts.load(&mut manager).await,
-        mut cluster @ ColdConn::Cluster(_) => {
-            scripts.enqueue.load_async(&mut cluster).await?;
-            scripts.attach.load_async(&mut cluster).await?;
-            Ok(())
-        }
-    }
-}
-
 /// The active probe: a PING every `PROBE_EVERY` while the store is up (on a cluster, every
 /// primary is asked whether the cluster is ok: `Endpoint::ping`); no answer within
 /// `PROBE_TIMEOUT` marks it down (then `health_loop` takes over). Ends with the process
@@ -302,7 +289,7 @@ async fn health_loop(endpoint: Arc<Endpoint>, health: Arc<Health>, scripts: Arc<
         loop {
             let attempt = async {
                 endpoint.refresh().await?;
-                load_scripts(&endpoint, &scripts).await
+                scripts.load(&mut endpoint.conn()).await
             };
             let ready = tokio::time::timeout(CALL_TIMEOUT, attempt).await;
             if matches!(ready, Ok(Ok(()))) {

@@ -287,7 +287,7 @@ impl Scripts {
     /// Loads the scripts the outbox calls by hash alone (the others load themselves).
     pub(super) async fn load(
         &self,
-        conn: &mut redis::aio::ConnectionManager,
+        conn: &mut impl redis::aio::ConnectionLike,
     ) -> redis::RedisResult<()> {
         self.enqueue.load_async(conn).await?;
         self.attach.load_async(conn).await?;
