@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::client::{now_ns, Client, Hello, Target};
-use crate::procstat::Probe;
+use crate::procstat::{tcp_ext, Probe};
 use crate::redisstat;
 use crate::report::ScenarioResult;
 use crate::Opts;
@@ -185,12 +185,66 @@ async fn reconnect(ctx: Arc<Ctx>, i: usize, mut dev: Device, id: String) {
     }
 }
 
-/// Herald's own counters from its Prometheus endpoint (`--metrics-listen`): takeovers and
-/// CONNACKs by code.
+/// A Prometheus histogram: cumulative counts by upper bound, sum and count.
+#[derive(Default, Clone)]
+struct Hist {
+    buckets: Vec<(f64, f64)>,
+    sum: f64,
+    count: f64,
+}
+
+impl Hist {
+    /// `self - before`, bucket by bucket.
+    fn since(&self, before: &Hist) -> Hist {
+        Hist {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|&(le, c)| {
+                    let c0 = before
+                        .buckets
+                        .iter()
+                        .find(|b| b.0 == le)
+                        .map_or(0.0, |b| b.1);
+                    (le, c - c0)
+                })
+                .collect(),
+            sum: self.sum - before.sum,
+            count: self.count - before.count,
+        }
+    }
+
+    /// The upper bound of the bucket that holds quantile `q` (seconds).
+    fn quantile(&self, q: f64) -> Option<f64> {
+        let want = q * self.count;
+        let mut b = self.buckets.clone();
+        b.sort_by(|x, y| x.0.total_cmp(&y.0));
+        b.iter().find(|&&(_, c)| c >= want).map(|&(le, _)| le)
+    }
+
+    /// `<key>_mean_us`, `<key>_p50_le_us` and `<key>_p99_le_us`.
+    fn report(&self, r: &mut ScenarioResult, key: &str) {
+        if self.count <= 0.0 {
+            return;
+        }
+        r.metric(&format!("{key}_mean_us"), self.sum / self.count * 1e6);
+        for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+            r.opt_metric(
+                &format!("{key}_{name}_le_us"),
+                self.quantile(q).map(|s| s * 1e6),
+            );
+        }
+    }
+}
+
+/// Herald's own counters from its Prometheus endpoint (`--metrics-listen`): takeovers,
+/// CONNACKs by code, CONNECT-to-CONNACK time and the store's attach time.
 #[derive(Default, Clone)]
 struct BrokerCounts {
     takeovers: f64,
     connacks: [f64; 6],
+    connect: Hist,
+    attach: Hist,
 }
 
 fn broker_counts(addr: SocketAddr) -> Result<BrokerCounts, String> {
@@ -210,14 +264,37 @@ fn broker_counts(addr: SocketAddr) -> Result<BrokerCounts, String> {
         let Ok(v) = value.trim().parse::<f64>() else {
             continue;
         };
-        if name == "herald_session_takeovers_total" {
-            out.takeovers = v;
-        } else if let Some(code) = name
-            .strip_prefix("herald_connack_total{code=\"")
-            .and_then(|r| r.split('"').next())
-            .and_then(|c| c.parse::<usize>().ok())
+        let (hist, rest) = if let Some(rest) = name.strip_prefix("herald_connect_duration_seconds")
         {
-            out.connacks[code.min(5)] += v;
+            (&mut out.connect, rest)
+        } else if let Some(rest) = name
+            .strip_prefix("herald_store_op_duration_seconds")
+            .filter(|r| r.contains("op=\"attach\""))
+        {
+            (&mut out.attach, rest)
+        } else {
+            if name == "herald_session_takeovers_total" {
+                out.takeovers = v;
+            } else if let Some(code) = name
+                .strip_prefix("herald_connack_total{code=\"")
+                .and_then(|r| r.split('"').next())
+                .and_then(|c| c.parse::<usize>().ok())
+            {
+                out.connacks[code.min(5)] += v;
+            }
+            continue;
+        };
+        if rest.starts_with("_sum") {
+            hist.sum = v;
+        } else if rest.starts_with("_count") {
+            hist.count = v;
+        } else if let Some(le) = rest.split("le=\"").nth(1).and_then(|l| l.split('"').next()) {
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or(f64::INFINITY)
+            };
+            hist.buckets.push((le, v));
         }
     }
     Ok(out)
@@ -288,6 +365,7 @@ pub async fn storm(o: &Opts, target: &Target, pub_target: &Target) -> ScenarioRe
 
     // 3. The storm.
     let counts0 = o.metrics_addr.map(broker_counts);
+    let kernel0 = tcp_ext();
     let redis0 = o.store_addr.map(redisstat::read);
     let storm = Arc::new(Storm {
         fleet: Fleet::default(),
@@ -330,6 +408,7 @@ pub async fn storm(o: &Opts, target: &Target, pub_target: &Target) -> ScenarioRe
     let cpu_settled = probe.since(&mark);
     let redis1 = o.store_addr.map(redisstat::read);
     let counts1 = o.metrics_addr.map(broker_counts);
+    let kernel1 = tcp_ext();
 
     let fl = &storm.fleet;
     let connected = fl.connected.load(Relaxed);
@@ -400,9 +479,27 @@ pub async fn storm(o: &Opts, target: &Target, pub_target: &Target) -> ScenarioRe
                     r.metric(&format!("broker_connack_{code}"), d);
                 }
             }
+            // Where the time went on the broker's side: CONNECT read to CONNACK, and the
+            // store's attach within it (from the histograms' buckets: upper bounds).
+            b.connect.since(&a.connect).report(&mut r, "broker_connect");
+            b.attach.since(&a.attach).report(&mut r, "broker_attach");
         }
         (Some(Err(e)), _) | (_, Some(Err(e))) => r.notes.push(format!("broker metrics: {e}")),
         _ => {}
+    }
+
+    // The kernel's side (machine-wide counters): SYNs dropped for a full accept queue (the
+    // client sends them again after 1 s, then 3 s, ...), and the clients' SYN resends.
+    if let (Some(a), Some(b)) = (kernel0, kernel1) {
+        for (name, key) in [
+            ("ListenOverflows", "kernel_listen_overflows"),
+            ("TCPSynRetrans", "kernel_syn_retrans"),
+            ("SyncookiesSent", "kernel_syncookies_sent"),
+        ] {
+            if let (Some(x), Some(y)) = (a.get(name), b.get(name)) {
+                r.metric(key, y.saturating_sub(*x) as f64);
+            }
+        }
     }
 
     // The targets.
