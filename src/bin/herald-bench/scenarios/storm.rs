@@ -21,7 +21,11 @@
 //! (and with `--store-pid` the store's: Redis CPU seconds) over the storm, per reconnect;
 //! with `--store-addr` the Redis commands per reconnect (`INFO commandstats` before the
 //! storm and once its acknowledgements have settled); with `--metrics-addr` Herald's own
-//! count of takeovers and CONNACKs by code. The targets: all connected within
+//! count of takeovers and CONNACKs by code, its CONNECT-to-CONNACK and store attach times.
+//! The kernel's counters (machine-wide) show SYNs dropped for a full accept queue and sent
+//! again, and a note shows how many devices connected in each quarter second: a dropped SYN
+//! is sent again 1 s later, then 3 s, so a storm that overflows the listen backlog comes
+//! back in waves. The targets: all connected within
 //! `--target-secs` (3 s), no error other than counted CONNACK 3. A missed target is a note,
 //! not a failure; a device that never connects, a lost session or a lost message is.
 
@@ -439,6 +443,15 @@ pub async fn storm(o: &Opts, target: &Target, pub_target: &Target) -> ScenarioRe
         if !h.is_empty() {
             r.metric("connected_p50_secs", h.value_at_quantile(0.50) as f64 / 1e9);
             r.metric("connected_p99_secs", h.value_at_quantile(0.99) as f64 / 1e9);
+            // The shape of the storm: waves 1 s and 3 s apart are SYNs the kernel dropped
+            // for a full accept queue, sent again.
+            let step = 250_000_000u64;
+            let counts: Vec<String> = h
+                .iter_linear(step)
+                .map(|v| v.count_since_last_iteration().to_string())
+                .collect();
+            r.notes
+                .push(format!("connected per 0.25 s: {}", counts.join(" ")));
         }
     }
     let codes: Vec<u64> = storm.connacks.iter().map(|c| c.load(Relaxed)).collect();
