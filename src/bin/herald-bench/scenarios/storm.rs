@@ -260,6 +260,11 @@ fn broker_counts(addr: SocketAddr) -> Result<BrokerCounts, String> {
     let mut text = String::new();
     s.read_to_string(&mut text)
         .map_err(|e| format!("{addr}: {e}"))?;
+    Ok(parse_metrics(&text))
+}
+
+/// The counters and histograms `BrokerCounts` holds, from Prometheus text.
+fn parse_metrics(text: &str) -> BrokerCounts {
     let mut out = BrokerCounts::default();
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((name, value)) = line.rsplit_once(' ') else {
@@ -301,7 +306,7 @@ fn broker_counts(addr: SocketAddr) -> Result<BrokerCounts, String> {
             hist.buckets.push((le, v));
         }
     }
-    Ok(out)
+    out
 }
 
 pub async fn storm(o: &Opts, target: &Target, pub_target: &Target) -> ScenarioResult {
@@ -513,6 +518,13 @@ pub async fn storm(o: &Opts, target: &Target, pub_target: &Target) -> ScenarioRe
                 r.metric(key, y.saturating_sub(*x) as f64);
             }
         }
+        let dropped = r.metrics.get("kernel_listen_overflows").copied();
+        if let Some(d) = dropped.filter(|&d| d > 0.0) {
+            r.notes.push(format!(
+                "the kernel dropped {d:.0} SYNs for a full accept queue (listen backlog): those \
+                 devices tried again 1 s later (TCP's SYN resend), some of them 3 s later"
+            ));
+        }
     }
 
     // The targets.
@@ -554,4 +566,50 @@ pub async fn storm(o: &Opts, target: &Target, pub_target: &Target) -> ScenarioRe
     }
     probe.check_alive(&mut r);
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_herald_metrics() {
+        let text = "HTTP/1.0 200 OK\r\n\r\n# TYPE herald_connack_total counter\n\
+            herald_connack_total{code=\"0\"} 10\nherald_connack_total{code=\"3\"} 4\n\
+            herald_session_takeovers_total 2\n\
+            herald_connect_duration_seconds_bucket{le=\"0.01\"} 5\n\
+            herald_connect_duration_seconds_bucket{le=\"0.1\"} 9\n\
+            herald_connect_duration_seconds_bucket{le=\"+Inf\"} 10\n\
+            herald_connect_duration_seconds_sum 0.5\n\
+            herald_connect_duration_seconds_count 10\n\
+            herald_store_op_duration_seconds_bucket{op=\"ack\",le=\"0.01\"} 7\n\
+            herald_store_op_duration_seconds_bucket{op=\"attach\",le=\"0.01\"} 3\n\
+            herald_store_op_duration_seconds_count{op=\"attach\"} 3\n";
+        let b = parse_metrics(text);
+        assert_eq!(b.connacks, [10.0, 0.0, 0.0, 4.0, 0.0, 0.0]);
+        assert_eq!(b.takeovers, 2.0);
+        assert_eq!(b.connect.count, 10.0);
+        assert_eq!(b.connect.quantile(0.5), Some(0.01));
+        assert_eq!(b.connect.quantile(0.9), Some(0.1));
+        assert_eq!(b.connect.quantile(0.99), Some(f64::INFINITY));
+        assert_eq!(b.attach.buckets, vec![(0.01, 3.0)]);
+        assert_eq!(b.attach.count, 3.0);
+        let d = b.connect.since(&BrokerCounts::default().connect);
+        assert_eq!(d.count, 10.0);
+        let mut r = ScenarioResult::new("storm", "storm");
+        d.report(&mut r, "broker_connect");
+        assert_eq!(r.metrics.get("broker_connect_mean_us"), Some(&50_000.0));
+        assert_eq!(r.metrics.get("broker_connect_p50_le_us"), Some(&10_000.0));
+    }
+
+    #[test]
+    fn jitter_is_a_fraction() {
+        for i in 0..1000 {
+            for a in 1..5 {
+                let j = jitter(i, a);
+                assert!((0.0..1.0).contains(&j));
+            }
+        }
+        assert_ne!(jitter(1, 1), jitter(2, 1));
+    }
 }
