@@ -9,9 +9,12 @@
 #   3. the same behavioural binaries with HERALD_TEST_TRANSPORT=tls: each test's broker
 #      listens on TLS only and the tests' clients speak TLS (tests/common/pki.rs makes the
 #      certificates);
-#   4. interop/run.sh against HERALD (default target/release/herald): third-party clients;
-#   5. scripts/bench.sh --smoke --no-build: the benchmark tool still works (one test).
-# Ends with `total: N passed, N failed` over all five; exits non-zero if anything failed.
+#   4. the same behavioural binaries with HERALD_TEST_STORE=redis-cluster: each test's broker
+#      uses the Redis store on a private Redis Cluster (3 primaries, 3 replicas,
+#      tests/common/redis_cluster.rs);
+#   5. interop/run.sh against HERALD (default target/release/herald): third-party clients;
+#   6. scripts/bench.sh --smoke --no-build: the benchmark tool still works (one test).
+# Ends with `total: N passed, N failed` over all six; exits non-zero if anything failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,6 +62,16 @@ if [ "$tls_rc" -ne 0 ] && [ "$tls_failed" -eq 0 ]; then
     tls_failed=1
 fi
 
+echo "=== cargo test, Redis Cluster store (HERALD_TEST_STORE=redis-cluster: $REDIS_PASS_TESTS)"
+# One Redis Cluster (3 primaries, 3 replicas) per test: two tests at a time keep the 2-core
+# machine from timing out the clusters' own failure detection.
+HERALD_TEST_STORE=redis-cluster "$CARGO" test --no-fail-fast "${redis_args[@]}" -- --test-threads 2 2>&1 | tee "$log"
+rcluster_rc=${PIPESTATUS[0]}
+read -r rcluster_passed rcluster_failed < <(count_cargo "$log")
+if [ "$rcluster_rc" -ne 0 ] && [ "$rcluster_failed" -eq 0 ]; then
+    rcluster_failed=1
+fi
+
 echo "=== interop ($HERALD)"
 bash interop/run.sh "$HERALD" 2>&1 | tee "$log"
 interop_rc=${PIPESTATUS[0]}
@@ -83,7 +96,8 @@ echo "cargo test (exit $cargo_rc): $cargo_passed passed; $cargo_failed failed"
 echo "cargo test, Redis store (exit $redis_rc): $redis_passed passed; $redis_failed failed;" \
     "$redis_skipped check(s) skipped under Redis (SKIPPED lines above give the reasons)"
 echo "cargo test, over TLS (exit $tls_rc): $tls_passed passed; $tls_failed failed"
+echo "cargo test, Redis Cluster store (exit $rcluster_rc): $rcluster_passed passed; $rcluster_failed failed"
 echo "interop (exit $interop_rc): $interop_passed passed; $interop_failed failed"
 echo "bench smoke (exit $bench_rc): $bench_passed passed; $bench_failed failed"
-echo "total: $((cargo_passed + redis_passed + tls_passed + interop_passed + bench_passed)) passed, $((cargo_failed + redis_failed + tls_failed + interop_failed + bench_failed)) failed"
-[ "$cargo_rc" -eq 0 ] && [ "$redis_rc" -eq 0 ] && [ "$tls_rc" -eq 0 ] && [ "$interop_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+echo "total: $((cargo_passed + redis_passed + tls_passed + rcluster_passed + interop_passed + bench_passed)) passed, $((cargo_failed + redis_failed + tls_failed + rcluster_failed + interop_failed + bench_failed)) failed"
+[ "$cargo_rc" -eq 0 ] && [ "$redis_rc" -eq 0 ] && [ "$tls_rc" -eq 0 ] && [ "$rcluster_rc" -eq 0 ] && [ "$interop_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

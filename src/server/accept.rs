@@ -32,12 +32,26 @@ pub(super) struct Accept {
     pub spare: descriptors::Spare,
 }
 
+/// Connections accepted in a row before the accept loop yields.
+const ACCEPT_STREAK: u32 = 1024;
+
 pub(super) async fn accept_loop(listener: TcpListener, kind: Transport, ctx: Arc<Accept>) {
     let max = ctx.capacity;
     let mut backoff = Duration::from_millis(10);
+    let mut streak = 0u32;
     loop {
+        // Accept while the kernel has connections queued, not 128 at a time (tokio's
+        // budget) behind every runnable connection task: in a reconnect storm the queue
+        // overflows otherwise, and the kernel drops SYNs that come back only after TCP's
+        // 1 s and 3 s resends (herald-bench storm, BENCHMARKS.md). Every 1,024 in a row
+        // the loop still lets the others run.
+        streak += 1;
+        if streak >= ACCEPT_STREAK {
+            streak = 0;
+            tokio::task::yield_now().await;
+        }
         let accepted = tokio::select! {
-            r = listener.accept() => r,
+            r = tokio::task::unconstrained(listener.accept()) => r,
             _ = ctx.accepting.cancelled() => return,
         };
         let (stream, peer) = match accepted {

@@ -74,10 +74,11 @@ const LOG_SUMMARY_EVERY: Duration = Duration::from_secs(1);
 /// How often keepalives are checked: the slack on top of 1.5 times a client's keepalive.
 const KEEPALIVE_EVERY: Duration = Duration::from_millis(250);
 
-/// Connections the kernel queues for a listener before `accept` (capped by the kernel's
-/// `net.core.somaxconn`). Rust's default, 128, drops connections in a reconnect storm: 705 of
-/// 5,000 clients connecting at once never reached the node in the attack suite.
-const BACKLOG: u32 = 4096;
+/// Connections the kernel queues for a listener before `accept`, capped by the kernel's
+/// `net.core.somaxconn` (4,096 on current Linux; raise it for storms bigger than that).
+/// Rust's default, 128, drops connections in a reconnect storm: 705 of 5,000 clients
+/// connecting at once never reached the node in the attack suite.
+const BACKLOG: u32 = 65_535;
 
 async fn bind(addr: Option<SocketAddr>) -> std::io::Result<Option<TcpListener>> {
     let Some(a) = addr else {

@@ -52,13 +52,22 @@ pub const WAIT: Duration = Duration::from_secs(2);
 /// Payload of the marker messages (see the module docs).
 pub const MARKER: &[u8] = b"--marker--";
 
-/// The store the tests run against: `HERALD_TEST_STORE=memory` (the default) or `redis`.
+/// The store the tests run against: `HERALD_TEST_STORE=memory` (the default), `redis` or
+/// `redis-cluster` (the Redis store on a Redis Cluster of three primaries and three
+/// replicas, one per test: `redis_cluster`).
 pub fn test_store() -> StoreKind {
     match std::env::var("HERALD_TEST_STORE").as_deref() {
         Err(std::env::VarError::NotPresent) | Ok("") | Ok("memory") => StoreKind::Memory,
-        Ok("redis") => StoreKind::Redis,
-        other => panic!("HERALD_TEST_STORE={other:?}: expected `memory` or `redis`"),
+        Ok("redis") | Ok("redis-cluster") => StoreKind::Redis,
+        other => {
+            panic!("HERALD_TEST_STORE={other:?}: expected `memory`, `redis` or `redis-cluster`")
+        }
     }
+}
+
+/// `HERALD_TEST_STORE=redis-cluster`.
+pub fn on_redis_cluster() -> bool {
+    std::env::var("HERALD_TEST_STORE").as_deref() == Ok("redis-cluster")
 }
 
 /// The transport the tests' clients use: `HERALD_TEST_TRANSPORT=tcp` (the default) or `tls`.
@@ -110,6 +119,7 @@ pub struct TestServer {
     // Declared first: dropped before the Redis it may still be using.
     server: Server,
     redis: Option<process::RedisServer>,
+    cluster: Option<redis_cluster::RedisCluster>,
 }
 
 impl Deref for TestServer {
@@ -125,6 +135,7 @@ impl TestServer {
     pub async fn shutdown(self) {
         self.server.shutdown().await;
         drop(self.redis);
+        drop(self.cluster);
     }
 
     /// The broker's private Redis, under `HERALD_TEST_STORE=redis`.
@@ -149,8 +160,17 @@ pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
     }
     let mut config = Config::default();
     config.server.listen = Some("127.0.0.1:0".parse().unwrap());
+    let mut cluster = None;
     let redis = match test_store() {
         StoreKind::Memory => None,
+        StoreKind::Redis if on_redis_cluster() => {
+            let c = redis_cluster::RedisCluster::start(3, 1)
+                .expect("redis-server and redis-cli for HERALD_TEST_STORE=redis-cluster");
+            config.store.kind = StoreKind::Redis;
+            config.store.redis_url = c.url();
+            cluster = Some(c);
+            None
+        }
         StoreKind::Redis => {
             // Blocks for the few milliseconds redis-server takes to start; nothing else runs
             // on this test's runtime yet. AOF as always, but fsync once a second instead of
@@ -171,7 +191,11 @@ pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
     }
     tweak(&mut config);
     let server = Server::start(config).await.expect("start herald");
-    TestServer { server, redis }
+    TestServer {
+        server,
+        redis,
+        cluster,
+    }
 }
 
 /// Polls `cond` every 10 ms until it holds; panics with `what` after `wait`. For state that
