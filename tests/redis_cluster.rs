@@ -1,7 +1,12 @@
 //! Redis Cluster as Herald's store: the test cluster itself (tests/common/redis_cluster.rs),
 //! the cold path (`herald::redis::Redis` on `redis+cluster://`: commands, pipelines and
-//! scripts on every shard, through a failover and a slot migration with ASK then MOVED) and
-//! the `herald` binary started on a cluster.
+//! scripts on every shard, through a failover and a slot migration with ASK then MOVED; the
+//! calls for keys of many slots, `query_each`, `query_steps` and `scan`, against one
+//! redis-server too) and the `herald` binary started on a cluster: persistent
+//! subscriptions saved and loaded across shards, three Herald nodes sharing the store
+//! (registry, QoS 0 push in two hops, interest, the sweep, a graceful stop), the store
+//! sample and the layout move over every primary. Herald's keys are read back on the
+//! primary of their slot (`RedisCluster::query_key`), not through Herald's client.
 //!
 //! Each test starts its own 6-node cluster (3 primaries, 1 replica each); without
 //! redis-server and redis-cli installed each prints a SKIPPED line and passes.
@@ -702,7 +707,10 @@ async fn broker_on(cluster: &RedisCluster, name: &str, node: Option<&str>, toml:
 async fn publish_within(c: &mut Raw, what: &str) -> common::Publish {
     let deadline = Instant::now() + ARRIVE;
     loop {
-        match c.next(deadline.saturating_duration_since(Instant::now())).await {
+        match c
+            .next(deadline.saturating_duration_since(Instant::now()))
+            .await
+        {
             Event::Packet(Packet::Publish(p)) => return p,
             Event::Packet(_) => {}
             other => panic!("{what}: {other:?} instead of a PUBLISH"),
@@ -769,7 +777,10 @@ async fn persistent_subscriptions_are_saved_and_loaded_across_shards() {
             .publish(&topic, topic.as_bytes(), QoS::AtMostOnce, false)
             .await;
         let p = publish_within(c, &topic).await;
-        assert_eq!((p.topic.as_str(), text(&p)), (topic.as_str(), topic.clone()));
+        assert_eq!(
+            (p.topic.as_str(), text(&p)),
+            (topic.as_str(), topic.clone())
+        );
     }
     publisher
         .publish("all/x", b"everyone", QoS::AtMostOnce, false)
@@ -786,7 +797,9 @@ async fn wait_interest(subscriber: &mut Raw, publisher: &mut Raw, topic: &str) {
     const PROBE: &[u8] = b"--probe--";
     let deadline = Instant::now() + ARRIVE;
     loop {
-        publisher.publish(topic, PROBE, QoS::AtMostOnce, false).await;
+        publisher
+            .publish(topic, PROBE, QoS::AtMostOnce, false)
+            .await;
         match subscriber.next(Duration::from_millis(50)).await {
             Event::Packet(Packet::Publish(p)) if &p.payload[..] == PROBE && p.topic == topic => {
                 return
@@ -924,7 +937,10 @@ async fn herald_nodes_share_a_cluster_store() {
             .expect("EXISTS filters"),
     );
     assert_eq!(left, (None, false), "b's keys after its stop");
-    assert!(interest(&cluster) > before, "the interest counter did not move");
+    assert!(
+        interest(&cluster) > before,
+        "the interest counter did not move"
+    );
     for n in [&a, &c] {
         wait_until(ARRIVE, "the others forget b", async || {
             n.metric("herald_cluster_peers").await == 1.0
@@ -1027,7 +1043,10 @@ async fn the_store_sample_counts_every_shard() {
         .assert_metric("herald_outbox_messages", messages as f64)
         .await;
     sampler
-        .assert_metric(r#"herald_sessions{state="offline"}"#, (ids.len() - 2) as f64)
+        .assert_metric(
+            r#"herald_sessions{state="offline"}"#,
+            (ids.len() - 2) as f64,
+        )
         .await;
     let age = sampler.metric("herald_outbox_oldest_age_seconds").await;
     assert!((10.0..120.0).contains(&age), "oldest age {age}");
@@ -1042,4 +1061,57 @@ async fn the_store_sample_counts_every_shard() {
         )
         .expect("HMGET stats");
     assert_eq!(stats, vec![messages, ids.len() as u64, 2]);
+}
+
+/// Outboxes of the layout before streams (a ZSET of `<seq>|<envelope>` and a counter per
+/// client) on every shard: the first Herald to start finds them on every primary and moves
+/// each into its stream, same numbers, and marks the store done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_layout_move_finds_old_outboxes_on_every_shard() {
+    let Some(cluster) = RedisCluster::start(3, 1) else {
+        return;
+    };
+    let ids = clients_per_shard(&cluster, "old-", 2);
+    for (i, id) in ids.iter().enumerate() {
+        let old = keys::client(Client::LegacyOutbox, id);
+        for seq in [10 + i as u64, 11 + i as u64] {
+            let msg = herald::message::Message {
+                topic: format!("push/{id}").into(),
+                payload: bytes::Bytes::from(format!("m{seq}")),
+                qos: herald::message::Qos::AtLeastOnce,
+                retain: false,
+                expires_at: 0,
+                born_us: 1,
+                forwarded: false,
+            };
+            let mut member = format!("{seq}|").into_bytes();
+            member.extend(msg.envelope(herald::message::Qos::AtLeastOnce));
+            let _: u64 = cluster
+                .query_key(&old, redis::cmd("ZADD").arg(&old).arg(seq).arg(member))
+                .expect("ZADD");
+        }
+        let counter = keys::client(Client::LegacySeq, id);
+        let _: () = cluster
+            .query_key(&counter, redis::cmd("SET").arg(&counter).arg(11 + i))
+            .expect("SET");
+    }
+    let _herald = broker_on(&cluster, "mover", None, "").await;
+    for (i, id) in ids.iter().enumerate() {
+        let stream = keys::client(Client::Outbox, id);
+        let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = cluster
+            .query_key(&stream, redis::cmd("XRANGE").arg(&stream).arg("-").arg("+"))
+            .expect("XRANGE");
+        let ids_got: Vec<&str> = entries.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(
+            ids_got,
+            [format!("0-{}", 10 + i), format!("0-{}", 11 + i)],
+            "{stream}"
+        );
+    }
+    assert!(cluster.keys("herald:outbox:*").is_empty());
+    assert!(cluster.keys("herald:seq:*").is_empty());
+    let layout: Option<String> = cluster
+        .query_key(keys::LAYOUT, redis::cmd("GET").arg(keys::LAYOUT))
+        .expect("GET layout");
+    assert_eq!(layout.as_deref(), Some("2"));
 }
