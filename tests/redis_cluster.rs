@@ -853,7 +853,7 @@ async fn herald_nodes_share_a_cluster_store() {
         return;
     };
     let config = "[cluster]\nsweep_interval = \"1s\"\ndrain_duration = \"1s\"\n";
-    let nodes = names_per_shard(&cluster, "node-", 1, |n| keys::alive(n)).concat();
+    let nodes = names_per_shard(&cluster, "node-", 1, keys::alive).concat();
     let a = broker_on(&cluster, "a", Some(&nodes[0]), config).await;
     let mut b = broker_on(&cluster, "b", Some(&nodes[1]), config).await;
     let c = broker_on(&cluster, "c", Some(&nodes[2]), config).await;
@@ -1063,6 +1063,9 @@ async fn the_store_sample_counts_every_shard() {
     assert_eq!(stats, vec![messages, ids.len() as u64, 2]);
 }
 
+/// A stream entry as XRANGE returns it: its id, its fields and values.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
 /// Outboxes of the layout before streams (a ZSET of `<seq>|<envelope>` and a counter per
 /// client) on every shard: the first Herald to start finds them on every primary and moves
 /// each into its stream, same numbers, and marks the store done.
@@ -1098,7 +1101,7 @@ async fn the_layout_move_finds_old_outboxes_on_every_shard() {
     let _herald = broker_on(&cluster, "mover", None, "").await;
     for (i, id) in ids.iter().enumerate() {
         let stream = keys::client(Client::Outbox, id);
-        let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = cluster
+        let entries: Vec<StreamEntry> = cluster
             .query_key(&stream, redis::cmd("XRANGE").arg(&stream).arg("-").arg("+"))
             .expect("XRANGE");
         let ids_got: Vec<&str> = entries.iter().map(|(id, _)| id.as_str()).collect();
