@@ -17,6 +17,11 @@
 #                              case): TLS handshakes/s, RSS per idle TLS connection and QoS 1
 #                              push over TLS against Mosquitto with TLS; a login storm during
 #                              pushes; push with and without a password file (Herald)
+#   scripts/bench.sh --only storm
+#                              the reconnect storm (below; part of the full, quick and smoke
+#                              runs): 19,000 persistent sessions with one queued QoS 1 message
+#                              each reconnect at once, Herald (redis) against Mosquitto
+#                              (--quick: 5,000; --smoke: 300, Herald only)
 #   scripts/bench.sh --cluster [--quick ...]
 #                              the cluster benchmark of issue 5 instead (publish on node A,
 #                              devices on node B, against one node): runs
@@ -65,6 +70,21 @@
 # ("herald-auth"); the devices connect one at a time in both (the logins queue for the one
 # password worker anyway, and the order in which devices connect moves Herald's push figure
 # by 10-20 %). The summary ends with the issue 10 table (`herald-bench security-report`).
+#
+# storm (the reconnect storm: a node died and all its devices come back to another one at
+# once): `herald-bench storm --no-wipe` (every case has a fresh broker) against Herald
+# (redis) (column storm-herald-redis, with --store-pid and --store-addr: Redis CPU seconds
+# and commands per reconnect; storm-herald, the memory store, with --no-redis and in the
+# smoke run) and Mosquitto with `persistence false` (column storm-mosquitto: its persistent
+# sessions and queued messages live in memory; its other settings as below, its listen
+# backlog Mosquitto's fixed 100). The devices (clean session = false, each subscribed to
+# push/<id> at QoS 1) connect and disconnect, get --queued QoS 1 messages each while offline,
+# then all reconnect at once, with no cap on connects in flight (--storm-concurrency 0):
+# seconds until all are connected (CONNACK 0, session present) and until every queued
+# message has arrived, CONNACK latency, CONNACK 3 (retried after 100 ms, doubling, with
+# jitter) and other refusals, connection errors, broker and Redis CPU. Targets, printed as
+# notes: all connected within 3 s, no error other than CONNACK 3. The summary ends with the
+# two columns side by side.
 #
 # The Redis-backed column of issue 4: `scripts/bench.sh --only "push drain"` (push and
 # push-rate, drain) gives Herald (memory store), Mosquitto (persistence on) and Herald
@@ -153,7 +173,8 @@ REDIS=${REDIS:-1}
 # The scenarios (second field of CASES) run against Herald (redis).
 REDIS_SCENARIOS="push push-rate drain"
 
-# name | herald-bench scenario | arguments [| set: tls, storm or auth (issue 10); none: issue 3]
+# name | herald-bench scenario | arguments [| set: tls, storm or auth (issue 10); reconnect:
+# the reconnect storm; none: issue 3]
 case $MODE in
 full) CASES=(
     "idle-10000|idle|--clients 10000 --idle-secs 30"
@@ -167,6 +188,7 @@ full) CASES=(
     "tls-push|push|--devices 1000 --window 1000 --secs 10|tls"
     "auth-storm|login-storm|--devices 1000 --rate 2000 --logins 5000 --login-concurrency 1000 --baseline-secs 10 --after-secs 3|storm"
     "auth-push|push|--devices 1000 --window 1000 --secs 10 --id-prefix bench-dev --no-wipe --concurrency 1 --handshake-timeout 60|auth"
+    "storm|storm|--devices 19000 --queued 1 --no-wipe|reconnect"
 ) ;;
 quick) CASES=(
     "idle-1000|idle|--clients 1000 --idle-secs 5"
@@ -180,6 +202,7 @@ quick) CASES=(
     "tls-push|push|--devices 200 --window 1000 --secs 3|tls"
     "auth-storm|login-storm|--devices 200 --rate 2000 --logins 200 --login-concurrency 200 --baseline-secs 3 --after-secs 1|storm"
     "auth-push|push|--devices 200 --window 1000 --secs 3 --id-prefix bench-dev --no-wipe --concurrency 1 --handshake-timeout 60|auth"
+    "storm|storm|--devices 5000 --queued 1 --no-wipe|reconnect"
 ) ;;
 smoke) CASES=(
     "idle|idle|--clients 20 --idle-secs 1"
@@ -190,6 +213,7 @@ smoke) CASES=(
     "tls-handshake|handshake|--connections 50 --concurrency 10|tls"
     "tls-push|push|--devices 10 --messages 2000|tls"
     "auth-storm|login-storm|--devices 10 --rate 1000 --logins 4 --login-concurrency 4 --baseline-secs 0.3 --after-secs 0.2|storm"
+    "storm|storm|--devices 300 --queued 1 --no-wipe|reconnect"
 ) ;;
 esac
 # `--only tls` means every case of issue 10: tls-* and auth-*.
@@ -269,7 +293,7 @@ TLS_CASES=0
 if [ "$TLS" = 1 ]; then
     for c in "${CASES[@]}"; do
         IFS='|' read -r name _ _ set <<<"$c"
-        if [ -n "$set" ] && selected "$name"; then TLS_CASES=1; fi
+        if [ -n "$set" ] && [ "$set" != reconnect ] && selected "$name"; then TLS_CASES=1; fi
     done
     if [ "$TLS_CASES" = 1 ] && ! command -v openssl >/dev/null; then
         echo "bench: openssl is not installed: the TLS and login cases (issue 10) are skipped" >&2
@@ -313,9 +337,10 @@ BROKER_LOG=
 # redis-server behind Herald (redis), while a herald-redis case runs: REDIS_PID, REDIS_PORT
 # and REDIS_LOG (set by start_redis).
 
-# mosquitto_conf DIR PORT [tls|tls-nodelay]: Mosquitto's config (see Method in
+# mosquitto_conf DIR PORT [tls|tls-nodelay|nopersist]: Mosquitto's config (see Method in
 # BENCHMARKS.md); with tls the listener serves TLS 1.3 with the run's certificate, with
-# tls-nodelay also `set_tcp_nodelay true`.
+# tls-nodelay also `set_tcp_nodelay true`; nopersist: `persistence false` (sessions and
+# queued messages in memory only).
 mosquitto_conf() {
     local dir=$1 port=$2
     {
@@ -329,11 +354,15 @@ mosquitto_conf() {
         esac
         # Mosquitto's default leaves Nagle's algorithm on; the second TLS column turns it off.
         [ "${3:-}" = tls-nodelay ] && echo "set_tcp_nodelay true"
+        if [ "${3:-}" = nopersist ]; then
+            echo "persistence false"
+        else
+            echo "persistence true"
+            echo "persistence_location $dir/"
+        fi
         cat <<EOF
 max_connections -1
 allow_anonymous true
-persistence true
-persistence_location $dir/
 max_queued_messages 1000
 log_dest stderr
 log_type error
@@ -342,7 +371,8 @@ EOF
     } >"$dir/mosquitto.conf"
 }
 
-# start_broker KIND CPUS...: KIND herald, herald-redis, mosquitto; issue 10: herald-tls,
+# start_broker KIND CPUS...: KIND herald, herald-redis, mosquitto, mosquitto-nopersist
+# (`persistence false`, the reconnect storm); issue 10: herald-tls,
 # mosquitto-tls (TLS only), herald-auth (--password-file), herald-storm (password file and
 # anonymous clients allowed).
 start_broker() {
@@ -395,7 +425,7 @@ start_broker() {
         "$@" "$HERALD" -c "$TMP/herald-storm.toml" --listen "127.0.0.1:$BROKER_PORT" \
             --log-level warn >"$BROKER_LOG" 2>&1 &
         ;;
-    mosquitto | mosquitto-tls | mosquitto-tls-nodelay)
+    mosquitto | mosquitto-tls | mosquitto-tls-nodelay | mosquitto-nopersist)
         mosquitto_conf "$dir" "$BROKER_PORT" "${kind#mosquitto-}"
         # Started as root, Mosquitto becomes user mosquitto: let it write its database.
         if [ "$(id -u)" = 0 ] && id mosquitto >/dev/null 2>&1; then
@@ -474,13 +504,21 @@ TLS_COLS=("herald-tls|herald-tls|${PIN_BROKER[*]-}|")
     "mosquitto-tls-nodelay|mosquitto-tls-nodelay|${PIN_BROKER[*]-}|")
 STORM_COLS=("herald-storm|herald-storm|${PIN_BROKER[*]-}|")
 AUTH_COLS=("herald-noauth|herald|${PIN_BROKER[*]-}|" "herald-auth|herald-auth|${PIN_BROKER[*]-}|")
+# The reconnect storm: Herald (redis) (the memory store with --no-redis and in the smoke
+# run) and Mosquitto with `persistence false`.
+if [ "$REDIS" = 1 ]; then
+    RECONNECT_COLS=("storm-herald-redis|herald-redis|${PIN_BROKER[*]-}|")
+else
+    RECONNECT_COLS=("storm-herald|herald|${PIN_BROKER[*]-}|")
+fi
+[ "$MOSQUITTO" = 1 ] && RECONNECT_COLS+=("storm-mosquitto|mosquitto-nopersist|${PIN_BROKER[*]-}|")
 
 COMMAND="scripts/bench.sh${ARGV:+ $ARGV}"
 T0=$(date +%s)
 for c in "${CASES[@]}"; do
     IFS='|' read -r name scenario args set <<<"$c"
     selected "$name" || continue
-    if [ -n "$set" ] && [ "$TLS" = 0 ]; then
+    if [ -n "$set" ] && [ "$set" != reconnect ] && [ "$TLS" = 0 ]; then
         continue
     fi
     case $set in
@@ -488,6 +526,7 @@ for c in "${CASES[@]}"; do
     tls) cols=("${TLS_COLS[@]}") ;;
     storm) cols=("${STORM_COLS[@]}") ;;
     auth) cols=("${AUTH_COLS[@]}") ;;
+    reconnect) cols=("${RECONNECT_COLS[@]}") ;;
     esac
     # The columns of one case run back to back, so load that drifts hits them alike.
     for col in "${cols[@]}"; do
@@ -538,6 +577,9 @@ fi
         echo "- TLS (issue 10): $(openssl version | awk '{print $1, $2}') made a CA and an ECDSA P-256 server certificate (SAN IP:127.0.0.1) for this run; Herald \`--listen \"\" --tls-listen\` (rustls, ring), Mosquitto \`certfile\`/\`keyfile\`/\`tls_version tlsv1.3\` ($(ldd "${MOSQUITTO_BIN:-/usr/sbin/mosquitto}" 2>/dev/null | awk '/libssl/ {print $1}')); herald-bench: rustls, ring, TLS 1.3, resumption off"
         echo "- authentication (issue 10): a password file with one user made by \`herald passwd\` (argon2id, the argon2 crate's defaults); login storm: the same file and \`auth.allow_anonymous = true\` (the devices and the publisher are anonymous)"
     fi
+    if [ -d "$OUT/storm-herald-redis" ] || [ -d "$OUT/storm-herald" ] || [ -d "$OUT/storm-mosquitto" ]; then
+        echo "- reconnect storm: Herald $([ -d "$OUT/storm-herald-redis" ] && echo "(redis, pinned with Herald as above)" || echo "(memory store)"), Mosquitto with \`persistence false\` (persistent sessions and queued messages in memory); every device back at once (no cap on connects in flight), CONNACK 3 retried after 100 ms (doubling, with jitter)"
+    fi
     echo "- command: \`$COMMAND\` ($((T1 - T0)) s)"
     echo
 } >"$OUT/summary.md"
@@ -577,6 +619,26 @@ if [ "$TLS_CASES" = 1 ]; then
 fi
 if [ "$MOSQUITTO" = 0 ] && [ -d "$OUT/herald-redis" ]; then
     cat "$OUT"/herald-redis/*.txt
+fi
+# The reconnect storm: Herald against Mosquitto (persistence false); the targets are in the
+# notes under the table.
+STORM_HERALD=
+if [ -d "$OUT/storm-herald-redis" ]; then
+    STORM_HERALD="Herald (redis)=$OUT/storm-herald-redis"
+elif [ -d "$OUT/storm-herald" ]; then
+    STORM_HERALD="Herald=$OUT/storm-herald"
+fi
+if [ -n "$STORM_HERALD" ] && [ -d "$OUT/storm-mosquitto" ]; then
+    echo
+    {
+        echo
+        echo "### Reconnect storm: Herald against Mosquitto (persistence false)"
+    } >>"$OUT/summary.md"
+    "$BENCH" compare "$STORM_HERALD" "Mosquitto=$OUT/storm-mosquitto" \
+        --markdown "$OUT/table-storm.md" || true
+    cat "$OUT/table-storm.md" >>"$OUT/summary.md"
+elif [ -n "$STORM_HERALD" ]; then
+    cat "${STORM_HERALD#*=}"/*.txt
 fi
 echo
 echo "bench: results in $OUT (summary.md: the table for BENCHMARKS.md)"

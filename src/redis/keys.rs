@@ -74,6 +74,22 @@ pub fn client(kind: Client, client: &str) -> String {
     k
 }
 
+/// The Redis Cluster hash slot of every key of `client`, or `None` when its keys do not
+/// share one: an id that starts with `}` makes the hash tag empty, so Redis hashes each
+/// whole key (such a client cannot be stored on a cluster; its calls fail with CROSSSLOT).
+pub fn client_slot(client: &str) -> Option<u16> {
+    if client.is_empty() || client.starts_with('}') {
+        return None;
+    }
+    // The tag Redis sees: the id up to its first `}`.
+    let tag = &client[..client.find('}').unwrap_or(client.len())];
+    let mut k = Vec::with_capacity(tag.len() + 2);
+    k.push(b'{');
+    k.extend_from_slice(tag.as_bytes());
+    k.push(b'}');
+    Some(super::slots::key_slot(&k))
+}
+
 /// `herald:<kind>:{`: what every key of that kind starts with (the store sample's SCAN).
 pub fn client_prefix(kind: Client) -> String {
     format!("{PREFIX}{}:{{", kind.name())
@@ -143,5 +159,13 @@ mod tests {
         assert_eq!(alive("n1"), "herald:alive:{n1}");
         assert_eq!(filters("n1"), "herald:filters:{n1}");
         assert_eq!(session_state("a")[4], "herald:qbytes:{a}");
+        for id in ["dev-1", "a}b", "x{y", "{z}", "ü"] {
+            let slot = super::super::slots::key_slot(client(Client::Outbox, id).as_bytes());
+            assert_eq!(client_slot(id), Some(slot), "{id}");
+            let other = super::super::slots::key_slot(client(Client::Qbytes, id).as_bytes());
+            assert_eq!(slot, other, "{id}");
+        }
+        assert_eq!(client_slot("}x"), None);
+        assert_eq!(client_slot(""), None);
     }
 }

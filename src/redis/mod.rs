@@ -22,6 +22,7 @@ mod endpoint;
 mod hot;
 pub mod keys;
 pub(crate) mod resp;
+mod routed;
 pub mod scripts;
 pub mod slots;
 
@@ -37,6 +38,7 @@ pub use cold::Scan;
 pub use endpoint::redacted_url;
 use endpoint::Endpoint;
 pub(crate) use hot::Hot;
+pub(crate) use routed::Part;
 use scripts::Scripts;
 
 /// What a store call can fail with. The memory store never fails; Redis can be down.

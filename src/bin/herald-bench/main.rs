@@ -21,7 +21,13 @@
 //! - `login-storm` (issue 10): devices get pushes at a fixed rate; then `--logins` clients
 //!   log in with a user name and password (one argon2 verification each on the broker) at
 //!   once: push latency before, during and after the storm, logins/s.
-//! - `all`: every scenario but login-storm and churn in turn against the same broker.
+//! - `storm`: a reconnect storm: `--devices` (default 19,000) persistent sessions, each
+//!   subscribed to its push topic, go offline, get `--queued` QoS 1 messages each, then all
+//!   reconnect at once (`--storm-concurrency` caps connects in flight): seconds until all are
+//!   connected and until all queued messages have arrived, CONNACK latency, refusals by code
+//!   (CONNACK 3 retried after `--refused-backoff`), connection errors, broker and store CPU,
+//!   Redis commands per reconnect (`--store-addr`). Not part of `all`.
+//! - `all`: every scenario but login-storm, churn and storm in turn against the same broker.
 //!
 //! Every scenario runs over TLS with `--tls --cafile PEM` (rustls, ring, no session
 //! resumption: every connection is a full handshake; result names get a `-tls` suffix, e.g.
@@ -51,7 +57,8 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::client::{Target, Tls};
 use crate::report::{RunFile, ScenarioResult};
@@ -96,7 +103,20 @@ enum Cmd {
     /// with --username/--password at once (--login-concurrency in flight): push latency
     /// before, during and after, logins/s.
     LoginStorm(Opts),
-    /// Every scenario but login-storm and churn, one after the other.
+    /// Reconnect storm: --devices (default 19,000) persistent sessions with --queued QoS 1
+    /// messages each reconnect at once: time until all are connected and all messages are
+    /// in, CONNACK latency, refusals by code, errors, broker and Redis CPU.
+    ///
+    /// The devices (clean session = false, each subscribed to push/<id> at QoS 1) connect
+    /// (--concurrency in flight) and disconnect, --queued QoS 1 messages are published to
+    /// each, then every device reconnects at once (a task each; --storm-concurrency caps the
+    /// connects in flight, 0: no cap). CONNACK 3 and connection errors are retried after
+    /// --refused-backoff (doubling, with jitter) until --timeout; other refusals are final.
+    /// Targets: all connected (CONNACK 0, session present) within --target-secs, no error but
+    /// CONNACK 3. With --store-pid and --store-addr: Redis CPU and commands per reconnect;
+    /// with --metrics-addr: Herald's own takeover and CONNACK counts. Not part of `all`.
+    Storm(Opts),
+    /// Every scenario but login-storm, churn and storm, one after the other.
     All(Opts),
     /// Side-by-side table of JSON results: `compare Herald=DIR Mosquitto=DIR ...`
     /// [--durable NAME].
@@ -285,7 +305,30 @@ pub struct Opts {
     /// drain: QoS 1 messages per offline device.
     #[arg(long, default_value_t = 10)]
     pub per_device: u64,
+
+    /// storm: QoS 1 messages queued for each device while it is offline.
+    #[arg(long, default_value_t = 1)]
+    pub queued: u64,
+    /// storm: reconnects (TCP connect .. CONNACK) in flight at most; 0: no cap, every device
+    /// at once.
+    #[arg(long, default_value_t = 0)]
+    pub storm_concurrency: usize,
+    /// storm: seconds before a device tries again after CONNACK 3 or a connection error
+    /// (doubling with each retry up to 8 times this, plus up to 100 % jitter).
+    #[arg(long, default_value_t = 0.1)]
+    pub refused_backoff: f64,
+    /// storm: the target, every device connected within this many seconds.
+    #[arg(long, default_value_t = 3.0)]
+    pub target_secs: f64,
+    /// storm: Herald's metrics endpoint (--metrics-listen), read before and after the storm
+    /// for its count of takeovers and of CONNACKs by code.
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
 }
+
+/// storm's --devices when none is given: the idle case's 19,000 (a process opens at most
+/// 20,000 files here).
+const STORM_DEVICES: usize = 19_000;
 
 #[derive(Args, Debug)]
 struct CompareArgs {
@@ -382,7 +425,15 @@ fn tls_for(o: &Opts) -> Result<Option<Tls>, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    // storm has a --devices default of its own.
+    let storm_devices = matches
+        .subcommand_matches("storm")
+        .is_some_and(|m| m.value_source("devices") != Some(ValueSource::CommandLine));
     let (which, opts) = match cli.cmd {
         Cmd::Compare(a) => {
             return match report::compare(&a.columns, &a.durable, a.markdown.as_deref()) {
@@ -427,6 +478,12 @@ fn main() -> ExitCode {
         Cmd::Qos0(o) => ("qos0", o),
         Cmd::Drain(o) => ("drain", o),
         Cmd::Churn(o) => ("churn", o),
+        Cmd::Storm(mut o) => {
+            if storm_devices {
+                o.devices = STORM_DEVICES;
+            }
+            ("storm", o)
+        }
         Cmd::All(o) => ("all", o),
     };
     let Some(addr) = resolve(&opts.host, opts.port) else {
@@ -542,6 +599,9 @@ async fn run(which: &str, o: &Opts, target: &Target, pub_target: &Target) -> Vec
         out.push(progress(
             scenarios::login_storm(o, target, pub_target).await,
         ));
+    }
+    if which == "storm" {
+        out.push(progress(scenarios::storm(o, target, pub_target).await));
     }
     out
 }

@@ -38,6 +38,22 @@ pub fn cpu_secs(pid: &str) -> Option<f64> {
     Some((utime + stime) / clk_tck())
 }
 
+/// The kernel's TCP counters (`TcpExt` of /proc/net/netstat: ListenOverflows, ListenDrops,
+/// TCPSynRetrans, ...), machine-wide: a difference over a phase is this tool's and its
+/// broker's when nothing else is busy on loopback.
+pub fn tcp_ext() -> Option<std::collections::BTreeMap<String, u64>> {
+    let s = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = s.lines().filter(|l| l.starts_with("TcpExt:"));
+    let names = lines.next()?.split_whitespace().skip(1);
+    let values = lines.next()?.split_whitespace().skip(1);
+    Some(
+        names
+            .zip(values)
+            .filter_map(|(n, v)| Some((n.to_string(), v.parse().ok()?)))
+            .collect(),
+    )
+}
+
 /// Soft limit on open files of this process.
 pub fn fd_limit() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/limits").ok()?;

@@ -58,7 +58,14 @@ fn parse(text: &str) -> Stats {
 /// (all commands), `redis_cmd_usec_per_msg` (Redis's own time in them) and
 /// `redis_<command>_per_msg`. The reading itself (one INFO) is not counted.
 pub fn report(r: &mut ScenarioResult, before: &Stats, after: &Stats, msgs: u64) {
-    if msgs == 0 {
+    report_per(r, before, after, msgs, "msg");
+}
+
+/// `report` per `count` of something else: metrics `redis_cmds_per_<unit>`,
+/// `redis_cmd_usec_per_<unit>` and `redis_<command>_per_<unit>` (storm: per reconnect,
+/// `conn`).
+pub fn report_per(r: &mut ScenarioResult, before: &Stats, after: &Stats, count: u64, unit: &str) {
+    if count == 0 {
         return;
     }
     let (mut calls, mut usec) = (0u64, 0u64);
@@ -73,10 +80,16 @@ pub fn report(r: &mut ScenarioResult, before: &Stats, after: &Stats, msgs: u64) 
         }
         calls += c;
         usec += u1.saturating_sub(u0);
-        r.metric(&format!("redis_{cmd}_per_msg"), c as f64 / msgs as f64);
+        r.metric(&format!("redis_{cmd}_per_{unit}"), c as f64 / count as f64);
     }
-    r.metric("redis_cmds_per_msg", calls as f64 / msgs as f64);
-    r.metric("redis_cmd_usec_per_msg", usec as f64 / msgs as f64);
+    r.metric(
+        &format!("redis_cmds_per_{unit}"),
+        calls as f64 / count as f64,
+    );
+    r.metric(
+        &format!("redis_cmd_usec_per_{unit}"),
+        usec as f64 / count as f64,
+    );
 }
 
 #[cfg(test)]
@@ -98,5 +111,9 @@ mod tests {
         assert_eq!(r.metrics.get("redis_hmget_per_msg"), Some(&1.0));
         assert_eq!(r.metrics.get("redis_cmds_per_msg"), Some(&1.0));
         assert_eq!(r.metrics.get("redis_cmd_usec_per_msg"), Some(&2.0));
+        let mut r = ScenarioResult::new("storm", "storm");
+        report_per(&mut r, &s, &after, 5, "conn");
+        assert_eq!(r.metrics.get("redis_hmget_per_conn"), Some(&2.0));
+        assert_eq!(r.metrics.get("redis_cmds_per_conn"), Some(&2.0));
     }
 }

@@ -20,7 +20,7 @@ use crate::metrics;
 use crate::outbox::{RouteHint, StoreError};
 use crate::redis::keys::{self, Client};
 use crate::redis::resp::{self, Replies, Reply};
-use crate::redis::{Health, Hot, CALL_TIMEOUT};
+use crate::redis::{slots, Health, Hot, Part};
 
 /// The answer to an ordered write: for an enqueue (sequence number or 0, dropped entries).
 pub(super) type OrderedReply = oneshot::Sender<Result<Applied, StoreError>>;
@@ -352,8 +352,11 @@ pub(super) async fn ordered_loop(
     // Per enqueue in the batch: the flags sent, the check answered (u64::MAX: failed).
     let (mut flags, mut checks) = (Vec::with_capacity(512), Vec::with_capacity(512));
     // The batch in pipeline order: a run of this many enqueues (one script call), or 0 for
-    // a retained write.
+    // a retained write; and each one's place in `out` and slot.
+    let mut runs = Vec::with_capacity(16);
     let mut parts = Vec::with_capacity(16);
+    let cluster = hot.is_cluster();
+    let retained_slot = slots::key_slot(keys::RETAINED.as_bytes());
     let mut out = BytesMut::with_capacity(64 * 1024);
     while rx.recv_many(&mut batch, 512).await > 0 {
         if !health.is_up() {
@@ -366,6 +369,7 @@ pub(super) async fn ordered_loop(
             continue;
         }
         out.clear();
+        runs.clear();
         parts.clear();
         flags.clear();
         checks.clear();
@@ -377,7 +381,11 @@ pub(super) async fn ordered_loop(
             } = &batch[i]
             {
                 encode_retained(&mut out, topic, envelope.as_deref());
-                parts.push(0);
+                runs.push(0);
+                parts.push(Part {
+                    slot: retained_slot,
+                    end: out.len(),
+                });
                 i += 1;
                 continue;
             }
@@ -386,24 +394,30 @@ pub(super) async fn ordered_loop(
                 .iter()
                 .take_while(|o| matches!(o, Ordered::Enqueue { .. }))
                 .count();
-            encode_enqueues(&mut out, &batch[i..i + run], &args, &memo, now, &mut flags);
-            parts.push(run);
-            i += run;
-        }
-        let mut replies = parts.len();
-        if wait_replicas > 0 {
-            resp::array(&mut out, 3);
-            resp::bulk(&mut out, b"WAIT");
-            resp::bulk_u64(&mut out, wait_replicas as u64);
-            resp::bulk_u64(&mut out, CALL_TIMEOUT.as_millis() as u64 / 2);
-            replies += 1;
+            let mut groups = vec![(run, 0)];
+            if cluster {
+                // One script call per slot: a stable sort keeps each client's order.
+                groups = group_by_slot(&mut batch[i..i + run]);
+            }
+            for (n, slot) in groups {
+                encode_enqueues(&mut out, &batch[i..i + n], &args, &memo, now, &mut flags);
+                runs.push(n);
+                parts.push(Part {
+                    slot,
+                    end: out.len(),
+                });
+                i += n;
+            }
         }
         results.clear();
-        let outcome = match hot.round_trip(&out, replies, &health).await {
+        let outcome = match hot
+            .round_trip_parts(&mut out, &parts, wait_replicas, &health)
+            .await
+        {
             Ok(buf) => {
                 let mut r = Replies::new(buf);
                 let parsed = (|| {
-                    for &n in &parts {
+                    for &n in &runs {
                         if n == 0 {
                             results.push(retained_reply(&mut r, &health)?);
                         } else {
@@ -464,6 +478,33 @@ pub(super) async fn ordered_loop(
             }
         }
     }
+}
+
+/// Sorts a run of enqueues by the slot of their client's keys (stable: each client's order
+/// stays) and returns the groups that share one: their length and slot. A client whose keys
+/// do not share a slot (`keys::client_slot`) goes in a group of its own kind, to fail there
+/// alone.
+fn group_by_slot(run: &mut [Ordered]) -> Vec<(usize, u16)> {
+    let key = |o: &Ordered| match o {
+        Ordered::Enqueue { client, .. } => match keys::client_slot(client) {
+            Some(slot) => (slot, false),
+            None => (
+                slots::key_slot(keys::client(Client::Outbox, client).as_bytes()),
+                true,
+            ),
+        },
+        Ordered::Retained { .. } => (0, true),
+    };
+    run.sort_by_cached_key(key);
+    let mut groups: Vec<((u16, bool), usize)> = Vec::new();
+    for o in run.iter() {
+        let k = key(o);
+        match groups.last_mut() {
+            Some((last, n)) if *last == k => *n += 1,
+            _ => groups.push((k, 1)),
+        }
+    }
+    groups.into_iter().map(|((slot, _), n)| (n, slot)).collect()
 }
 
 /// Writes acks and sent watermarks in pipelines: one round trip for everything queued.
@@ -585,7 +626,16 @@ async fn apply(hot: &mut Hot, out: &mut BytesMut, w: Writes<'_>, health: &Health
         finish_sha,
     } = w;
     out.clear();
-    let mut commands = 0;
+    // Each command is a part of its own: on a cluster they go to their client's node.
+    let mut parts = Vec::new();
+    let mut cut = |out: &BytesMut, client: &str| {
+        let slot = keys::client_slot(client)
+            .unwrap_or_else(|| slots::key_slot(keys::client(Client::Outbox, client).as_bytes()));
+        parts.push(Part {
+            slot,
+            end: out.len(),
+        });
+    };
     // One XDEL per client with all its numbers in the batch.
     acks.sort_unstable_by(Keyed::order);
     let mut i = 0;
@@ -601,7 +651,7 @@ async fn apply(hot: &mut Hot, out: &mut BytesMut, w: Writes<'_>, health: &Health
         for a in &acks[i..i + n] {
             put_id(out, a.seq);
         }
-        commands += 1;
+        cut(out, &first.client);
         i += n;
     }
     // A plain SET of each client's highest number: one connection writes a client's
@@ -626,7 +676,7 @@ async fn apply(hot: &mut Hot, out: &mut BytesMut, w: Writes<'_>, health: &Health
                 resp::bulk(out, b"SET");
                 keys::put_client(out, Client::Sent, &here.client);
                 resp::bulk_u64(out, seq);
-                commands += 1;
+                cut(out, &here.client);
             }
         }
     }
@@ -640,12 +690,13 @@ async fn apply(hot: &mut Hot, out: &mut BytesMut, w: Writes<'_>, health: &Health
         keys::put_client(out, Client::Session, client);
         resp::bulk_u64(out, *seq);
         resp::bulk_u64(out, *conn);
-        commands += 1;
+        cut(out, client);
     }
-    if commands == 0 {
+    if parts.is_empty() {
         return;
     }
-    let Ok(buf) = hot.round_trip(out, commands, health).await else {
+    let commands = parts.len();
+    let Ok(buf) = hot.round_trip_parts(out, &parts, 0, health).await else {
         return;
     };
     let mut r = Replies::new(buf);

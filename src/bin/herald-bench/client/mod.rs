@@ -91,6 +91,23 @@ impl Client {
         read_size: usize,
     ) -> Result<Client, String> {
         let stream = target.connect(i).await?;
+        let c = Client::handshake(stream, hello, h, read_size).await?;
+        match c.connack {
+            Some((_, 0)) => Ok(c),
+            Some((_, code)) => Err(format!("CONNACK return code {code}")),
+            None => Err("no CONNACK".into()),
+        }
+    }
+
+    /// CONNECT (+ SUBSCRIBE) on a connected `stream`, wait for CONNACK (+ SUBACK when it
+    /// accepts). A refusal (CONNACK return code other than 0) is `Ok`, with the code in
+    /// `connack`: the caller decides what it means (`open` makes it an error).
+    pub async fn handshake<H: OnPublish>(
+        stream: Stream,
+        hello: &Hello<'_>,
+        h: &mut H,
+        read_size: usize,
+    ) -> Result<Client, String> {
         let mut c = Client {
             stream,
             rbuf: BytesMut::new(),
@@ -117,7 +134,7 @@ impl Client {
         loop {
             if let Some((_, code)) = c.connack {
                 if code != 0 {
-                    return Err(format!("CONNACK return code {code}"));
+                    return Ok(c);
                 }
                 if c.refused_subs > 0 {
                     return Err("SUBSCRIBE refused (0x80)".into());

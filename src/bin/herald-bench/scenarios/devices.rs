@@ -1,5 +1,11 @@
 //! Devices: persistent sessions subscribed to push/<id>, and the bookkeeping of what they
-//! received (shared by push, push-rate, drain and login-storm).
+//! received (shared by push, push-rate, drain, login-storm and storm).
+//!
+//! - `wipe_sessions`: every device id once with a clean session (a broker used before).
+//! - `park_sessions`: every device's persistent session made and subscribed, then offline
+//!   (drain, storm).
+//! - `devices_online`: every device connected, subscribed and reading (push, login-storm).
+//! - `spawn_devices`: the device tasks themselves.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -120,7 +126,7 @@ impl Deliveries {
 }
 
 /// A device: message `seq` belongs to device `seq % devices` and is its `seq / devices`-th.
-struct Device {
+pub(super) struct Device {
     shared: Arc<Deliveries>,
     index: u64,
     warm: u64,
@@ -132,7 +138,7 @@ struct Device {
 }
 
 impl Device {
-    fn new(shared: Arc<Deliveries>, index: u64, latency: bool) -> Self {
+    pub(super) fn new(shared: Arc<Deliveries>, index: u64, latency: bool) -> Self {
         Device {
             shared,
             index,
@@ -298,4 +304,82 @@ pub(super) fn spawn_devices(
             serve(c, &mut dev, o.keepalive, &stop, &fleet).await;
         });
     }
+}
+
+/// Makes every device's persistent session (clean session = false, SUBSCRIBE push/<id> at
+/// QoS 1) and leaves it offline (DISCONNECT), at most `--concurrency` handshakes in flight.
+/// The returned fleet holds what failed.
+pub(super) async fn park_sessions(o: &Opts, target: &Target, n: usize) -> Arc<Fleet> {
+    let fleet = Arc::new(Fleet::default());
+    let sem = Arc::new(Semaphore::new(o.concurrency));
+    let tracker = TaskTracker::new();
+    for i in 0..n {
+        let (o, target, fleet, sem) = (o.clone(), target.clone(), fleet.clone(), sem.clone());
+        tracker.spawn(async move {
+            let _permit = sem.acquire().await;
+            let id = device_id(&o, i);
+            let topic = format!("push/{id}");
+            let hello = Hello {
+                client_id: &id,
+                clean: false,
+                keep_alive: o.keepalive,
+                subscribe: Some((&topic, 1)),
+                login: o.login(),
+            };
+            if let Some(c) = open_retry(&o, &target, i, &hello, &mut Ignore, 256, &fleet).await {
+                c.disconnect(Duration::from_secs(2)).await;
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+    fleet
+}
+
+/// Devices online: their tasks (`spawn_devices`: subscribed, reading and acknowledging),
+/// what to stop them with and what to wait on.
+pub(super) struct Online {
+    pub(super) fleet: Arc<Fleet>,
+    pub(super) stop: CancellationToken,
+    pub(super) tracker: TaskTracker,
+}
+
+/// Connects `n` devices (persistent sessions, SUBSCRIBE push/<id> at QoS 1, at most
+/// `--concurrency` handshakes in flight) and waits until every handshake has finished, for
+/// at most `--timeout` plus 5 ms per device. `Err`: not all of them connected (the devices
+/// that did are online all the same: stop them with `Online::stop`).
+pub(super) async fn devices_online(
+    o: &Opts,
+    target: &Target,
+    n: usize,
+    deliveries: &Arc<Deliveries>,
+    latency: bool,
+) -> (Online, Result<(), String>) {
+    let online = Online {
+        fleet: Arc::new(Fleet::default()),
+        stop: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+    };
+    spawn_devices(
+        o,
+        target,
+        n,
+        true,
+        false,
+        deliveries,
+        latency,
+        &online.fleet,
+        &online.stop,
+        &online.tracker,
+    );
+    online.tracker.close();
+    let budget = Duration::from_secs_f64(o.timeout + n as f64 / 200.0);
+    online.fleet.wait_handshakes(n as u64, budget).await;
+    let connected = online.fleet.connected.load(Relaxed);
+    let res = if connected < n as u64 {
+        Err(format!("only {connected} of {n} devices connected"))
+    } else {
+        Ok(())
+    };
+    (online, res)
 }

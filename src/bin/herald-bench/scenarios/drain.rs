@@ -5,18 +5,17 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::client::{now_ns, Hello, Ignore, Target};
+use crate::client::{now_ns, Target};
 use crate::procstat::Probe;
 use crate::report::ScenarioResult;
 use crate::Opts;
 
-use super::devices::{device_id, spawn_devices, wipe_sessions, Deliveries};
+use super::devices::{park_sessions, spawn_devices, wipe_sessions, Deliveries};
 use super::publisher::{publish_qos1, report_pub, PubPlan};
-use super::{check_fds, open_retry, Fleet};
+use super::{check_fds, Fleet};
 
 pub async fn drain(o: &Opts, target: &Target, pub_target: &Target) -> ScenarioResult {
     let name = o.named("drain");
@@ -42,38 +41,12 @@ pub async fn drain(o: &Opts, target: &Target, pub_target: &Target) -> ScenarioRe
     let probe = Probe::new(&o.broker_pid, o.store_pid);
 
     // 1. Persistent sessions, subscribed, then offline.
-    {
-        let fleet = Arc::new(Fleet::default());
-        let sem = Arc::new(Semaphore::new(o.concurrency));
-        let tracker = TaskTracker::new();
-        for i in 0..n {
-            let (o, target, fleet, sem) = (o.clone(), target.clone(), fleet.clone(), sem.clone());
-            tracker.spawn(async move {
-                let _permit = sem.acquire().await;
-                let id = device_id(&o, i);
-                let topic = format!("push/{id}");
-                let hello = Hello {
-                    client_id: &id,
-                    clean: false,
-                    keep_alive: o.keepalive,
-                    subscribe: Some((&topic, 1)),
-                    login: o.login(),
-                };
-                if let Some(c) = open_retry(&o, &target, i, &hello, &mut Ignore, 256, &fleet).await
-                {
-                    c.disconnect(Duration::from_secs(2)).await;
-                }
-            });
-        }
-        tracker.close();
-        tracker.wait().await;
-        fleet.report(&mut r, "setup: ");
-        if !r.ok {
-            return r;
-        }
-        // The broker has closed every socket; give it a moment to file the sessions away.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    park_sessions(o, target, n).await.report(&mut r, "setup: ");
+    if !r.ok {
+        return r;
     }
+    // The broker has closed every socket; give it a moment to file the sessions away.
+    tokio::time::sleep(Duration::from_millis(200)).await;
 
     // 2. Publish while they are offline.
     let deliveries = Arc::new(Deliveries::new(n as u64));

@@ -15,7 +15,7 @@ use crate::procstat::Probe;
 use crate::report::ScenarioResult;
 use crate::Opts;
 
-use super::devices::{spawn_devices, wipe_sessions, Deliveries};
+use super::devices::{devices_online, wipe_sessions, Deliveries, Online};
 use super::publisher::{publish_qos1, report_pub, PubPlan};
 use super::{check_fds, new_hist, put_latency, serve, Fleet};
 
@@ -69,29 +69,14 @@ pub async fn login_storm(o: &Opts, target: &Target, pub_target: &Target) -> Scen
     }
     let probe = Probe::new(&o.broker_pid, o.store_pid);
     let deliveries = Arc::new(Deliveries::new(n as u64));
-    let fleet = Arc::new(Fleet::default());
-    let stop = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    spawn_devices(
-        po,
-        target,
-        n,
-        true,
-        false,
-        &deliveries,
-        true,
-        &fleet,
-        &stop,
-        &tracker,
-    );
-    tracker.close();
-    let budget = Duration::from_secs_f64(o.timeout + n as f64 / 200.0);
-    fleet.wait_handshakes(n as u64, budget).await;
-    if fleet.connected.load(Relaxed) < n as u64 {
-        r.error(format!(
-            "only {} of {n} devices connected",
-            fleet.connected.load(Relaxed)
-        ));
+    let (online, connected) = devices_online(po, target, n, &deliveries, true).await;
+    let Online {
+        fleet,
+        stop,
+        tracker,
+    } = online;
+    if let Err(e) = connected {
+        r.error(e);
         stop.cancel();
         fleet.report(&mut r, "");
         return r;

@@ -15,6 +15,7 @@
 //! - `qos0`: QoS 0 publisher-subscriber pairs.
 //! - `churn`: the qos0 pairs while other clients SUBSCRIBE and UNSUBSCRIBE (issue 12).
 //! - `handshake`, `login_storm`: issue 10.
+//! - `storm`: a reconnect storm (persistent sessions with queued messages, all back at once).
 
 mod churn;
 mod devices;
@@ -25,6 +26,7 @@ mod login_storm;
 mod publisher;
 mod push;
 mod qos0;
+mod storm;
 
 pub use churn::churn;
 pub use drain::drain;
@@ -33,6 +35,7 @@ pub use idle::idle;
 pub use login_storm::login_storm;
 pub use push::push;
 pub use qos0::qos0;
+pub use storm::storm;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;

@@ -5,18 +5,15 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
 use crate::client::{now_ns, Target};
 use crate::procstat::Probe;
 use crate::redisstat;
 use crate::report::ScenarioResult;
 use crate::Opts;
 
-use super::devices::{spawn_devices, wipe_sessions, Deliveries};
+use super::devices::{devices_online, wipe_sessions, Deliveries};
 use super::publisher::{publish_qos1, report_pub, PubPlan, WARMUP};
-use super::{check_fds, put_latency, Fleet};
+use super::{check_fds, put_latency};
 
 /// `--warmup`: one message to each device, all delivered before the measured phase starts
 /// (so a cluster's node-to-node link is up and every connection has sent something). One
@@ -92,29 +89,9 @@ pub async fn push(
     }
     let probe = Probe::new(&o.broker_pid, o.store_pid);
     let deliveries = Arc::new(Deliveries::new(n as u64));
-    let fleet = Arc::new(Fleet::default());
-    let stop = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    spawn_devices(
-        o,
-        target,
-        n,
-        true,
-        false,
-        &deliveries,
-        true,
-        &fleet,
-        &stop,
-        &tracker,
-    );
-    tracker.close();
-    let budget = Duration::from_secs_f64(o.timeout + n as f64 / 200.0);
-    fleet.wait_handshakes(n as u64, budget).await;
-    if fleet.connected.load(Relaxed) < n as u64 {
-        r.error(format!(
-            "only {} of {n} devices connected",
-            fleet.connected.load(Relaxed)
-        ));
+    let (online, connected) = devices_online(o, target, n, &deliveries, true).await;
+    if let Err(e) = connected {
+        r.error(e);
     } else {
         if o.warmup {
             warm_up(o, pub_target, n, &deliveries, &mut r).await;
@@ -173,9 +150,9 @@ pub async fn push(
         cpu.report(&mut r, "", delivered);
         r.opt_metric("bench_cpu_pct", cpu.own_pct);
     }
-    stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await;
-    fleet.report(&mut r, "");
+    online.stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), online.tracker.wait()).await;
+    online.fleet.report(&mut r, "");
     if let Err(e) = wipe_sessions(o, target, n).await {
         r.error(e);
     }
