@@ -38,11 +38,11 @@ impl Cluster {
         let nodes: Vec<Arc<str>> = self.nodes.read().keys().cloned().collect();
         let table = Subscriptions::default();
         if !nodes.is_empty() {
-            let mut p = redis::pipe();
-            for n in &nodes {
-                p.smembers(keys::filters(n));
-            }
-            let sets: Vec<Vec<String>> = self.redis.query_pipe(&p).await?;
+            let cmds: Vec<redis::Cmd> = nodes
+                .iter()
+                .map(|n| redis::Cmd::smembers(keys::filters(n)))
+                .collect();
+            let sets: Vec<Vec<String>> = self.redis.query_each(&cmds).await?;
             for (n, filters) in nodes.iter().zip(sets) {
                 for f in filters {
                     table.subscribe(n, &f, Qos::AtMostOnce);
@@ -55,13 +55,16 @@ impl Cluster {
 
     pub(super) async fn write_interest(&self, filters: Vec<String>) -> Result<(), StoreError> {
         let key = keys::filters(&self.id);
-        let mut p = redis::pipe();
-        p.atomic().del(&key).ignore();
+        // The set is replaced in one MULTI (no node reads it half-written); the counter, in
+        // another slot, moves only once it is.
+        let mut replace = redis::pipe();
+        replace.atomic().del(&key);
         if !filters.is_empty() {
-            p.sadd(&key, filters).ignore();
+            replace.sadd(&key, filters);
         }
-        p.incr(keys::INTEREST, 1).ignore();
-        self.redis.query_pipe::<()>(&p).await
+        self.redis
+            .query_steps(&[replace, super::registry::bump_interest()])
+            .await
     }
 
     /// Nodes other than this one that must see a publish on `topic`.

@@ -11,7 +11,7 @@ use std::time::Instant;
 use futures::future::{BoxFuture, FutureExt, Shared};
 
 use crate::metrics;
-use crate::redis::keys;
+use crate::redis::{keys, scripts};
 use crate::redis::{Redis, StoreError};
 
 use super::routes::Route;
@@ -48,6 +48,13 @@ async fn read_alive(redis: Redis, node: String) -> Option<Option<NodeInfo>> {
     Some(v.as_deref().and_then(parse_alive))
 }
 
+/// `INCR herald:interest`: the other nodes re-read every node's filters when it moves.
+pub(super) fn bump_interest() -> redis::Pipeline {
+    let mut p = redis::pipe();
+    p.incr(keys::INTEREST, 1);
+    p
+}
+
 impl Cluster {
     fn alive_value(&self) -> String {
         format!("{} {}", self.inc, self.advertise)
@@ -63,13 +70,10 @@ impl Cluster {
             tracing::warn!(node = %self.id, previous = %p, "node id was alive under another incarnation: replacing it (restart, or two nodes share an id)");
         }
         // A new incarnation starts with no subscribers: drop the filters of the last one
-        // before anyone can see this node alive.
-        let mut p = redis::pipe();
-        p.del(keys::filters(&self.id))
-            .ignore()
-            .incr(keys::INTEREST, 1)
-            .ignore();
-        self.redis.query_pipe::<()>(&p).await?;
+        // before anyone can see this node alive, then tell the others (two slots).
+        let mut drop = redis::pipe();
+        drop.del(keys::filters(&self.id));
+        self.redis.query_steps(&[drop, bump_interest()]).await?;
         self.heartbeat().await?;
         tracing::info!(node = %self.id, incarnation = self.inc, advertise = %self.advertise, "joined the cluster");
         self.refresh().await
@@ -77,39 +81,52 @@ impl Cluster {
 
     /// Graceful stop: routes to this node are ignored from now on, not after the TTL.
     pub async fn unregister(&self) {
-        let mut call = self.redis.scripts().unregister.prepare_invoke();
-        call.key(keys::alive(&self.id))
-            .key(keys::filters(&self.id))
-            .key(keys::INTEREST)
+        // The node's own keys share its hash tag: one script, atomic (`scripts::UNREGISTER`).
+        // The counter is in another slot, so it is bumped after. EVAL rather than EVALSHA:
+        // once per process, and a store that came back without the script cannot refuse it.
+        let mut leave = redis::pipe();
+        leave
+            .cmd("EVAL")
+            .arg(scripts::UNREGISTER)
+            .arg(2)
+            .arg(keys::alive(&self.id))
+            .arg(keys::filters(&self.id))
             .arg(self.alive_value());
-        if let Err(e) = self.redis.invoke::<u64>(&call).await {
+        if let Err(e) = self.redis.query_steps(&[leave, bump_interest()]).await {
             tracing::warn!(error = %e, "could not leave the cluster cleanly; peers will wait for the alive key to expire");
         }
     }
 
     pub(super) async fn heartbeat(&self) -> Result<(), StoreError> {
-        let mut p = redis::pipe();
-        p.cmd("SET")
+        // The alive key before the membership (two slots): a member without one is taken
+        // for long dead and removed by whichever node refreshes then (`refresh`).
+        let mut alive = redis::pipe();
+        alive
+            .cmd("SET")
             .arg(keys::alive(&self.id))
             .arg(self.alive_value())
             .arg("PX")
-            .arg(self.node_ttl.as_millis() as u64)
-            .ignore()
-            .sadd(keys::NODES, &*self.id)
-            .ignore();
-        self.redis.query_pipe::<()>(&p).await
+            .arg(self.node_ttl.as_millis() as u64);
+        let mut member = redis::pipe();
+        member.sadd(keys::NODES, &*self.id);
+        self.redis.query_steps(&[alive, member]).await
     }
 
     /// Re-reads the alive table, and the other nodes' filters when they changed.
     pub(super) async fn refresh(&self) -> Result<(), StoreError> {
         let (members, version): (Vec<String>, Option<u64>) = self
             .redis
-            .query_pipe(redis::pipe().smembers(keys::NODES).get(keys::INTEREST))
+            .query_each(&[
+                redis::Cmd::smembers(keys::NODES),
+                redis::Cmd::get(keys::INTEREST),
+            ])
             .await?;
         let others: Vec<String> = members.into_iter().filter(|m| **m != *self.id).collect();
         let mut fresh = HashMap::new();
         if !others.is_empty() {
             let alive: Vec<String> = others.iter().map(|n| keys::alive(n)).collect();
+            // One slot per node on a cluster: redis-rs splits an MGET by slot and puts the
+            // replies back in order.
             let values: Vec<Option<String>> =
                 self.redis.query(redis::cmd("MGET").arg(&alive)).await?;
             let mut gone = Vec::new();

@@ -83,13 +83,10 @@ impl Cluster {
         Ok(parse(node, inc, epoch))
     }
 
-    /// Routes of many clients, in one pipeline.
+    /// Routes of many clients, in one round trip (each client's key is in its own slot).
     pub async fn routes(&self, clients: &[ClientId]) -> Result<Vec<Option<Route>>, StoreError> {
-        let mut p = redis::pipe();
-        for c in clients {
-            p.add_command(hmget(c));
-        }
-        let rows: Vec<Row> = self.redis.query_pipe(&p).await?;
+        let cmds: Vec<redis::Cmd> = clients.iter().map(|c| hmget(c)).collect();
+        let rows: Vec<Row> = self.redis.query_each(&cmds).await?;
         Ok(rows.into_iter().map(|(n, i, e)| parse(n, i, e)).collect())
     }
 }

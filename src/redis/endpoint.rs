@@ -331,6 +331,26 @@ impl Endpoint {
         Ok(map)
     }
 
+    /// Sends `cmd` to the cluster node at `node` itself, whatever its keys (SCAN walks only
+    /// the node it is sent to); on one server, to that server. The node must be one redis-rs
+    /// knows (a node of the slot map: both read the same `CLUSTER SLOTS`).
+    pub(super) async fn query_node<T: redis::FromRedisValue>(
+        &self,
+        node: &Addr,
+        cmd: &redis::Cmd,
+    ) -> redis::RedisResult<T> {
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+        let Target::Cluster(c) = &self.target else {
+            return cmd.query_async(&mut self.conn()).await;
+        };
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+            host: node.host.clone(),
+            port: node.port,
+        });
+        let reply = c.conn.clone().route_command(cmd.clone(), routing).await?;
+        Ok(redis::from_redis_value(reply.extract_error()?)?)
+    }
+
     /// How to connect to the node at `node` (a shard's primary, a MOVED or ASK target)
     /// with this endpoint's password and TLS: for `resp::Conn::connect(&info, tls)`.
     pub(super) fn node_info(&self, node: &Addr) -> redis::ConnectionInfo {

@@ -6,7 +6,8 @@
 //!
 //! Two kinds of connection: every cold call (attach, fetch, subscriptions, the cluster's
 //! routes and registry) shares one redis-rs multiplexed connection, pipelined by the driver,
-//! through `Redis::query`, `query_pipe` and `invoke`; the outbox's two writer tasks each own
+//! through `Redis::query`, `query_pipe` and `invoke` (and, where keys of many hash slots meet,
+//! `query_each`, `query_steps` and `scan`: see `cold`); the outbox's two writer tasks each own
 //! a `Hot` connection speaking RESP directly (see `resp` for why).
 //!
 //! Availability: any I/O error or timeout marks the store down (logged once), and so does
@@ -16,6 +17,7 @@
 //! acknowledged), and one task pings Redis with backoff until it answers and has the
 //! scripts again (logged once); the hot connections are then made again.
 
+mod cold;
 mod endpoint;
 mod hot;
 pub mod keys;
@@ -32,6 +34,7 @@ use tokio::sync::Notify;
 
 use crate::metrics;
 
+pub use cold::Scan;
 pub use endpoint::redacted_url;
 use endpoint::Endpoint;
 pub(crate) use hot::Hot;

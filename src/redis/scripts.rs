@@ -252,12 +252,14 @@ end
 return 1
 "#;
 
-/// A node stops gracefully. KEYS: its alive key, its filters key, the interest counter.
-/// ARGV: the alive value it wrote (so a successor under the same id is left alone).
-/// Returns the new interest version.
+/// A node stops gracefully. KEYS: its alive key, its filters key (one slot: the node's
+/// hash tag). ARGV: the alive value it wrote (so a successor under the same id is left
+/// alone). Returns 1 if the keys were deleted. The caller bumps `herald:interest` after it
+/// (another slot on a cluster). Sent as EVAL (`Cluster::unregister`), so not in `Scripts`.
 pub const UNREGISTER: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1], KEYS[2]) end
-return redis.call('INCR', KEYS[3])
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
 "#;
 
 /// The scripts, hashed once.
@@ -268,7 +270,6 @@ pub struct Scripts {
     pub finish: Script,
     pub claim: Script,
     pub release: Script,
-    pub unregister: Script,
 }
 
 impl Scripts {
@@ -280,7 +281,6 @@ impl Scripts {
             finish: Script::new(FINISH),
             claim: Script::new(CLAIM),
             release: Script::new(RELEASE),
-            unregister: Script::new(UNREGISTER),
         }
     }
 

@@ -359,6 +359,30 @@ impl RedisCluster {
         p.query(&mut self.nodes[node].connect()?)
     }
 
+    /// Runs `cmd`, whose keys are all in `key`'s slot, on the primary serving that slot: what
+    /// a test reads of Herald's keys without going through Herald's own client.
+    pub fn query_key<T: redis::FromRedisValue>(
+        &self,
+        key: &str,
+        cmd: &redis::Cmd,
+    ) -> redis::RedisResult<T> {
+        let primary = self.primary_for_slot(herald::redis::slots::key_slot(key.as_bytes()));
+        self.query(primary, cmd)
+    }
+
+    /// Every key matching `pattern` on every primary (KEYS: test data only).
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut all = Vec::new();
+        for node in self.primaries() {
+            let found: Vec<String> = self
+                .query(node, redis::cmd("KEYS").arg(pattern))
+                .expect("KEYS");
+            all.extend(found);
+        }
+        all.sort();
+        all
+    }
+
     pub fn len(&self) -> usize {
         self.nodes.len()
     }

@@ -5,7 +5,8 @@
 //! Each client's outbox moves in one script (`scripts::MIGRATE`), same sequence numbers, so
 //! a sent watermark keeps its meaning; the old counters of clients with nothing queued are
 //! deleted (a stream numbers its own entries). Several nodes starting at once may each do
-//! part of the work: moving a client twice is a no-op.
+//! part of the work: moving a client twice is a no-op. On Redis Cluster the keys are found
+//! on every primary (`Redis::scan`), and each client's script touches its own slot.
 
 use crate::redis::keys::{self, Client};
 use crate::redis::{Redis, StoreError};
@@ -22,15 +23,8 @@ pub(super) async fn run(redis: &Redis) -> Result<(), StoreError> {
     let outbox = keys::client_prefix(Client::LegacyOutbox);
     let seq = keys::client_prefix(Client::LegacySeq);
     for prefix in [&outbox, &seq] {
-        let mut cursor = 0u64;
-        loop {
-            let mut c = redis::cmd("SCAN");
-            c.arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{prefix}*"))
-                .arg("COUNT")
-                .arg(1000);
-            let (next, found): (u64, Vec<String>) = redis.query(&c).await?;
+        let mut walk = redis.scan(&format!("{prefix}*"), 1000);
+        while let Some(found) = redis.scan_next(&mut walk).await? {
             for key in found {
                 let Some(cid) = key
                     .strip_prefix(prefix.as_str())
@@ -47,10 +41,6 @@ pub(super) async fn run(redis: &Redis) -> Result<(), StoreError> {
                 let n: u64 = redis.evalsha(&redis.scripts().migrate, &keys, &[]).await?;
                 moved += n;
                 clients += 1;
-            }
-            cursor = next;
-            if cursor == 0 {
-                break;
             }
         }
     }

@@ -303,18 +303,22 @@ impl RedisOutbox {
             .await
     }
 
-    /// The highest sequence number in each client's outbox (0 if empty), in one pipeline.
+    /// The highest sequence number in each client's outbox (0 if empty), in one round trip
+    /// (one pipeline, or one command per client's slot at once on a cluster).
     pub(super) async fn newest(&self, clients: &[&str]) -> Result<Vec<u64>, StoreError> {
-        let mut p = redis::pipe();
-        for c in clients {
-            p.cmd("XREVRANGE")
-                .arg(keys::client(Client::Outbox, c))
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1);
-        }
-        let replies: Vec<Vec<RawEntry>> = self.redis.query_pipe(&p).await?;
+        let cmds: Vec<redis::Cmd> = clients
+            .iter()
+            .map(|c| {
+                let mut cmd = redis::cmd("XREVRANGE");
+                cmd.arg(keys::client(Client::Outbox, c))
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1);
+                cmd
+            })
+            .collect();
+        let replies: Vec<Vec<RawEntry>> = self.redis.query_each(&cmds).await?;
         Ok(replies
             .iter()
             .map(|v| v.first().and_then(|(id, _)| seq_of(id)).unwrap_or(0))
@@ -327,12 +331,15 @@ impl RedisOutbox {
         filter: &str,
         qos: Qos,
     ) -> Result<(), StoreError> {
-        let mut p = redis::pipe();
-        p.hset(keys::client(Client::Subs, client), filter, qos as u8)
-            .ignore()
-            .sadd(keys::SUBSCRIBERS, client)
-            .ignore();
-        self.redis.query_pipe(&p).await
+        // The client's hash and the index are in two slots on a cluster. Either order is
+        // safe: the index is read only at start, and an indexed client with no hash loads
+        // nothing.
+        self.redis
+            .query_each(&[
+                redis::Cmd::hset(keys::client(Client::Subs, client), filter, qos as u8),
+                redis::Cmd::sadd(keys::SUBSCRIBERS, client),
+            ])
+            .await
     }
 
     pub(super) async fn remove_subscription(
@@ -358,11 +365,11 @@ impl RedisOutbox {
             .await?;
         let mut out = Vec::new();
         for chunk in clients.chunks(500) {
-            let mut p = redis::pipe();
-            for c in chunk {
-                p.hgetall(keys::client(Client::Subs, c));
-            }
-            let maps: Vec<HashMap<String, u8>> = self.redis.query_pipe(&p).await?;
+            let cmds: Vec<redis::Cmd> = chunk
+                .iter()
+                .map(|c| redis::Cmd::hgetall(keys::client(Client::Subs, c)))
+                .collect();
+            let maps: Vec<HashMap<String, u8>> = self.redis.query_each(&cmds).await?;
             for (c, subs) in chunk.iter().zip(maps) {
                 for (filter, qos) in subs {
                     if let Some(qos) = stored_qos(qos) {

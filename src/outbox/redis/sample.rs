@@ -4,7 +4,8 @@
 //! that must scale out on Redis Cluster cannot have).
 //!
 //! Every `SAMPLE_EVERY` each node tries to take the sampling lease (`keys::SAMPLE_LEASE`,
-//! SET NX PX); the one that gets it SCANs the keyspace (1,000 keys a call), reads each
+//! SET NX PX); the one that gets it SCANs the keyspace (1,000 keys a call; on Redis Cluster
+//! every primary in turn, as SCAN walks only the node it is sent to), reads each
 //! outbox's size and first entry, counts the persistent sessions and those with a route,
 //! and writes the result to `keys::STATS`, which every node reads into its gauges. So the
 //! figures are store-wide, the same on every node (use `max` across nodes, not `sum`), and
@@ -78,77 +79,64 @@ pub async fn run(redis: Redis, latest: Arc<Mutex<Option<Stats>>>) {
 
 async fn scan(redis: &Redis) -> Result<Stats, StoreError> {
     let mut stats = Stats::default();
-    let mut cursor = 0u64;
     let (outbox, session) = (
         keys::client_prefix(keys::Client::Outbox),
         keys::client_prefix(keys::Client::Session),
     );
-    loop {
-        let mut c = redis::cmd("SCAN");
-        c.arg(cursor)
-            .arg("MATCH")
-            .arg("herald:*")
-            .arg("COUNT")
-            .arg(1000);
-        let (next, found): (u64, Vec<String>) = redis.query(&c).await?;
-        let mut p = redis::pipe();
+    let mut walk = redis.scan("herald:*", 1000);
+    while let Some(found) = redis.scan_next(&mut walk).await? {
+        let mut cmds = Vec::new();
         let mut outboxes = 0;
         for k in &found {
             if k.starts_with(&outbox) {
-                p.cmd("XLEN")
-                    .arg(k)
-                    .cmd("XRANGE")
-                    .arg(k)
-                    .arg("-")
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(1);
+                let mut n = redis::cmd("XLEN");
+                n.arg(k);
+                cmds.push(n);
+                let mut first = redis::cmd("XRANGE");
+                first.arg(k).arg("-").arg("+").arg("COUNT").arg(1);
+                cmds.push(first);
                 outboxes += 1;
             }
         }
-        let mut sessions = Vec::new();
+        let mut sessions = 0;
         for k in &found {
             if let Some(cid) = k.strip_prefix(&session).and_then(|r| r.strip_suffix('}')) {
-                sessions.push(keys::client(keys::Client::Route, cid));
+                cmds.push(redis::Cmd::exists(keys::client(keys::Client::Route, cid)));
+                sessions += 1;
             }
         }
-        for r in &sessions {
-            p.cmd("EXISTS").arg(r);
+        if cmds.is_empty() {
+            continue;
         }
-        if outboxes + sessions.len() > 0 {
-            let replies: Vec<redis::Value> = redis.query_pipe(&p).await?;
-            let mut it = replies.into_iter();
-            for _ in 0..outboxes {
-                let (n, first) = (it.next(), it.next());
-                stats.messages +=
-                    redis::from_redis_value::<u64>(n.unwrap_or(redis::Value::Nil)).unwrap_or(0);
-                let first: Vec<super::RawEntry> = first
-                    .and_then(|v| redis::from_redis_value(v).ok())
-                    .unwrap_or_default();
-                if let Some(born) = first
-                    .into_iter()
-                    .next()
-                    .and_then(|(_, fields)| fields.into_iter().next())
-                    .and_then(|(_, envelope)| born_us(envelope))
-                    .filter(|b| *b > 0)
-                {
-                    if stats.oldest_born_us == 0 || born < stats.oldest_born_us {
-                        stats.oldest_born_us = born;
-                    }
-                }
-            }
-            stats.sessions += sessions.len() as u64;
-            for v in it {
-                if redis::from_redis_value::<u64>(v).unwrap_or(0) == 1 {
-                    stats.routed += 1;
+        let replies: Vec<redis::Value> = redis.query_each(&cmds).await?;
+        let mut it = replies.into_iter();
+        for _ in 0..outboxes {
+            let (n, first) = (it.next(), it.next());
+            stats.messages +=
+                redis::from_redis_value::<u64>(n.unwrap_or(redis::Value::Nil)).unwrap_or(0);
+            let first: Vec<super::RawEntry> = first
+                .and_then(|v| redis::from_redis_value(v).ok())
+                .unwrap_or_default();
+            if let Some(born) = first
+                .into_iter()
+                .next()
+                .and_then(|(_, fields)| fields.into_iter().next())
+                .and_then(|(_, envelope)| born_us(envelope))
+                .filter(|b| *b > 0)
+            {
+                if stats.oldest_born_us == 0 || born < stats.oldest_born_us {
+                    stats.oldest_born_us = born;
                 }
             }
         }
-        if next == 0 {
-            return Ok(stats);
+        stats.sessions += sessions;
+        for v in it {
+            if redis::from_redis_value::<u64>(v).unwrap_or(0) == 1 {
+                stats.routed += 1;
+            }
         }
-        cursor = next;
     }
+    Ok(stats)
 }
 
 /// The `born_us` of a stored `<seq>|<envelope>` member.
@@ -158,8 +146,12 @@ fn born_us(envelope: Vec<u8>) -> Option<u64> {
 
 /// Stores the sample, and holds the lease for `hold` from now (the sample's own pace).
 async fn write(redis: &Redis, s: &Stats, hold: Duration) -> Result<(), StoreError> {
-    let mut p = redis::pipe();
-    p.cmd("HSET")
+    // The result, then the lease's extension: two slots, two steps on a cluster, so a
+    // result that could not be written leaves the lease short and another node samples
+    // sooner.
+    let mut result = redis::pipe();
+    result
+        .cmd("HSET")
         .arg(keys::STATS)
         .arg("messages")
         .arg(s.messages)
@@ -169,16 +161,15 @@ async fn write(redis: &Redis, s: &Stats, hold: Duration) -> Result<(), StoreErro
         .arg(s.sessions)
         .arg("routed")
         .arg(s.routed)
-        .ignore()
         .cmd("PEXPIRE")
         .arg(keys::STATS)
-        .arg((hold.max(SAMPLE_EVERY).as_millis() * 3) as u64)
-        .ignore()
+        .arg((hold.max(SAMPLE_EVERY).as_millis() * 3) as u64);
+    let mut lease = redis::pipe();
+    lease
         .cmd("PEXPIRE")
         .arg(keys::SAMPLE_LEASE)
-        .arg(hold.as_millis() as u64)
-        .ignore();
-    redis.query_pipe::<()>(&p).await
+        .arg(hold.as_millis() as u64);
+    redis.query_steps(&[result, lease]).await
 }
 
 async fn read(redis: &Redis) -> Result<Option<Stats>, StoreError> {
