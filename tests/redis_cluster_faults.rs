@@ -17,6 +17,12 @@
 //! and the same packet id. Devices acknowledge everything at once and reconnect whenever
 //! Herald closes them (CONNACK 3 while the store is down is retried).
 //!
+//! Two more, ignored, reproduce what these faults showed Herald still gets wrong: a
+//! failover that loses entries a device has read makes the new primary reuse their numbers,
+//! so a late PUBACK deletes a push acknowledged after the failover
+//! (`a_late_puback_for_a_lost_entry_does_not_delete_a_newer_push`); and the clients of a
+//! slot being migrated are refused (`clients_of_a_migrating_slot_connect_and_get_their_first_push`).
+//!
 //! Without redis-server and redis-cli installed each test prints a SKIPPED line and
 //! passes.
 
@@ -875,4 +881,214 @@ async fn a_shard_down_stops_the_store_for_everyone_until_it_is_back() {
     herald
         .assert_metric("herald_messages_dropped_total", 0.0)
         .await;
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to the cluster's `node`, by the pid the fixture
+/// started.
+fn signal(cluster: &RedisCluster, node: usize, signal: &str) {
+    let pid = cluster.pid(node).expect("node running");
+    let ok = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill {signal} {pid}");
+}
+
+/// A stream entry as XRANGE returns it: its id, then its fields and values.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
+/// Reads PUBLISHes on `device`, acknowledging each, until one with `payload` `until`;
+/// returns the payloads before it.
+async fn read_until(device: &mut Raw, until: &str) -> Vec<String> {
+    let mut got = Vec::new();
+    loop {
+        let p = match device.expect(FOLLOW).await {
+            Packet::Publish(p) => p,
+            other => panic!("expected PUBLISH, got {other:?}"),
+        };
+        device.puback(p.pkid).await;
+        let text = common::text(&p);
+        if text == until {
+            return got;
+        }
+        got.push(text);
+    }
+}
+
+/// Known bug, ignored until fixed. The promoted replica may lack entries that a device
+/// has already read from the old primary: entries whose `WAIT` had not succeeded (so no
+/// publisher got a PUBACK for them, and losing them is allowed). But the new primary
+/// numbers the outbox's next entries from its own last id (`XADD 0-*` in
+/// `scripts::ENQUEUE`), so pushes acknowledged *after* the failover get those entries'
+/// numbers, and with them their packet ids; the device's PUBACK for a lost entry, when it
+/// comes after the failover, deletes the new entry (`XDEL` by number). An acknowledged
+/// push is lost although `store.redis_wait_replicas = 1`. (With the default, 0, the same
+/// happens to entries acknowledged before the failover and lost with the old primary, and
+/// a live connection also skips the new entries: `Session::take_delivery` takes a number
+/// below its cursor for one it sent.)
+///
+/// The replica is made to lag by stopping it (SIGSTOP) and cutting its link from the
+/// primary, so that the entries written meanwhile are never replicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug: a failover makes the new primary reuse the numbers of lost entries, \
+            and a late PUBACK for a lost entry deletes an acknowledged push"]
+async fn a_late_puback_for_a_lost_entry_does_not_delete_a_newer_push() {
+    let Some(mut cluster) = RedisCluster::start(3, 1) else {
+        return;
+    };
+    let toml = format!("{CONFIG}[store]\nredis_wait_replicas = 1\n");
+    let herald = start_herald(&cluster, &toml).await;
+    let addr = herald.addr();
+    let id = "lag-dev-0";
+    let topic = format!("push/{id}");
+    let slot = client_slot(id).expect("slot");
+    let primary = cluster.primary_for_slot(slot);
+    let replica = cluster.replicas_for_slot(slot)[0];
+    let device_opts = Opts::new(id).clean(false).keepalive(600);
+    let (mut device, _) = Raw::connect_ok(addr, &device_opts).await;
+    let mut publisher = Raw::connect(addr, "lag-backend").await;
+    publisher
+        .publish(&topic, b"replicated", QoS::AtLeastOnce, false)
+        .await;
+    assert!(read_until(&mut device, "replicated").await.is_empty());
+
+    // The replica stops receiving writes: WAIT 1 times out, no PUBACK, but the entries
+    // are on the primary...
+    signal(&cluster, replica, "-STOP");
+    let mut kill_link = redis::cmd("CLIENT");
+    kill_link.arg("KILL").arg("TYPE").arg("replica");
+    let links: i64 = cluster.query(primary, &kill_link).expect("CLIENT KILL");
+    assert_eq!(links, 1);
+    for i in 0..3 {
+        let payload = format!("unconfirmed-{i}");
+        publisher
+            .send_publish(&topic, payload.as_bytes(), QoS::AtLeastOnce, false)
+            .await;
+    }
+    publisher.expect_closed(FOLLOW).await;
+    // ...where the device reads them when it reconnects, and holds its PUBACKs.
+    device.disconnect().await;
+    let (mut device, _) = Raw::connect_ok(addr, &device_opts).await;
+    let mut unconfirmed = Vec::new();
+    for i in 0..3 {
+        let p = device.expect_publish().await;
+        assert_eq!(common::text(&p), format!("unconfirmed-{i}"));
+        unconfirmed.push(p.pkid);
+    }
+
+    // The primary dies; the replica, without those entries, takes over; the old primary
+    // comes back as its replica, so that WAIT 1 can be met again.
+    let killed = cluster.kill_primary_for_slot(slot);
+    signal(&cluster, replica, "-CONT");
+    let promoted = tokio::task::block_in_place(|| cluster.wait_failover(slot));
+    tokio::task::block_in_place(|| cluster.restart(killed));
+    common::wait_until(FOLLOW, "herald says its store is up", async || {
+        readyz(&herald).await == 200
+    })
+    .await;
+    let mut publisher = connect_retrying(
+        addr,
+        &Opts::new("lag-backend"),
+        &Refusals::default(),
+        FOLLOW,
+    )
+    .await;
+    for i in 0..3 {
+        let payload = format!("after-{i}");
+        publisher
+            .publish(&topic, payload.as_bytes(), QoS::AtLeastOnce, false)
+            .await;
+    }
+    // Where they are: their numbers are the unconfirmed entries' (the packet ids tell).
+    let mut xrange = redis::cmd("XRANGE");
+    xrange.arg(common::keys::outbox(id)).arg("-").arg("+");
+    let entries: Vec<StreamEntry> = cluster.query(promoted, &xrange).expect("XRANGE");
+    let stored: Vec<String> = entries
+        .iter()
+        .map(|(entry, fields)| {
+            let payload = fields
+                .first()
+                .map(|(_, e)| e.as_slice())
+                .unwrap_or_default();
+            let after = payload.windows(6).position(|w| w == b"after-");
+            let name = after.map(|p| String::from_utf8_lossy(&payload[p..p + 7]).into_owned());
+            format!("{entry} {}", name.unwrap_or_default())
+        })
+        .collect();
+    // The device acknowledges what it read before the failover.
+    for &pkid in &unconfirmed {
+        device.puback(pkid).await;
+    }
+    publisher
+        .publish(&topic, b"live-end", QoS::AtLeastOnce, false)
+        .await;
+    let mut got = read_until(&mut device, "live-end").await;
+    device.disconnect().await;
+    let (mut device, _) = Raw::connect_ok(addr, &device_opts).await;
+    publisher
+        .publish(&topic, b"replay-end", QoS::AtLeastOnce, false)
+        .await;
+    got.extend(read_until(&mut device, "replay-end").await);
+    for i in 0..3 {
+        let payload = format!("after-{i}");
+        assert!(
+            got.contains(&payload),
+            "{payload}, acknowledged after the failover, never arrived: got {got:?}; the \
+             outbox held {stored:?} before the device acknowledged packet ids {unconfirmed:?}"
+        );
+    }
+}
+
+/// Known limitation, ignored until fixed. While a slot is being migrated, Redis runs a
+/// command on several keys only if the node holds all of them, and answers TRYAGAIN
+/// otherwise (on the old primary when it holds some, on the new one after ASK when it
+/// lacks any). Herald's attach script takes five keys of the client (`keys::SESSION_STATE`:
+/// outbox, sent, session, subs, qbytes), some of which are usually missing (`subs` without
+/// stored subscriptions, all of them for a new client), so every CONNECT of a client in
+/// that slot gets CONNACK 3 until the migration ends (after redis-rs's retries, about
+/// 0.4 s each); and the enqueue script's two keys (outbox, qbytes) are both missing for a
+/// client that never had a message, so its first push gets no PUBACK (the publisher's
+/// connection is closed) after the hot path's TRYAGAIN retries. Nothing is lost; the
+/// slot's clients are refused for as long as the migration lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known limitation: multi-key scripts get TRYAGAIN while their slot migrates, \
+            so its clients get CONNACK 3 and a new client's first push is refused"]
+async fn clients_of_a_migrating_slot_connect_and_get_their_first_push() {
+    let Some(mut cluster) = RedisCluster::start(3, 1) else {
+        return;
+    };
+    let herald = start_herald(&cluster, CONFIG).await;
+    let addr = herald.addr();
+    let (slot, ids) = ids_in_one_slot("mig-new", 2);
+    let from = cluster.primary_for_slot(slot);
+    let to = cluster
+        .primaries()
+        .into_iter()
+        .find(|&p| p != from)
+        .expect("another primary");
+    // A client with a session and a queued push; another never seen.
+    Device::register(addr, &ids[0]).await;
+    let mut publisher = Raw::connect(addr, "mig-new-backend").await;
+    let topic = format!("push/{}", ids[0]);
+    publisher
+        .publish(&topic, b"queued", QoS::AtLeastOnce, false)
+        .await;
+
+    cluster.migrate_slot_begin(slot, to);
+    let (mut device, ack) = Raw::connect_with(addr, &Opts::new(&ids[0]).clean(false)).await;
+    assert_eq!(
+        ack.code,
+        ConnectReturnCode::Success,
+        "CONNECT of a client whose slot is MIGRATING"
+    );
+    assert_eq!(common::text(&device.expect_publish().await), "queued");
+    let topic = format!("push/{}", ids[1]);
+    publisher
+        .send_publish(&topic, b"first", QoS::AtLeastOnce, false)
+        .await;
+    match publisher.next(FOLLOW).await {
+        Event::Packet(Packet::PubAck(_)) => {}
+        e => panic!("first push to a new client of a MIGRATING slot: {e:?}"),
+    }
 }
