@@ -194,39 +194,7 @@ impl Device {
         let log = Arc::new(Mutex::new(Vec::new()));
         let connects = Arc::new(AtomicUsize::new(0));
         let refusals = Arc::new(Refusals::default());
-        let task = tokio::spawn({
-            let (id, log, connects, refusals) = (
-                id.to_string(),
-                log.clone(),
-                connects.clone(),
-                refusals.clone(),
-            );
-            async move {
-                // Keepalive well beyond a test's length: the device sends nothing but acks.
-                let opts = Opts::new(&id).clean(false).keepalive(600);
-                loop {
-                    let mut conn = connect_retrying(addr, &opts, &refusals, FOLLOW * 2).await;
-                    connects.fetch_add(1, Ordering::Relaxed);
-                    loop {
-                        match conn.next(Duration::from_secs(3600)).await {
-                            Event::Packet(Packet::Publish(p)) => {
-                                log.lock().push(Got {
-                                    payload: String::from_utf8_lossy(&p.payload).into_owned(),
-                                    dup: p.dup,
-                                    pkid: p.pkid,
-                                });
-                                let ack = frame(0x40, &p.pkid.to_be_bytes());
-                                if conn.send_raw(&ack).await.is_err() {
-                                    break;
-                                }
-                            }
-                            Event::Packet(_) | Event::Timeout => {}
-                            Event::Closed => break,
-                        }
-                    }
-                }
-            }
-        });
+        let task = Device::run(addr, id, &log, &connects, &refusals);
         Device {
             id: id.to_string(),
             log,
@@ -234,6 +202,53 @@ impl Device {
             refusals,
             task,
         }
+    }
+
+    fn run(
+        addr: SocketAddr,
+        id: &str,
+        log: &Arc<Mutex<Vec<Got>>>,
+        connects: &Arc<AtomicUsize>,
+        refusals: &Arc<Refusals>,
+    ) -> JoinHandle<()> {
+        let (id, log, connects, refusals) = (
+            id.to_string(),
+            log.clone(),
+            connects.clone(),
+            refusals.clone(),
+        );
+        tokio::spawn(async move {
+            // Keepalive well beyond a test's length: the device sends nothing but acks.
+            let opts = Opts::new(&id).clean(false).keepalive(600);
+            loop {
+                let mut conn = connect_retrying(addr, &opts, &refusals, FOLLOW * 2).await;
+                connects.fetch_add(1, Ordering::Relaxed);
+                loop {
+                    match conn.next(Duration::from_secs(3600)).await {
+                        Event::Packet(Packet::Publish(p)) => {
+                            log.lock().push(Got {
+                                payload: String::from_utf8_lossy(&p.payload).into_owned(),
+                                dup: p.dup,
+                                pkid: p.pkid,
+                            });
+                            let ack = frame(0x40, &p.pkid.to_be_bytes());
+                            if conn.send_raw(&ack).await.is_err() {
+                                break;
+                            }
+                        }
+                        Event::Packet(_) | Event::Timeout => {}
+                        Event::Closed => break,
+                    }
+                }
+            }
+        })
+    }
+
+    /// Drops the connection without a DISCONNECT (as a lost network would) and connects
+    /// again, keeping the log.
+    fn cut(&mut self, addr: SocketAddr) {
+        self.task.abort();
+        self.task = Device::run(addr, &self.id, &self.log, &self.connects, &self.refusals);
     }
 
     /// Whether every attempt in `acked` has arrived (in any order).
@@ -548,16 +563,41 @@ struct DeviceSummary {
     unavailable: usize,
 }
 
-/// Waits until every device has every attempt acknowledged for it, then checks each.
-async fn check_deliveries(devices: &[&Device], acked: &[Vec<Attempt>]) -> Vec<DeviceSummary> {
+/// Checks every device's deliveries: waits until each has every attempt acknowledged for
+/// it; then cuts each one's connection and lets it connect again, and waits until its
+/// outbox in Redis is empty, so that whatever the outbox still held (acks dropped while
+/// the store was down, entries in flight at the cut) came again; then checks each
+/// (`check_device`: a second copy must be a resend, DUP=1 with its packet id).
+async fn check_deliveries(
+    cluster: &RedisCluster,
+    addr: SocketAddr,
+    devices: &mut [Device],
+    acked: &[Vec<Attempt>],
+) -> Vec<DeviceSummary> {
     let deadline = Instant::now() + FOLLOW;
     for (d, a) in devices.iter().zip(acked) {
         while !d.has_all(a) {
             if Instant::now() >= deadline {
-                break; // check_device says what is missing
+                // check_device says what is missing.
+                return vec![check_device(d, a)];
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+    for d in devices.iter_mut() {
+        d.cut(addr);
+    }
+    for d in devices.iter() {
+        let key = common::keys::outbox(&d.id);
+        let slot = client_slot(&d.id).expect("slot");
+        let mut xlen = redis::cmd("XLEN");
+        xlen.arg(&key);
+        let what = format!("{key} is empty after a reconnect");
+        common::wait_until(FOLLOW, &what, async || {
+            let primary = cluster.primary_for_slot(slot);
+            cluster.query::<u64>(primary, &xlen).ok() == Some(0)
+        })
+        .await;
     }
     devices
         .iter()
@@ -644,9 +684,9 @@ async fn acknowledged_pushes_survive_a_primary_failover() {
     let closed = publisher.closed();
     let acked = publisher.finish().await;
 
-    let offline = Device::spawn(addr, &ids[2]);
-    let devices = [&live[0], &live[1], &offline, &live[2]];
-    let summaries = check_deliveries(&devices, &acked).await;
+    let [a, b, other] = live;
+    let mut devices = [a, b, Device::spawn(addr, &ids[2]), other];
+    let summaries = check_deliveries(&cluster, addr, &mut devices, &acked).await;
     assert_eq!(herald.pid(), pid, "herald restarted");
     herald
         .assert_metric("herald_messages_dropped_total", 0.0)
@@ -731,9 +771,13 @@ async fn pushes_flow_through_a_slot_migration() {
     let closed = publisher.closed();
     let refused = publisher.refusals.unavailable.load(Ordering::Relaxed);
     let acked = publisher.finish().await;
-    let offline = Device::spawn(addr, &ids[2]);
-    let devices = [&live[0], &live[1], &offline];
-    let summaries = check_deliveries(&devices, &acked).await;
+    let live_connects: Vec<usize> = live
+        .iter()
+        .map(|d| d.connects.load(Ordering::Relaxed))
+        .collect();
+    let [a, b] = live;
+    let mut devices = [a, b, Device::spawn(addr, &ids[2])];
+    let summaries = check_deliveries(&cluster, addr, &mut devices, &acked).await;
     eprintln!(
         "migration of slot {slot} from node {from} to node {to}, {moved} keys: {steps:?}; \
          devices: {summaries:#?}; test took {:?}",
@@ -742,14 +786,7 @@ async fn pushes_flow_through_a_slot_migration() {
     // Redirects are not failures: nothing was refused, no connection was closed.
     assert_eq!(closed, 0, "herald closed the publisher's connection");
     assert_eq!(refused, 0, "the publisher got CONNACK 3");
-    for d in &live {
-        assert_eq!(
-            d.connects.load(Ordering::Relaxed),
-            1,
-            "{} reconnected",
-            d.id
-        );
-    }
+    assert_eq!(live_connects, [1, 1], "a live device was closed");
     assert_eq!(readyz(&herald).await, 200);
     herald
         .assert_metric("herald_messages_dropped_total", 0.0)
@@ -858,9 +895,14 @@ async fn a_shard_down_stops_the_store_for_everyone_until_it_is_back() {
             "{a:?} was sent while the store was down, and acknowledged"
         );
     }
-    let offline = Device::spawn(addr, &ids[1]);
-    let devices = [&live[0], &offline, &live[1]];
-    let summaries = check_deliveries(&devices, &acked).await;
+    // The live devices' connections were kept through the outage.
+    let live_connects: Vec<usize> = live
+        .iter()
+        .map(|d| d.connects.load(Ordering::Relaxed))
+        .collect();
+    let [a, b] = live;
+    let mut devices = [a, Device::spawn(addr, &ids[1]), b];
+    let summaries = check_deliveries(&cluster, addr, &mut devices, &acked).await;
     eprintln!(
         "shard down: herald noticed after {noticed:?}; shard restarted in {restarted:?}, \
          store up {recovered:?} after the restart began; publisher: {closed} connections \
@@ -868,15 +910,7 @@ async fn a_shard_down_stops_the_store_for_everyone_until_it_is_back() {
         started.elapsed()
     );
     assert!(refused > 0, "the publisher was never refused");
-    // The live devices' connections were kept through the outage.
-    for d in &live {
-        assert_eq!(
-            d.connects.load(Ordering::Relaxed),
-            1,
-            "{} reconnected",
-            d.id
-        );
-    }
+    assert_eq!(live_connects, [1, 1], "a live device was closed");
     assert_eq!(herald.pid(), pid, "herald restarted");
     herald
         .assert_metric("herald_messages_dropped_total", 0.0)
