@@ -1126,3 +1126,68 @@ async fn clients_of_a_migrating_slot_connect_and_get_their_first_push() {
         e => panic!("first push to a new client of a MIGRATING slot: {e:?}"),
     }
 }
+
+/// A publish the store refuses while the ones after it on the same connection are stored
+/// (on a cluster: a client id whose keys cannot share a slot fails with CROSSSLOT alone,
+/// as would a shard whose WAIT falls short): none after it is acknowledged either, so that
+/// acknowledgements keep publish order and the client resends them all, in order. A QoS 2
+/// message stored that way is still recognised when it is resent: delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_acknowledgement_follows_a_publish_that_was_not_stored() {
+    let Some(cluster) = RedisCluster::start(3, 1) else {
+        return;
+    };
+    let herald = start_herald(&cluster, CONFIG).await;
+    let addr = herald.addr();
+    Device::register(addr, "order-dev").await;
+    let publisher_opts = Opts::new("order-backend").clean(false);
+    let (mut publisher, _) = Raw::connect_ok(addr, &publisher_opts).await;
+    // One write, so that Herald reads all three before the first one's store answers.
+    let mut three = publish_bytes(b"push/}unstorable", b"refused", 1, 1, false, false);
+    three.extend(publish_bytes(b"push/order-dev", b"one", 1, 2, false, false));
+    three.extend(publish_bytes(b"push/order-dev", b"two", 2, 3, false, false));
+    publisher.send_raw(&three).await.expect("send");
+    match publisher.next(FOLLOW).await {
+        Event::Closed => {}
+        e => panic!("expected the connection closed without an acknowledgement, got {e:?}"),
+    }
+    // "one" and "two" were stored all the same.
+    let slot = client_slot("order-dev").expect("slot");
+    let mut xlen = redis::cmd("XLEN");
+    xlen.arg(common::keys::outbox("order-dev"));
+    let stored: u64 = cluster
+        .query(cluster.primary_for_slot(slot), &xlen)
+        .expect("XLEN");
+    assert_eq!(stored, 2);
+
+    // The client resends both after reconnecting, in order.
+    let (mut publisher, present) = Raw::connect_ok(addr, &publisher_opts).await;
+    assert!(present);
+    let mut again = publish_bytes(b"push/order-dev", b"one", 1, 2, false, true);
+    again.extend(publish_bytes(b"push/order-dev", b"two", 2, 3, false, true));
+    publisher.send_raw(&again).await.expect("send");
+    // PUBACK 2 and PUBREC 3, in either order: the resent QoS 2 message is known already and
+    // answered at once, while "one" is being stored again.
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        match publisher.expect(FOLLOW).await {
+            Packet::PubAck(a) => answers.push(("PUBACK", a.pkid)),
+            Packet::PubRec(r) => answers.push(("PUBREC", r.pkid)),
+            p => panic!("expected PUBACK 2 and PUBREC 3, got {p:?}"),
+        }
+    }
+    answers.sort_unstable();
+    assert_eq!(answers, [("PUBACK", 2), ("PUBREC", 3)]);
+    publisher.pubrel(3).await;
+    match publisher.expect(FOLLOW).await {
+        Packet::PubComp(c) => assert_eq!(c.pkid, 3),
+        p => panic!("expected PUBCOMP 3, got {p:?}"),
+    }
+    publisher
+        .publish("push/order-dev", b"end", QoS::AtLeastOnce, false)
+        .await;
+    let (mut device, _) = Raw::connect_ok(addr, &Opts::new("order-dev").clean(false)).await;
+    let got = read_until(&mut device, "end").await;
+    // "one" twice (stored, then its resend: QoS 1 allows it), "two" once.
+    assert_eq!(got, ["one", "two", "one"]);
+}
