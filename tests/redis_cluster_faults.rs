@@ -274,6 +274,8 @@ struct Attempt {
     index: u64,
     attempt: u64,
     sent: Instant,
+    /// When its PUBACK came.
+    acked: Option<Instant>,
 }
 
 impl Attempt {
@@ -438,6 +440,7 @@ async fn publish_loop(
                     index,
                     attempt: attempts,
                     sent: Instant::now(),
+                    acked: None,
                 };
                 let bytes = publish_bytes(
                     topics[device].as_bytes(),
@@ -465,6 +468,8 @@ async fn publish_loop(
                         "PUBACK {} out of order (expected {sent_id})",
                         ack.pkid
                     );
+                    let mut a = a;
+                    a.acked = Some(Instant::now());
                     state.lock().acked[a.device].push(a);
                 }
                 Event::Packet(p) => panic!("the publisher got {p:?}"),
@@ -667,13 +672,30 @@ async fn acknowledged_pushes_survive_a_primary_failover() {
     let flowing = started.elapsed();
 
     let before = publisher.acked_now();
-    let killed_at = Instant::now();
     let killed = cluster.kill_primary_for_slot(slot);
+    // When the primary is dead (SIGKILL, and waited for): pushes sent from here on can
+    // reach no replica until the old primary is back.
+    let killed_at = Instant::now();
     let promoted = tokio::task::block_in_place(|| cluster.wait_failover(slot));
     let failed_over = killed_at.elapsed();
     assert_ne!(promoted, killed);
-    // The shard has no replica now: WAIT 1 cannot be met there until the old primary is
-    // back, as the new one's replica.
+    common::wait_until(FOLLOW, "herald says its store is up", async || {
+        readyz(&herald).await == 200
+    })
+    .await;
+    let store_up = killed_at.elapsed();
+    // The shard has no replica now: WAIT 1 cannot be met there, so the pushes to it are
+    // refused (their connection closed) until the old primary is back as the new one's
+    // replica, while the other shard's may be acknowledged meanwhile. Twice, before that.
+    let closed = publisher.closed();
+    let other_before = publisher.acked(3);
+    publisher
+        .wait(FOLLOW, "pushes refused for want of a replica", |p| {
+            p.closed() >= closed + 2
+        })
+        .await;
+    let other_degraded = publisher.acked(3) - other_before;
+    let rejoining_at = Instant::now();
     tokio::task::block_in_place(|| cluster.restart(killed));
     assert_eq!(cluster.replicas_for_slot(slot), vec![killed]);
     let rejoined = killed_at.elapsed();
@@ -683,6 +705,19 @@ async fn acknowledged_pushes_survive_a_primary_failover() {
     let recovered = killed_at.elapsed();
     let closed = publisher.closed();
     let acked = publisher.finish().await;
+    // No push to the shard sent after the kill was acknowledged before the old primary
+    // began to rejoin: its WAIT could have been met by no replica.
+    for a in acked[..3].iter().flatten() {
+        let acked_at = a.acked.expect("acknowledged");
+        assert!(
+            a.sent < killed_at || acked_at >= rejoining_at,
+            "{a:?} was sent {:?} after the kill and acknowledged {:?} after it, while its \
+             shard had no replica (the old primary began to rejoin {:?} after the kill)",
+            a.sent - killed_at,
+            acked_at - killed_at,
+            rejoining_at - killed_at,
+        );
+    }
 
     let [a, b, other] = live;
     let mut devices = [a, b, Device::spawn(addr, &ids[2]), other];
@@ -692,10 +727,12 @@ async fn acknowledged_pushes_survive_a_primary_failover() {
         .assert_metric("herald_messages_dropped_total", 0.0)
         .await;
     eprintln!(
-        "failover: pushes flowing after {flowing:?}; killed node {killed}, node {promoted} promoted after {failed_over:?}, old \
-         primary back as its replica after {rejoined:?}, pushes acknowledged to every device \
-         again after {recovered:?}; publisher connections closed by herald: {closed}; \
-         acknowledged before the kill: {before:?}; devices: {summaries:#?}; test took {:?}",
+        "failover: pushes flowing after {flowing:?}; killed node {killed}, node {promoted} \
+         promoted after {failed_over:?}, store up after {store_up:?}, {other_degraded} pushes \
+         to the other shard acknowledged while the shard had no replica, old primary back as \
+         its replica after {rejoined:?}, pushes acknowledged to every device again after \
+         {recovered:?}; publisher connections closed by herald: {closed}; acknowledged \
+         before the kill: {before:?}; devices: {summaries:#?}; test took {:?}",
         started.elapsed()
     );
 }
