@@ -17,6 +17,8 @@
 //! and the same packet id. Devices acknowledge everything at once and reconnect whenever
 //! Herald closes them (CONNACK 3 while the store is down is retried).
 //!
+//! Also: no PUBACK follows a publish that was not stored while later ones were (the bug
+//! the failover test found: `no_acknowledgement_follows_a_publish_that_was_not_stored`).
 //! Two more, ignored, reproduce what these faults showed Herald still gets wrong: a
 //! failover that loses entries a device has read makes the new primary reuse their numbers,
 //! so a late PUBACK deletes a push acknowledged after the failover
