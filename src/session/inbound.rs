@@ -135,14 +135,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             if lograte::allow(Reason::NotStored) {
                 tracing::warn!(client = %self.client, error = %e, "publish not stored");
             }
+            if let Some(p) = self.pending.as_mut() {
+                p.not_stored = true;
+            }
             return Err(End::Abnormal(format!("store: {e}")));
         }
+        // Publishes after one that was not stored may be stored all the same (a store that
+        // fails one call and not the next: one slot's error, WAIT short on one shard), and
+        // `finish` drains them. Acknowledging them would break publish order (MQTT 3.1.1,
+        // 4.6): the client would see a later message acknowledged and resend only the
+        // earlier one, which its receiver then gets after the later one. Unacknowledged,
+        // both are resent in order (a duplicate at most).
+        let withhold = self.pending.as_ref().is_some_and(|p| p.not_stored);
         match qos {
             Qos::AtMostOnce => {}
+            Qos::AtLeastOnce if withhold => {}
             Qos::AtLeastOnce => codec::encode_puback(&mut self.wbuf, pkid),
             Qos::ExactlyOnce => {
+                // Stored: its resend must be recognised, acknowledged or not.
                 self.data_mut().incoming_qos2.insert(pkid);
-                codec::encode_pubrec(&mut self.wbuf, pkid);
+                if !withhold {
+                    codec::encode_pubrec(&mut self.wbuf, pkid);
+                }
             }
         }
         Ok(())

@@ -222,6 +222,9 @@ struct Pending {
     /// QoS 2 packet ids among `stores`: in `incoming_qos2` already (a resend must not be
     /// delivered twice), to be taken out again if they are never stored.
     qos2: Vec<u16>,
+    /// A publish of this connection was not stored: the ones after it are no longer
+    /// acknowledged (`Session::published`).
+    not_stored: bool,
     /// QoS 0 retained messages matched by SUBSCRIBEs, written as the write buffer has room:
     /// shared with the retained store, so a SUBSCRIBE that matches many (or one, many
     /// times) holds pointers here and at most the write budget of copies.
