@@ -94,6 +94,8 @@ pub struct Attached {
     pub sent_watermark: u64,
     /// Live outbox entries at or below this one may have been sent before (`Attach`).
     pub replay_to: u64,
+    /// The copy of the client's keys read (`Attach::lineage`).
+    pub lineage: u32,
 }
 
 pub struct Broker {
@@ -310,6 +312,7 @@ impl Broker {
             data: saved.filter(|_| !clean),
             sent_watermark: stored.sent_watermark,
             replay_to: stored.replay_to,
+            lineage: stored.lineage,
         })
     }
 

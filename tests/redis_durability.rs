@@ -337,3 +337,70 @@ async fn replay_interrupted_by_an_outage_resumes_on_the_same_connection() {
         device.puback(p.pkid).await;
     }
 }
+
+/// A Redis that may lose its last writes when killed (`appendfsync everysec`) may come back
+/// without entries a device read, and number new entries with their numbers: the device's
+/// connection through the restart is ended at its next PUBACK rather than let that PUBACK
+/// delete a newer entry (with `appendfsync always`, the replay above goes on instead).
+/// After reconnecting, everything acknowledged to the publisher since arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_that_may_lose_writes_ends_connections_that_read_before_it() {
+    let mut redis = RedisServer::start_with(&["--appendfsync", "everysec"]);
+    let herald = Herald::start(&redis.url(), &[]);
+    register_offline_device(herald.addr, "dev9").await;
+    publish_acked(herald.addr, "push/dev9", 1).await;
+    let opts = Opts::new("dev9").clean(false);
+    let (mut device, _) = Raw::connect_ok(herald.addr, &opts).await;
+    let read = device.expect_publish().await;
+    redis.kill();
+    redis.restart();
+    // Its PUBACK finds the store gone (or, once Herald has seen the restart, ends the
+    // connection).
+    let _ = device
+        .send_raw(&common::frame(0x40, &read.pkid.to_be_bytes()))
+        .await;
+    for payload in ["after-0", "after-1"] {
+        wait_until(WAIT, "a push acknowledged after the restart", async || {
+            let Ok(stream) = tokio::net::TcpStream::connect(herald.addr).await else {
+                return false;
+            };
+            let mut publisher = Raw::from_stream(stream).await;
+            if publisher.send_raw(&Opts::new("backend9").encode()).await.is_err() {
+                return false;
+            }
+            if !matches!(publisher.next(WAIT).await, common::Event::Packet(Packet::ConnAck(a)) if a.code == ConnectReturnCode::Success)
+            {
+                return false;
+            }
+            publisher
+                .send_publish("push/dev9", payload.as_bytes(), QoS::AtLeastOnce, false)
+                .await;
+            matches!(publisher.next(WAIT).await, common::Event::Packet(Packet::PubAck(_)))
+        })
+        .await;
+    }
+    // The old connection ends at the latest when it acknowledges what it gets now.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match device
+            .next(deadline.saturating_duration_since(Instant::now()))
+            .await
+        {
+            common::Event::Closed => break,
+            common::Event::Packet(Packet::Publish(p)) => {
+                let _ = device
+                    .send_raw(&common::frame(0x40, &p.pkid.to_be_bytes()))
+                    .await;
+            }
+            e => panic!("expected the connection through the restart to end, got {e:?}"),
+        }
+    }
+    let (mut device, _) = Raw::connect_ok(herald.addr, &opts).await;
+    let mut got = Vec::new();
+    while got.last().map(String::as_str) != Some("after-1") {
+        let p = device.expect_publish().await;
+        device.puback(p.pkid).await;
+        got.push(text(&p));
+    }
+    assert!(got.contains(&"after-0".to_string()), "got {got:?}");
+}

@@ -93,6 +93,10 @@ pub struct Attach {
     /// The newest entry when the connection started (Redis store): live entries up to it
     /// may have been sent by an earlier connection, so they go out with DUP = 1.
     pub replay_to: u64,
+    /// Which copy of the client's keys this was read from (Redis: `Redis::lineage`). Acks
+    /// name it: after a failover that lost writes, numbers the connection read may be
+    /// newer entries' (`Outbox::ack`).
+    pub lineage: u32,
 }
 
 /// What a connection does with its client's outbox (read, acknowledge, mark sent): a
@@ -121,8 +125,17 @@ impl<'a> Outbox<'a> {
     }
 
     /// See `Store::ack`.
-    pub async fn ack(&self, client: &ClientId, seq: u64) {
-        self.0.ack(client, seq).await
+    pub async fn ack(&self, client: &ClientId, seq: u64, lineage: u32) -> bool {
+        self.0.ack(client, seq, lineage).await
+    }
+
+    /// Whether `client`'s keys are still the copy a connection attached to under `lineage`
+    /// (`Attach::lineage`).
+    pub fn is_current(&self, client: &str, lineage: u32) -> bool {
+        match self.0 {
+            Store::Memory(_) => true,
+            Store::Redis(r) => r.lineage(client) == lineage,
+        }
     }
 
     /// A persistent session's connection `conn` ended, having written entries up to `seq`:
@@ -233,18 +246,21 @@ impl Store {
         }
     }
 
-    /// The device acknowledged `seq`: delete it. A failure is logged and counted by the
-    /// store, not returned: the entry comes back as a duplicate, never lost.
+    /// The device acknowledged `seq`, read under `lineage` (`Attach::lineage`): delete it. A
+    /// failure is logged and counted by the store, not returned: the entry comes back as a
+    /// duplicate, never lost. False, and nothing deleted, if the store no longer serves the
+    /// copy of the client's keys the entry was read from: the connection must end.
     /// Timed here for the memory store (one call in 64: `sampled_clock`); the Redis store's
     /// writer times the write itself.
-    pub async fn ack(&self, client: &Arc<str>, seq: u64) {
+    pub async fn ack(&self, client: &Arc<str>, seq: u64, lineage: u32) -> bool {
         match self {
             Store::Memory(m) => {
                 let started = metrics::sampled_clock();
                 m.ack(client, seq);
                 metrics::store_op(StoreOp::Ack, started);
+                true
             }
-            Store::Redis(r) => r.ack(client, seq).await,
+            Store::Redis(r) => r.ack(client, seq, lineage).await,
         }
     }
 
@@ -296,6 +312,7 @@ impl Store {
                     sent_watermark,
                     session_present: false,
                     replay_to: 0,
+                    lineage: 0,
                 })
             }
             Store::Redis(r) => r.attach(client, clean, conn).await,

@@ -14,6 +14,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 
+use super::lineage::Lineage;
 use super::slots::{Addr, SlotMap};
 use super::{resp, CALL_TIMEOUT};
 
@@ -25,6 +26,11 @@ pub(super) struct Endpoint {
     /// Bumped when the store comes back after an outage: the hot-path connections (`Hot`)
     /// are made again then, to whatever server `current` names.
     epoch: AtomicU64,
+    /// Which copy of each client's keys is served (see `lineage`).
+    pub(super) lineage: Lineage,
+    /// One server: the `run_id` of the server last seen (a restart or another server
+    /// changes it, and with it the lineage).
+    run_id: parking_lot::Mutex<Option<String>>,
 }
 
 // One per process, behind an `Arc`: the variants' sizes do not matter.
@@ -140,15 +146,68 @@ impl Endpoint {
                 (redis::Client::open(url)?, None)
             };
             let current = current(client).await?;
-            return Ok(Endpoint::server(None, current, tls));
+            let endpoint = Endpoint::server(None, current, tls);
+            endpoint.note_server(false).await?;
+            return Ok(endpoint);
         };
         let mut sentinel = sentinel_client(rest)?;
         let current = current(sentinel.async_get_client().await?).await?;
-        Ok(Endpoint::server(
-            Some(tokio::sync::Mutex::new(sentinel)),
-            current,
-            None,
-        ))
+        let endpoint = Endpoint::server(Some(tokio::sync::Mutex::new(sentinel)), current, None);
+        endpoint.note_server(false).await?;
+        Ok(endpoint)
+    }
+
+    /// One server: reads its `run_id`. Another server than last time (a Sentinel failover)
+    /// starts a new lineage for every key (`lineage`); so does the same server restarted,
+    /// unless it cannot have lost a write anyone read (`appendfsync always`: Redis sends no
+    /// reply before the write it saw is on disk).
+    async fn note_server(&self, moved: bool) -> redis::RedisResult<()> {
+        let Target::Server { current, .. } = &self.target else {
+            return Ok(());
+        };
+        let mut manager = current.read().manager.clone();
+        let info: String = self
+            .timed(redis::cmd("INFO").arg("server"), &mut manager)
+            .await?;
+        let Some(id) = info_field(&info, "run_id") else {
+            return Err(protocol_error("INFO server without run_id", String::new()));
+        };
+        let known = self.run_id.lock().clone();
+        if known.as_deref().is_some_and(|k| k != id)
+            && (moved || !self.lossless(&mut manager).await)
+        {
+            self.lineage.replaced();
+            tracing::warn!(
+                "redis is another server, or restarted and may have lost writes: connections \
+                 that read outboxes before re-read them"
+            );
+        }
+        *self.run_id.lock() = Some(id.to_string());
+        Ok(())
+    }
+
+    /// Whether the server writes every change to disk before it answers (`aof_enabled`,
+    /// `appendfsync always`). A server that does not say is taken to lose writes.
+    async fn lossless(&self, manager: &mut ConnectionManager) -> bool {
+        let aof = self
+            .timed::<String>(redis::cmd("INFO").arg("persistence"), manager)
+            .await
+            .is_ok_and(|i| info_field(&i, "aof_enabled") == Some("1"));
+        let fsync = self
+            .timed::<Vec<String>>(redis::cmd("CONFIG").arg("GET").arg("appendfsync"), manager)
+            .await
+            .is_ok_and(|v| v.get(1).is_some_and(|f| f == "always"));
+        aof && fsync
+    }
+
+    async fn timed<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+        manager: &mut ConnectionManager,
+    ) -> redis::RedisResult<T> {
+        tokio::time::timeout(CALL_TIMEOUT, cmd.query_async(manager))
+            .await
+            .map_err(|_| timed_out("redis call timed out"))?
     }
 
     fn server(
@@ -163,6 +222,8 @@ impl Endpoint {
             },
             tls,
             epoch: AtomicU64::new(0),
+            lineage: Lineage::server(),
+            run_id: parking_lot::Mutex::new(None),
         }
     }
 
@@ -193,6 +254,8 @@ impl Endpoint {
             }),
             tls,
             epoch: AtomicU64::new(0),
+            lineage: Lineage::cluster(),
+            run_id: parking_lot::Mutex::new(None),
         };
         endpoint.refresh().await?;
         Ok(endpoint)
@@ -269,9 +332,15 @@ impl Endpoint {
             } => {
                 let client = sentinel.lock().await.async_get_client().await?;
                 let fresh = current(client).await?;
-                *server.write() = fresh;
+                let moved = {
+                    let mut now = server.write();
+                    let moved = now.info.addr() != fresh.info.addr();
+                    *now = fresh;
+                    moved
+                };
+                self.note_server(moved).await?;
             }
-            Target::Server { sentinel: None, .. } => {}
+            Target::Server { sentinel: None, .. } => self.note_server(false).await?,
             Target::Cluster(c) => {
                 let map = self.refresh_slots().await?;
                 let served = map.served();
@@ -326,6 +395,14 @@ impl Endpoint {
                 .map_err(|_| timed_out("CLUSTER SLOTS timed out"))??;
         let map = SlotMap::from_cluster_slots(&reply, &host_of(&c.seed))
             .map_err(|e| protocol_error("bad CLUSTER SLOTS reply", e))?;
+        let changed = self.lineage.follow(&now, &map);
+        if changed > 0 && now.served() > 0 {
+            tracing::warn!(
+                slots = changed,
+                "redis cluster failover: connections that read these slots' outboxes before \
+                 re-read them"
+            );
+        }
         let map = Arc::new(map);
         *c.slots.write() = map.clone();
         Ok(map)
@@ -437,6 +514,13 @@ async fn cluster_info(
         Some(state) => Err(format!("cluster_state:{state}")),
         None => Err("no cluster_state in CLUSTER INFO".into()),
     }
+}
+
+/// `name:value` in an `INFO` reply.
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
 }
 
 fn host_of(info: &redis::ConnectionInfo) -> String {

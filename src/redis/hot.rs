@@ -30,6 +30,11 @@ impl Hot {
         }
     }
 
+    /// See `Redis::lineage`.
+    pub(crate) fn lineage(&self, client: &str) -> u32 {
+        self.endpoint.lineage.of(client)
+    }
+
     /// Whether commands must be split by slot (`round_trip_parts`).
     pub(crate) fn is_cluster(&self) -> bool {
         self.routed.is_some()

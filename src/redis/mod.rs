@@ -21,6 +21,7 @@ mod cold;
 mod endpoint;
 mod hot;
 pub mod keys;
+mod lineage;
 pub(crate) mod resp;
 mod routed;
 pub mod scripts;
@@ -179,6 +180,12 @@ impl Redis {
 
     pub fn scripts(&self) -> &Scripts {
         &self.scripts
+    }
+
+    /// Which copy of `client`'s keys the store serves now (`lineage`): a connection that
+    /// read its outbox under another one must not acknowledge by number.
+    pub fn lineage(&self, client: &str) -> u32 {
+        self.endpoint.lineage.of(client)
     }
 
     /// A Redis Cluster's slot map as last read; `None` unless the store is a cluster.

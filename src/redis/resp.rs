@@ -102,6 +102,16 @@ pub(crate) fn bulk_u64(b: &mut BytesMut, v: u64) {
     b.extend_from_slice(&buf[i..]);
 }
 
+/// `prefix` and `v` in decimal as one bulk string (a stream entry id, `0-<seq>`).
+pub(crate) fn bulk_prefixed_u64(b: &mut BytesMut, prefix: &[u8], v: u64) {
+    let mut buf = [0u8; 20];
+    let start = digits(&mut buf, 20, v);
+    header(b, b'$', (prefix.len() + 20 - start) as u64);
+    b.extend_from_slice(prefix);
+    b.extend_from_slice(&buf[start..]);
+    b.extend_from_slice(b"\r\n");
+}
+
 /// One element of a reply. An array arrives as its header followed by its elements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Reply<'a> {

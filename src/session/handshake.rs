@@ -300,6 +300,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         let mut s = Session {
             clean: c.clean_session,
             sent_watermark: attached.sent_watermark,
+            lineage: attached.lineage,
             data: attached.data,
             broker,
             client,

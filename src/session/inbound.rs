@@ -164,14 +164,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 
     /// PUBACK for a QoS 1 message we sent.
     async fn handle_puback(&mut self, pkid: u16, now: &mut Now) -> Result<(), End> {
-        self.acked(pkid, Qos::AtLeastOnce, now).await;
+        self.acked(pkid, Qos::AtLeastOnce, now).await?;
         Ok(())
     }
 
     /// PUBREC for a QoS 2 message we sent: it leaves the outbox and waits for PUBCOMP. A
     /// PUBREC for one already released (a resend) is answered again.
     async fn handle_pubrec(&mut self, pkid: u16, now: &mut Now) -> Result<(), End> {
-        if self.acked(pkid, Qos::ExactlyOnce, now).await || self.awaiting_pubcomp(pkid) {
+        if self.acked(pkid, Qos::ExactlyOnce, now).await? || self.awaiting_pubcomp(pkid) {
             if !self.awaiting_pubcomp(pkid) {
                 self.data_mut().awaiting_pubcomp.push(pkid);
             }
@@ -259,20 +259,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     }
 
     /// PUBACK (QoS 1) or PUBREC (QoS 2) for an in-flight message: delete it from the outbox.
-    async fn acked(&mut self, pkid: u16, qos: Qos, now: &mut Now) -> bool {
+    /// Ends the connection if the store lost the copy of the outbox it was read from.
+    async fn acked(&mut self, pkid: u16, qos: Qos, now: &mut Now) -> Result<bool, End> {
         let Some(i) = self
             .inflight
             .iter()
             .position(|f| f.pkid == pkid && f.qos == qos)
         else {
-            return false;
+            return Ok(false);
         };
         let f = self.inflight.remove(i);
         let seq = f.seq;
         metrics::delivered(f.path, f.replay, f.born_us, now);
         metrics::acked();
-        self.broker.outbox().ack(&self.client, seq).await;
-        true
+        if !self
+            .broker
+            .outbox()
+            .ack(&self.client, seq, self.lineage)
+            .await
+        {
+            return Err(End::store_lost_writes());
+        }
+        Ok(true)
     }
 
     /// Herald's internal topics are never a client's; the rest is the ACL's to say (which

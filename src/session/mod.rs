@@ -91,6 +91,12 @@ enum End {
 }
 
 impl End {
+    /// The store failed over to a copy of the client's keys without entries this
+    /// connection read (`Attach::lineage`).
+    fn store_lost_writes() -> End {
+        End::Abnormal("store failed over and lost entries this connection read".into())
+    }
+
     fn kicked(kick: Kick) -> End {
         match kick {
             Kick::Takeover => End::Abnormal("taken over by a newer connection".into()),
@@ -191,6 +197,8 @@ struct Session<S> {
     next_seq: u64,
     backlog: bool,
     sent_watermark: u64,
+    /// The copy of the client's keys the outbox is read from (`Attach::lineage`).
+    lineage: u32,
     /// Created on first use: publishes being stored (remote store), retained messages
     /// waiting for room in the write buffer.
     pending: Option<Box<Pending>>,
@@ -256,7 +264,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             let can_take = self.wbuf.len() < self.broker.config().server.max_write_buffer;
             if self.mail && can_take {
                 let take = stage(self.take_mail());
-                take.await;
+                if let Err(end) = take.await {
+                    return end;
+                }
             }
             if can_take && self.has_retained() {
                 self.write_retained();
@@ -442,7 +452,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 tracing::debug!(client = %self.client, "disconnected");
             }
         }
-        if !self.clean && self.next_seq > 0 {
+        let current = self.broker.outbox().is_current(&self.client, self.lineage);
+        if !self.clean && self.next_seq > 0 && current {
             // Before `mark_done`: a takeover waits for it, and its attach reads this.
             let written = (self.next_seq - 1).max(self.sent_watermark);
             self.broker

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{InFlight, Session};
+use super::{End, InFlight, Session};
 use crate::codec;
 use crate::mailbox::Delivery;
 use crate::message::{packet_id, Message, Now, Qos};
@@ -22,26 +22,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     /// Takes what the mailbox holds, as much as the write buffer has room for: QoS 0
     /// messages are written, stored ones sent if they are next in line. What does not fit
     /// stays in the mailbox (`mail` stays set) until the socket takes more.
-    pub(super) async fn take_mail(&mut self) {
+    pub(super) async fn take_mail(&mut self) -> Result<(), End> {
         let mut deliveries = Vec::new();
         let room = self.write_room();
         self.mail = self
             .mailbox
             .drain(&mut deliveries, room, self.wbuf.is_empty());
         let mut now = Now::default();
+        let mut behind = false;
         for d in deliveries {
-            self.take_delivery(d, &mut now).await;
+            behind |= self.take_delivery(d, &mut now).await;
         }
         if self.mailbox.take_lost_hint() {
             self.backlog = true;
         }
+        // An entry numbered below the cursor: usually a hint that came late, but also what a
+        // failover that lost entries this connection read looks like (the numbers are used
+        // again): then the connection ends and its device reads the outbox as it is now.
+        if behind && !self.broker.outbox().is_current(&self.client, self.lineage) {
+            return Err(End::store_lost_writes());
+        }
+        Ok(())
     }
 
-    async fn take_delivery(&mut self, d: Delivery, now: &mut Now) {
+    /// True for an outbox entry numbered below the cursor.
+    async fn take_delivery(&mut self, d: Delivery, now: &mut Now) -> bool {
         match d {
             Delivery::Direct(msg) => {
                 if !self.may_read(&msg.topic) {
-                    return;
+                    return false;
                 }
                 codec::encode_publish(
                     &mut self.wbuf,
@@ -61,8 +70,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 msg,
                 live,
             } => {
-                if self.backlog || seq < self.next_seq {
-                    return;
+                if seq < self.next_seq {
+                    return true;
+                }
+                if self.backlog {
+                    return false;
                 }
                 // Before the first entry of a connection there is no cursor to compare with
                 // (`next_seq` 0), and hints may arrive out of order (a remote store finishes
@@ -82,12 +94,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                         })
                         .await
                 {
-                    return;
+                    return false;
                 }
                 // A gap or a full window: the outbox has it, read it from there in order.
                 self.backlog = true;
             }
         }
+        false
     }
 
     /// Reads queued entries from the outbox while the window has room.
@@ -131,7 +144,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             // Removed as if acknowledged, and counted: the reader lost the right to it.
             self.next_seq = e.seq + 1;
             self.mailbox.saw(e.seq);
-            self.broker.outbox().ack(&self.client, e.seq).await;
+            // A lineage that changed is noticed by the next PUBACK or delivery.
+            let _ = self
+                .broker
+                .outbox()
+                .ack(&self.client, e.seq, self.lineage)
+                .await;
             return true;
         }
         let dup = e.seq <= self.sent_watermark

@@ -177,6 +177,7 @@ impl RedisOutbox {
         from: u64,
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
+        let lineage = self.redis.lineage(client);
         let mut cmd = redis::cmd("XRANGE");
         cmd.arg(keys::client(Client::Outbox, client))
             .arg(format!("0-{from}"))
@@ -202,9 +203,10 @@ impl RedisOutbox {
                 }
             }
         }
+        let client: Arc<str> = Arc::from(client);
         for seq in expired {
             metrics::dropped(metrics::Drop::Expired);
-            self.ack(&Arc::from(client), seq).await;
+            self.ack(&client, seq, lineage).await;
         }
         Ok(out)
     }
@@ -230,11 +232,23 @@ impl RedisOutbox {
         })
     }
 
-    pub(super) async fn ack(&self, client: &Arc<str>, seq: u64) {
+    /// See `Redis::lineage`.
+    pub(super) fn lineage(&self, client: &str) -> u32 {
+        self.redis.lineage(client)
+    }
+
+    /// False, and nothing deleted, if `client`'s keys are no longer the copy read under
+    /// `lineage` (`Redis::lineage`).
+    pub(super) async fn ack(&self, client: &Arc<str>, seq: u64, lineage: u32) -> bool {
+        if self.redis.lineage(client) != lineage {
+            return false;
+        }
+        let t = metrics::clock();
         let _ = self
             .writes
-            .send(Write::Ack(client.clone(), seq, metrics::clock()))
+            .send(Write::Ack(client.clone(), seq, lineage, t))
             .await;
+        true
     }
 
     /// Queues the watermark write; the receiver completes once Redis has it (or the write
@@ -265,6 +279,7 @@ impl RedisOutbox {
         // (a connection taken over a moment ago), or this read could miss them and resend
         // without DUP.
         self.flush().await;
+        let lineage = self.redis.lineage(client);
         let (present, sent, newest): (u8, u64, u64) = self
             .redis
             .evalsha(
@@ -280,6 +295,7 @@ impl RedisOutbox {
             sent_watermark: sent,
             session_present: present == 1,
             replay_to: newest,
+            lineage,
         })
     }
 

@@ -256,7 +256,7 @@ async fn drop_new_rejects_without_a_sequence_number() {
     }
     let base = seq(&results[0]);
     assert_eq!(offsets(&results, base), [Some(0), Some(1), None]);
-    store.ack(&a, base).await;
+    assert!(store.ack(&a, base, store.lineage("a")).await);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while store.len("a").await.unwrap() != 1 {
         assert!(std::time::Instant::now() < deadline, "ack not applied");
@@ -297,7 +297,7 @@ async fn byte_budget_per_client() {
     let base = seq(&got[0]);
     assert_eq!(seqs(&store, "a").await, [base + 2, base + 3, base + 4]);
     for n in 2..5 {
-        store.ack(&a, base + n).await;
+        assert!(store.ack(&a, base + n, store.lineage("a")).await);
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while store.len("a").await.unwrap() != 0 {
@@ -419,7 +419,7 @@ async fn sent_watermark_skips_numbers_acknowledged_with_it() {
         store.mark_sent(c, seq).await;
     }
     for (c, seq) in [(&a, 5), (&a, 7), (&b, 9)] {
-        store.ack(c, seq).await;
+        assert!(store.ack(c, seq, store.lineage(c)).await);
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {

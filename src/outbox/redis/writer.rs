@@ -12,7 +12,7 @@
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::message::{Message, Qos};
@@ -158,8 +158,9 @@ fn plan(memo: &Memo, args: &EnqueueArgs, client: &str, live: bool, now_ms: u64) 
 pub(super) const MAX_QUEUED_WRITES: usize = 65_536;
 
 pub(super) enum Write {
-    /// With when it was asked for (metrics on): timed until written.
-    Ack(Arc<str>, u64, Option<std::time::Instant>),
+    /// With the lineage the connection read the entry under (`Redis::lineage`) and when it
+    /// was asked for (metrics on): timed until written.
+    Ack(Arc<str>, u64, u32, Option<std::time::Instant>),
     Sent(Arc<str>, u64),
     /// A connection ended: its exact watermark, and its id (`scripts::FINISH`).
     Finish(Arc<str>, u64, u64),
@@ -522,7 +523,10 @@ pub(super) async fn write_loop(
     while rx.recv_many(&mut batch, 1024).await > 0 {
         for w in batch.drain(..) {
             match w {
-                Write::Ack(c, seq, t) => {
+                // An entry read from a copy of the keys that is gone: its number may be a
+                // newer entry's now. Dropped: at worst the entry comes back, with DUP.
+                Write::Ack(c, _, lineage, _) if hot.lineage(&c) != lineage => {}
+                Write::Ack(c, seq, _, t) => {
                     acks.push(Keyed::new(c, seq));
                     started.extend(t);
                 }
@@ -591,21 +595,7 @@ impl Keyed {
 
 /// An entry id, `0-<seq>`, as a bulk string.
 pub(super) fn put_id(out: &mut BytesMut, seq: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut v = seq;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    resp::bulk_header(out, 2 + digits.len() - i);
-    out.put_slice(b"0-");
-    out.put_slice(&digits[i..]);
-    resp::end(out);
+    resp::bulk_prefixed_u64(out, b"0-", seq);
 }
 
 /// One batch of the write loop.
