@@ -95,7 +95,7 @@ pub struct Attached {
     /// Live outbox entries at or below this one may have been sent before (`Attach`).
     pub replay_to: u64,
     /// The copy of the client's keys read (`Attach::lineage`).
-    pub lineage: u32,
+    pub lineage: u16,
 }
 
 pub struct Broker {
@@ -451,8 +451,7 @@ impl Broker {
                     // Only while the route is still ours: the client may already be on
                     // another node with a new clean session.
                     Some(c) => match c.release(client, epoch, true).await {
-                        Ok(true) => self.store.unindex(client).await,
-                        Ok(false) => Ok(()),
+                        Ok(_) => Ok(()),
                         Err(e) => Err(e),
                     },
                     None => self.store.clear(client).await,

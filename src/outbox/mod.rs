@@ -96,7 +96,7 @@ pub struct Attach {
     /// Which copy of the client's keys this was read from (Redis: `Redis::lineage`). Acks
     /// name it: after a failover that lost writes, numbers the connection read may be
     /// newer entries' (`Outbox::ack`).
-    pub lineage: u32,
+    pub lineage: u16,
 }
 
 /// What a connection does with its client's outbox (read, acknowledge, mark sent): a
@@ -125,13 +125,13 @@ impl<'a> Outbox<'a> {
     }
 
     /// See `Store::ack`.
-    pub async fn ack(&self, client: &ClientId, seq: u64, lineage: u32) -> bool {
+    pub async fn ack(&self, client: &ClientId, seq: u64, lineage: u16) -> bool {
         self.0.ack(client, seq, lineage).await
     }
 
     /// Whether `client`'s keys are still the copy a connection attached to under `lineage`
     /// (`Attach::lineage`).
-    pub fn is_current(&self, client: &str, lineage: u32) -> bool {
+    pub fn is_current(&self, client: &str, lineage: u16) -> bool {
         match self.0 {
             Store::Memory(_) => true,
             Store::Redis(r) => r.lineage(client) == lineage,
@@ -252,7 +252,7 @@ impl Store {
     /// copy of the client's keys the entry was read from: the connection must end.
     /// Timed here for the memory store (one call in 64: `sampled_clock`); the Redis store's
     /// writer times the write itself.
-    pub async fn ack(&self, client: &Arc<str>, seq: u64, lineage: u32) -> bool {
+    pub async fn ack(&self, client: &Arc<str>, seq: u64, lineage: u16) -> bool {
         match self {
             Store::Memory(m) => {
                 let started = metrics::sampled_clock();
@@ -319,7 +319,8 @@ impl Store {
         }
     }
 
-    /// A clean session ended: drop its entries and stored subscriptions.
+    /// A clean session ended: drop its entries (it stored no subscriptions: only persistent
+    /// sessions do, and its CONNECT cleared the ones from before).
     pub async fn clear(&self, client: &str) -> Result<(), StoreError> {
         match self {
             Store::Memory(m) => {
@@ -414,15 +415,6 @@ impl Store {
         match self {
             Store::Memory(_) => Ok(vec![0; clients.len()]),
             Store::Redis(r) => r.newest(clients).await,
-        }
-    }
-
-    /// A clean session ended on a cluster node, whose route release already cleared its
-    /// state: take it out of the subscriber index too.
-    pub async fn unindex(&self, client: &str) -> Result<(), StoreError> {
-        match self {
-            Store::Memory(_) => Ok(()),
-            Store::Redis(r) => r.unindex(client).await,
         }
     }
 

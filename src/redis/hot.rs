@@ -31,7 +31,7 @@ impl Hot {
     }
 
     /// See `Redis::lineage`.
-    pub(crate) fn lineage(&self, client: &str) -> u32 {
+    pub(crate) fn lineage(&self, client: &str) -> u16 {
         self.endpoint.lineage.of(client)
     }
 

@@ -12,14 +12,17 @@
 //! the lineage it attached under; one whose lineage changed ends instead of acknowledging,
 //! and its device reconnects and reads its outbox as it now is (with DUP where due).
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 
 use super::keys;
 use super::slots::{SlotMap, SLOTS};
 
+/// 16 bits: a session keeps one, and an idle session's task must stay within tokio's
+/// 384-byte block (tests/footprint.rs); only equality matters, so wrapping is harmless
+/// unless exactly 65,536 failovers come between a connection's attach and its next ack.
 pub(crate) struct Lineage {
     /// One per hash slot on a cluster; one for everything on one server.
-    slots: Box<[AtomicU32]>,
+    slots: Box<[AtomicU16]>,
 }
 
 impl Lineage {
@@ -33,12 +36,12 @@ impl Lineage {
 
     fn of_len(n: usize) -> Lineage {
         Lineage {
-            slots: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            slots: (0..n).map(|_| AtomicU16::new(0)).collect(),
         }
     }
 
     /// The lineage `client`'s keys are in now.
-    pub(crate) fn of(&self, client: &str) -> u32 {
+    pub(crate) fn of(&self, client: &str) -> u16 {
         let i = match self.slots.len() {
             1 => 0,
             _ => keys::client_slot(client).map_or(0, usize::from),

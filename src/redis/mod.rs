@@ -184,7 +184,7 @@ impl Redis {
 
     /// Which copy of `client`'s keys the store serves now (`lineage`): a connection that
     /// read its outbox under another one must not acknowledge by number.
-    pub fn lineage(&self, client: &str) -> u32 {
+    pub fn lineage(&self, client: &str) -> u16 {
         self.endpoint.lineage.of(client)
     }
 

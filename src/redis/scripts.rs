@@ -160,7 +160,8 @@ return out
 /// first; the connection's id, kept in the session key (persistent sessions only) until
 /// the next one starts (`FINISH` writes only for the connection named there).
 ///
-/// Returns {session present (0/1), sent watermark, replay_to}. The watermark is `<seq>`, or
+/// Returns {session present (0/1), sent watermark, replay_to, had stored subscriptions
+/// (0/1: a clean session then leaves the subscriber index)}. The watermark is `<seq>`, or
 /// `<seq> c` when the last connection wrote it as it ended (`FINISH`): then it is exact, and
 /// `replay_to` is 0. Otherwise that connection may have crashed after writing live entries
 /// (which need no watermark, see `ENQUEUE`): `replay_to` is the newest entry's seq, and a
@@ -169,8 +170,9 @@ return out
 pub const ATTACH: &str = r#"
 local present = redis.call('EXISTS', KEYS[3])
 if ARGV[1] == '1' then
+  local subs = redis.call('EXISTS', KEYS[4])
   redis.call('DEL', unpack(KEYS, 1, 5))
-  return {0, 0, 0}
+  return {0, 0, 0, subs}
 end
 redis.call('SET', KEYS[3], ARGV[2])
 local v = redis.call('GET', KEYS[2])
@@ -181,12 +183,12 @@ if v then
 end
 if ended then
   redis.call('SET', KEYS[2], string.format('%d', sent), 'KEEPTTL')
-  return {present, sent, 0}
+  return {present, sent, 0, 0}
 end
 local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 local last = 0
 if newest then last = tonumber(string.sub(newest[1], 3)) end
-return {present, sent, last}
+return {present, sent, last, 0}
 "#;
 
 /// A persistent session's connection ends: its exact sent watermark (the highest seq it

@@ -198,7 +198,7 @@ struct Session<S> {
     backlog: bool,
     sent_watermark: u64,
     /// The copy of the client's keys the outbox is read from (`Attach::lineage`).
-    lineage: u32,
+    lineage: u16,
     /// Created on first use: publishes being stored (remote store), retained messages
     /// waiting for room in the write buffer.
     pending: Option<Box<Pending>>,

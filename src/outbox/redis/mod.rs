@@ -233,13 +233,13 @@ impl RedisOutbox {
     }
 
     /// See `Redis::lineage`.
-    pub(super) fn lineage(&self, client: &str) -> u32 {
+    pub(super) fn lineage(&self, client: &str) -> u16 {
         self.redis.lineage(client)
     }
 
     /// False, and nothing deleted, if `client`'s keys are no longer the copy read under
     /// `lineage` (`Redis::lineage`).
-    pub(super) async fn ack(&self, client: &Arc<str>, seq: u64, lineage: u32) -> bool {
+    pub(super) async fn ack(&self, client: &Arc<str>, seq: u64, lineage: u16) -> bool {
         if self.redis.lineage(client) != lineage {
             return false;
         }
@@ -280,7 +280,7 @@ impl RedisOutbox {
         // without DUP.
         self.flush().await;
         let lineage = self.redis.lineage(client);
-        let (present, sent, newest): (u8, u64, u64) = self
+        let (present, sent, newest, subscribed): (u8, u64, u64, u8) = self
             .redis
             .evalsha(
                 &self.redis.scripts().attach,
@@ -288,7 +288,9 @@ impl RedisOutbox {
                 &[if clean { "1" } else { "0" }, &conn.to_string()],
             )
             .await?;
-        if clean {
+        // Only a persistent session stores subscriptions (and joins the index): one key
+        // for all clients, not touched per clean CONNECT.
+        if subscribed == 1 {
             self.unindex(client).await?;
         }
         Ok(Attach {
@@ -309,8 +311,7 @@ impl RedisOutbox {
     pub(super) async fn clear(&self, client: &str) -> Result<(), StoreError> {
         self.redis
             .query::<()>(redis::cmd("DEL").arg(&keys::session_state(client)))
-            .await?;
-        self.unindex(client).await
+            .await
     }
 
     pub(super) async fn len(&self, client: &str) -> Result<usize, StoreError> {

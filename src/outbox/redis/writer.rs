@@ -160,7 +160,7 @@ pub(super) const MAX_QUEUED_WRITES: usize = 65_536;
 pub(super) enum Write {
     /// With the lineage the connection read the entry under (`Redis::lineage`) and when it
     /// was asked for (metrics on): timed until written.
-    Ack(Arc<str>, u64, u32, Option<std::time::Instant>),
+    Ack(Arc<str>, u64, u16, Option<std::time::Instant>),
     Sent(Arc<str>, u64),
     /// A connection ended: its exact watermark, and its id (`scripts::FINISH`).
     Finish(Arc<str>, u64, u64),
