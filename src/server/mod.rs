@@ -80,6 +80,47 @@ const KEEPALIVE_EVERY: Duration = Duration::from_millis(250);
 /// connecting at once never reached the node in the attack suite.
 const BACKLOG: u32 = 65_535;
 
+/// Listening sockets per client address: `SO_REUSEPORT` sockets of this process on one
+/// address, each with a kernel accept queue of its own (`BACKLOG`, capped by somaxconn),
+/// among which the kernel spreads new connections. With one queue of 4,096, a reconnect
+/// storm of 19,000 devices overflowed it in half the runs (herald-bench storm), and every
+/// SYN the kernel drops comes back only after TCP's 1 s and 3 s resends.
+const ACCEPT_QUEUES: usize = 4;
+
+/// Binds a client listener: `ACCEPT_QUEUES` sockets on `addr`. A plain bind comes first, so
+/// that an address another process listens on fails as it would without `SO_REUSEPORT`
+/// (rather than joining its group), and port 0 is resolved once for all of them.
+async fn bind_clients(addr: Option<SocketAddr>) -> std::io::Result<Vec<TcpListener>> {
+    let Some(a) = addr else {
+        return Ok(Vec::new());
+    };
+    let socket_for = |a: SocketAddr| match a {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    };
+    let group = || -> std::io::Result<Vec<TcpListener>> {
+        let probe = socket_for(a)?;
+        probe.set_reuseaddr(true)?;
+        probe.bind(a)?;
+        let a = probe.local_addr()?;
+        drop(probe);
+        (0..ACCEPT_QUEUES)
+            .map(|_| {
+                let socket = socket_for(a)?;
+                socket.set_reuseaddr(true)?;
+                socket.set_reuseport(true)?;
+                socket.bind(a)?;
+                socket.listen(BACKLOG)
+            })
+            .collect()
+    };
+    group().map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))
+}
+
+fn local_of(l: &[TcpListener]) -> std::io::Result<Option<SocketAddr>> {
+    l.first().map(|l| l.local_addr()).transpose()
+}
+
 async fn bind(addr: Option<SocketAddr>) -> std::io::Result<Option<TcpListener>> {
     let Some(a) = addr else {
         return Ok(None);
@@ -111,15 +152,15 @@ impl Server {
         // process, or an embedding program's choice) is fine.
         let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
         let s = &config.server;
-        let tcp = bind(s.listen).await?;
-        let tls_l = bind(s.tls_listen).await?;
-        let ws = bind(s.ws_listen).await?;
-        let wss = bind(s.wss_listen).await?;
+        let tcp = bind_clients(s.listen).await?;
+        let tls_l = bind_clients(s.tls_listen).await?;
+        let ws = bind_clients(s.ws_listen).await?;
+        let wss = bind_clients(s.wss_listen).await?;
         let listeners = Listeners {
-            tcp: local(&tcp)?,
-            tls: local(&tls_l)?,
-            ws: local(&ws)?,
-            wss: local(&wss)?,
+            tcp: local_of(&tcp)?,
+            tls: local_of(&tls_l)?,
+            ws: local_of(&ws)?,
+            wss: local_of(&wss)?,
         };
         let tls = match (&config.tls.cert, &config.tls.key) {
             (Some(cert), Some(key)) => Some(Arc::new(
@@ -280,7 +321,7 @@ impl Server {
             (ws, Transport::Ws),
             (wss, Transport::Wss),
         ] {
-            if let Some(l) = l {
+            for l in l {
                 tokio::spawn(accept_loop(l, kind, accept.clone()));
             }
         }
