@@ -16,10 +16,11 @@ use redis::Script;
 /// its outbox must be measured (`check`), flags (1: refresh the TTL, 2: a connection of the
 /// client is live here), the envelope.
 ///
-/// Returns per message four values: its seq (0: rejected, outbox full; -1 then the error:
+/// Returns per message five values: its seq (0: rejected, outbox full; -1 then the error:
 /// the others are stored all the same, as one script per message would have), entries
-/// dropped for room, the new `check` (0 if not measured), and 1 if the entry was stored as
-/// live; with stride 3 also the route's node and incarnation (nil without a route), read
+/// dropped for room, if it measured the outbox the seq from which the count cap needs
+/// measuring again and the bytes left under the byte cap (else 0 and 0), and 1 if the entry
+/// was stored as live; with stride 3 also the route's node and incarnation (nil without a route), read
 /// after the store, so that the node that stored the message knows where to forward it
 /// without another round trip. This is the one place the outbox reads a cluster key.
 ///
@@ -28,7 +29,8 @@ use redis::Script;
 /// The count and byte caps are checked without a command per message: the caller passes
 /// `check`, the seq below which the outbox cannot be over either cap (it last measured `n`
 /// entries and `b` bytes at seq `s`, so at seq `s + k` it holds at most `n + k` entries
-/// and `b + k * max_envelope` bytes, whoever added them). Only a message at or above
+/// and `b + k * max_envelope` bytes, whoever added them; the caller counts the messages it
+/// added itself at their real size, see `writer::Memo`). Only a message at or above
 /// `check` measures: XLEN, and the bytes added since the last measurement (kept in qbytes as
 /// `<seq> <bytes>`, an upper bound: acks do not lower it; a full count resets it when it
 /// says the budget is gone). The TTL is refreshed when the caller asks (at most once per
@@ -99,19 +101,19 @@ local function measure(box, qbytes, seq, size)
     end
   end
   redis.call('SET', qbytes, string.format('%d %d', seq, b))
-  local room = math.min(cap - n, math.floor((bcap - b) / max_env))
-  if room < 0 then room = 0 end
-  return kept, dropped, seq + room + 1
+  return kept, dropped, seq + math.max(cap - n, 0) + 1, math.max(bcap - b, 0)
 end
+-- Returns the seq (0: dropped), entries dropped for room, and if measured the count check
+-- and the bytes left under the cap (else 0, 0).
 local function one(box, qbytes, check, field, envelope)
   local seq = add(box, field, envelope)
-  if seq < check then return seq, 0, 0 end
-  local kept, dropped, next_check = measure(box, qbytes, seq, #envelope)
-  if not kept then return 0, 0, next_check end
-  return seq, dropped, next_check
+  if seq < check then return seq, 0, 0, 0 end
+  local kept, dropped, count_check, left = measure(box, qbytes, seq, #envelope)
+  if not kept then return 0, 0, count_check, left end
+  return seq, dropped, count_check, left
 end
-local per = 4
-if stride == 3 then per = 6 end
+local per = 5
+if stride == 3 then per = 7 end
 local out = {}
 local checks = {}
 local refresh = {}
@@ -131,19 +133,22 @@ for i = 1, (#ARGV - 6) / 3 do
   if live == 1 then field = 'l' end
   -- A check measured earlier in this call holds for the client's later messages.
   local check = checks[box] or tonumber(ARGV[a + 1])
-  local ok, seq, dropped, next_check = pcall(one, box, qbytes, check, field, ARGV[a + 3])
+  local ok, seq, dropped, count_check, left = pcall(one, box, qbytes, check, field, ARGV[a + 3])
   if ok then
-    if next_check ~= 0 then checks[box] = next_check end
+    if count_check ~= 0 then
+      checks[box] = math.min(count_check, seq + math.floor(left / max_env) + 1)
+    end
     if flags % 2 == 1 then refresh[box] = qbytes end
-    out[o + 1], out[o + 2], out[o + 3], out[o + 4] = seq, dropped, next_check, live
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] =
+      seq, dropped, count_check, left, live
   else
     out[o + 1] = -1
     out[o + 2] = type(seq) == 'table' and seq.err or tostring(seq)
-    out[o + 3], out[o + 4] = 0, 0
+    out[o + 3], out[o + 4], out[o + 5] = 0, 0, 0
   end
   if stride == 3 then
-    out[o + 5] = route[1]
-    out[o + 6] = route[2]
+    out[o + 6] = route[1]
+    out[o + 7] = route[2]
   end
 end
 if ttl ~= '0' then

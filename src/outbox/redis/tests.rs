@@ -437,3 +437,55 @@ async fn sent_watermark_skips_numbers_acknowledged_with_it() {
     let b_sent: Option<u64> = raw.get(keys::client(Client::Sent, "b")).await.unwrap();
     assert_eq!(b_sent, None);
 }
+
+/// The byte cap counts this writer's own messages at their size, so small pushes measure
+/// the outbox only when the count cap could be near; big ones still hit the byte cap on
+/// time.
+#[tokio::test]
+async fn own_messages_count_at_their_size() {
+    let redis = TestRedis::start();
+    let limits = Limits {
+        max_queued: 1000,
+        max_queued_bytes: 16 * 2048,
+        overflow: OverflowPolicy::DropOldest,
+        max_total: 0,
+        max_total_bytes: 0,
+    };
+    let store = outbox_limits(&redis, limits, false).await;
+    let a: Arc<str> = "a".into();
+    for _ in 0..300 {
+        put(&store, &a, Qos::AtLeastOnce, &msg(b"small"))
+            .await
+            .unwrap();
+    }
+    let mut raw = redis.conn().await;
+    let xlen_calls = |info: &str| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_xlen:calls="))
+            .and_then(|r| r.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    // Once for the first message; 16 KB of 2 KB envelopes would have meant every 16th.
+    assert_eq!(xlen_calls(&info), 1, "{info}");
+    assert_eq!(store.len("a").await.unwrap(), 300);
+    let big: &'static [u8] = &[b'b'; 1500];
+    for _ in 0..30 {
+        put(&store, &a, Qos::AtLeastOnce, &msg(big)).await.unwrap();
+    }
+    let entries: Vec<RawEntry> = redis::cmd("XRANGE")
+        .arg(keys::client(Client::Outbox, "a"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let bytes: usize = entries.iter().map(|(_, f)| f[0].1.len()).sum();
+    assert!(bytes <= 16 * 2048, "{bytes} bytes kept");
+    assert!(entries.len() < 330, "nothing dropped");
+}

@@ -96,7 +96,7 @@ impl EnqueueArgs {
     }
 }
 
-/// Slots in `Memo`: 1.5 MB per node.
+/// Slots in `Memo`: 3 MB per node.
 const MEMO_SLOTS: usize = 1 << 16;
 
 /// What the writer remembers per client for the enqueue script (`scripts::ENQUEUE`): the
@@ -106,6 +106,11 @@ const MEMO_SLOTS: usize = 1 << 16;
 /// A `check` stays valid for whichever node stores next: it bounds what any node can have
 /// added since. Slots are found by a keyed hash, so that no client id can be made to collide
 /// with another's on purpose and borrow its `check`.
+///
+/// The byte bound counts every message added since the measurement at the largest
+/// envelope, except the ones this writer added itself, whose sizes it knows: with 100-byte
+/// pushes against a 1 MB `max_packet_size` the outbox was measured every 15 messages, now
+/// every `max_queued_messages` minus what it held (BENCHMARKS.md, issue 14).
 struct Memo {
     hasher: std::collections::hash_map::RandomState,
     slots: Vec<Slot>,
@@ -115,8 +120,39 @@ struct Memo {
 struct Slot {
     /// 0: empty.
     hash: u64,
+    /// What `plan` passes: the lower of the two bounds below (0: measure).
     check: u64,
     refreshed_ms: u64,
+    /// The seq of the last measurement (0: none), and the count bound it gave.
+    base: u64,
+    count_check: u64,
+    /// Bytes left under the cap at `base`, less what this writer added since, in `own`
+    /// messages.
+    bytes_left: u64,
+    own: u64,
+}
+
+impl Slot {
+    /// The seq from which the outbox may be over a cap: every message after `base` that is
+    /// not this writer's counts at the largest envelope.
+    fn bound(&self, max_envelope: u64) -> u64 {
+        if self.base == 0 {
+            return 0;
+        }
+        let bytes = self.base + self.own + self.bytes_left / max_envelope.max(1) + 1;
+        self.count_check.min(bytes)
+    }
+}
+
+/// What the script answered for one stored message, for `remember`.
+#[derive(Clone, Copy)]
+struct Stored {
+    seq: u64,
+    /// The count bound and the bytes left, if it measured (`count_check` 0: it did not).
+    count_check: u64,
+    bytes_left: u64,
+    /// The envelope's size.
+    size: u64,
 }
 
 impl Memo {
@@ -219,13 +255,21 @@ fn encode_enqueues(
 }
 
 /// Keeps what the script answered for `client` (a stored message), for its next ones.
-fn remember(memo: &mut Memo, client: &str, check: u64, flags: u8, now_ms: u64) {
+fn remember(memo: &mut Memo, args: &EnqueueArgs, client: &str, s: Stored, flags: u8, now_ms: u64) {
     let hash = memo.hash(client);
     let mut slot = memo.get(hash);
     slot.hash = hash;
-    if check != 0 {
-        slot.check = check;
+    if s.count_check != 0 && s.seq != 0 {
+        (slot.base, slot.count_check, slot.bytes_left, slot.own) =
+            (s.seq, s.count_check, s.bytes_left, 0);
+    } else if s.count_check != 0 {
+        // Measured and refused (`drop_new`): measure the next one again.
+        slot.base = 0;
+    } else if slot.base != 0 {
+        slot.own += 1;
+        slot.bytes_left = slot.bytes_left.saturating_sub(s.size);
     }
+    slot.check = slot.bound(args.max_envelope);
     if flags & 1 != 0 {
         slot.refreshed_ms = now_ms;
     }
@@ -243,24 +287,25 @@ fn encode_retained(out: &mut BytesMut, topic: &str, envelope: Option<&[u8]>) {
     }
 }
 
-/// Reads the enqueue script's reply for a run of `n` messages into `results`, and each
-/// stored message's next check into `checks`. An error reply fails the whole run; anything
-/// else unexpected means the stream is out of step.
+/// Reads the enqueue script's reply for a run of `n` messages into `results`, and what
+/// `remember` needs of each into `checks` (`None`: failed; `size` is filled in later). An
+/// error reply fails the whole run; anything else unexpected means the stream is out of
+/// step.
 fn enqueue_replies(
     r: &mut Replies<'_>,
     n: usize,
     routes: bool,
     health: &Health,
     results: &mut Vec<Result<Applied, StoreError>>,
-    checks: &mut Vec<u64>,
+    checks: &mut Vec<Option<Stored>>,
 ) -> Result<(), resp::Error> {
-    let per = if routes { 6 } else { 4 };
+    let per = if routes { 7 } else { 5 };
     match r.next()? {
         Reply::Array(Some(len)) if len == per * n => {}
         Reply::Error(e) => {
             let e = health.error_reply(e);
             results.extend(std::iter::repeat_n(Err(e), n));
-            checks.extend(std::iter::repeat_n(u64::MAX, n));
+            checks.extend(std::iter::repeat_n(None, n));
             return Ok(());
         }
         other => {
@@ -270,11 +315,21 @@ fn enqueue_replies(
         }
     }
     for _ in 0..n {
-        let mut applied = match (r.next()?, r.next()?, r.next()?, r.next()?) {
-            (Reply::Int(seq), Reply::Int(dropped), Reply::Int(check), Reply::Int(live))
-                if seq >= 0 && dropped >= 0 && check >= 0 =>
-            {
-                checks.push(check as u64);
+        let reply = (r.next()?, r.next()?, r.next()?, r.next()?, r.next()?);
+        let mut applied = match reply {
+            (
+                Reply::Int(seq),
+                Reply::Int(dropped),
+                Reply::Int(count_check),
+                Reply::Int(left),
+                Reply::Int(live),
+            ) if seq >= 0 && dropped >= 0 && count_check >= 0 && left >= 0 => {
+                checks.push(Some(Stored {
+                    seq: seq as u64,
+                    count_check: count_check as u64,
+                    bytes_left: left as u64,
+                    size: 0,
+                }));
                 Ok(Applied {
                     seq: seq as u64,
                     dropped: dropped as u64,
@@ -282,8 +337,8 @@ fn enqueue_replies(
                     live: live == 1,
                 })
             }
-            (Reply::Int(-1), Reply::Bulk(Some(e)), Reply::Int(_), Reply::Int(_)) => {
-                checks.push(u64::MAX);
+            (Reply::Int(-1), Reply::Bulk(Some(e)), Reply::Int(_), Reply::Int(_), Reply::Int(_)) => {
+                checks.push(None);
                 Err(health.error_reply(e))
             }
             other => {
@@ -460,12 +515,13 @@ pub(super) async fn ordered_loop(
         match outcome {
             Ok(()) => {
                 let enqueued = batch.iter().filter_map(|o| match o {
-                    Ordered::Enqueue { client, .. } => Some(client),
+                    Ordered::Enqueue { client, msg, .. } => Some((client, msg)),
                     Ordered::Retained { .. } => None,
                 });
-                for ((client, &check), &f) in enqueued.zip(&checks).zip(&flags) {
-                    if check != u64::MAX {
-                        remember(&mut memo, client, check, f, now);
+                for (((client, msg), check), &f) in enqueued.zip(&checks).zip(&flags) {
+                    if let Some(mut s) = *check {
+                        s.size = msg.envelope_len() as u64;
+                        remember(&mut memo, &args, client, s, f, now);
                     }
                 }
                 for (o, r) in batch.drain(..).zip(results.drain(..)) {
