@@ -22,6 +22,8 @@
 //! - `memguard`: slows publishers, then refuses connections, as RSS nears `server.max_memory`.
 //! - `config`, `metrics`: operations; `lograte` keeps the lines a remote peer can cause at
 //!   will (malformed packets, refused logins) to a few per reason per 10 s.
+//! - `http_api`: the backend HTTP API (`http.listen`): pushes by HTTP through the same
+//!   `Broker::publish` as an MQTT PUBLISH to the push topic, and a device's status.
 //! - `admin`, `readiness`: the operations listener (`/metrics`, `/healthz`, `/readyz`,
 //!   `POST /admin/drain`) and what decides readiness; `server` runs the drain.
 //!
@@ -42,6 +44,7 @@ pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod descriptors;
+pub mod http_api;
 pub mod keepalive;
 pub mod lograte;
 pub mod mailbox;

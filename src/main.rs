@@ -63,6 +63,10 @@ struct Cli {
     /// Operations listener (metrics.listen): GET /metrics, /healthz, /readyz, POST /admin/drain.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_listen: Option<SocketAddr>,
+    /// Backend HTTP API listener (http.listen): POST /v1/push, GET /v1/clients/ID. Without
+    /// http.tokens it must be a loopback address.
+    #[arg(long, value_name = "ADDR:PORT")]
+    http_listen: Option<SocketAddr>,
     /// Where outboxes, sessions and retained messages live (store.kind).
     #[arg(long, value_enum)]
     store: Option<StoreKind>,
@@ -167,6 +171,9 @@ fn main() -> ExitCode {
     a.acl_file = cli.acl_file.or(a.acl_file.take());
     if let Some(m) = cli.metrics_listen {
         config.metrics.listen = Some(m);
+    }
+    if let Some(h) = cli.http_listen {
+        config.http.listen = Some(h);
     }
     if let Some(s) = cli.store {
         config.store.kind = s;

@@ -5,7 +5,7 @@
 //! silently ignored in a broker config becomes an outage months later.
 //!
 //! One file per TOML section (`[server]` is `server.rs`, and so on: `session`, `push`,
-//! `store`, `log`, `metrics`, `cluster`, `tls`, `auth`), each with its keys, their defaults
+//! `store`, `log`, `metrics`, `cluster`, `tls`, `auth`, `http`), each with its keys, their defaults
 //! and the types of their values. Besides those:
 //! - `mod.rs` (here): the whole `Config`, reading it from TOML, `ConfigError`;
 //! - `values.rs`: value formats: listener addresses, byte sizes, secrets;
@@ -14,6 +14,7 @@
 
 mod auth;
 mod cluster;
+mod http;
 mod log;
 mod metrics;
 mod push;
@@ -32,6 +33,7 @@ use serde::Deserialize;
 
 pub use auth::AuthConfig;
 pub use cluster::ClusterConfig;
+pub use http::HttpConfig;
 pub use log::{LogConfig, LogFormat};
 pub use metrics::MetricsConfig;
 pub use push::PushConfig;
@@ -68,6 +70,7 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub tls: TlsConfig,
     pub auth: AuthConfig,
+    pub http: HttpConfig,
 }
 
 impl Config {

@@ -94,3 +94,32 @@ fn byte_sizes_take_units() {
         "{e}"
     );
 }
+
+#[test]
+fn http_api_is_off_by_default_and_public_needs_tokens() {
+    let c = Config::from_toml("", "h.toml").unwrap();
+    assert!(c.http.listen.is_none());
+    assert_eq!(c.http.max_batch, 1000);
+    Config::from_toml("[http]\nlisten = \"127.0.0.1:8080\"\n", "h.toml").unwrap();
+    Config::from_toml("[http]\nlisten = \"[::1]:8080\"\n", "h.toml").unwrap();
+    let e = Config::from_toml("[http]\nlisten = \"0.0.0.0:8080\"\n", "h.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("h.toml") && e.contains("http.listen") && e.contains("loopback"),
+        "{e}"
+    );
+    let c = Config::from_toml(
+        "[http]\nlisten = \"0.0.0.0:8080\"\ntokens = [\"0123456789abcdef-sekrit\"]\n",
+        "h.toml",
+    )
+    .unwrap();
+    assert!(!format!("{c:?}").contains("sekrit"));
+    let e = Config::from_toml(
+        "[http]\nlisten = \"127.0.0.1:8080\"\ntokens = [\"short\"]\n",
+        "h.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("http.tokens"), "{e}");
+}

@@ -125,6 +125,7 @@ impl Config {
             return bad("cluster.node_ttl", "must be at least 1s".into());
         }
         self.validate_security(origin)?;
+        self.validate_http(origin)?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return bad("log.level", e.to_string());
         }
@@ -207,6 +208,51 @@ impl Config {
         }
         if c.tls && c.tls_ca.is_none() && self.tls.client_ca.is_none() {
             return bad("cluster.tls_ca", "cluster.tls needs the CA of the nodes' certificates (cluster.tls_ca, or tls.client_ca)");
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The backend HTTP API: no public listener without tokens, bounds at least 1.
+    fn validate_http(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: String| {
+            Err(ConfigError::Invalid {
+                file: origin.to_string(),
+                key: key.to_string(),
+                reason,
+            })
+        };
+        let h = &self.http;
+        let Some(listen) = h.listen else {
+            return Ok(());
+        };
+        if h.tokens.is_empty() && !listen.ip().is_loopback() {
+            return bad(
+                "http.listen",
+                format!("{listen} is not a loopback address and http.tokens is empty: anyone could push to every device; set http.tokens or listen on 127.0.0.1 / [::1]"),
+            );
+        }
+        if h.tokens.iter().any(|t| t.expose().len() < 16) {
+            return bad(
+                "http.tokens",
+                "every token must be at least 16 characters".into(),
+            );
+        }
+        if !self.push.enabled {
+            return bad(
+                "http.listen",
+                "the HTTP API pushes to push topics: it needs push.enabled = true".into(),
+            );
+        }
+        if h.max_batch == 0 || h.max_batch > 100_000 {
+            return bad(
+                "http.max_batch",
+                format!("{} is out of range 1..=100000", h.max_batch),
+            );
+        }
+        if h.max_batch_bytes < 1024 {
+            return bad("http.max_batch_bytes", "must be at least 1024".into());
         }
         Ok(())
     }

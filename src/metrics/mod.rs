@@ -333,6 +333,12 @@ pub fn dropped(reason: Drop) {
     handles().drops[reason as usize].increment(1);
 }
 
+/// An answer of the backend HTTP API (`http_api`), by endpoint and status code.
+pub fn http_response(endpoint: &'static str, status: u16) {
+    metrics::counter!("herald_http_responses_total", "endpoint" => endpoint, "status" => status.to_string())
+        .increment(1);
+}
+
 pub fn store_error() {
     handles().store_errors.increment(1);
 }

@@ -36,6 +36,8 @@ pub struct Server {
     cluster: Option<Arc<Cluster>>,
     listeners: Listeners,
     metrics_addr: Option<SocketAddr>,
+    /// The backend HTTP API's listener (`http.listen`).
+    http_addr: Option<SocketAddr>,
     broker: Arc<Broker>,
     shutdown: CancellationToken,
     /// Cancelled when the node stops taking connections (drain or shutdown).
@@ -172,6 +174,8 @@ impl Server {
         let auth = Arc::new(Auth::load(&config).map_err(std::io::Error::other)?);
         let metrics_listener = bind(config.metrics.listen).await?;
         let metrics_addr = local(&metrics_listener)?;
+        let http_listener = bind(config.http.listen).await?;
+        let http_addr = local(&http_listener)?;
         let shutdown = CancellationToken::new();
         let readiness = Arc::new(Readiness::new());
         let drain_requested = CancellationToken::new();
@@ -325,6 +329,10 @@ impl Server {
                 tokio::spawn(accept_loop(l, kind, accept.clone()));
             }
         }
+        if let Some(l) = http_listener {
+            // Stops taking pushes when the node stops accepting (drain or shutdown).
+            tokio::spawn(crate::http_api::serve(l, broker.clone(), accepting.clone()));
+        }
         if broker.auth().is_open() {
             tracing::warn!("no authentication configured: any client may connect as any client id and publish anywhere (keep this node on a trusted network; see README, Security)");
         }
@@ -335,6 +343,7 @@ impl Server {
             ws = %shown(listeners.ws),
             wss = %shown(listeners.wss),
             metrics = %shown(metrics_addr),
+            http = %shown(http_addr),
             "herald started"
         );
         readiness.started();
@@ -342,6 +351,7 @@ impl Server {
             cluster,
             listeners,
             metrics_addr,
+            http_addr,
             broker,
             shutdown,
             accepting,
@@ -370,6 +380,11 @@ impl Server {
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// The backend HTTP API's address (`http.listen`), when it is on.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     pub fn broker(&self) -> &Arc<Broker> {

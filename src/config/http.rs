@@ -1,0 +1,39 @@
+//! `[http]`: the backend HTTP API (`crate::http`), off unless `listen` is set.
+//!
+//! Tokens are secrets (`Secret`: never printed). Without any, the API may listen only on a
+//! loopback address (`validate.rs`): an open push API on a public address would let anyone
+//! write to every device.
+
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+
+use super::values::{byte_size, listen_addr};
+use super::Secret;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// The API's listener (`POST /v1/push/{client_id}`, `POST /v1/push`,
+    /// `GET /v1/clients/{client_id}`); `""` or absent: off.
+    #[serde(deserialize_with = "listen_addr")]
+    pub listen: Option<SocketAddr>,
+    /// Bearer tokens, any of which authorizes a request. None: loopback only, no auth.
+    pub tokens: Vec<Secret>,
+    /// Messages in one `POST /v1/push`.
+    pub max_batch: usize,
+    /// Bytes of one `POST /v1/push` body.
+    #[serde(deserialize_with = "byte_size")]
+    pub max_batch_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: None,
+            tokens: Vec::new(),
+            max_batch: 1000,
+            max_batch_bytes: 16 << 20,
+        }
+    }
+}

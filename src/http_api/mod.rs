@@ -1,0 +1,97 @@
+//! The backend HTTP API (`http.listen`, axum): a backend pushes to devices without holding an
+//! MQTT connection, and asks whether a device is online and how much waits for it.
+//!
+//! Why it is safe to add: a push over HTTP is built into the same `Message` an MQTT PUBLISH
+//! to `push/{client_id}` becomes, and goes through the same `Broker::publish` (same outbox,
+//! same order, store before ack). `202 Accepted` is written only after that future is `Ok`,
+//! which is exactly what a PUBACK means; a store error is a `503` (no PUBACK).
+//!
+//! - `mod.rs` (here): the router, the listener and its shutdown, JSON errors, counting;
+//! - `auth.rs`: bearer tokens, compared in constant time;
+//! - `push.rs`: `POST /v1/push/{client_id}` and the batch `POST /v1/push`;
+//! - `clients.rs`: `GET /v1/clients/{client_id}`.
+//!
+//! Every body is read under a byte limit (`DefaultBodyLimit`) after the token check (a
+//! `route_layer` runs before the handler's extractors), so an unauthenticated client cannot
+//! make the node buffer anything. Not built yet (issue 15): receipts, per-message TTL,
+//! collapse keys, the receipt webhook, broadcast, `DELETE /v1/clients/{id}/outbox`.
+
+mod auth;
+mod clients;
+mod push;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::metrics;
+
+pub use auth::Tokens;
+
+/// What every handler shares.
+pub struct Api {
+    broker: Arc<Broker>,
+    tokens: Tokens,
+}
+
+/// Serves the API on `listener` until `stop` is cancelled (drain or shutdown); requests in
+/// flight then finish.
+pub async fn serve(listener: TcpListener, broker: Arc<Broker>, stop: CancellationToken) {
+    let config = broker.config();
+    // A push body is the payload: never more than a PUBLISH could carry.
+    let one_limit = config.server.max_packet_size;
+    let batch_limit = config.http.max_batch_bytes;
+    let api = Arc::new(Api {
+        tokens: Tokens::new(&config.http.tokens),
+        broker,
+    });
+    let app = axum::Router::new()
+        .route(
+            "/v1/push/{client_id}",
+            post(push::push_one).layer(DefaultBodyLimit::max(one_limit)),
+        )
+        .route(
+            "/v1/push",
+            post(push::push_batch).layer(DefaultBodyLimit::max(batch_limit)),
+        )
+        .route(
+            "/v1/clients/{client_id}",
+            get(clients::status).layer(DefaultBodyLimit::max(0)),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            api.clone(),
+            auth::require_token,
+        ))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .with_state(api);
+    let served = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
+    if let Err(e) = served.await {
+        tracing::error!(error = %e, "HTTP API listener stopped");
+    }
+}
+
+/// A JSON answer.
+fn json(status: StatusCode, body: serde_json::Value) -> Response {
+    let headers = [(header::CONTENT_TYPE, "application/json")];
+    (status, headers, body.to_string()).into_response()
+}
+
+/// A JSON error: `{"error": code, "message": why}`.
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    json(
+        status,
+        serde_json::json!({ "error": code, "message": message.into() }),
+    )
+}
+
+/// Counts an answer (`herald_http_responses_total{endpoint, status}`) and returns it.
+fn counted(endpoint: &'static str, r: Response) -> Response {
+    metrics::http_response(endpoint, r.status().as_u16());
+    r
+}

@@ -1,0 +1,286 @@
+//! `POST /v1/push/{client_id}` and the batch `POST /v1/push`.
+//!
+//! Each message becomes the `Message` an MQTT PUBLISH to the client's push topic would be,
+//! and goes through `Broker::publish`: stored in the device's outbox (QoS 1) before the
+//! answer says `202`, in order with MQTT-published messages. A batch submits every
+//! message before awaiting any, so the Redis writer carries them in one pipeline, then
+//! awaits them in order; a bad entry gets its own error and the others still go.
+//!
+//! `id` is random (16 bytes, base64url): `Broker::publish` does not return the sequence
+//! number, and changing what it returns is outside this slice. `queued` (single push only)
+//! is the outbox length read right after the store: one memory lookup, or one `XLEN` round
+//! trip with Redis; a device online may already have taken the message. Batch results
+//! leave it out (it would be a round trip per message).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use base64::Engine;
+use futures::future::BoxFuture;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{counted, error, json, Api};
+use crate::message::{now_us, Message, Qos};
+use crate::outbox::StoreError;
+
+/// A client id or a message that cannot be pushed: the status and the JSON error.
+struct Refused(StatusCode, &'static str, String);
+
+impl Refused {
+    fn bad(code: &'static str, why: impl Into<String>) -> Refused {
+        Refused(StatusCode::BAD_REQUEST, code, why.into())
+    }
+
+    fn response(self) -> Response {
+        error(self.0, self.1, self.2)
+    }
+
+    fn entry(self) -> Value {
+        json!({ "status": self.0.as_u16(), "error": self.1, "message": self.2 })
+    }
+}
+
+/// Checks a client id as Herald takes one in CONNECT (UTF-8 without U+0000; `$herald/`
+/// has a `/`), and as a push topic level (no `/`, `+`, `#`), within the topic's 65,535
+/// bytes; returns the push topic.
+fn push_topic(api: &Api, client: &str) -> Result<String, Refused> {
+    if client.is_empty() {
+        return Err(Refused::bad("bad_client_id", "empty client id"));
+    }
+    if client.contains(['/', '+', '#', '\0']) {
+        return Err(Refused::bad(
+            "bad_client_id",
+            "a client id for a push may not contain '/', '+', '#' or U+0000",
+        ));
+    }
+    let template = &api.broker.config().push.topic_template;
+    let topic = template.replacen("{client_id}", client, 1);
+    if topic.len() > usize::from(u16::MAX) {
+        return Err(Refused::bad(
+            "bad_client_id",
+            "client id too long: the push topic would exceed 65535 bytes",
+        ));
+    }
+    Ok(topic)
+}
+
+fn parse_qos(v: Option<u64>) -> Result<Qos, Refused> {
+    match v {
+        None | Some(1) => Ok(Qos::AtLeastOnce),
+        Some(0) => Ok(Qos::AtMostOnce),
+        Some(q) => Err(Refused::bad(
+            "bad_qos",
+            format!("qos {q}: a push is QoS 0 or 1"),
+        )),
+    }
+}
+
+/// The message, or 413 when its PUBLISH would exceed `server.max_packet_size` (the
+/// remaining length: topic, its length, the packet id, the payload).
+fn message(api: &Api, topic: String, payload: &[u8], qos: Qos) -> Result<Message, Refused> {
+    let max = api.broker.config().server.max_packet_size;
+    let len = 2 + topic.len() + 2 + payload.len();
+    if len > max {
+        return Err(Refused(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the PUBLISH would be {len} bytes, over server.max_packet_size ({max})"),
+        ));
+    }
+    Ok(Message {
+        topic: Arc::from(topic),
+        // Own allocation: the body may share a larger buffer, and a stored message can live
+        // for days.
+        payload: Bytes::copy_from_slice(payload),
+        qos,
+        retain: false,
+        expires_at: 0,
+        born_us: now_us(),
+        forwarded: false,
+    })
+}
+
+fn new_id() -> String {
+    let mut b = [0u8; 16];
+    if getrandom::fill(&mut b).is_err() {
+        // No randomness from the OS: unique within the process is still an id.
+        b[..8].copy_from_slice(&now_us().to_be_bytes());
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+fn store_down(e: &StoreError) -> Refused {
+    Refused(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        format!("not stored: {e}"),
+    )
+}
+
+/// The query of a single push: `qos` only. The other parameters of issue 15 (`ttl`,
+/// `collapse`, `receipt`) are refused rather than ignored: a backend must not believe a
+/// TTL is applied when it is not.
+fn query_qos(q: Option<&str>) -> Result<Qos, Refused> {
+    let mut qos = None;
+    for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "qos" => match v.parse::<u64>() {
+                Ok(n) => qos = Some(n),
+                Err(_) => return Err(Refused::bad("bad_qos", format!("qos {v:?} is not 0 or 1"))),
+            },
+            _ => {
+                return Err(Refused::bad(
+                    "bad_query",
+                    format!("unknown or not yet supported query parameter {k:?} (only qos)"),
+                ))
+            }
+        }
+    }
+    parse_qos(qos)
+}
+
+/// `POST /v1/push/{client_id}?qos=1`, the body is the payload.
+pub async fn push_one(
+    State(api): State<Arc<Api>>,
+    client: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    counted("push", push_one_inner(&api, client, query, body).await)
+}
+
+async fn push_one_inner(
+    api: &Api,
+    client: Result<Path<String>, PathRejection>,
+    query: Option<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Ok(Path(client)) = client else {
+        return Refused::bad("bad_client_id", "the client id is not valid UTF-8").response();
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            let max = api.broker.config().server.max_packet_size;
+            let why = format!("the payload is over server.max_packet_size ({max})");
+            return Refused(StatusCode::PAYLOAD_TOO_LARGE, "too_large", why).response();
+        }
+        Err(e) => return error(e.status(), "bad_body", e.body_text()),
+    };
+    let msg = match query_qos(query.as_deref())
+        .and_then(|qos| Ok((qos, push_topic(api, &client)?)))
+        .and_then(|(qos, topic)| message(api, topic, &body, qos))
+    {
+        Ok(m) => m,
+        Err(r) => return r.response(),
+    };
+    let id = new_id();
+    if let Err(e) = api.broker.publish(msg).await {
+        return store_down(&e).response();
+    }
+    let mut answer = json!({ "id": id, "client_id": client });
+    if let Ok(n) = api.broker.store().len(&client).await {
+        answer["queued"] = json!(n);
+    }
+    json(StatusCode::ACCEPTED, answer)
+}
+
+#[derive(Deserialize)]
+struct Batch {
+    messages: Vec<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    client_id: String,
+    payload: String,
+    #[serde(default)]
+    payload_encoding: Encoding,
+    qos: Option<u64>,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum Encoding {
+    #[default]
+    Utf8,
+    Base64,
+}
+
+/// One entry of a batch, checked and turned into a message.
+fn batch_message(api: &Api, v: Value) -> Result<(String, Message), Refused> {
+    let e: Entry =
+        serde_json::from_value(v).map_err(|e| Refused::bad("bad_entry", e.to_string()))?;
+    let qos = parse_qos(e.qos)?;
+    let topic = push_topic(api, &e.client_id)?;
+    let payload = match e.payload_encoding {
+        Encoding::Utf8 => e.payload.into_bytes(),
+        Encoding::Base64 => base64::engine::general_purpose::STANDARD
+            .decode(e.payload.as_bytes())
+            .map_err(|err| Refused::bad("bad_payload", format!("payload is not base64: {err}")))?,
+    };
+    let msg = message(api, topic, &payload, qos)?;
+    Ok((e.client_id, msg))
+}
+
+/// `POST /v1/push`: `{"messages": [{"client_id", "payload", "payload_encoding", "qos"}]}`.
+/// `200` with `{"results": [...]}`, one per message in order, each with its own `status`
+/// (`202` with `id` and `client_id`, or an error object).
+pub async fn push_batch(
+    State(api): State<Arc<Api>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    counted("push_batch", push_batch_inner(&api, body).await)
+}
+
+async fn push_batch_inner(api: &Api, body: Result<Bytes, BytesRejection>) -> Response {
+    let max_bytes = api.broker.config().http.max_batch_bytes;
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            let why = format!("the body is over http.max_batch_bytes ({max_bytes})");
+            return error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", why);
+        }
+        Err(e) => return error(e.status(), "bad_body", e.body_text()),
+    };
+    let batch: Batch = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()),
+    };
+    let max = api.broker.config().http.max_batch;
+    if batch.messages.len() > max {
+        let why = format!(
+            "{} messages, over http.max_batch ({max})",
+            batch.messages.len()
+        );
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "too_many_messages", why);
+    }
+    // Every store is submitted here, in order, before any is awaited.
+    type Pending = (String, String, BoxFuture<'static, Result<(), StoreError>>);
+    let submitted: Vec<Result<Pending, Refused>> = batch
+        .messages
+        .into_iter()
+        .map(|v| {
+            let (client, msg) = batch_message(api, v)?;
+            Ok((new_id(), client, api.broker.publish(msg)))
+        })
+        .collect();
+    let mut results = Vec::with_capacity(submitted.len());
+    for s in submitted {
+        results.push(match s {
+            Ok((id, client, stored)) => match stored.await {
+                Ok(()) => json!({ "status": 202, "id": id, "client_id": client }),
+                Err(e) => store_down(&e).entry(),
+            },
+            Err(r) => r.entry(),
+        });
+    }
+    json(StatusCode::OK, json!({ "results": results }))
+}

@@ -1,0 +1,279 @@
+//! The backend HTTP API (`http.listen`), with a real HTTP client (reqwest) against a real
+//! broker over loopback: a push by HTTP lands in the same outbox, in the same order, as an
+//! MQTT publish to the push topic, and is answered only once stored; the batch; the 401,
+//! 400, 413 and 503 answers; and the refusal to start a public API without tokens.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::process::{run_briefly, RedisServer};
+use common::*;
+use herald::config::{Secret, StoreKind};
+use serde_json::{json, Value};
+
+const TOKEN: &str = "test-token-0123456789";
+
+/// A broker with the API on a loopback port and `TOKEN`, after `tweak`.
+async fn start_api(tweak: impl FnOnce(&mut herald::Config)) -> (TestServer, SocketAddr) {
+    let server = start_with(|c| {
+        c.http.listen = Some("127.0.0.1:0".parse().unwrap());
+        c.http.tokens = vec![Secret::new(TOKEN)];
+        tweak(c);
+    })
+    .await;
+    let addr = server.http_addr().expect("HTTP API listening");
+    (server, addr)
+}
+
+/// One request: the status and the JSON body (`Null` if the body is not JSON).
+async fn call(
+    method: reqwest::Method,
+    url: String,
+    token: Option<&str>,
+    body: impl Into<reqwest::Body>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .request(method, url)
+        .timeout(WAIT)
+        .body(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.expect("HTTP request");
+    let status = r.status().as_u16();
+    let body = r.bytes().await.expect("HTTP body");
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+async fn push(addr: SocketAddr, path_and_query: &str, body: &[u8]) -> (u16, Value) {
+    let url = format!("http://{addr}/v1/push/{path_and_query}");
+    call(reqwest::Method::POST, url, Some(TOKEN), body.to_vec()).await
+}
+
+async fn batch(addr: SocketAddr, body: &Value) -> (u16, Value) {
+    let url = format!("http://{addr}/v1/push");
+    call(reqwest::Method::POST, url, Some(TOKEN), body.to_string()).await
+}
+
+async fn client_status(addr: SocketAddr, id: &str) -> (u16, Value) {
+    let url = format!("http://{addr}/v1/clients/{id}");
+    call(reqwest::Method::GET, url, Some(TOKEN), Vec::new()).await
+}
+
+/// Connects `id` with a persistent session and leaves, so that its pushes wait offline.
+async fn register_offline(server: &TestServer, id: &str) {
+    let (c, _) = Raw::connect_ok(server.local_addr(), &Opts::new(id).clean(false)).await;
+    c.disconnect().await;
+    wait_offline(server, id).await;
+}
+
+/// Receives `expected` in order on `push/<id>`, acking each.
+async fn receive(device: &mut Raw, id: &str, expected: &[&str]) {
+    for want in expected {
+        let p = device.expect_publish().await;
+        assert_eq!(p.topic, format!("push/{id}"));
+        assert_eq!(text(&p), *want);
+        device.puback(p.pkid).await;
+    }
+}
+
+#[tokio::test]
+async fn http_push_to_an_offline_device_arrives_in_order_with_mqtt_publishes() {
+    let (server, api) = start_api(|_| {}).await;
+    register_offline(&server, "dev1").await;
+
+    let (status, body) = push(api, "dev1", b"one").await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["client_id"], "dev1");
+    assert!(
+        body["id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{body}"
+    );
+    assert_eq!(body["queued"], 1, "{body}");
+    // 202 means stored, as a PUBACK does.
+    assert_eq!(outbox_len(&server, "dev1").await, 1);
+
+    let mut backend = Raw::connect(server.local_addr(), "backend").await;
+    backend
+        .publish("push/dev1", b"two", QoS::AtLeastOnce, false)
+        .await;
+    let (status, body) = push(api, "dev1?qos=1", b"three").await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["queued"], 3, "{body}");
+
+    let (status, body) = client_status(api, "dev1").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["online"], false);
+    assert_eq!(body["queued"], 3);
+
+    let opts = Opts::new("dev1").clean(false);
+    let (mut device, _) = Raw::connect_ok(server.local_addr(), &opts).await;
+    receive(&mut device, "dev1", &["one", "two", "three"]).await;
+    // Live: an HTTP push reaches the connected device too.
+    let (status, _) = push(api, "dev1", b"four").await;
+    assert_eq!(status, 202);
+    receive(&mut device, "dev1", &["four"]).await;
+    wait_until(WAIT, "dev1's outbox is empty", async || {
+        outbox_len(&server, "dev1").await == 0
+    })
+    .await;
+    let (_, body) = client_status(api, "dev1").await;
+    assert_eq!(body["online"], true, "{body}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn batch_with_bad_entries_in_the_middle_delivers_the_others_in_order() {
+    let (server, api) = start_api(|_| {}).await;
+    register_offline(&server, "dev2").await;
+    let messages = json!({ "messages": [
+        { "client_id": "dev2", "payload": "first" },
+        { "client_id": "a/b", "payload": "bad id" },
+        { "client_id": "dev2", "payload": "bad qos", "qos": 2 },
+        { "client_id": "dev2", "payload": "!!", "payload_encoding": "base64" },
+        { "client_id": "dev2", "payload": "not yet", "ttl": "30s" },
+        { "client_id": "dev2", "payload": "c2Vjb25k", "payload_encoding": "base64", "qos": 1 },
+        { "client_id": "dev2", "payload": "third", "qos": 0 },
+    ]});
+    let (status, body) = batch(api, &messages).await;
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().expect("results");
+    let statuses: Vec<_> = results.iter().map(|r| r["status"].as_u64()).collect();
+    let want = [202, 400, 400, 400, 400, 202, 202].map(Some);
+    assert_eq!(statuses, want, "{body}");
+    assert_eq!(results[1]["error"], "bad_client_id", "{body}");
+    assert_eq!(results[2]["error"], "bad_qos", "{body}");
+    assert_eq!(results[3]["error"], "bad_payload", "{body}");
+    assert_eq!(results[4]["error"], "bad_entry", "{body}");
+    assert_eq!(results[5]["client_id"], "dev2");
+    assert_ne!(results[0]["id"], results[5]["id"]);
+    // QoS 0 to an offline device is not stored (as over MQTT): two wait.
+    assert_eq!(outbox_len(&server, "dev2").await, 2);
+    let opts = Opts::new("dev2").clean(false);
+    let (mut device, _) = Raw::connect_ok(server.local_addr(), &opts).await;
+    receive(&mut device, "dev2", &["first", "second"]).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn batch_over_max_batch_or_not_json_is_refused_whole() {
+    let (server, api) = start_api(|c| c.http.max_batch = 2).await;
+    let m = json!({ "client_id": "dev3", "payload": "x" });
+    let (status, body) = batch(api, &json!({ "messages": [m, m, m] })).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"], "too_many_messages");
+    let url = format!("http://{api}/v1/push");
+    let (status, body) = call(reqwest::Method::POST, url, Some(TOKEN), "{").await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(outbox_len(&server, "dev3").await, 0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_without_a_valid_token_are_401() {
+    let (server, api) = start_api(|_| {}).await;
+    let url = format!("http://{api}/v1/push/dev4");
+    for token in [None, Some("wrong-token-0123456789"), Some("")] {
+        let (status, body) = call(reqwest::Method::POST, url.clone(), token, "x").await;
+        assert_eq!(status, 401, "token {token:?}: {body}");
+        assert_eq!(body["error"], "unauthorized");
+    }
+    let batch_url = format!("http://{api}/v1/push");
+    let (status, _) = call(reqwest::Method::POST, batch_url, None, "{}").await;
+    assert_eq!(status, 401);
+    let status_url = format!("http://{api}/v1/clients/dev4");
+    let (status, _) = call(reqwest::Method::GET, status_url, None, Vec::new()).await;
+    assert_eq!(status, 401);
+    assert_eq!(outbox_len(&server, "dev4").await, 0);
+    let (status, _) = call(reqwest::Method::POST, url, Some(TOKEN), "x").await;
+    assert_eq!(status, 202);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_qos_bad_client_id_and_unsupported_parameters_are_400() {
+    let (server, api) = start_api(|_| {}).await;
+    for (path, code) in [
+        ("dev5?qos=2", "bad_qos"),
+        ("dev5?qos=x", "bad_qos"),
+        ("dev5?ttl=30s", "bad_query"),
+        ("a%2Fb", "bad_client_id"),
+        ("a+b", "bad_client_id"),
+        ("a%23b", "bad_client_id"),
+        ("a%00b", "bad_client_id"),
+        ("%FF%FE", "bad_client_id"),
+    ] {
+        let (status, body) = push(api, path, b"x").await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"], code, "{path}: {body}");
+    }
+    assert_eq!(outbox_len(&server, "dev5").await, 0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_payload_over_max_packet_size_is_413() {
+    let (server, api) = start_api(|c| c.server.max_packet_size = 1024).await;
+    // Over the body limit, and over the PUBLISH's size with the topic counted.
+    for len in [4096, 1020] {
+        let (status, body) = push(api, "dev6", &vec![b'x'; len]).await;
+        assert_eq!(status, 413, "{len} bytes: {body}");
+        assert_eq!(body["error"], "too_large");
+    }
+    let (status, _) = push(api, "dev6", &[b'x'; 1000]).await;
+    assert_eq!(status, 202);
+    assert_eq!(outbox_len(&server, "dev6").await, 1);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_push_while_redis_is_down_is_503() {
+    // A redis-server of the test's own, stopped below, whatever the store under test.
+    let mut redis = RedisServer::start();
+    let url = redis.url();
+    let (server, api) = start_api(move |c| {
+        c.store.kind = StoreKind::Redis;
+        c.store.redis_url = url;
+    })
+    .await;
+    let (status, body) = push(api, "dev7", b"stored").await;
+    assert_eq!(status, 202, "{body}");
+    redis.kill();
+    wait_until(Duration::from_secs(10), "a push answers 503", async || {
+        let (status, body) = push(api, "dev7", b"not stored").await;
+        assert!(status == 503 || status == 202, "{status}: {body}");
+        if status == 503 {
+            assert_eq!(body["error"], "store_unavailable", "{body}");
+        }
+        status == 503
+    })
+    .await;
+    let (status, body) = client_status(api, "dev7").await;
+    assert_eq!(status, 503, "{body}");
+    let m = json!({ "client_id": "dev7", "payload": "x" });
+    let (status, body) = batch(api, &json!({ "messages": [m] })).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["status"], 503, "{body}");
+    server.shutdown().await;
+}
+
+#[test]
+fn a_public_listener_without_tokens_refuses_to_start() {
+    let out = run_briefly(&["--listen", "127.0.0.1:0", "--http-listen", "0.0.0.0:0"]);
+    assert!(!out.status.success(), "must refuse to start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("http.listen"), "names the key: {err}");
+    assert!(err.contains("loopback"), "gives the reason: {err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("herald.toml");
+    std::fs::write(&path, "[http]\nlisten = \"0.0.0.0:0\"\n").unwrap();
+    let path = path.display().to_string();
+    let out = run_briefly(&["--config", path.as_str(), "--listen", "127.0.0.1:0"]);
+    assert!(!out.status.success(), "must refuse to start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&path) && err.contains("http.listen"), "{err}");
+    assert!(!err.contains(TOKEN));
+}
