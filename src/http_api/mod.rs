@@ -9,7 +9,8 @@
 //! - `mod.rs` (here): the router, the listener and its shutdown, JSON errors, counting;
 //! - `auth.rs`: bearer tokens, compared in constant time;
 //! - `push.rs`: `POST /v1/push/{client_id}` and the batch `POST /v1/push`;
-//! - `clients.rs`: `GET /v1/clients/{client_id}`.
+//! - `clients.rs`: `GET /v1/clients/{client_id}`;
+//! - `listener.rs`: at most 1,024 connections, each closed after 30 s without traffic.
 //!
 //! Every body is read under a byte limit (`DefaultBodyLimit`) after the token check (a
 //! `route_layer` runs before the handler's extractors), so an unauthenticated client cannot
@@ -18,6 +19,7 @@
 
 mod auth;
 mod clients;
+mod listener;
 mod push;
 
 use std::sync::Arc;
@@ -70,7 +72,8 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>, stop: Cancellatio
         ))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .with_state(api);
-    let served = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
+    let served = axum::serve(listener::Bounded::new(listener), app)
+        .with_graceful_shutdown(stop.cancelled_owned());
     if let Err(e) = served.await {
         tracing::error!(error = %e, "HTTP API listener stopped");
     }
