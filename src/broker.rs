@@ -551,7 +551,8 @@ impl Broker {
         mut msg: Message,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
         let ttl = self.config.session.message_ttl;
-        if !ttl.is_zero() && msg.qos != Qos::AtMostOnce {
+        // A message may carry its own, shorter expiry (the HTTP API's `ttl`).
+        if !ttl.is_zero() && msg.qos != Qos::AtMostOnce && msg.expires_at == 0 {
             msg.expires_at = now_ms() + ttl.as_millis() as u64;
         }
         if let Some(owner) = self.push.as_ref().and_then(|p| p.client_of(&msg.topic)) {

@@ -133,7 +133,7 @@ async fn batch_with_bad_entries_in_the_middle_delivers_the_others_in_order() {
         { "client_id": "a/b", "payload": "bad id" },
         { "client_id": "dev2", "payload": "bad qos", "qos": 2 },
         { "client_id": "dev2", "payload": "!!", "payload_encoding": "base64" },
-        { "client_id": "dev2", "payload": "not yet", "ttl": "30s" },
+        { "client_id": "dev2", "payload": "not yet", "collapse": "k" },
         { "client_id": "dev2", "payload": "c2Vjb25k", "payload_encoding": "base64", "qos": 1 },
         { "client_id": "dev2", "payload": "third", "qos": 0 },
     ]});
@@ -198,7 +198,11 @@ async fn bad_qos_bad_client_id_and_unsupported_parameters_are_400() {
     for (path, code) in [
         ("dev5?qos=2", "bad_qos"),
         ("dev5?qos=x", "bad_qos"),
-        ("dev5?ttl=30s", "bad_query"),
+        ("dev5?collapse=k", "bad_query"),
+        ("dev5?ttl=soon", "bad_ttl"),
+        ("dev5?ttl=0s", "bad_ttl"),
+        // Over session.message_ttl (7 days): the outbox itself would expire first.
+        ("dev5?ttl=8days", "bad_ttl"),
         ("a%2Fb", "bad_client_id"),
         ("a+b", "bad_client_id"),
         ("a%23b", "bad_client_id"),
@@ -210,6 +214,35 @@ async fn bad_qos_bad_client_id_and_unsupported_parameters_are_400() {
         assert_eq!(body["error"], code, "{path}: {body}");
     }
     assert_eq!(outbox_len(&server, "dev5").await, 0);
+    server.shutdown().await;
+}
+
+/// `ttl` makes one message expire sooner than `session.message_ttl`: a device that comes
+/// back after it gets the messages without one (or with a longer one), and never the
+/// expired ones. A test about time itself: it waits the TTL out.
+#[tokio::test]
+async fn a_message_ttl_expires_that_message_only() {
+    let (server, api) = start_api(|_| {}).await;
+    register_offline(&server, "dev7").await;
+    let (status, body) = push(api, "dev7?ttl=300ms", b"short").await;
+    assert_eq!(status, 202, "{body}");
+    let (status, body) = push(api, "dev7?ttl=1h&qos=1", b"long").await;
+    assert_eq!(status, 202, "{body}");
+    let messages = json!({ "messages": [
+        { "client_id": "dev7", "payload": "short too", "ttl": "300ms" },
+        { "client_id": "dev7", "payload": "default" },
+    ]});
+    let (status, body) = batch(api, &messages).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(outbox_len(&server, "dev7").await, 4);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let opts = Opts::new("dev7").clean(false);
+    let (mut device, _) = Raw::connect_ok(server.local_addr(), &opts).await;
+    receive(&mut device, "dev7", &["long", "default"]).await;
+    wait_until(WAIT, "dev7's outbox is empty", async || {
+        outbox_len(&server, "dev7").await == 0
+    })
+    .await;
     server.shutdown().await;
 }
 

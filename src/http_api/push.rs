@@ -13,6 +13,7 @@
 //! leave it out (it would be a round trip per message).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
@@ -25,7 +26,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{counted, error, json, Api};
-use crate::message::{now_us, Message, Qos};
+use crate::message::{now_ms, now_us, Message, Qos};
 use crate::outbox::StoreError;
 
 /// A client id or a message that cannot be pushed: the status and the JSON error.
@@ -80,9 +81,39 @@ fn parse_qos(v: Option<u64>) -> Result<Qos, Refused> {
     }
 }
 
+/// A message's `ttl` (humantime: `30s`, `5m`, `1h 30m`): more than 0, and no more than
+/// `session.message_ttl` when that is set, because the outbox key itself expires
+/// `message_ttl` after its newest message: a longer TTL would be a promise the store cannot
+/// keep.
+fn parse_ttl(api: &Api, v: &str) -> Result<Duration, Refused> {
+    let ttl = humantime::parse_duration(v)
+        .map_err(|e| Refused::bad("bad_ttl", format!("ttl {v:?}: {e}")))?;
+    let max = api.broker.config().session.message_ttl;
+    if ttl.as_millis() == 0 {
+        return Err(Refused::bad("bad_ttl", format!("ttl {v:?} is under 1ms")));
+    }
+    if !max.is_zero() && ttl > max {
+        return Err(Refused::bad(
+            "bad_ttl",
+            format!(
+                "ttl {v:?} is over session.message_ttl ({}), after which the outbox itself expires",
+                humantime::format_duration(max)
+            ),
+        ));
+    }
+    Ok(ttl)
+}
+
 /// The message, or 413 when its PUBLISH would exceed `server.max_packet_size` (the
-/// remaining length: topic, its length, the packet id, the payload).
-fn message(api: &Api, topic: String, payload: &[u8], qos: Qos) -> Result<Message, Refused> {
+/// remaining length: topic, its length, the packet id, the payload). With `ttl`, a stored
+/// message expires that long from now instead of after `session.message_ttl`.
+fn message(
+    api: &Api,
+    topic: String,
+    payload: &[u8],
+    qos: Qos,
+    ttl: Option<Duration>,
+) -> Result<Message, Refused> {
     let max = api.broker.config().server.max_packet_size;
     let len = 2 + topic.len() + 2 + payload.len();
     if len > max {
@@ -99,7 +130,7 @@ fn message(api: &Api, topic: String, payload: &[u8], qos: Qos) -> Result<Message
         payload: Bytes::copy_from_slice(payload),
         qos,
         retain: false,
-        expires_at: 0,
+        expires_at: ttl.map_or(0, |t| now_ms() + t.as_millis() as u64),
         born_us: now_us(),
         forwarded: false,
     })
@@ -122,27 +153,27 @@ fn store_down(e: &StoreError) -> Refused {
     )
 }
 
-/// The query of a single push: `qos` only. The other parameters of issue 15 (`ttl`,
-/// `collapse`, `receipt`) are refused rather than ignored: a backend must not believe a
-/// TTL is applied when it is not.
-fn query_qos(q: Option<&str>) -> Result<Qos, Refused> {
-    let mut qos = None;
-    for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        match k {
+/// The query of a single push: `qos` and `ttl`. The other parameters of issue 15
+/// (`collapse`, `receipt`) are refused rather than ignored: a backend must not believe a
+/// feature is applied when it is not.
+fn parse_query(api: &Api, q: Option<&str>) -> Result<(Qos, Option<Duration>), Refused> {
+    let (mut qos, mut ttl) = (None, None);
+    for (k, v) in form_urlencoded::parse(q.unwrap_or("").as_bytes()) {
+        match &*k {
             "qos" => match v.parse::<u64>() {
                 Ok(n) => qos = Some(n),
                 Err(_) => return Err(Refused::bad("bad_qos", format!("qos {v:?} is not 0 or 1"))),
             },
+            "ttl" => ttl = Some(parse_ttl(api, &v)?),
             _ => {
                 return Err(Refused::bad(
                     "bad_query",
-                    format!("unknown or not yet supported query parameter {k:?} (only qos)"),
+                    format!("unknown or not yet supported query parameter {k:?} (qos, ttl)"),
                 ))
             }
         }
     }
-    parse_qos(qos)
+    Ok((parse_qos(qos)?, ttl))
 }
 
 /// `POST /v1/push/{client_id}?qos=1`, the body is the payload.
@@ -173,9 +204,9 @@ async fn push_one_inner(
         }
         Err(e) => return error(e.status(), "bad_body", e.body_text()),
     };
-    let msg = match query_qos(query.as_deref())
-        .and_then(|qos| Ok((qos, push_topic(api, &client)?)))
-        .and_then(|(qos, topic)| message(api, topic, &body, qos))
+    let msg = match parse_query(api, query.as_deref())
+        .and_then(|(qos, ttl)| Ok((qos, ttl, push_topic(api, &client)?)))
+        .and_then(|(qos, ttl, topic)| message(api, topic, &body, qos, ttl))
     {
         Ok(m) => m,
         Err(r) => return r.response(),
@@ -204,6 +235,7 @@ struct Entry {
     #[serde(default)]
     payload_encoding: Encoding,
     qos: Option<u64>,
+    ttl: Option<String>,
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -219,6 +251,7 @@ fn batch_message(api: &Api, v: Value) -> Result<(String, Message), Refused> {
     let e: Entry =
         serde_json::from_value(v).map_err(|e| Refused::bad("bad_entry", e.to_string()))?;
     let qos = parse_qos(e.qos)?;
+    let ttl = e.ttl.as_deref().map(|t| parse_ttl(api, t)).transpose()?;
     let topic = push_topic(api, &e.client_id)?;
     let payload = match e.payload_encoding {
         Encoding::Utf8 => e.payload.into_bytes(),
@@ -226,7 +259,7 @@ fn batch_message(api: &Api, v: Value) -> Result<(String, Message), Refused> {
             .decode(e.payload.as_bytes())
             .map_err(|err| Refused::bad("bad_payload", format!("payload is not base64: {err}")))?,
     };
-    let msg = message(api, topic, &payload, qos)?;
+    let msg = message(api, topic, &payload, qos, ttl)?;
     Ok((e.client_id, msg))
 }
 
