@@ -376,3 +376,23 @@ async fn client_status_gives_the_oldest_age_and_the_connection_start() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn deleted_messages_are_counted_as_dropped() {
+    // A broker process of its own: the metrics recorder is per process.
+    let port = common::process::free_port();
+    let toml = format!("[http]\nlisten = \"127.0.0.1:{port}\"\ntokens = [\"{TOKEN}\"]\n");
+    let node = common::process::Broker::start(&toml).await;
+    let api = SocketAddr::from(([127, 0, 0, 1], port));
+    let (c, _) = Raw::connect_ok(node.addr(), &Opts::new("dev11").clean(false)).await;
+    c.disconnect().await;
+    for p in ["one", "two"] {
+        let (status, body) = push(api, "dev11", p.as_bytes()).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let (status, body) = delete_outbox(api, "dev11", Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["deleted"], 2, "{body}");
+    let series = "herald_messages_dropped_total{reason=\"deleted\"}";
+    assert_eq!(node.wait_metric(series, 2.0).await, 2.0);
+}
