@@ -720,6 +720,13 @@ impl Broker {
     pub fn is_connected(&self, client: &str) -> bool {
         self.mailbox(client).is_some()
     }
+
+    /// When `client`'s connection to this node started, in unix ms; `None` when it has
+    /// none here. Read from the connection's id, which is its start in unix µs
+    /// (`new_conn_id`): nothing stored per connection for it.
+    pub fn connected_since_ms(&self, client: &str) -> Option<u64> {
+        self.mailbox(client).map(|m| m.conn_id() / 1000)
+    }
 }
 
 /// What the cluster asks of this node (see `cluster::Local`).

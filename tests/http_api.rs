@@ -310,3 +310,122 @@ fn a_public_listener_without_tokens_refuses_to_start() {
     assert!(err.contains(&path) && err.contains("http.listen"), "{err}");
     assert!(!err.contains(TOKEN));
 }
+
+async fn delete_outbox(addr: SocketAddr, id: &str, token: Option<&str>) -> (u16, Value) {
+    let url = format!("http://{addr}/v1/clients/{id}/outbox");
+    call(reqwest::Method::DELETE, url, token, Vec::new()).await
+}
+
+#[tokio::test]
+async fn delete_empties_an_offline_devices_outbox() {
+    let (server, api) = start_api(|_| {}).await;
+    register_offline(&server, "dev8").await;
+    for p in ["one", "two", "three"] {
+        let (status, body) = push(api, "dev8", p.as_bytes()).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    assert_eq!(outbox_len(&server, "dev8").await, 3);
+
+    let (status, body) = delete_outbox(api, "dev8", Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({ "client_id": "dev8", "deleted": 3 }));
+    assert_eq!(outbox_len(&server, "dev8").await, 0);
+    // Deleting an empty (or unknown) outbox is not an error.
+    let (status, body) = delete_outbox(api, "dev8", Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["deleted"], 0, "{body}");
+    let (status, body) = delete_outbox(api, "a%00b", Some(TOKEN)).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "bad_client_id", "{body}");
+
+    // The session survives: the device reconnects to nothing but what comes after.
+    let opts = Opts::new("dev8").clean(false);
+    let (mut device, _) = Raw::connect_ok(server.local_addr(), &opts).await;
+    let (status, body) = push(api, "dev8", b"marker").await;
+    assert_eq!(status, 202, "{body}");
+    receive(&mut device, "dev8", &["marker"]).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn delete_without_a_valid_token_is_401() {
+    let (server, api) = start_api(|_| {}).await;
+    register_offline(&server, "dev9").await;
+    let (status, _) = push(api, "dev9", b"kept").await;
+    assert_eq!(status, 202);
+    for token in [None, Some("wrong-token-0123456789")] {
+        let (status, body) = delete_outbox(api, "dev9", token).await;
+        assert_eq!(status, 401, "token {token:?}: {body}");
+        assert_eq!(body["error"], "unauthorized");
+    }
+    assert_eq!(outbox_len(&server, "dev9").await, 1);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_status_gives_the_oldest_age_and_the_connection_start() {
+    let (server, api) = start_api(|_| {}).await;
+    register_offline(&server, "dev10").await;
+    let (status, body) = client_status(api, "dev10").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["queued"], 0, "{body}");
+    assert!(body["oldest_queued_age_ms"].is_null(), "{body}");
+    assert!(body["connected_since"].is_null(), "{body}");
+
+    let before = herald::message::now_ms();
+    let (status, _) = push(api, "dev10", b"one").await;
+    assert_eq!(status, 202);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (status, _) = push(api, "dev10", b"two").await;
+    assert_eq!(status, 202);
+    let (status, body) = client_status(api, "dev10").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["queued"], 2, "{body}");
+    let age = body["oldest_queued_age_ms"].as_u64().expect("an age");
+    // The oldest is "one", at least the 20 ms slept ago, and no older than the test.
+    let elapsed = herald::message::now_ms() - before;
+    assert!(
+        (20..=elapsed).contains(&age),
+        "age {age}, elapsed {elapsed}"
+    );
+    assert!(body["connected_since"].is_null(), "{body}");
+
+    let (status, _) = delete_outbox(api, "dev10", Some(TOKEN)).await;
+    assert_eq!(status, 200);
+    let (_, body) = client_status(api, "dev10").await;
+    assert_eq!(body["queued"], 0, "{body}");
+    assert!(body["oldest_queued_age_ms"].is_null(), "{body}");
+
+    let connecting = herald::message::now_ms();
+    let opts = Opts::new("dev10").clean(false);
+    let (_device, _) = Raw::connect_ok(server.local_addr(), &opts).await;
+    let (_, body) = client_status(api, "dev10").await;
+    assert_eq!(body["online"], true, "{body}");
+    let since = body["connected_since"].as_u64().expect("connected_since");
+    // The connection's start, in unix ms (its id may run a few µs ahead of the clock).
+    assert!(
+        (connecting..=herald::message::now_ms() + 1).contains(&since),
+        "{since} not in [{connecting}, now]"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn deleted_messages_are_counted_as_dropped() {
+    // A broker process of its own: the metrics recorder is per process.
+    let port = common::process::free_port();
+    let toml = format!("[http]\nlisten = \"127.0.0.1:{port}\"\ntokens = [\"{TOKEN}\"]\n");
+    let node = common::process::Broker::start(&toml).await;
+    let api = SocketAddr::from(([127, 0, 0, 1], port));
+    let (c, _) = Raw::connect_ok(node.addr(), &Opts::new("dev11").clean(false)).await;
+    c.disconnect().await;
+    for p in ["one", "two"] {
+        let (status, body) = push(api, "dev11", p.as_bytes()).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let (status, body) = delete_outbox(api, "dev11", Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["deleted"], 2, "{body}");
+    let series = "herald_messages_dropped_total{reason=\"deleted\"}";
+    assert_eq!(node.wait_metric(series, 2.0).await, 2.0);
+}

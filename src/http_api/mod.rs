@@ -9,13 +9,13 @@
 //! - `mod.rs` (here): the router, the listener and its shutdown, JSON errors, counting;
 //! - `auth.rs`: bearer tokens, compared in constant time;
 //! - `push.rs`: `POST /v1/push/{client_id}` and the batch `POST /v1/push`;
-//! - `clients.rs`: `GET /v1/clients/{client_id}`;
+//! - `clients.rs`: `GET /v1/clients/{client_id}` and `DELETE /v1/clients/{client_id}/outbox`;
 //! - `listener.rs`: at most 1,024 connections, each closed after 30 s without traffic.
 //!
 //! Every body is read under a byte limit (`DefaultBodyLimit`) after the token check (a
 //! `route_layer` runs before the handler's extractors), so an unauthenticated client cannot
 //! make the node buffer anything. Not built yet (issue 15): receipts, per-message TTL,
-//! collapse keys, the receipt webhook, broadcast, `DELETE /v1/clients/{id}/outbox`.
+//! collapse keys, the receipt webhook, broadcast.
 
 mod auth;
 mod clients;
@@ -27,7 +27,7 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -66,6 +66,10 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>, stop: Cancellatio
             "/v1/clients/{client_id}",
             get(clients::status).layer(DefaultBodyLimit::max(0)),
         )
+        .route(
+            "/v1/clients/{client_id}/outbox",
+            delete(clients::delete_outbox).layer(DefaultBodyLimit::max(0)),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             api.clone(),
             auth::require_token,
@@ -97,4 +101,20 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
 fn counted(endpoint: &'static str, r: Response) -> Response {
     metrics::http_response(endpoint, r.status().as_u16());
     r
+}
+
+/// Why `client` cannot be a client id, if it cannot: the rules of a CONNECT's client id
+/// (non-empty, no U+0000, at most 65,535 bytes as an MQTT string). For the endpoints that
+/// name a device without pushing to it (`clients.rs`); a push checks more (`push.rs`: the id
+/// must also make a push topic). Shared here because `push.rs`'s check is private to it.
+fn client_id_problem(client: &str) -> Option<&'static str> {
+    if client.is_empty() {
+        Some("empty client id")
+    } else if client.contains('\0') {
+        Some("a client id may not contain U+0000")
+    } else if client.len() > usize::from(u16::MAX) {
+        Some("client id too long: over 65535 bytes")
+    } else {
+        None
+    }
 }

@@ -67,7 +67,7 @@ struct Handles {
     sent: [Counter; 3],
     acked: Counter,
     stored: Counter,
-    drops: [Counter; 7],
+    drops: [Counter; 8],
     store_errors: Counter,
     takeovers: Counter,
     limits: [Counter; LIMITS.len()],
@@ -110,9 +110,11 @@ pub enum Drop {
     StoreFull = 5,
     /// The receiver's ACL no longer lets it read the topic (a reloaded `deny`).
     AclDenied = 6,
+    /// Emptied by the backend (`DELETE /v1/clients/{id}/outbox`).
+    Deleted = 7,
 }
 
-const DROP_REASONS: [&str; 7] = [
+const DROP_REASONS: [&str; 8] = [
     "mailbox_full",
     "outbox_full_oldest",
     "outbox_full_new",
@@ -120,6 +122,7 @@ const DROP_REASONS: [&str; 7] = [
     "no_receiver",
     "store_full",
     "acl_denied",
+    "deleted",
 ];
 
 /// Why a login was refused; each is its own `reason` label of `herald_auth_failures_total`.
@@ -331,6 +334,11 @@ pub fn stored() {
 
 pub fn dropped(reason: Drop) {
     handles().drops[reason as usize].increment(1);
+}
+
+/// `n` messages dropped at once for `reason` (an outbox emptied whole).
+pub fn dropped_many(reason: Drop, n: u64) {
+    handles().drops[reason as usize].increment(n);
 }
 
 /// An answer of the backend HTTP API (`http_api`), by endpoint and status code.

@@ -196,17 +196,30 @@ impl MemoryOutbox {
         self.clients.get(client).map_or(0, |ob| ob.sent)
     }
 
-    pub(super) fn clear(&self, client: &str) {
-        if let Some(mut ob) = self.clients.get_mut(client) {
-            self.removed(ob.entries.len(), ob.bytes);
-            ob.entries.clear();
-            ob.entries.shrink_to_fit();
-            ob.bytes = 0;
-        }
+    /// Drops every queued entry; returns how many. The queue itself stays (its sequence
+    /// counter and sent watermark keep going: a connection's cursor stays valid).
+    pub(super) fn clear(&self, client: &str) -> usize {
+        let Some(mut ob) = self.clients.get_mut(client) else {
+            return 0;
+        };
+        let n = ob.entries.len();
+        self.removed(n, ob.bytes);
+        ob.entries.clear();
+        ob.entries.shrink_to_fit();
+        ob.bytes = 0;
+        n
     }
 
     pub(super) fn len(&self, client: &str) -> usize {
         self.clients.get(client).map_or(0, |ob| ob.entries.len())
+    }
+
+    /// The number of queued entries and the `born_us` of the oldest (the front: entries
+    /// are kept in sequence order).
+    pub(super) fn queued(&self, client: &str) -> (usize, Option<u64>) {
+        self.clients.get(client).map_or((0, None), |ob| {
+            (ob.entries.len(), ob.entries.front().map(|e| e.msg.born_us))
+        })
     }
 
     /// Messages held (exact) and the age of the oldest: a pass over the outboxes, each
@@ -272,6 +285,27 @@ mod tests {
             max_total: 100,
             max_total_bytes: 1 << 30,
         })
+    }
+
+    #[test]
+    fn clear_counts_and_numbering_goes_on() {
+        let s = store(10, OverflowPolicy::DropOldest);
+        let c: Arc<str> = "c".into();
+        let seq = |e| match e {
+            Enqueued::Stored(seq) => seq,
+            Enqueued::Rejected => panic!("rejected"),
+        };
+        let last = (0..3)
+            .map(|i| seq(s.enqueue(&c, Qos::AtLeastOnce, &msg(&i.to_string(), 0))))
+            .max()
+            .unwrap_or(0);
+        assert_eq!(s.queued("c").0, 3);
+        assert_eq!(s.clear("c"), 3);
+        assert_eq!(s.queued("c"), (0, None));
+        assert_eq!(s.bytes(), 0);
+        assert_eq!(s.clear("c"), 0);
+        // A connection's cursor past the deleted entries still finds the next one.
+        assert!(seq(s.enqueue(&c, Qos::AtLeastOnce, &msg("next", 0))) > last);
     }
 
     #[test]

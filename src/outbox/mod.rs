@@ -331,6 +331,28 @@ impl Store {
         }
     }
 
+    /// Empties `client`'s outbox (the backend's `DELETE /v1/clients/{id}/outbox`): every
+    /// queued entry is dropped and counted (`reason="deleted"`); returns how many. The
+    /// session, its sequence counter and sent watermark stay. A connection already holding
+    /// entries in its mailbox or in flight may still deliver those.
+    pub async fn delete_outbox(&self, client: &str) -> Result<usize, StoreError> {
+        let n = match self {
+            Store::Memory(m) => m.clear(client),
+            Store::Redis(r) => r.delete_all(client).await?,
+        };
+        metrics::dropped_many(metrics::Drop::Deleted, n as u64);
+        Ok(n)
+    }
+
+    /// The number of queued entries and the `born_us` of the oldest (`None` when empty, or
+    /// when the oldest does not say).
+    pub async fn queued(&self, client: &str) -> Result<(usize, Option<u64>), StoreError> {
+        match self {
+            Store::Memory(m) => Ok(m.queued(client)),
+            Store::Redis(r) => r.queued(client).await,
+        }
+    }
+
     /// Number of queued entries (tests and metrics).
     pub async fn len(&self, client: &str) -> Result<usize, StoreError> {
         match self {

@@ -314,6 +314,42 @@ impl RedisOutbox {
             .await
     }
 
+    /// Deletes every entry of the outbox; returns how many. `XTRIM MAXLEN 0` rather than
+    /// `DEL`: the stream key stays with its last id, so sequence numbers keep growing (a
+    /// connected device's cursor and the sent watermark stay valid), and it is one atomic
+    /// command, so an entry added meanwhile is either counted here or kept. The byte
+    /// estimate (`qbytes`) is left high; the enqueue script measures exactly whenever the
+    /// estimate says the cap is reached, so a high one only measures sooner.
+    pub(super) async fn delete_all(&self, client: &str) -> Result<usize, StoreError> {
+        self.redis
+            .query(
+                redis::cmd("XTRIM")
+                    .arg(keys::client(Client::Outbox, client))
+                    .arg("MAXLEN")
+                    .arg(0),
+            )
+            .await
+    }
+
+    /// The number of entries and the `born_us` of the oldest, in one round trip (both
+    /// commands read the same key, so the same slot on a cluster).
+    pub(super) async fn queued(&self, client: &str) -> Result<(usize, Option<u64>), StoreError> {
+        let key = keys::client(Client::Outbox, client);
+        let mut len = redis::cmd("XLEN");
+        len.arg(&key);
+        let mut first = redis::cmd("XRANGE");
+        first.arg(&key).arg("-").arg("+").arg("COUNT").arg(1);
+        let (n, oldest): (usize, Vec<RawEntry>) = self.redis.query_each(&[len, first]).await?;
+        // An entry that does not decode has no age to give: the answer says null, as the
+        // delivery path skips it.
+        let born = oldest
+            .into_iter()
+            .next()
+            .and_then(decode_entry)
+            .map(|(_, _, msg)| msg.born_us);
+        Ok((n, born))
+    }
+
     pub(super) async fn len(&self, client: &str) -> Result<usize, StoreError> {
         self.redis
             .query(redis::cmd("XLEN").arg(keys::client(Client::Outbox, client)))
