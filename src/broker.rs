@@ -541,6 +541,11 @@ impl Broker {
         Ok(qos0)
     }
 
+    /// The push topics' template; `None` when `push.enabled` is off.
+    pub fn push_template(&self) -> Option<&PushTemplate> {
+        self.push.as_ref()
+    }
+
     /// Resolves receivers for a message from a client (or a will) and stores it for each. Every store is submitted
     /// before this returns, so messages published in order are stored in order however the
     /// futures are polled. The future resolves once every receiver's outbox holds the

@@ -58,6 +58,11 @@ impl PushTemplate {
         }
     }
 
+    /// The push topic of `client`.
+    pub fn topic_for(&self, client: &str) -> String {
+        [self.prefix.as_str(), client, self.suffix.as_str()].concat()
+    }
+
     /// The client a push topic belongs to, or None if `topic` is not a push topic.
     pub fn client_of<'a>(&self, topic: &'a str) -> Option<&'a str> {
         let rest = topic.strip_prefix(self.prefix.as_str())?;
@@ -115,5 +120,7 @@ mod tests {
         assert_eq!(t.client_of("dev/x/inbox"), Some("x"));
         assert_eq!(t.client_of("dev/x/outbox"), None);
         assert_eq!(t.owner_of_filter("dev/+/inbox"), None);
+        assert_eq!(t.topic_for("x"), "dev/x/inbox");
+        assert_eq!(t.client_of(&t.topic_for("y")), Some("y"));
     }
 }

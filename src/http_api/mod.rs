@@ -104,9 +104,9 @@ fn counted(endpoint: &'static str, r: Response) -> Response {
 }
 
 /// Why `client` cannot be a client id, if it cannot: the rules of a CONNECT's client id
-/// (non-empty, no U+0000, at most 65,535 bytes as an MQTT string). For the endpoints that
-/// name a device without pushing to it (`clients.rs`); a push checks more (`push.rs`: the id
-/// must also make a push topic). Shared here because `push.rs`'s check is private to it.
+/// (non-empty, no U+0000, at most 65,535 bytes as an MQTT string). Every endpoint that
+/// names a device checks this; a push checks more (`push.rs`: the id must also make a push
+/// topic).
 fn client_id_problem(client: &str) -> Option<&'static str> {
     if client.is_empty() {
         Some("empty client id")

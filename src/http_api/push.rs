@@ -25,7 +25,7 @@ use futures::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{counted, error, json, Api};
+use super::{client_id_problem, counted, error, json, Api};
 use crate::message::{now_ms, now_us, Message, Qos};
 use crate::outbox::StoreError;
 
@@ -46,21 +46,23 @@ impl Refused {
     }
 }
 
-/// Checks a client id as Herald takes one in CONNECT (UTF-8 without U+0000; `$herald/`
-/// has a `/`), and as a push topic level (no `/`, `+`, `#`), within the topic's 65,535
-/// bytes; returns the push topic.
+/// Checks a client id as Herald takes one in CONNECT (`client_id_problem`), and as a push
+/// topic level (no `/`, `+`, `#`), within the topic's 65,535 bytes; returns the push topic.
 fn push_topic(api: &Api, client: &str) -> Result<String, Refused> {
-    if client.is_empty() {
-        return Err(Refused::bad("bad_client_id", "empty client id"));
+    if let Some(why) = client_id_problem(client) {
+        return Err(Refused::bad("bad_client_id", why));
     }
-    if client.contains(['/', '+', '#', '\0']) {
+    if client.contains(['/', '+', '#']) {
         return Err(Refused::bad(
             "bad_client_id",
-            "a client id for a push may not contain '/', '+', '#' or U+0000",
+            "a client id for a push may not contain '/', '+' or '#'",
         ));
     }
-    let template = &api.broker.config().push.topic_template;
-    let topic = template.replacen("{client_id}", client, 1);
+    // `http.listen` requires `push.enabled` (config validation).
+    let Some(template) = api.broker.push_template() else {
+        return Err(Refused::bad("push_disabled", "push.enabled is off"));
+    };
+    let topic = template.topic_for(client);
     if topic.len() > usize::from(u16::MAX) {
         return Err(Refused::bad(
             "bad_client_id",

@@ -89,6 +89,25 @@ const BACKLOG: u32 = 65_535;
 /// SYN the kernel drops comes back only after TCP's 1 s and 3 s resends.
 const ACCEPT_QUEUES: usize = 4;
 
+/// A socket bound to `a`, with `SO_REUSEADDR` (and `SO_REUSEPORT` for a group of accept
+/// queues).
+fn bound(a: SocketAddr, reuseport: bool) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = match a {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    if reuseport {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(a)?;
+    Ok(socket)
+}
+
+fn cannot_listen(a: SocketAddr, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}"))
+}
+
 /// Binds a client listener: `ACCEPT_QUEUES` sockets on `addr`. A plain bind comes first, so
 /// that an address another process listens on fails as it would without `SO_REUSEPORT`
 /// (rather than joining its group), and port 0 is resolved once for all of them.
@@ -96,27 +115,13 @@ async fn bind_clients(addr: Option<SocketAddr>) -> std::io::Result<Vec<TcpListen
     let Some(a) = addr else {
         return Ok(Vec::new());
     };
-    let socket_for = |a: SocketAddr| match a {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
-    };
     let group = || -> std::io::Result<Vec<TcpListener>> {
-        let probe = socket_for(a)?;
-        probe.set_reuseaddr(true)?;
-        probe.bind(a)?;
-        let a = probe.local_addr()?;
-        drop(probe);
+        let a = bound(a, false)?.local_addr()?;
         (0..ACCEPT_QUEUES)
-            .map(|_| {
-                let socket = socket_for(a)?;
-                socket.set_reuseaddr(true)?;
-                socket.set_reuseport(true)?;
-                socket.bind(a)?;
-                socket.listen(BACKLOG)
-            })
+            .map(|_| bound(a, true)?.listen(BACKLOG))
             .collect()
     };
-    group().map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))
+    group().map_err(|e| cannot_listen(a, e))
 }
 
 fn local_of(l: &[TcpListener]) -> std::io::Result<Option<SocketAddr>> {
@@ -127,18 +132,10 @@ async fn bind(addr: Option<SocketAddr>) -> std::io::Result<Option<TcpListener>> 
     let Some(a) = addr else {
         return Ok(None);
     };
-    let listen = || -> std::io::Result<TcpListener> {
-        let socket = match a {
-            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-        };
-        socket.set_reuseaddr(true)?;
-        socket.bind(a)?;
-        socket.listen(BACKLOG)
-    };
-    listen()
+    bound(a, false)
+        .and_then(|s| s.listen(BACKLOG))
         .map(Some)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))
+        .map_err(|e| cannot_listen(a, e))
 }
 
 fn local(l: &Option<TcpListener>) -> std::io::Result<Option<SocketAddr>> {

@@ -96,7 +96,7 @@ impl EnqueueArgs {
     }
 }
 
-/// Slots in `Memo`: 3 MB per node.
+/// Slots in `Memo`: 2.6 MB per node.
 const MEMO_SLOTS: usize = 1 << 16;
 
 /// What the writer remembers per client for the enqueue script (`scripts::ENQUEUE`): the
@@ -120,8 +120,6 @@ struct Memo {
 struct Slot {
     /// 0: empty.
     hash: u64,
-    /// What `plan` passes: the lower of the two bounds below (0: measure).
-    check: u64,
     refreshed_ms: u64,
     /// The seq of the last measurement (0: none), and the count bound it gave.
     base: u64,
@@ -133,8 +131,8 @@ struct Slot {
 }
 
 impl Slot {
-    /// The seq from which the outbox may be over a cap: every message after `base` that is
-    /// not this writer's counts at the largest envelope.
+    /// The seq from which the outbox may be over a cap (0: measure now), what `plan` passes:
+    /// every message after `base` that is not this writer's counts at the largest envelope.
     fn bound(&self, max_envelope: u64) -> u64 {
         if self.base == 0 {
             return 0;
@@ -187,7 +185,7 @@ fn plan(memo: &Memo, args: &EnqueueArgs, client: &str, live: bool, now_ms: u64) 
     let stale =
         slot.hash == 0 || now_ms.saturating_sub(slot.refreshed_ms) >= args.refresh_every_ms();
     let flags = (stale && args.ttl_ms != 0) as u8 | (live as u8) << 1;
-    (slot.check, flags)
+    (slot.bound(args.max_envelope), flags)
 }
 
 /// Ordered writes waiting for the next pipeline; beyond this, publishes are refused (counted).
@@ -255,7 +253,7 @@ fn encode_enqueues(
 }
 
 /// Keeps what the script answered for `client` (a stored message), for its next ones.
-fn remember(memo: &mut Memo, args: &EnqueueArgs, client: &str, s: Stored, flags: u8, now_ms: u64) {
+fn remember(memo: &mut Memo, client: &str, s: Stored, flags: u8, now_ms: u64) {
     let hash = memo.hash(client);
     let mut slot = memo.get(hash);
     slot.hash = hash;
@@ -269,7 +267,6 @@ fn remember(memo: &mut Memo, args: &EnqueueArgs, client: &str, s: Stored, flags:
         slot.own += 1;
         slot.bytes_left = slot.bytes_left.saturating_sub(s.size);
     }
-    slot.check = slot.bound(args.max_envelope);
     if flags & 1 != 0 {
         slot.refreshed_ms = now_ms;
     }
@@ -405,7 +402,7 @@ pub(super) async fn ordered_loop(
     let mut batch = Vec::with_capacity(512);
     let mut results = Vec::with_capacity(512);
     let mut memo = Memo::new();
-    // Per enqueue in the batch: the flags sent, the check answered (u64::MAX: failed).
+    // Per enqueue in the batch: the flags sent, what the script answered (None: failed).
     let (mut flags, mut checks) = (Vec::with_capacity(512), Vec::with_capacity(512));
     // The batch in pipeline order: a run of this many enqueues (one script call), or 0 for
     // a retained write; and each one's place in `out` and slot.
@@ -521,7 +518,7 @@ pub(super) async fn ordered_loop(
                 for (((client, msg), check), &f) in enqueued.zip(&checks).zip(&flags) {
                     if let Some(mut s) = *check {
                         s.size = msg.envelope_len() as u64;
-                        remember(&mut memo, &args, client, s, f, now);
+                        remember(&mut memo, client, s, f, now);
                     }
                 }
                 for (o, r) in batch.drain(..).zip(results.drain(..)) {
