@@ -755,11 +755,7 @@ async fn pushes_flow_through_a_slot_migration() {
     let addr = herald.addr();
     let (slot, ids) = ids_in_one_slot("mig-dev", 3);
     let from = cluster.primary_for_slot(slot);
-    let to = cluster
-        .primaries()
-        .into_iter()
-        .find(|&p| p != from)
-        .expect("another primary");
+    let to = cluster.other_primary(slot);
 
     Device::register(addr, &ids[2]).await;
     let live = [Device::spawn(addr, &ids[0]), Device::spawn(addr, &ids[1])];
@@ -1132,12 +1128,7 @@ async fn clients_of_a_migrating_slot_connect_and_get_their_first_push() {
     let herald = start_herald(&cluster, CONFIG).await;
     let addr = herald.addr();
     let (slot, ids) = ids_in_one_slot("mig-new", 2);
-    let from = cluster.primary_for_slot(slot);
-    let to = cluster
-        .primaries()
-        .into_iter()
-        .find(|&p| p != from)
-        .expect("another primary");
+    let to = cluster.other_primary(slot);
     // A client with a session and a queued push; another never seen.
     Device::register(addr, &ids[0]).await;
     let mut publisher = Raw::connect(addr, "mig-new-backend").await;

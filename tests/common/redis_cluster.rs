@@ -453,6 +453,15 @@ impl RedisCluster {
             .collect()
     }
 
+    /// A primary other than the one serving `slot` (where to migrate it).
+    pub fn other_primary(&self, slot: u16) -> usize {
+        let from = self.primary_for_slot(slot);
+        self.primaries()
+            .into_iter()
+            .find(|&p| p != from)
+            .expect("another primary")
+    }
+
     /// SIGKILLs the primary serving `slot`; returns its index. Its replica takes over after
     /// the node timeout (`wait_failover`).
     pub fn kill_primary_for_slot(&mut self, slot: u16) -> usize {
