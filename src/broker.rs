@@ -561,11 +561,8 @@ impl Broker {
             msg.expires_at = now_ms() + ttl.as_millis() as u64;
         }
         if let Some(owner) = self.push.as_ref().and_then(|p| p.client_of(&msg.topic)) {
-            // Push topics are never retained: a retained copy would be readable by wildcard
-            // subscribers, which would break device isolation.
-            msg.retain = false;
-            let qos = msg.qos.min(Qos::AtLeastOnce);
-            return Box::pin(self.deliver(Arc::from(owner), qos, Arc::new(msg), true));
+            let stored = self.push_to(Arc::from(owner), msg);
+            return Box::pin(async move { stored.await.map(|_| ()) });
         }
         let forwarded = self.cluster.as_ref().and_then(|c| c.forward_publish(&msg));
         let retained = msg.retain.then(|| {
@@ -584,6 +581,35 @@ impl Broker {
             }
             futures::future::try_join_all(deliveries).await.map(|_| ())
         })
+    }
+
+    /// A message on a push topic (the caller checked: `PushTemplate::client_of`), stored
+    /// in its device's outbox like `publish` does; resolves to its sequence number there
+    /// (`None`: QoS 0, or refused by a full outbox), which names it for a receipt.
+    pub fn push(
+        self: &Arc<Self>,
+        mut msg: Message,
+    ) -> BoxFuture<'static, Result<Option<u64>, StoreError>> {
+        let ttl = self.config.session.message_ttl;
+        if !ttl.is_zero() && msg.qos != Qos::AtMostOnce && msg.expires_at == 0 {
+            msg.expires_at = now_ms() + ttl.as_millis() as u64;
+        }
+        let Some(owner) = self.push.as_ref().and_then(|p| p.client_of(&msg.topic)) else {
+            return Box::pin(futures::future::ready(Ok(None)));
+        };
+        Box::pin(self.push_to(Arc::from(owner), msg))
+    }
+
+    fn push_to(
+        self: &Arc<Self>,
+        owner: ClientId,
+        mut msg: Message,
+    ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send + 'static {
+        // Push topics are never retained: a retained copy would be readable by wildcard
+        // subscribers, which would break device isolation.
+        msg.retain = false;
+        let qos = msg.qos.min(Qos::AtLeastOnce);
+        self.deliver(owner, qos, Arc::new(msg), true)
     }
 
     /// Cluster: an ordinary-topic publish another node received, for subscribers here.
@@ -605,7 +631,7 @@ impl Broker {
         self: &Arc<Self>,
         msg: Arc<Message>,
         count_unmatched: bool,
-    ) -> Vec<impl Future<Output = Result<(), StoreError>> + Send + 'static> {
+    ) -> Vec<impl Future<Output = Result<Option<u64>, StoreError>> + Send + 'static> {
         let mut receivers = HashMap::new();
         self.subscriptions.matches(&msg.topic, &mut receivers);
         if receivers.is_empty() && count_unmatched {
@@ -626,7 +652,7 @@ impl Broker {
         qos: Qos,
         msg: Arc<Message>,
         anywhere: bool,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+    ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send + 'static {
         let stored = (qos != Qos::AtMostOnce).then(|| {
             let live = self.store.is_remote() && self.mailbox(&client).is_some();
             self.store.enqueue(&client, qos, &msg, live)
@@ -639,7 +665,7 @@ impl Broker {
                 } else if let Some(c) = broker.cluster.as_ref().filter(|_| anywhere) {
                     c.forward_push(client, 0, qos, msg, None).await;
                 }
-                return Ok(());
+                return Ok(None);
             };
             let (seq, route, live) = match stored.await {
                 Ok(Stored {
@@ -647,7 +673,7 @@ impl Broker {
                     route,
                     live,
                 }) => (seq, route, live),
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(None),
                 Err(e) => {
                     metrics::store_error();
                     return Err(e);
@@ -670,7 +696,7 @@ impl Broker {
             {
                 c.forward_push(client, seq, qos, msg, route).await;
             }
-            Ok(())
+            Ok(Some(seq))
         }
     }
 

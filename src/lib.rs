@@ -23,7 +23,8 @@
 //! - `config`, `metrics`: operations; `lograte` keeps the lines a remote peer can cause at
 //!   will (malformed packets, refused logins) to a few per reason per 10 s.
 //! - `http_api`: the backend HTTP API (`http.listen`): pushes by HTTP through the same
-//!   `Broker::publish` as an MQTT PUBLISH to the push topic, and a device's status.
+//!   `Broker::publish` as an MQTT PUBLISH to the push topic, and a device's status;
+//!   `receipts`: what became of a message pushed with `receipt=true` (records, webhook).
 //! - `admin`, `readiness`: the operations listener (`/metrics`, `/healthz`, `/readyz`,
 //!   `POST /admin/drain`) and what decides readiness; `server` runs the drain.
 //!
@@ -53,6 +54,7 @@ pub mod message;
 pub mod metrics;
 pub mod outbox;
 pub mod readiness;
+pub mod receipts;
 pub mod redis;
 pub mod retained;
 pub mod server;

@@ -50,10 +50,12 @@ pub enum Reason {
     /// A connection replaced by a newer one of its client (here or on another node): a
     /// client reconnecting in a loop causes one each time.
     Takeover = 10,
+    /// The receipt webhook failed (it is retried with backoff).
+    Webhook = 11,
 }
 
 /// Every reason, in discriminant order.
-pub const REASONS: [Reason; 11] = [
+pub const REASONS: [Reason; 12] = [
     Reason::Malformed,
     Reason::UnsupportedProtocol,
     Reason::InvalidFilter,
@@ -65,6 +67,7 @@ pub const REASONS: [Reason; 11] = [
     Reason::NodeLink,
     Reason::Limit,
     Reason::Takeover,
+    Reason::Webhook,
 ];
 
 impl Reason {
@@ -83,6 +86,7 @@ impl Reason {
             Reason::NodeLink => "node_link",
             Reason::Limit => "limit",
             Reason::Takeover => "takeover",
+            Reason::Webhook => "webhook",
         }
     }
 
@@ -100,6 +104,7 @@ impl Reason {
             Reason::Limit => "limit",
             Reason::NodeLink => "node-link",
             Reason::Takeover => "takeover",
+            Reason::Webhook => "receipt-webhook",
         }
     }
 

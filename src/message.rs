@@ -53,6 +53,9 @@ pub struct Message {
     /// It reached this node over the node-to-node link (hop 2): the latency's `path`.
     /// Not stored.
     pub forwarded: bool,
+    /// The backend asked for a delivery receipt (HTTP `receipt=true`): the session reports
+    /// when it writes and when the device acknowledges it (`receipts`).
+    pub receipt: bool,
 }
 
 /// Unix time in milliseconds: what `Message::expires_at` is measured in. Wall-clock time,
@@ -91,9 +94,13 @@ pub fn packet_id(seq: u64) -> u16 {
 }
 
 /// Envelope layout version (the first byte), so that a layout can be told apart. Version 1
-/// had no `born_us`; it is still read.
+/// had no `born_us`; it is still read. Version 3 adds a flags byte (bit 0: `receipt`) after
+/// `born_us`, and is written only for a message that has a flag, so that a node of the
+/// version before reads every message it could before.
 const ENVELOPE_V1: u8 = 1;
 const ENVELOPE_V2: u8 = 2;
+const ENVELOPE_V3: u8 = 3;
+const FLAG_RECEIPT: u8 = 1;
 /// Version, QoS, retain, expiry, topic length (version 1).
 const ENVELOPE_V1_HEAD: usize = 1 + 1 + 1 + 8 + 2;
 /// Version 2 adds `born_us` after the expiry.
@@ -112,19 +119,26 @@ impl Message {
 
     /// Bytes `put_envelope` writes.
     pub fn envelope_len(&self) -> usize {
-        ENVELOPE_HEAD + self.topic.len() + self.payload.len()
+        ENVELOPE_HEAD + usize::from(self.receipt) + self.topic.len() + self.payload.len()
     }
 
     /// Writes the envelope, with `qos` (the QoS it is delivered at, which may be lower than
     /// the publisher's): version u8 (2), qos u8, retain u8, expires_at u64, born_us u64,
     /// topic (u16 length + bytes), payload (the rest), big-endian. Topics are at most
-    /// 65,535 bytes (MQTT).
+    /// 65,535 bytes (MQTT). A message with a receipt: version 3, flags u8 after `born_us`.
     pub fn put_envelope(&self, b: &mut impl BufMut, qos: Qos) {
-        b.put_u8(ENVELOPE_V2);
+        b.put_u8(if self.receipt {
+            ENVELOPE_V3
+        } else {
+            ENVELOPE_V2
+        });
         b.put_u8(qos as u8);
         b.put_u8(self.retain as u8);
         b.put_u64(self.expires_at);
         b.put_u64(self.born_us);
+        if self.receipt {
+            b.put_u8(FLAG_RECEIPT);
+        }
         b.put_u16(self.topic.len() as u16);
         b.put_slice(self.topic.as_bytes());
         b.put_slice(&self.payload);
@@ -144,6 +158,7 @@ impl Message {
         let head = match version {
             ENVELOPE_V1 => ENVELOPE_V1_HEAD,
             ENVELOPE_V2 => ENVELOPE_HEAD,
+            ENVELOPE_V3 => ENVELOPE_HEAD + 1,
             _ => return None,
         };
         if raw.len() < head {
@@ -153,8 +168,13 @@ impl Message {
         let qos = Qos::try_from(raw.get_u8()).ok()?;
         let retain = raw.get_u8() != 0;
         let expires_at = raw.get_u64();
-        let born_us = if version == ENVELOPE_V2 {
+        let born_us = if version >= ENVELOPE_V2 {
             raw.get_u64()
+        } else {
+            0
+        };
+        let flags = if version >= ENVELOPE_V3 {
+            raw.get_u8()
         } else {
             0
         };
@@ -174,6 +194,7 @@ impl Message {
             expires_at,
             born_us,
             forwarded: false,
+            receipt: flags & FLAG_RECEIPT != 0,
         })
     }
 }
@@ -207,10 +228,18 @@ mod tests {
             expires_at: 12345,
             born_us: 1_700_000_000_000_000,
             forwarded: false,
+            receipt: false,
         };
         let raw = m.envelope(m.qos);
         assert_eq!(raw.len(), m.envelope_len());
         assert_eq!(Message::from_envelope(Bytes::from(raw)), Some(m.clone()));
+        let tracked = Message {
+            receipt: true,
+            ..m.clone()
+        };
+        let raw = tracked.envelope(m.qos);
+        assert_eq!((raw[0], raw.len()), (3, tracked.envelope_len()));
+        assert_eq!(Message::from_envelope(Bytes::from(raw)), Some(tracked));
         let lower = Message::from_envelope(Bytes::from(m.envelope(Qos::AtLeastOnce))).unwrap();
         assert_eq!(lower.qos, Qos::AtLeastOnce);
         assert!(Message::from_envelope(Bytes::from_static(b"\x02garbage-----")).is_none());

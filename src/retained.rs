@@ -125,6 +125,7 @@ mod tests {
             expires_at: 0,
             born_us: 0,
             forwarded: false,
+            receipt: false,
         }));
     }
 
@@ -173,6 +174,7 @@ mod tests {
             expires_at: 10,
             born_us: 0,
             forwarded: false,
+            receipt: false,
         }));
         assert_eq!(r.matching("t", 5).len(), 1);
         assert!(r.matching("#", 10).is_empty());

@@ -18,9 +18,14 @@ async fn an_idle_connections_task_fits_a_384_byte_block() {
     let config = Config::default();
     let auth = Arc::new(Auth::load(&config).expect("no auth configured"));
     let broker = Arc::new(
-        Broker::open(config.clone(), Store::open(&config, None), None, auth)
-            .await
-            .expect("memory store"),
+        Broker::open(
+            config.clone(),
+            Store::open(&config, None, "test"),
+            None,
+            auth,
+        )
+        .await
+        .expect("memory store"),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())

@@ -821,6 +821,7 @@ fn store_directly(cluster: &RedisCluster, client: &str, seq: u64, body: &str, bo
         expires_at: 0,
         born_us,
         forwarded: false,
+        receipt: false,
     };
     let key = keys::client(Client::Outbox, client);
     let _: String = cluster
@@ -1087,6 +1088,7 @@ async fn the_layout_move_finds_old_outboxes_on_every_shard() {
                 expires_at: 0,
                 born_us: 1,
                 forwarded: false,
+                receipt: false,
             };
             let mut member = format!("{seq}|").into_bytes();
             member.extend(msg.envelope(herald::message::Qos::AtLeastOnce));

@@ -164,6 +164,7 @@ mod tests {
             expires_at: 42,
             born_us: 0,
             forwarded: false,
+            receipt: true,
         };
         let push = Frame::Push {
             target_inc: 7,

@@ -5,6 +5,7 @@
 //! write to every device.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -25,6 +26,18 @@ pub struct HttpConfig {
     /// Bytes of one `POST /v1/push` body.
     #[serde(deserialize_with = "byte_size")]
     pub max_batch_bytes: usize,
+    /// How long a receipt (`receipt=true`) is kept after its last change.
+    #[serde(with = "humantime_serde")]
+    pub receipt_ttl: Duration,
+    /// `http://` or `https://` URL Herald POSTs receipts to (`acked`, `expired`, `dropped`);
+    /// a secret, since it may carry credentials. None: receipts are only read by
+    /// `GET /v1/messages/{id}`.
+    pub receipt_webhook: Option<Secret>,
+    /// Receipts waiting for the webhook, at most (count, and bytes in memory); beyond it the
+    /// oldest are dropped and counted.
+    pub receipt_queue: usize,
+    #[serde(deserialize_with = "byte_size")]
+    pub receipt_queue_bytes: usize,
 }
 
 impl Default for HttpConfig {
@@ -34,6 +47,10 @@ impl Default for HttpConfig {
             tokens: Vec::new(),
             max_batch: 1000,
             max_batch_bytes: 16 << 20,
+            receipt_ttl: Duration::from_secs(24 * 3600),
+            receipt_webhook: None,
+            receipt_queue: 100_000,
+            receipt_queue_bytes: 64 << 20,
         }
     }
 }

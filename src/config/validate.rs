@@ -254,6 +254,28 @@ impl Config {
         if h.max_batch_bytes < 1024 {
             return bad("http.max_batch_bytes", "must be at least 1024".into());
         }
+        if h.receipt_ttl.as_secs() < 1 {
+            return bad("http.receipt_ttl", "must be at least 1s".into());
+        }
+        if h.receipt_queue == 0 || h.receipt_queue_bytes < 64 << 10 {
+            return bad(
+                "http.receipt_queue",
+                "receipt_queue must be at least 1 and receipt_queue_bytes at least 64 KiB".into(),
+            );
+        }
+        if let Some(url) = &h.receipt_webhook {
+            // The reason never quotes the URL: it may hold a password.
+            match reqwest::Url::parse(url.expose()) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                Ok(_) => {
+                    return bad(
+                        "http.receipt_webhook",
+                        "must be an http:// or https:// URL with a host".into(),
+                    )
+                }
+                Err(e) => return bad("http.receipt_webhook", format!("not a URL: {e}")),
+            }
+        }
         Ok(())
     }
 }

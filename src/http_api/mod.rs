@@ -10,6 +10,7 @@
 //! - `auth.rs`: bearer tokens, compared in constant time;
 //! - `push.rs`: `POST /v1/push/{client_id}` and the batch `POST /v1/push`;
 //! - `clients.rs`: `GET /v1/clients/{client_id}` and `DELETE /v1/clients/{client_id}/outbox`;
+//! - `messages.rs`: `GET /v1/messages/{id}`, a message's receipt (`receipts`);
 //! - `listener.rs`: at most 1,024 connections, each closed after 30 s without traffic.
 //!
 //! Every body is read under a byte limit (`DefaultBodyLimit`) after the token check (a
@@ -20,6 +21,7 @@
 mod auth;
 mod clients;
 mod listener;
+mod messages;
 mod push;
 
 use std::sync::Arc;
@@ -65,6 +67,10 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>, stop: Cancellatio
         .route(
             "/v1/clients/{client_id}",
             get(clients::status).layer(DefaultBodyLimit::max(0)),
+        )
+        .route(
+            "/v1/messages/{id}",
+            get(messages::receipt).layer(DefaultBodyLimit::max(0)),
         )
         .route(
             "/v1/clients/{client_id}/outbox",

@@ -6,8 +6,10 @@
 //! message before awaiting any, so the Redis writer carries them in one pipeline, then
 //! awaits them in order; a bad entry gets its own error and the others still go.
 //!
-//! `id` is random (16 bytes, base64url): `Broker::publish` does not return the sequence
-//! number, and changing what it returns is outside this slice. `queued` (single push only)
+//! `id` names the outbox entry (`receipts::ReceiptId`: client, seq, lineage), so that
+//! `GET /v1/messages/{id}` can answer for it; a QoS 0 push, never stored, gets a random
+//! one. `receipt=true` marks the message for receipts (`Message::receipt`): the session
+//! then notes `sent` and `acked`, the store `expired` and `dropped`. `queued` (single push only)
 //! is the outbox length read right after the store: one memory lookup, or one `XLEN` round
 //! trip with Redis; a device online may already have taken the message. Batch results
 //! leave it out (it would be a round trip per message).
@@ -27,7 +29,9 @@ use serde_json::{json, Value};
 
 use super::{client_id_problem, counted, error, json, Api};
 use crate::message::{now_ms, now_us, Message, Qos};
+use crate::metrics;
 use crate::outbox::StoreError;
+use crate::receipts::ReceiptId;
 
 /// A client id or a message that cannot be pushed: the status and the JSON error.
 struct Refused(StatusCode, &'static str, String);
@@ -109,13 +113,8 @@ fn parse_ttl(api: &Api, v: &str) -> Result<Duration, Refused> {
 /// The message, or 413 when its PUBLISH would exceed `server.max_packet_size` (the
 /// remaining length: topic, its length, the packet id, the payload). With `ttl`, a stored
 /// message expires that long from now instead of after `session.message_ttl`.
-fn message(
-    api: &Api,
-    topic: String,
-    payload: &[u8],
-    qos: Qos,
-    ttl: Option<Duration>,
-) -> Result<Message, Refused> {
+fn message(api: &Api, topic: String, payload: &[u8], o: Options) -> Result<Message, Refused> {
+    let Options { qos, ttl, receipt } = o;
     let max = api.broker.config().server.max_packet_size;
     let len = 2 + topic.len() + 2 + payload.len();
     if len > max {
@@ -135,7 +134,73 @@ fn message(
         expires_at: ttl.map_or(0, |t| now_ms() + t.as_millis() as u64),
         born_us: now_us(),
         forwarded: false,
+        receipt,
     })
+}
+
+/// What a push may set besides its payload.
+#[derive(Debug, Clone, Copy)]
+struct Options {
+    qos: Qos,
+    ttl: Option<Duration>,
+    receipt: bool,
+}
+
+impl Options {
+    fn new(qos: Option<u64>, ttl: Option<Duration>, receipt: bool) -> Result<Options, Refused> {
+        let qos = parse_qos(qos)?;
+        if receipt && qos == Qos::AtMostOnce {
+            return Err(Refused::bad(
+                "bad_receipt",
+                "receipt=true needs qos 1: a QoS 0 message is never acknowledged",
+            ));
+        }
+        Ok(Options { qos, ttl, receipt })
+    }
+}
+
+/// The answer's `id`: the entry's receipt id once stored, else random.
+fn message_id(api: &Api, client: &str, seq: Option<u64>) -> String {
+    match seq {
+        Some(seq) => ReceiptId {
+            client: Arc::from(client),
+            seq,
+            lineage: api.broker.store().lineage(client),
+        }
+        .encode(),
+        None => new_id(),
+    }
+}
+
+/// `503` while the memory guard throttles publishers (`memguard`): an HTTP push is a
+/// publisher too, and its body is already in memory.
+fn memory_full(api: &Api) -> Option<Refused> {
+    api.broker.guard().throttled().then(|| {
+        metrics::limit_hit("server_max_memory");
+        Refused(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "memory_full",
+            "the node is near server.max_memory; retry later".into(),
+        )
+    })
+}
+
+/// What a stored push answers, or why it was not stored.
+fn stored(
+    api: &Api,
+    client: &str,
+    qos: Qos,
+    r: Result<Option<u64>, StoreError>,
+) -> Result<String, Refused> {
+    match r {
+        Err(e) => Err(store_down(&e)),
+        Ok(None) if qos != Qos::AtMostOnce => Err(Refused(
+            StatusCode::TOO_MANY_REQUESTS,
+            "outbox_full",
+            "the device's outbox is full and session.overflow is drop_new: not stored".into(),
+        )),
+        Ok(seq) => Ok(message_id(api, client, seq)),
+    }
 }
 
 fn new_id() -> String {
@@ -155,11 +220,10 @@ fn store_down(e: &StoreError) -> Refused {
     )
 }
 
-/// The query of a single push: `qos` and `ttl`. The other parameters of issue 15
-/// (`collapse`, `receipt`) are refused rather than ignored: a backend must not believe a
-/// feature is applied when it is not.
-fn parse_query(api: &Api, q: Option<&str>) -> Result<(Qos, Option<Duration>), Refused> {
-    let (mut qos, mut ttl) = (None, None);
+/// The query of a single push: `qos`, `ttl`, `receipt`. An unknown parameter is refused
+/// rather than ignored: a backend must not believe a feature is applied when it is not.
+fn parse_query(api: &Api, q: Option<&str>) -> Result<Options, Refused> {
+    let (mut qos, mut ttl, mut receipt) = (None, None, false);
     for (k, v) in form_urlencoded::parse(q.unwrap_or("").as_bytes()) {
         match &*k {
             "qos" => match v.parse::<u64>() {
@@ -167,15 +231,25 @@ fn parse_query(api: &Api, q: Option<&str>) -> Result<(Qos, Option<Duration>), Re
                 Err(_) => return Err(Refused::bad("bad_qos", format!("qos {v:?} is not 0 or 1"))),
             },
             "ttl" => ttl = Some(parse_ttl(api, &v)?),
+            "receipt" => {
+                receipt = match &*v {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => {
+                        let why = format!("receipt {v:?} is not true or false");
+                        return Err(Refused::bad("bad_receipt", why));
+                    }
+                }
+            }
             _ => {
                 return Err(Refused::bad(
                     "bad_query",
-                    format!("unknown or not yet supported query parameter {k:?} (qos, ttl)"),
+                    format!("unknown query parameter {k:?} (qos, ttl, receipt)"),
                 ))
             }
         }
     }
-    Ok((parse_qos(qos)?, ttl))
+    Options::new(qos, ttl, receipt)
 }
 
 /// `POST /v1/push/{client_id}?qos=1`, the body is the payload.
@@ -206,17 +280,21 @@ async fn push_one_inner(
         }
         Err(e) => return error(e.status(), "bad_body", e.body_text()),
     };
+    if let Some(r) = memory_full(api) {
+        return r.response();
+    }
     let msg = match parse_query(api, query.as_deref())
-        .and_then(|(qos, ttl)| Ok((qos, ttl, push_topic(api, &client)?)))
-        .and_then(|(qos, ttl, topic)| message(api, topic, &body, qos, ttl))
+        .and_then(|o| Ok((o, push_topic(api, &client)?)))
+        .and_then(|(o, topic)| message(api, topic, &body, o))
     {
         Ok(m) => m,
         Err(r) => return r.response(),
     };
-    let id = new_id();
-    if let Err(e) = api.broker.publish(msg).await {
-        return store_down(&e).response();
-    }
+    let qos = msg.qos;
+    let id = match stored(api, &client, qos, api.broker.push(msg).await) {
+        Ok(id) => id,
+        Err(r) => return r.response(),
+    };
     let mut answer = json!({ "id": id, "client_id": client });
     if let Ok(n) = api.broker.store().len(&client).await {
         answer["queued"] = json!(n);
@@ -238,6 +316,8 @@ struct Entry {
     payload_encoding: Encoding,
     qos: Option<u64>,
     ttl: Option<String>,
+    #[serde(default)]
+    receipt: bool,
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -252,8 +332,8 @@ enum Encoding {
 fn batch_message(api: &Api, v: Value) -> Result<(String, Message), Refused> {
     let e: Entry =
         serde_json::from_value(v).map_err(|e| Refused::bad("bad_entry", e.to_string()))?;
-    let qos = parse_qos(e.qos)?;
     let ttl = e.ttl.as_deref().map(|t| parse_ttl(api, t)).transpose()?;
+    let o = Options::new(e.qos, ttl, e.receipt)?;
     let topic = push_topic(api, &e.client_id)?;
     let payload = match e.payload_encoding {
         Encoding::Utf8 => e.payload.into_bytes(),
@@ -261,11 +341,12 @@ fn batch_message(api: &Api, v: Value) -> Result<(String, Message), Refused> {
             .decode(e.payload.as_bytes())
             .map_err(|err| Refused::bad("bad_payload", format!("payload is not base64: {err}")))?,
     };
-    let msg = message(api, topic, &payload, qos, ttl)?;
+    let msg = message(api, topic, &payload, o)?;
     Ok((e.client_id, msg))
 }
 
-/// `POST /v1/push`: `{"messages": [{"client_id", "payload", "payload_encoding", "qos"}]}`.
+/// `POST /v1/push`: `{"messages": [{"client_id", "payload", "payload_encoding", "qos",
+/// "ttl", "receipt"}]}`.
 /// `200` with `{"results": [...]}`, one per message in order, each with its own `status`
 /// (`202` with `id` and `client_id`, or an error object).
 pub async fn push_batch(
@@ -285,6 +366,9 @@ async fn push_batch_inner(api: &Api, body: Result<Bytes, BytesRejection>) -> Res
         }
         Err(e) => return error(e.status(), "bad_body", e.body_text()),
     };
+    if let Some(r) = memory_full(api) {
+        return r.response();
+    }
     let batch: Batch = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()),
@@ -298,21 +382,25 @@ async fn push_batch_inner(api: &Api, body: Result<Bytes, BytesRejection>) -> Res
         return error(StatusCode::PAYLOAD_TOO_LARGE, "too_many_messages", why);
     }
     // Every store is submitted here, in order, before any is awaited.
-    type Pending = (String, String, BoxFuture<'static, Result<(), StoreError>>);
+    type Pending = (
+        Qos,
+        String,
+        BoxFuture<'static, Result<Option<u64>, StoreError>>,
+    );
     let submitted: Vec<Result<Pending, Refused>> = batch
         .messages
         .into_iter()
         .map(|v| {
             let (client, msg) = batch_message(api, v)?;
-            Ok((new_id(), client, api.broker.publish(msg)))
+            Ok((msg.qos, client, api.broker.push(msg)))
         })
         .collect();
     let mut results = Vec::with_capacity(submitted.len());
     for s in submitted {
         results.push(match s {
-            Ok((id, client, stored)) => match stored.await {
-                Ok(()) => json!({ "status": 202, "id": id, "client_id": client }),
-                Err(e) => store_down(&e).entry(),
+            Ok((qos, client, pushed)) => match stored(api, &client, qos, pushed.await) {
+                Ok(id) => json!({ "status": 202, "id": id, "client_id": client }),
+                Err(r) => r.entry(),
             },
             Err(r) => r.entry(),
         });

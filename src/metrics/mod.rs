@@ -341,6 +341,20 @@ pub fn dropped_many(reason: Drop, n: u64) {
     handles().drops[reason as usize].increment(n);
 }
 
+/// A receipt's state changed (`receipts`).
+pub fn receipt(state: &'static str) {
+    metrics::counter!("herald_receipts_total", "state" => state).increment(1);
+}
+
+/// A POST of `n` receipts to the webhook, answered 2xx or not.
+pub fn receipt_post(ok: bool, n: usize) {
+    let result = if ok { "ok" } else { "failed" };
+    metrics::counter!("herald_receipt_webhook_posts_total", "result" => result).increment(1);
+    if ok {
+        metrics::counter!("herald_receipt_webhook_receipts_total").increment(n as u64);
+    }
+}
+
 /// An answer of the backend HTTP API (`http_api`), by endpoint and status code.
 pub fn http_response(endpoint: &'static str, status: u16) {
     metrics::counter!("herald_http_responses_total", "endpoint" => endpoint, "status" => status.to_string())

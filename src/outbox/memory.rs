@@ -11,6 +11,7 @@ use crate::config::OverflowPolicy;
 use crate::message::Qos;
 use crate::message::{now_ms, Message};
 use crate::metrics;
+use crate::receipts::{hooks::MemQueue, Event, ReceiptId, State, Table};
 
 /// One client's queue. It exists only while it holds entries (an idle device costs nothing
 /// here), so its sequence numbers start from the clock, and above every number a removed
@@ -72,6 +73,9 @@ pub struct MemoryOutbox {
     total_bytes: AtomicUsize,
     /// The highest sequence number any removed queue handed out.
     floor: AtomicU64,
+    /// Records of tracked messages (`receipts`), and the webhook's queue when there is one.
+    receipts: Table,
+    hooks: Option<Arc<MemQueue>>,
 }
 
 impl MemoryOutbox {
@@ -82,7 +86,45 @@ impl MemoryOutbox {
             total: AtomicUsize::new(0),
             total_bytes: AtomicUsize::new(0),
             floor: AtomicU64::new(0),
+            receipts: Table::new(std::time::Duration::from_secs(86_400), limits.max_total),
+            hooks: None,
         }
+    }
+
+    /// With receipts kept `ttl`, and final states queued for a webhook in `hooks`.
+    pub fn with_receipts(
+        mut self,
+        ttl: std::time::Duration,
+        hooks: Option<Arc<MemQueue>>,
+    ) -> MemoryOutbox {
+        self.receipts = Table::new(ttl, self.limits.max_total);
+        self.hooks = hooks;
+        self
+    }
+
+    /// A tracked message's state changed.
+    pub(super) fn note(&self, client: &Arc<str>, seq: u64, state: State) {
+        let at_ms = now_ms();
+        metrics::receipt(state.name());
+        if self.receipts.note(client, seq, state, at_ms) {
+            if let Some(h) = &self.hooks {
+                let id = ReceiptId {
+                    client: client.clone(),
+                    seq,
+                    lineage: 0,
+                };
+                h.push(Event { id, state, at_ms });
+            }
+        }
+    }
+
+    /// Its record, or `queued` while the entry is in the outbox.
+    pub(super) fn receipt(&self, client: &str, seq: u64) -> Option<(State, u64)> {
+        self.receipts.get(client, seq).or_else(|| {
+            let ob = self.clients.get(client)?;
+            let i = ob.position(seq).ok()?;
+            Some((State::Queued, ob.entries[i].msg.born_us / 1000))
+        })
     }
 
     /// The client's outbox, created on first use under the caller's key (no copy of the id,
@@ -133,6 +175,9 @@ impl MemoryOutbox {
                         let Some(e) = ob.remove(0) else { break };
                         self.removed(1, e.msg.size());
                         metrics::dropped(metrics::Drop::OutboxFullOldest);
+                        if e.msg.receipt {
+                            self.note(client, e.seq, State::Dropped);
+                        }
                     }
                 }
             }
@@ -165,6 +210,9 @@ impl MemoryOutbox {
             if ob.entries[i].msg.is_expired(now) {
                 if let Some(e) = ob.remove(i) {
                     self.removed(1, e.msg.size());
+                    if e.msg.receipt {
+                        self.note(ob.key(), e.seq, State::Expired);
+                    }
                 }
                 metrics::dropped(metrics::Drop::Expired);
                 continue;
@@ -204,6 +252,9 @@ impl MemoryOutbox {
         };
         let n = ob.entries.len();
         self.removed(n, ob.bytes);
+        for e in ob.entries.iter().filter(|e| e.msg.receipt) {
+            self.note(ob.key(), e.seq, State::Dropped);
+        }
         ob.entries.clear();
         ob.entries.shrink_to_fit();
         ob.bytes = 0;
@@ -242,9 +293,16 @@ impl MemoryOutbox {
 
     pub(super) fn sweep(&self) {
         let now = now_ms();
-        self.clients.retain(|_, ob| {
+        self.receipts.sweep(now);
+        self.clients.retain(|client, ob| {
             let before = (ob.entries.len(), ob.bytes);
-            ob.entries.retain(|e| !e.msg.is_expired(now));
+            ob.entries.retain(|e| {
+                let expired = e.msg.is_expired(now);
+                if expired && e.msg.receipt {
+                    self.note(client, e.seq, State::Expired);
+                }
+                !expired
+            });
             ob.bytes = ob.entries.iter().map(|e| e.msg.size()).sum();
             self.removed(before.0 - ob.entries.len(), before.1 - ob.bytes);
             for _ in ob.entries.len()..before.0 {
@@ -274,6 +332,7 @@ mod tests {
             expires_at,
             born_us: 0,
             forwarded: false,
+            receipt: false,
         })
     }
 

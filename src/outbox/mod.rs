@@ -29,6 +29,7 @@ use crate::config::{Config, OverflowPolicy};
 pub use crate::message::{now_ms, packet_id, Message};
 use crate::message::{ClientId, Qos};
 use crate::metrics::{self, StoreOp};
+use crate::receipts::{hooks, Event, ReceiptId, State};
 
 pub use crate::redis::StoreError;
 pub use memory::MemoryOutbox;
@@ -133,17 +134,22 @@ impl<'a> Outbox<'a> {
     /// (`Attach::lineage`).
     pub fn is_current(&self, client: &str, lineage: u16) -> bool {
         match self.0 {
-            Store::Memory(_) => true,
-            Store::Redis(r) => r.lineage(client) == lineage,
+            Store::Memory(..) => true,
+            Store::Redis(r, _) => r.lineage(client) == lineage,
         }
     }
 
     /// A persistent session's connection `conn` ended, having written entries up to `seq`:
     /// its next connection then knows exactly what was sent (Redis; see `Attach::replay_to`).
     pub async fn finish(&self, client: &ClientId, seq: u64, conn: u64) {
-        if let Store::Redis(r) = self.0 {
+        if let Store::Redis(r, _) = self.0 {
             r.finish(client, seq, conn).await;
         }
+    }
+
+    /// See `Store::note`.
+    pub async fn note(&self, client: &ClientId, seq: u64, lineage: u16, state: State) {
+        self.0.note(client, seq, lineage, state).await
     }
 
     /// See `Store::mark_sent`.
@@ -168,13 +174,17 @@ pub struct OutboxSample {
 /// The broker's store. An enum rather than a trait object: two implementations, static
 /// dispatch, `async fn` without boxing, and one place that shows what each does.
 pub enum Store {
-    Memory(MemoryOutbox),
-    Redis(Box<RedisOutbox>),
+    /// With the receipt webhook's feed until the server takes it (`take_hook_feed`).
+    Memory(MemoryOutbox, Option<HookFeed>),
+    Redis(Box<RedisOutbox>, Option<HookFeed>),
 }
 
+type HookFeed = (hooks::Feed, Arc<tokio::sync::Notify>);
+
 impl Store {
-    /// The memory store, or with `redis` the Redis store on that connection.
-    pub fn open(config: &Config, redis: Option<crate::redis::Redis>) -> Store {
+    /// The memory store, or with `redis` the Redis store on that connection. `node`: this
+    /// node's id (the Redis store's receipt hook stream is the node's).
+    pub fn open(config: &Config, redis: Option<crate::redis::Redis>, node: &str) -> Store {
         let limits = Limits {
             max_queued: config.session.max_queued_messages,
             max_queued_bytes: config.session.max_queued_bytes,
@@ -182,22 +192,108 @@ impl Store {
             max_total: config.store.max_messages,
             max_total_bytes: config.store.max_bytes,
         };
+        let http = &config.http;
+        let webhook = http.listen.is_some() && http.receipt_webhook.is_some();
+        let wake = Arc::new(tokio::sync::Notify::new());
         match redis {
-            None => Store::Memory(MemoryOutbox::new(limits)),
-            Some(r) => Store::Redis(Box::new(RedisOutbox::open(
-                r,
-                limits,
-                config.session.message_ttl,
-                config.store.redis_wait_replicas,
-                config.cluster.listen.is_some(),
-                config.server.max_packet_size + 64,
-            ))),
+            None => {
+                let queue = webhook.then(|| {
+                    let q = hooks::MemQueue::new(
+                        http.receipt_queue,
+                        http.receipt_queue_bytes,
+                        wake.clone(),
+                    );
+                    Arc::new(q)
+                });
+                Store::Memory(
+                    MemoryOutbox::new(limits).with_receipts(http.receipt_ttl, queue.clone()),
+                    queue.map(|q| (hooks::Feed::Memory(q), wake)),
+                )
+            }
+            Some(r) => {
+                let key = crate::redis::keys::hooks(node);
+                let notes = redis::notes::Notes {
+                    receipt_sha: r.scripts().receipt.get_hash().to_string(),
+                    hook_sha: r.scripts().hook.get_hash().to_string(),
+                    ttl_ms: http.receipt_ttl.as_millis() as u64,
+                    hook: webhook.then(|| redis::notes::Hook {
+                        key: key.clone(),
+                        cap: http.receipt_queue,
+                        wake: wake.clone(),
+                    }),
+                };
+                let feed = webhook.then(|| {
+                    let feed = hooks::Feed::Redis {
+                        redis: r.clone(),
+                        key,
+                    };
+                    (feed, wake)
+                });
+                Store::Redis(
+                    Box::new(RedisOutbox::open(
+                        r,
+                        limits,
+                        config.session.message_ttl,
+                        config.store.redis_wait_replicas,
+                        config.cluster.listen.is_some(),
+                        config.server.max_packet_size + 64,
+                        notes,
+                        metrics::enabled() || http.listen.is_some(),
+                    )),
+                    feed,
+                )
+            }
+        }
+    }
+
+    /// What the receipt webhook's poster reads, and what wakes it (`receipts::hooks`);
+    /// `None` without a webhook. Taken once.
+    pub fn take_hook_feed(&mut self) -> Option<HookFeed> {
+        match self {
+            Store::Memory(_, f) | Store::Redis(_, f) => f.take(),
+        }
+    }
+
+    /// A tracked message's state changed: recorded, and a final state queued for the
+    /// webhook. Best effort, like `ack`.
+    pub async fn note(&self, client: &Arc<str>, seq: u64, lineage: u16, state: State) {
+        match self {
+            Store::Memory(m, _) => m.note(client, seq, state),
+            Store::Redis(r, _) => {
+                let id = ReceiptId {
+                    client: client.clone(),
+                    seq,
+                    lineage,
+                };
+                r.note(Event {
+                    id,
+                    state,
+                    at_ms: now_ms(),
+                })
+                .await
+            }
+        }
+    }
+
+    /// The state of a tracked message and when it changed (unix ms); `None` when unknown.
+    pub async fn receipt(&self, id: &ReceiptId) -> Result<Option<(State, u64)>, StoreError> {
+        match self {
+            Store::Memory(m, _) => Ok(m.receipt(&id.client, id.seq)),
+            Store::Redis(r, _) => r.receipt(id).await,
+        }
+    }
+
+    /// The lineage of `client`'s keys now (`Attach::lineage`): what a receipt id names.
+    pub fn lineage(&self, client: &str) -> u16 {
+        match self {
+            Store::Memory(..) => 0,
+            Store::Redis(r, _) => r.lineage(client),
         }
     }
 
     /// Calls cross the network: worth running many at once.
     pub fn is_remote(&self) -> bool {
-        matches!(self, Store::Redis(_))
+        matches!(self, Store::Redis(..))
     }
 
     /// Appends `msg` to `client`'s outbox. The append is submitted when this is called, not
@@ -211,7 +307,7 @@ impl Store {
         live: bool,
     ) -> impl Future<Output = Result<Stored, StoreError>> + Send + 'static {
         match self {
-            Store::Memory(m) => {
+            Store::Memory(m, _) => {
                 let started = metrics::sampled_clock();
                 let outcome = m.enqueue(client, qos, msg);
                 metrics::store_op(StoreOp::Enqueue, started);
@@ -221,7 +317,7 @@ impl Store {
                     live: false,
                 })))
             }
-            Store::Redis(r) => {
+            Store::Redis(r, _) => {
                 let started = metrics::clock();
                 let stored = r.enqueue(client, qos, msg, live);
                 Either::Right(async move {
@@ -241,8 +337,8 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
         match self {
-            Store::Memory(m) => Ok(m.fetch(client, from, limit)),
-            Store::Redis(r) => r.fetch(client, from, limit).await,
+            Store::Memory(m, _) => Ok(m.fetch(client, from, limit)),
+            Store::Redis(r, _) => r.fetch(client, from, limit).await,
         }
     }
 
@@ -254,13 +350,13 @@ impl Store {
     /// writer times the write itself.
     pub async fn ack(&self, client: &Arc<str>, seq: u64, lineage: u16) -> bool {
         match self {
-            Store::Memory(m) => {
+            Store::Memory(m, _) => {
                 let started = metrics::sampled_clock();
                 m.ack(client, seq);
                 metrics::store_op(StoreOp::Ack, started);
                 true
             }
-            Store::Redis(r) => r.ack(client, seq, lineage).await,
+            Store::Redis(r, _) => r.ack(client, seq, lineage).await,
         }
     }
 
@@ -273,11 +369,11 @@ impl Store {
         seq: u64,
     ) -> Option<tokio::sync::oneshot::Receiver<()>> {
         match self {
-            Store::Memory(m) => {
+            Store::Memory(m, _) => {
                 m.mark_sent(client, seq);
                 None
             }
-            Store::Redis(r) => Some(r.mark_sent(client, seq).await),
+            Store::Redis(r, _) => Some(r.mark_sent(client, seq).await),
         }
     }
 
@@ -303,7 +399,7 @@ impl Store {
         conn: u64,
     ) -> Result<Attach, StoreError> {
         match self {
-            Store::Memory(m) => {
+            Store::Memory(m, _) => {
                 let sent_watermark = m.sent(client);
                 if clean {
                     m.clear(client);
@@ -315,7 +411,7 @@ impl Store {
                     lineage: 0,
                 })
             }
-            Store::Redis(r) => r.attach(client, clean, conn).await,
+            Store::Redis(r, _) => r.attach(client, clean, conn).await,
         }
     }
 
@@ -323,11 +419,11 @@ impl Store {
     /// sessions do, and its CONNECT cleared the ones from before).
     pub async fn clear(&self, client: &str) -> Result<(), StoreError> {
         match self {
-            Store::Memory(m) => {
+            Store::Memory(m, _) => {
                 m.clear(client);
                 Ok(())
             }
-            Store::Redis(r) => r.clear(client).await,
+            Store::Redis(r, _) => r.clear(client).await,
         }
     }
 
@@ -337,8 +433,8 @@ impl Store {
     /// entries in its mailbox or in flight may still deliver those.
     pub async fn delete_outbox(&self, client: &str) -> Result<usize, StoreError> {
         let n = match self {
-            Store::Memory(m) => m.clear(client),
-            Store::Redis(r) => r.delete_all(client).await?,
+            Store::Memory(m, _) => m.clear(client),
+            Store::Redis(r, _) => r.delete_all(client).await?,
         };
         metrics::dropped_many(metrics::Drop::Deleted, n as u64);
         Ok(n)
@@ -348,22 +444,22 @@ impl Store {
     /// when the oldest does not say).
     pub async fn queued(&self, client: &str) -> Result<(usize, Option<u64>), StoreError> {
         match self {
-            Store::Memory(m) => Ok(m.queued(client)),
-            Store::Redis(r) => r.queued(client).await,
+            Store::Memory(m, _) => Ok(m.queued(client)),
+            Store::Redis(r, _) => r.queued(client).await,
         }
     }
 
     /// Number of queued entries (tests and metrics).
     pub async fn len(&self, client: &str) -> Result<usize, StoreError> {
         match self {
-            Store::Memory(m) => Ok(m.len(client)),
-            Store::Redis(r) => r.len(client).await,
+            Store::Memory(m, _) => Ok(m.len(client)),
+            Store::Redis(r, _) => r.len(client).await,
         }
     }
 
     /// Waits (a bounded time) for the store writes queued so far: a draining node's acks.
     pub async fn flush(&self) {
-        if let Store::Redis(r) = self {
+        if let Store::Redis(r, _) = self {
             r.flush().await;
         }
     }
@@ -371,8 +467,8 @@ impl Store {
     /// The store's last probe round trip (Redis), in seconds.
     pub fn ping_secs(&self) -> Option<f64> {
         match self {
-            Store::Memory(_) => None,
-            Store::Redis(r) => Some(r.ping_secs()),
+            Store::Memory(..) => None,
+            Store::Redis(r, _) => Some(r.ping_secs()),
         }
     }
 
@@ -380,14 +476,14 @@ impl Store {
     /// Redis store's last store-wide sample (`None` before the first).
     pub fn outbox_sample(&self) -> Option<OutboxSample> {
         match self {
-            Store::Memory(m) => Some(m.sample()),
-            Store::Redis(r) => r.sample(),
+            Store::Memory(m, _) => Some(m.sample()),
+            Store::Redis(r, _) => r.sample(),
         }
     }
 
     /// Periodic housekeeping: expire old entries, forget idle empty outboxes.
     pub async fn sweep(&self) {
-        if let Store::Memory(m) = self {
+        if let Store::Memory(m, _) = self {
             m.sweep()
         }
     }
@@ -400,23 +496,23 @@ impl Store {
         qos: Qos,
     ) -> Result<(), StoreError> {
         match self {
-            Store::Memory(_) => Ok(()),
-            Store::Redis(r) => r.save_subscription(client, filter, qos).await,
+            Store::Memory(..) => Ok(()),
+            Store::Redis(r, _) => r.save_subscription(client, filter, qos).await,
         }
     }
 
     pub async fn remove_subscription(&self, client: &str, filter: &str) -> Result<(), StoreError> {
         match self {
-            Store::Memory(_) => Ok(()),
-            Store::Redis(r) => r.remove_subscription(client, filter).await,
+            Store::Memory(..) => Ok(()),
+            Store::Redis(r, _) => r.remove_subscription(client, filter).await,
         }
     }
 
     /// (client, filter, qos) of every stored subscription.
     pub async fn load_subscriptions(&self) -> Result<Vec<(String, String, Qos)>, StoreError> {
         match self {
-            Store::Memory(_) => Ok(Vec::new()),
-            Store::Redis(r) => r.load_subscriptions().await,
+            Store::Memory(..) => Ok(Vec::new()),
+            Store::Redis(r, _) => r.load_subscriptions().await,
         }
     }
 
@@ -426,8 +522,8 @@ impl Store {
         client: &str,
     ) -> Result<Vec<(String, Qos)>, StoreError> {
         match self {
-            Store::Memory(_) => Ok(Vec::new()),
-            Store::Redis(r) => r.client_subscriptions(client).await,
+            Store::Memory(..) => Ok(Vec::new()),
+            Store::Redis(r, _) => r.client_subscriptions(client).await,
         }
     }
 
@@ -435,8 +531,8 @@ impl Store {
     /// store is shared with other nodes, so only it can hold what this node was not told.
     pub async fn newest(&self, clients: &[&str]) -> Result<Vec<u64>, StoreError> {
         match self {
-            Store::Memory(_) => Ok(vec![0; clients.len()]),
-            Store::Redis(r) => r.newest(clients).await,
+            Store::Memory(..) => Ok(vec![0; clients.len()]),
+            Store::Redis(r, _) => r.newest(clients).await,
         }
     }
 
@@ -447,8 +543,8 @@ impl Store {
         msg: &Message,
     ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
         match self {
-            Store::Memory(_) => Either::Left(ready(Ok(()))),
-            Store::Redis(r) => Either::Right(r.set_retained(msg)),
+            Store::Memory(..) => Either::Left(ready(Ok(()))),
+            Store::Redis(r, _) => Either::Right(r.set_retained(msg)),
         }
     }
 
@@ -456,15 +552,15 @@ impl Store {
     /// first node of this version serves).
     pub async fn upgrade(&self) -> Result<(), StoreError> {
         match self {
-            Store::Memory(_) => Ok(()),
-            Store::Redis(r) => r.upgrade().await,
+            Store::Memory(..) => Ok(()),
+            Store::Redis(r, _) => r.upgrade().await,
         }
     }
 
     pub async fn load_retained(&self) -> Result<Vec<Message>, StoreError> {
         match self {
-            Store::Memory(_) => Ok(Vec::new()),
-            Store::Redis(r) => r.load_retained().await,
+            Store::Memory(..) => Ok(Vec::new()),
+            Store::Redis(r, _) => r.load_retained().await,
         }
     }
 }

@@ -21,6 +21,8 @@
 //! | `herald:nodes` | SET | cluster | node ids |
 //! | `herald:filters:{node}` | SET | cluster | topic filters the node has subscribers for |
 //! | `herald:interest` | string (INCR) | cluster | bumped whenever a node's filters change |
+//! | `herald:rcpt:{cid}:<lineage>.<seq>` | string, PX | outbox (ack writer) | `<state> <unix ms>` of a message pushed with `receipt=true`; TTL `http.receipt_ttl` (`scripts::RECEIPT`); read by the HTTP API |
+//! | `herald:hooks:{node}` | STREAM | outbox (ack writer) appends, `receipts::hooks` removes | final receipt states waiting for the node's webhook POST (`scripts::HOOK`), at most `http.receipt_queue` |
 //! | `herald:sample` | string, PX | outbox | the sampling lease: which node samples the store next (`outbox::redis::sample`) |
 //! | `herald:stats` | HASH, PX | outbox | the last sample: messages, oldest_born_us, sessions, routed |
 
@@ -136,6 +138,23 @@ pub const NODES: &str = "herald:nodes";
 /// Counter bumped whenever a node's filters change.
 pub const INTEREST: &str = "herald:interest";
 
+/// `herald:rcpt:{<client>}:<lineage>.<seq>`: a tracked message's record (same slot as the
+/// client's other keys).
+pub fn receipt(cid: &str, lineage: u16, seq: u64) -> String {
+    let mut k = client(Client::Outbox, cid);
+    k.replace_range(PREFIX.len()..PREFIX.len() + 3, "rcpt");
+    k.push(':');
+    k.push_str(&lineage.to_string());
+    k.push('.');
+    k.push_str(&seq.to_string());
+    k
+}
+
+/// `herald:hooks:{<node>}`.
+pub fn hooks(node: &str) -> String {
+    format!("{PREFIX}hooks:{{{node}}}")
+}
+
 /// `herald:alive:{<node>}`.
 pub fn alive(node: &str) -> String {
     format!("{PREFIX}alive:{{{node}}}")
@@ -157,6 +176,8 @@ mod tests {
         put_client(&mut b, Client::Sent, "dev|1");
         assert_eq!(&b[..], b"$19\r\nherald:sent:{dev|1}\r\n");
         assert_eq!(alive("n1"), "herald:alive:{n1}");
+        assert_eq!(receipt("d}1", 3, 42), "herald:rcpt:{d}1}:3.42");
+        assert_eq!(hooks("n1"), "herald:hooks:{n1}");
         assert_eq!(filters("n1"), "herald:filters:{n1}");
         assert_eq!(session_state("a")[4], "herald:qbytes:{a}");
         for id in ["dev-1", "a}b", "x{y", "{z}", "ü"] {

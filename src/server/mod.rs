@@ -208,21 +208,22 @@ impl Server {
         if let Some(r) = &redis {
             readiness.watch_store(r.health().clone());
         }
+        let port = listeners
+            .tcp
+            .or(listeners.tls)
+            .or(listeners.ws)
+            .or(listeners.wss)
+            .map_or(0, |a| a.port());
+        let node_id = config
+            .cluster
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("{}:{port}", hostname()));
         let cluster = match (&cluster_listener, &redis) {
             (Some(l), Some(redis)) => {
                 let c = &config.cluster;
-                let port = listeners
-                    .tcp
-                    .or(listeners.tls)
-                    .or(listeners.ws)
-                    .or(listeners.wss)
-                    .map_or(0, |a| a.port());
-                let id = c
-                    .node_id
-                    .clone()
-                    .unwrap_or_else(|| format!("{}:{port}", hostname()));
                 let settings = cluster::Settings {
-                    id,
+                    id: node_id.clone(),
                     advertise: c.advertise.unwrap_or(l.local_addr()?),
                     sweep_interval: c.sweep_interval,
                     node_ttl: c.node_ttl,
@@ -233,7 +234,17 @@ impl Server {
             // The configuration check refuses a cluster without the Redis store.
             _ => None,
         };
-        let store = Store::open(&config, redis);
+        let mut store = Store::open(&config, redis, &node_id);
+        if let (Some((feed, wake)), Some(url)) =
+            (store.take_hook_feed(), config.http.receipt_webhook.clone())
+        {
+            tokio::spawn(crate::receipts::hooks::run(
+                feed,
+                wake,
+                url,
+                shutdown.clone(),
+            ));
+        }
         let broker = Arc::new(
             Broker::open(config, store, cluster.clone(), auth)
                 .await

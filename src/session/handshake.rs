@@ -294,6 +294,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             expires_at: 0,
             born_us: 0,
             forwarded: false,
+            receipt: false,
         });
         let extras =
             (will.is_some() || principal.is_some()).then(|| Box::new(Extras { will, principal }));

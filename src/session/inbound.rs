@@ -15,6 +15,7 @@ use crate::lograte::{self, Reason};
 use crate::message::{Message, Now, Qos};
 use crate::metrics::{self, Denied};
 use crate::outbox::StoreError;
+use crate::receipts::State;
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     /// Decodes and handles every complete packet in `rbuf`.
@@ -90,6 +91,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             expires_at: 0,
             born_us: now.us(),
             forwarded: false,
+            receipt: false,
         };
         let size = msg.size();
         self.publisher = true;
@@ -279,6 +281,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             .await
         {
             return Err(End::store_lost_writes());
+        }
+        if f.receipt {
+            self.note(seq, State::Acked).await;
         }
         Ok(true)
     }

@@ -175,6 +175,8 @@ struct InFlight {
     born_us: u64,
     path: metrics::Path,
     replay: bool,
+    /// Pushed with `receipt=true`: its PUBACK is noted (`receipts`).
+    receipt: bool,
 }
 
 struct Session<S> {

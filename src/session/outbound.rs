@@ -3,6 +3,7 @@
 //! messages waiting for room, all within the write buffer's byte budget
 //! (`server.max_write_buffer`). The socket itself is written by `Session::poll_io`.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -13,6 +14,7 @@ use crate::mailbox::Delivery;
 use crate::message::{packet_id, Message, Now, Qos};
 use crate::metrics;
 use crate::outbox::{Entry, StoreError};
+use crate::receipts::State;
 
 /// Retained QoS 0 messages one connection may have waiting (`Pending::retained`); more
 /// are dropped and counted.
@@ -150,6 +152,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 .outbox()
                 .ack(&self.client, e.seq, self.lineage)
                 .await;
+            if e.msg.receipt {
+                self.note(e.seq, State::Dropped).await;
+            }
             return true;
         }
         let dup = e.seq <= self.sent_watermark
@@ -175,7 +180,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             path: path_of(&e.msg),
             // The connection id is when it started (`Broker::new_conn_id`).
             replay: e.msg.born_us < self.mailbox.conn_id(),
+            receipt: e.msg.receipt,
         });
+        if e.msg.receipt {
+            self.note(e.seq, State::Sent).await;
+        }
         self.next_seq = e.seq + 1;
         self.mailbox.saw(e.seq);
         if !dup && !e.live {
@@ -186,6 +195,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             }
         }
         true
+    }
+
+    /// A tracked message's state changed (`receipts`). The future owns what it needs: a
+    /// session is not `Sync`, so no borrow of it may be held across an await.
+    pub(super) fn note(&self, seq: u64, state: State) -> impl Future<Output = ()> + Send {
+        let (broker, client, lineage) = (self.broker.clone(), self.client.clone(), self.lineage);
+        async move { broker.outbox().note(&client, seq, lineage, state).await }
     }
 
     pub(super) fn window_free(&self) -> usize {

@@ -8,6 +8,7 @@
 //! waits for the watermarks queued before it. No connection is held per MQTT client.
 
 mod migrate;
+pub(super) mod notes;
 mod sample;
 #[cfg(test)]
 mod tests;
@@ -24,6 +25,7 @@ use super::{Attach, Enqueued, Entry, Limits, StoreError, Stored};
 use crate::config::OverflowPolicy;
 use crate::message::{now_ms, Message, Qos};
 use crate::metrics;
+use crate::receipts::{self, Event, ReceiptId, State};
 use crate::redis::keys::{self, Client};
 use crate::redis::{Redis, CALL_TIMEOUT};
 use writer::{Applied, EnqueueArgs, Ordered, OrderedReply, Write, MAX_QUEUED_WRITES};
@@ -58,16 +60,49 @@ fn stored_qos(n: u8) -> Option<Qos> {
     Qos::try_from(n).ok()
 }
 
+/// Removes expired entries (`(seq, tracked)`) as acks, counting them, and notes the tracked
+/// ones `expired`. Shared by a read (`fetch`) and the store's background pass (`sample`).
+async fn expire(
+    writes: &mpsc::Sender<Write>,
+    client: &Arc<str>,
+    lineage: u16,
+    expired: &[(u64, bool)],
+) {
+    let at_ms = now_ms();
+    for &(seq, tracked) in expired {
+        metrics::dropped(metrics::Drop::Expired);
+        let _ = writes
+            .send(Write::Ack(client.clone(), seq, lineage, None))
+            .await;
+        if tracked {
+            let id = ReceiptId {
+                client: client.clone(),
+                seq,
+                lineage,
+            };
+            let e = Event {
+                id,
+                state: State::Expired,
+                at_ms,
+            };
+            let _ = writes.send(Write::Note(e)).await;
+        }
+    }
+}
+
 impl RedisOutbox {
     /// Starts the writer tasks on `redis`. `routes`: read each receiver's route with its
     /// enqueue (a cluster node).
-    pub fn open(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn open(
         redis: Redis,
         limits: Limits,
         ttl: Duration,
         wait_replicas: u32,
         routes: bool,
         max_envelope: usize,
+        receipts: notes::Notes,
+        sample: bool,
     ) -> RedisOutbox {
         let (tx, rx) = mpsc::channel(MAX_QUEUED_WRITES);
         tokio::spawn(writer::write_loop(
@@ -75,6 +110,7 @@ impl RedisOutbox {
             rx,
             redis.health().clone(),
             redis.scripts().finish.get_hash().to_string(),
+            receipts,
         ));
         let (ordered, orx) = mpsc::channel(MAX_QUEUED_WRITES);
         let args = EnqueueArgs {
@@ -94,8 +130,8 @@ impl RedisOutbox {
             wait_replicas,
         ));
         let stats = Arc::default();
-        if metrics::enabled() {
-            tokio::spawn(sample::run(redis.clone(), Arc::clone(&stats)));
+        if sample {
+            tokio::spawn(sample::run(redis.clone(), Arc::clone(&stats), tx.clone()));
         }
         RedisOutbox {
             redis,
@@ -190,7 +226,7 @@ impl RedisOutbox {
         let mut expired = Vec::new();
         for entry in raw {
             match decode_entry(entry) {
-                Some((seq, _, msg)) if msg.is_expired(now) => expired.push(seq),
+                Some((seq, _, msg)) if msg.is_expired(now) => expired.push((seq, msg.receipt)),
                 Some((seq, live, msg)) => out.push(Entry {
                     seq,
                     qos: msg.qos,
@@ -204,11 +240,39 @@ impl RedisOutbox {
             }
         }
         let client: Arc<str> = Arc::from(client);
-        for seq in expired {
-            metrics::dropped(metrics::Drop::Expired);
-            self.ack(&client, seq, lineage).await;
-        }
+        expire(&self.writes, &client, lineage, &expired).await;
         Ok(out)
+    }
+
+    /// A tracked message's state changed (`receipts`); written with the next acks.
+    pub(super) async fn note(&self, e: Event) {
+        let _ = self.writes.send(Write::Note(e)).await;
+    }
+
+    /// The record of a tracked message: its own, or `queued` while the entry is in the
+    /// outbox (never written: see `receipts`). `None` when neither, or when the client's
+    /// keys are no longer the copy the id was given under.
+    pub(super) async fn receipt(&self, id: &ReceiptId) -> Result<Option<(State, u64)>, StoreError> {
+        if self.redis.lineage(&id.client) != id.lineage {
+            return Ok(None);
+        }
+        let mut get = redis::cmd("GET");
+        get.arg(keys::receipt(&id.client, id.lineage, id.seq));
+        let record: Option<Vec<u8>> = self.redis.query(&get).await?;
+        if let Some(r) = record.as_deref().and_then(receipts::parse_record) {
+            return Ok(Some(r));
+        }
+        let entry = format!("0-{}", id.seq);
+        let mut c = redis::cmd("XRANGE");
+        c.arg(keys::client(Client::Outbox, &id.client))
+            .arg(&entry)
+            .arg(&entry);
+        let raw: Vec<RawEntry> = self.redis.query(&c).await?;
+        Ok(raw
+            .into_iter()
+            .next()
+            .and_then(decode_entry)
+            .map(|(_, _, m)| (State::Queued, m.born_us / 1000)))
     }
 
     /// Waits (at most the call timeout) for the acks and watermarks queued so far.

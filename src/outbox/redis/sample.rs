@@ -14,6 +14,14 @@
 //! held for `SLOWDOWN` times as long as the pass took (at least the interval): the sample
 //! never takes more than about 5 % of Redis, and at tens of millions of keys it is simply
 //! less frequent.
+//!
+//! The same pass finds outboxes whose oldest entry has expired and that nobody reads (their
+//! device stays away): it removes the expired entries, counts them
+//! (`herald_messages_dropped_total{reason="expired"}`) and reports tracked ones `expired`
+//! (`receipts`), before the key's own TTL would make them vanish uncounted. An outbox key
+//! outlives its newest message by at least the TTL refresh interval (`writer`), which is at
+//! least a second; a store so large that the pass comes less often than that can still lose
+//! some of these to the key's TTL, uncounted.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,9 +29,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::message::{now_us, Message};
+use tokio::sync::mpsc;
+
+use super::writer::Write;
+use crate::message::{now_ms, now_us, Message};
 use crate::redis::keys;
 use crate::redis::{Redis, StoreError};
+
+/// Outboxes one pass expires at most; the rest wait for the next pass.
+const EXPIRE_PER_PASS: usize = 10_000;
 
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(30);
 
@@ -43,7 +57,7 @@ pub struct Stats {
 }
 
 /// Runs until the process ends, keeping `latest` up to date.
-pub async fn run(redis: Redis, latest: Arc<Mutex<Option<Stats>>>) {
+pub async fn run(redis: Redis, latest: Arc<Mutex<Option<Stats>>>, writes: mpsc::Sender<Write>) {
     let mut every = tokio::time::interval(SAMPLE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let lease = format!(
@@ -64,9 +78,12 @@ pub async fn run(redis: Redis, latest: Arc<Mutex<Option<Stats>>>) {
         if let Ok(Some(_)) = redis.query::<Option<String>>(&take).await {
             let started = tokio::time::Instant::now();
             match scan(&redis).await {
-                Ok(s) => {
+                Ok((s, stale)) => {
                     let hold = (started.elapsed() * SLOWDOWN).max(SAMPLE_EVERY * 9 / 10);
                     let _ = write(&redis, &s, hold).await;
+                    for cid in stale {
+                        let _ = expire_outbox(&redis, &writes, cid).await;
+                    }
                 }
                 Err(e) => tracing::debug!(error = %e, "store sample failed"),
             }
@@ -77,8 +94,11 @@ pub async fn run(redis: Redis, latest: Arc<Mutex<Option<Stats>>>) {
     }
 }
 
-async fn scan(redis: &Redis) -> Result<Stats, StoreError> {
+/// The store's figures, and the clients whose oldest queued entry has expired.
+async fn scan(redis: &Redis) -> Result<(Stats, Vec<String>), StoreError> {
     let mut stats = Stats::default();
+    let mut stale = Vec::new();
+    let now = now_ms();
     let (outbox, session) = (
         keys::client_prefix(keys::Client::Outbox),
         keys::client_prefix(keys::Client::Session),
@@ -110,20 +130,29 @@ async fn scan(redis: &Redis) -> Result<Stats, StoreError> {
         }
         let replies: Vec<redis::Value> = redis.query_each(&cmds).await?;
         let mut it = replies.into_iter();
+        let mut boxes = found.iter().filter(|k| k.starts_with(&outbox));
         for _ in 0..outboxes {
             let (n, first) = (it.next(), it.next());
+            let key = boxes.next();
             stats.messages +=
                 redis::from_redis_value::<u64>(n.unwrap_or(redis::Value::Nil)).unwrap_or(0);
             let first: Vec<super::RawEntry> = first
                 .and_then(|v| redis::from_redis_value(v).ok())
                 .unwrap_or_default();
-            if let Some(born) = first
+            let first = first
                 .into_iter()
                 .next()
                 .and_then(|(_, fields)| fields.into_iter().next())
-                .and_then(|(_, envelope)| born_us(envelope))
-                .filter(|b| *b > 0)
-            {
+                .and_then(|(_, envelope)| Message::from_envelope(Bytes::from(envelope)));
+            if let (Some(m), Some(k)) = (&first, key) {
+                let cid = k.strip_prefix(&outbox).and_then(|r| r.strip_suffix('}'));
+                if let Some(cid) = cid.filter(|_| m.is_expired(now)) {
+                    if stale.len() < EXPIRE_PER_PASS {
+                        stale.push(cid.to_string());
+                    }
+                }
+            }
+            if let Some(born) = first.map(|m| m.born_us).filter(|b| *b > 0) {
                 if stats.oldest_born_us == 0 || born < stats.oldest_born_us {
                     stats.oldest_born_us = born;
                 }
@@ -136,12 +165,33 @@ async fn scan(redis: &Redis) -> Result<Stats, StoreError> {
             }
         }
     }
-    Ok(stats)
+    Ok((stats, stale))
 }
 
-/// The `born_us` of a stored `<seq>|<envelope>` member.
-fn born_us(envelope: Vec<u8>) -> Option<u64> {
-    Message::from_envelope(Bytes::from(envelope)).map(|m| m.born_us)
+/// Removes the expired entries at the head of `cid`'s outbox (entries expire in order
+/// unless a push set its own shorter `ttl`: those behind a live one wait for a read).
+async fn expire_outbox(
+    redis: &Redis,
+    writes: &mpsc::Sender<Write>,
+    cid: String,
+) -> Result<(), StoreError> {
+    let lineage = redis.lineage(&cid);
+    let mut c = redis::cmd("XRANGE");
+    c.arg(keys::client(keys::Client::Outbox, &cid))
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1000);
+    let raw: Vec<super::RawEntry> = redis.query(&c).await?;
+    let now = now_ms();
+    let expired: Vec<(u64, bool)> = raw
+        .into_iter()
+        .filter_map(super::decode_entry)
+        .take_while(|(_, _, m)| m.is_expired(now))
+        .map(|(seq, _, m)| (seq, m.receipt))
+        .collect();
+    super::expire(writes, &Arc::from(cid), lineage, &expired).await;
+    Ok(())
 }
 
 /// Stores the sample, and holds the lease for `hold` from now (the sample's own pace).

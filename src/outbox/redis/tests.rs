@@ -48,6 +48,7 @@ fn entries_carry_their_sequence_number_and_liveness() {
         expires_at: 12345,
         born_us: 0,
         forwarded: false,
+        receipt: false,
     };
     let entry =
         |id: &str, field: &[u8]| (id.to_string(), vec![(field.to_vec(), m.envelope(m.qos))]);
@@ -125,6 +126,7 @@ fn msg(payload: &'static [u8]) -> Arc<Message> {
         expires_at: 0,
         born_us: 0,
         forwarded: false,
+        receipt: false,
     })
 }
 
@@ -145,7 +147,22 @@ async fn outbox_with(redis: &TestRedis, overflow: OverflowPolicy, routes: bool) 
 
 async fn outbox_limits(redis: &TestRedis, limits: Limits, routes: bool) -> RedisOutbox {
     let redis = Redis::connect(&redis.url(), None).await.unwrap();
-    RedisOutbox::open(redis, limits, Duration::from_secs(60), 0, routes, 2048)
+    let notes = super::notes::Notes {
+        receipt_sha: redis.scripts().receipt.get_hash().to_string(),
+        hook_sha: redis.scripts().hook.get_hash().to_string(),
+        ttl_ms: 86_400_000,
+        hook: None,
+    };
+    RedisOutbox::open(
+        redis,
+        limits,
+        Duration::from_secs(60),
+        0,
+        routes,
+        2048,
+        notes,
+        false,
+    )
 }
 
 /// A cluster node reads each receiver's route with its enqueue: present, absent, and a

@@ -15,9 +15,11 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::sync::{mpsc, oneshot};
 
+use super::notes::{self, Notes};
 use crate::message::{Message, Qos};
 use crate::metrics;
 use crate::outbox::{RouteHint, StoreError};
+use crate::receipts::Event;
 use crate::redis::keys::{self, Client};
 use crate::redis::resp::{self, Replies, Reply};
 use crate::redis::{slots, Health, Hot, Part};
@@ -86,12 +88,16 @@ impl EnqueueArgs {
         (self.ttl_ms / 8).clamp(1_000, 3_600_000)
     }
 
-    /// The key TTL: a message stored just after a refresh still lives its full TTL.
+    /// The key TTL: a message stored just after a refresh still lives its full TTL, and an
+    /// outbox nobody reads is still there for the store's next background pass
+    /// (`sample`, every 30 s), which counts and reports its expired messages.
     fn key_ttl_ms(&self) -> u64 {
         if self.ttl_ms == 0 {
             0
         } else {
-            self.ttl_ms + self.refresh_every_ms()
+            self.ttl_ms
+                + self.refresh_every_ms()
+                + 2 * super::sample::SAMPLE_EVERY.as_millis() as u64
         }
     }
 }
@@ -198,6 +204,8 @@ pub(super) enum Write {
     Sent(Arc<str>, u64),
     /// A connection ended: its exact watermark, and its id (`scripts::FINISH`).
     Finish(Arc<str>, u64, u64),
+    /// A tracked message's state changed (`notes`).
+    Note(Event),
     /// Answered once every write queued before it is applied (or given up).
     Barrier(oneshot::Sender<()>),
 }
@@ -567,8 +575,10 @@ pub(super) async fn write_loop(
     mut rx: mpsc::Receiver<Write>,
     health: Arc<Health>,
     finish_sha: String,
+    receipts: Notes,
 ) {
     let mut batch = Vec::with_capacity(1024);
+    let mut noted = Vec::new();
     let mut out = BytesMut::with_capacity(64 * 1024);
     let (mut acks, mut sent, mut barriers) = (Vec::new(), Vec::new(), Vec::new());
     let mut finished = Vec::new();
@@ -585,6 +595,9 @@ pub(super) async fn write_loop(
                 }
                 Write::Sent(c, seq) => sent.push(Keyed::new(c, seq)),
                 Write::Finish(c, seq, conn) => finished.push((c, seq, conn)),
+                // Same rule as an ack: the record would be another message's.
+                Write::Note(e) if hot.lineage(&e.id.client) != e.id.lineage => {}
+                Write::Note(e) => noted.push(e),
                 Write::Barrier(b) => barriers.push(b),
             }
         }
@@ -594,10 +607,13 @@ pub(super) async fn write_loop(
                 sent: &mut sent,
                 finished: &finished,
                 finish_sha: &finish_sha,
+                noted: &noted,
+                receipts: &receipts,
             };
             apply(&mut hot, &mut out, writes, &health).await;
         }
         finished.clear();
+        noted.clear();
         if !started.is_empty() {
             let end = std::time::Instant::now();
             for t in started.drain(..) {
@@ -658,6 +674,9 @@ struct Writes<'a> {
     /// Connections that ended: client, watermark, connection id.
     finished: &'a [(Arc<str>, u64, u64)],
     finish_sha: &'a str,
+    /// Receipt state changes, after everything else (their replies are read).
+    noted: &'a [Event],
+    receipts: &'a Notes,
 }
 
 /// Writes one batch of acks and watermarks. On failure the store is marked down.
@@ -667,6 +686,8 @@ async fn apply(hot: &mut Hot, out: &mut BytesMut, w: Writes<'_>, health: &Health
         sent,
         finished,
         finish_sha,
+        noted,
+        receipts,
     } = w;
     out.clear();
     // Each command is a part of its own: on a cluster they go to their client's node.
@@ -735,10 +756,17 @@ async fn apply(hot: &mut Hot, out: &mut BytesMut, w: Writes<'_>, health: &Health
         resp::bulk_u64(out, *conn);
         cut(out, client);
     }
+    for e in noted {
+        let slot = notes::encode(out, receipts, e);
+        parts.push(Part {
+            slot,
+            end: out.len(),
+        });
+    }
     if parts.is_empty() {
         return;
     }
-    let commands = parts.len();
+    let commands = parts.len() - noted.len();
     let Ok(buf) = hot.round_trip_parts(out, &parts, 0, health).await else {
         return;
     };
@@ -752,9 +780,12 @@ async fn apply(hot: &mut Hot, out: &mut BytesMut, w: Writes<'_>, health: &Health
                 other => r.skip(other)?,
             }
         }
-        Ok(())
+        notes::finals(&mut r, noted, health)
     })();
-    if let Err(e) = checked {
-        let _ = hot.out_of_step(health, e);
+    match checked {
+        Ok(finals) => notes::hook(hot, out, receipts, &finals, health).await,
+        Err(e) => {
+            let _ = hot.out_of_step(health, e);
+        }
     }
 }
