@@ -23,7 +23,8 @@
 //! - `config`, `metrics`: operations; `lograte` keeps the lines a remote peer can cause at
 //!   will (malformed packets, refused logins) to a few per reason per 10 s.
 //! - `http_api`: the backend HTTP API (`http.listen`): pushes by HTTP through the same
-//!   `Broker::publish` as an MQTT PUBLISH to the push topic, and a device's status.
+//!   `Broker::publish` as an MQTT PUBLISH to the push topic, and a device's status;
+//!   `broadcast`: a live-only message to every connected device, never stored.
 //! - `admin`, `readiness`: the operations listener (`/metrics`, `/healthz`, `/readyz`,
 //!   `POST /admin/drain`) and what decides readiness; `server` runs the drain.
 //!
@@ -39,6 +40,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod broadcast;
 pub mod broker;
 pub mod cluster;
 pub mod codec;

@@ -113,8 +113,8 @@ impl Mailbox {
     }
 
     /// Queues `d` unless that would exceed `limits` (an empty mailbox takes one message of
-    /// any size).
-    pub fn push(&self, d: Delivery, limits: Limits) {
+    /// any size). False if it was not queued (a broadcast counts the devices it skipped).
+    pub fn push(&self, d: Delivery, limits: Limits) -> bool {
         {
             let mut q = self.queue.lock();
             let size = d.msg().size();
@@ -126,18 +126,20 @@ impl Mailbox {
                 match d {
                     Delivery::Direct(_) => {
                         metrics::dropped(metrics::Drop::MailboxFull);
-                        return;
+                        return false;
                     }
                     Delivery::Stored { .. } => {
                         self.lost_hint.store(true, Ordering::Release);
                     }
                 }
-            } else {
-                q.bytes += size;
-                q.items.push_back(d);
+                self.notify();
+                return false;
             }
+            q.bytes += size;
+            q.items.push_back(d);
         }
         self.notify();
+        true
     }
 
     fn notify(&self) {

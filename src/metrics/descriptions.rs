@@ -5,6 +5,8 @@
 pub const DESCRIPTIONS: &[(&str, &str)] = &[
     ("herald_acl_denied_total", "PUBLISHes dropped and SUBSCRIBE filters refused by the ACL (or a reserved $ topic), by action."),
     ("herald_auth_failures_total", "Refused logins and cluster links, by reason."),
+    ("herald_broadcast_devices_total", "Devices a broadcast (POST /v1/broadcast) was handed to on this node (result=handed), or skipped because their mailbox was full (result=skipped)."),
+    ("herald_broadcasts_total", "Broadcasts fanned out on this node (asked here or by another node)."),
     ("herald_bytes_received_total", "Bytes read from client connections."),
     ("herald_bytes_sent_total", "Bytes written to client connections."),
     ("herald_cluster_forward_failures_total", "Forwards that could not be handed to their peer (link down, queue full, no answer); the sweep makes up for them."),
