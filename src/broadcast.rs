@@ -70,5 +70,8 @@ pub async fn fan_out(broker: &Broker, payload: Bytes, qos: Qos, from_peer: bool)
 }
 
 fn delivery(msg: Arc<Message>) -> Delivery {
-    Delivery::Direct(msg)
+    match msg.qos {
+        Qos::AtMostOnce => Delivery::Direct(msg),
+        _ => Delivery::Live(msg),
+    }
 }

@@ -37,12 +37,15 @@ pub enum Delivery {
     },
     /// QoS 0: exists nowhere else.
     Direct(Arc<Message>),
+    /// QoS 1 but live only (a broadcast): in no outbox, so, like QoS 0, dropped when the
+    /// mailbox is full, and not resent on another connection.
+    Live(Arc<Message>),
 }
 
 impl Delivery {
     pub fn msg(&self) -> &Message {
         match self {
-            Delivery::Stored { msg, .. } | Delivery::Direct(msg) => msg,
+            Delivery::Stored { msg, .. } | Delivery::Direct(msg) | Delivery::Live(msg) => msg,
         }
     }
 }
@@ -124,7 +127,7 @@ impl Mailbox {
                     metrics::limit_hit("session_max_mailbox_bytes");
                 }
                 match d {
-                    Delivery::Direct(_) => {
+                    Delivery::Direct(_) | Delivery::Live(_) => {
                         metrics::dropped(metrics::Drop::MailboxFull);
                         return false;
                     }

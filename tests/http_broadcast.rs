@@ -111,9 +111,11 @@ async fn a_device_offline_during_a_broadcast_never_gets_it() {
     wait_offline(&server, "away").await;
     let mut here = Raw::connect(server.local_addr(), "here").await;
 
-    let (status, body) = broadcast(api, "?qos=0", b"now only").await;
+    // QoS 1, the one that could have been stored.
+    let (status, body) = broadcast(api, "?qos=1", b"now only").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["delivered"], 1, "{body}");
+    assert_eq!(body["qos"], 1, "{body}");
     expect_on_push_topic(&mut here, "here", b"now only").await;
     // Nothing stored: the persistent session's outbox stays empty.
     assert_eq!(outbox_len(&server, "away").await, 0);
@@ -123,6 +125,48 @@ async fn a_device_offline_during_a_broadcast_never_gets_it() {
     assert!(present);
     push(api, "away", b"after").await;
     expect_on_push_topic(&mut away, "away", b"after").await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_qos1_broadcast_has_its_own_packet_id_and_its_puback_deletes_no_outbox_entry() {
+    let (server, api) = start_api().await;
+    let opts = Opts::new("q1").clean(false);
+    let (mut device, _) = Raw::connect_ok(server.local_addr(), &opts).await;
+    push(api, "q1", b"stored").await;
+    let stored = device.expect_publish().await;
+    assert_eq!(&stored.payload[..], b"stored");
+    assert_eq!(outbox_len(&server, "q1").await, 1);
+
+    // Sent while the stored one is in flight (not acknowledged).
+    let (status, body) = broadcast(api, "?qos=1", b"live").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["delivered"], 1, "{body}");
+    let live = device.expect_publish().await;
+    assert_eq!(&live.payload[..], b"live");
+    assert_eq!(live.topic, "push/q1");
+    assert_eq!(live.qos, QoS::AtLeastOnce);
+    assert_ne!(live.pkid, stored.pkid, "the broadcast took an id in flight");
+    device.puback(live.pkid).await;
+    // The session handles packets in order: after the PINGRESP, the PUBACK was handled.
+    device.ping().await;
+    assert_eq!(
+        outbox_len(&server, "q1").await,
+        1,
+        "a broadcast's PUBACK deleted an entry"
+    );
+
+    device.puback(stored.pkid).await;
+    wait_until(WAIT, "q1's outbox is empty", async || {
+        outbox_len(&server, "q1").await == 0
+    })
+    .await;
+    // Nothing left to resend: the next connection gets only what is pushed after.
+    device.disconnect().await;
+    wait_offline(&server, "q1").await;
+    let (mut device, _) = Raw::connect_ok(server.local_addr(), &opts).await;
+    push(api, "q1", b"next").await;
+    expect_on_push_topic(&mut device, "q1", b"next").await;
     server.shutdown().await;
 }
 

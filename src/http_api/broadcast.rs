@@ -34,12 +34,7 @@ fn parse_query(q: Option<&str>) -> Result<Qos, (&'static str, String)> {
     for (k, v) in form_urlencoded::parse(q.unwrap_or("").as_bytes()) {
         match (&*k, &*v) {
             ("qos", "0") => qos = Qos::AtMostOnce,
-            ("qos", "1") => {
-                return Err((
-                    "bad_qos",
-                    "a QoS 1 broadcast is not supported yet: use qos=0".into(),
-                ));
-            }
+            ("qos", "1") => qos = Qos::AtLeastOnce,
             ("qos", _) => {
                 return Err(("bad_qos", format!("qos {v:?}: a broadcast is QoS 0 or 1")));
             }
