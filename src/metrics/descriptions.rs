@@ -22,7 +22,7 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
     ("herald_connections_rejected_total", "Client connections closed before a session, by reason."),
     ("herald_connections_total", "Client connections accepted."),
     ("herald_draining", "1 while the node drains (SIGTERM or POST /admin/drain)."),
-    ("herald_http_responses_total", "Answers of the backend HTTP API, by endpoint (push, push_batch, client_status, auth: refused before any endpoint) and status code."),
+    ("herald_http_responses_total", "Answers of the backend HTTP API, by endpoint (push, push_batch, broadcast, client_status, delete_outbox, auth: refused before any endpoint) and status code."),
     ("herald_limit_hits_total", "Times a configured or built-in bound was reached, by limit."),
     ("herald_log_lines_suppressed_total", "Log lines left out by the log rate limit, by reason."),
     ("herald_mailbox_bytes", "Bytes waiting in connections' mailboxes (sampled several times a second)."),
