@@ -24,6 +24,11 @@ use crate::metrics;
 /// microseconds, large enough that the yields cost little next to the pushes.
 const CHUNK: usize = 256;
 
+/// Fan-outs running at once on this node; the next ones wait their turn. Each holds a list
+/// of every connection while it runs: a backend sending many broadcasts at once must not
+/// make the node hold that many lists.
+static RUNNING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
 /// What a fan-out on this node did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Fanned {
@@ -40,6 +45,8 @@ pub async fn fan_out(broker: &Broker, payload: Bytes, qos: Qos, from_peer: bool)
     let Some(template) = broker.push_template() else {
         return fanned;
     };
+    // Never closed, so the permit always comes.
+    let _turn = RUNNING.acquire().await.ok();
     metrics::broadcast();
     let limits = broker.mailbox_limits();
     let born_us = now_us();
