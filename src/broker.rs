@@ -108,6 +108,8 @@ pub struct Broker {
     next_conn_id: AtomicU64,
     incarnation: u64,
     cluster: Option<Arc<Cluster>>,
+    /// This node's name in answers to backends (`node_id`).
+    node: Arc<str>,
     /// Who may connect and what they may do.
     auth: Arc<Auth>,
     guard: MemGuard,
@@ -142,7 +144,18 @@ impl Broker {
         for msg in store.load_retained().await? {
             retained.retain(&Arc::new(msg));
         }
+        let node = match &cluster {
+            Some(c) => c.id.clone(),
+            None => Arc::from(
+                config
+                    .cluster
+                    .node_id
+                    .clone()
+                    .unwrap_or_else(crate::server::hostname),
+            ),
+        };
         Ok(Broker {
+            node,
             push: config
                 .push
                 .enabled
@@ -463,7 +476,7 @@ impl Broker {
         }
     }
 
-    fn mailbox_limits(&self) -> MailboxLimits {
+    pub fn mailbox_limits(&self) -> MailboxLimits {
         MailboxLimits {
             count: self.config.session.max_mailbox,
             bytes: self.config.session.max_mailbox_bytes,
@@ -719,6 +732,26 @@ impl Broker {
         self.clients.iter().filter_map(|e| e.conn.clone()).collect()
     }
 
+    /// Every client connected now, with its mailbox (a broadcast's list): one pass over the
+    /// client table, like `census`.
+    pub fn connected(&self) -> Vec<(ClientId, Arc<Mailbox>)> {
+        self.clients
+            .iter()
+            .filter_map(|e| e.conn.clone().map(|mb| (e.key().clone(), mb)))
+            .collect()
+    }
+
+    /// This node's name: its cluster node id; without a cluster `cluster.node_id` if set,
+    /// else the host name.
+    pub fn node_id(&self) -> &Arc<str> {
+        &self.node
+    }
+
+    /// The cluster this node is part of, if any.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
     /// Sessions online and offline, and the bytes waiting in mailboxes: a pass over every
     /// client, run every few seconds for the gauges.
     pub fn census(&self) -> Census {
@@ -779,6 +812,18 @@ impl cluster::Local for Broker {
 
     fn filters(&self) -> Vec<String> {
         self.subscriptions.filters()
+    }
+
+    fn broadcast(self: Arc<Self>, payload: bytes::Bytes, qos: Qos) -> BoxFuture<'static, u64> {
+        Box::pin(async move {
+            crate::broadcast::fan_out(&self, payload, qos, true)
+                .await
+                .handed
+        })
+    }
+
+    fn connected_since(&self, client: &str) -> Option<u64> {
+        self.connected_since_ms(client)
     }
 
     fn connections(&self) -> Vec<cluster::Connected> {

@@ -24,6 +24,7 @@
 //!   will (malformed packets, refused logins) to a few per reason per 10 s.
 //! - `http_api`: the backend HTTP API (`http.listen`): pushes by HTTP through the same
 //!   `Broker::publish` as an MQTT PUBLISH to the push topic, and a device's status;
+//!   `broadcast`: a live-only message to every connected device, never stored;
 //!   `receipts`: what became of a message pushed with `receipt=true` (records, webhook).
 //! - `admin`, `readiness`: the operations listener (`/metrics`, `/healthz`, `/readyz`,
 //!   `POST /admin/drain`) and what decides readiness; `server` runs the drain.
@@ -40,6 +41,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod broadcast;
 pub mod broker;
 pub mod cluster;
 pub mod codec;

@@ -37,12 +37,15 @@ pub enum Delivery {
     },
     /// QoS 0: exists nowhere else.
     Direct(Arc<Message>),
+    /// QoS 1 but live only (a broadcast): in no outbox, so, like QoS 0, dropped when the
+    /// mailbox is full, and not resent on another connection.
+    Live(Arc<Message>),
 }
 
 impl Delivery {
     pub fn msg(&self) -> &Message {
         match self {
-            Delivery::Stored { msg, .. } | Delivery::Direct(msg) => msg,
+            Delivery::Stored { msg, .. } | Delivery::Direct(msg) | Delivery::Live(msg) => msg,
         }
     }
 }
@@ -113,8 +116,8 @@ impl Mailbox {
     }
 
     /// Queues `d` unless that would exceed `limits` (an empty mailbox takes one message of
-    /// any size).
-    pub fn push(&self, d: Delivery, limits: Limits) {
+    /// any size). False if it was not queued (a broadcast counts the devices it skipped).
+    pub fn push(&self, d: Delivery, limits: Limits) -> bool {
         {
             let mut q = self.queue.lock();
             let size = d.msg().size();
@@ -124,20 +127,22 @@ impl Mailbox {
                     metrics::limit_hit("session_max_mailbox_bytes");
                 }
                 match d {
-                    Delivery::Direct(_) => {
+                    Delivery::Direct(_) | Delivery::Live(_) => {
                         metrics::dropped(metrics::Drop::MailboxFull);
-                        return;
+                        return false;
                     }
                     Delivery::Stored { .. } => {
                         self.lost_hint.store(true, Ordering::Release);
                     }
                 }
-            } else {
-                q.bytes += size;
-                q.items.push_back(d);
+                self.notify();
+                return false;
             }
+            q.bytes += size;
+            q.items.push_back(d);
         }
         self.notify();
+        true
     }
 
     fn notify(&self) {

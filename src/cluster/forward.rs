@@ -64,7 +64,12 @@ impl Cluster {
     }
 
     /// Starts the link to `node` at `addr` unless one is there.
-    fn link_to(&self, peers: &mut HashMap<Arc<str>, Peer>, node: &str, addr: SocketAddr) {
+    pub(super) fn link_to(
+        &self,
+        peers: &mut HashMap<Arc<str>, Peer>,
+        node: &str,
+        addr: SocketAddr,
+    ) {
         if !peers
             .get(node)
             .is_some_and(|p| p.addr == addr && !p.is_closed())

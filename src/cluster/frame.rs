@@ -2,7 +2,11 @@
 //! an internal topic of the node-to-node link (see `link`). Big-endian:
 //! - `$cluster/push`: inc u64, seq u64, client id (u16 length + bytes), envelope;
 //! - `$cluster/pub`: inc u64, envelope;
-//! - `$cluster/kick`: inc u64, epoch u64, client id (the rest).
+//! - `$cluster/kick`: inc u64, epoch u64, client id (the rest);
+//! - `$cluster/bcast`: question id u64, qos u8, payload (the rest);
+//! - `$cluster/status`: question id u64, client id (the rest);
+//! - `$cluster/answer`: question id u64, value u64. The only frame that goes the other way:
+//!   written by the node that was asked, on the link the question came in on.
 //!
 //! The envelope is the message's one binary form (`Message::put_envelope`), the same one
 //! the Redis outbox stores. `inc` is the incarnation the frame is meant for, so a restarted
@@ -18,6 +22,9 @@ use crate::message::{ClientId, Message, Qos};
 const TOPIC_PUSH: &str = "$cluster/push";
 const TOPIC_PUB: &str = "$cluster/pub";
 const TOPIC_KICK: &str = "$cluster/kick";
+const TOPIC_BROADCAST: &str = "$cluster/bcast";
+const TOPIC_STATUS: &str = "$cluster/status";
+const TOPIC_ANSWER: &str = "$cluster/answer";
 
 #[derive(Debug, Clone)]
 pub enum Frame {
@@ -39,6 +46,14 @@ pub enum Frame {
         client: ClientId,
         epoch: u64,
     },
+    /// Hand `payload` to every device connected to you, on its push topic, live only;
+    /// answer with how many took it. Meant for whichever incarnation is up: "connected
+    /// now" is the receiver's to say.
+    Broadcast { id: u64, qos: Qos, payload: Bytes },
+    /// Is `client` connected to you? Answer with since when (unix ms), 0 if it is not.
+    Status { id: u64, client: ClientId },
+    /// The answer to question `id`.
+    Answer { id: u64, value: u64 },
 }
 
 impl Frame {
@@ -48,6 +63,17 @@ impl Frame {
             Frame::Push { client, msg, .. } => client.len() + msg.size(),
             Frame::Publish { msg, .. } => msg.size(),
             Frame::Kick { client, .. } => client.len(),
+            Frame::Broadcast { payload, .. } => payload.len(),
+            Frame::Status { client, .. } => client.len(),
+            Frame::Answer { .. } => 16,
+        }
+    }
+
+    /// The id of a frame that asks for an `Answer`.
+    pub(super) fn question(&self) -> Option<u64> {
+        match self {
+            Frame::Broadcast { id, .. } | Frame::Status { id, .. } => Some(*id),
+            _ => None,
         }
     }
 
@@ -83,6 +109,22 @@ impl Frame {
                 body.put_u64(*epoch);
                 body.put_slice(client.as_bytes());
                 (TOPIC_KICK, Qos::AtMostOnce)
+            }
+            Frame::Broadcast { id, qos, payload } => {
+                body.put_u64(*id);
+                body.put_u8(*qos as u8);
+                body.put_slice(payload);
+                (TOPIC_BROADCAST, Qos::AtMostOnce)
+            }
+            Frame::Status { id, client } => {
+                body.put_u64(*id);
+                body.put_slice(client.as_bytes());
+                (TOPIC_STATUS, Qos::AtMostOnce)
+            }
+            Frame::Answer { id, value } => {
+                body.put_u64(*id);
+                body.put_u64(*value);
+                (TOPIC_ANSWER, Qos::AtMostOnce)
             }
         };
         codec::encode_publish(out, topic, body, qos, pkid, false, false);
@@ -133,6 +175,37 @@ impl Frame {
                     target_inc,
                     epoch,
                     client: utf8(&b)?,
+                })
+            }
+            TOPIC_BROADCAST => {
+                if b.remaining() < 9 {
+                    return None;
+                }
+                let id = b.get_u64();
+                let qos = Qos::try_from(b.get_u8()).ok()?;
+                Some(Frame::Broadcast {
+                    id,
+                    qos,
+                    payload: b,
+                })
+            }
+            TOPIC_STATUS => {
+                if b.remaining() < 8 {
+                    return None;
+                }
+                let id = b.get_u64();
+                Some(Frame::Status {
+                    id,
+                    client: utf8(&b)?,
+                })
+            }
+            TOPIC_ANSWER => {
+                if b.remaining() != 16 {
+                    return None;
+                }
+                Some(Frame::Answer {
+                    id: b.get_u64(),
+                    value: b.get_u64(),
                 })
             }
             _ => None,
@@ -217,6 +290,34 @@ mod tests {
             } => assert_eq!(&*client, "x/y"),
             other => panic!("{other:?}"),
         }
+        match roundtrip(&Frame::Broadcast {
+            id: 11,
+            qos: Qos::AtLeastOnce,
+            payload: Bytes::from_static(b"to all"),
+        }) {
+            Frame::Broadcast {
+                id: 11,
+                qos: Qos::AtLeastOnce,
+                payload,
+            } => assert_eq!(&payload[..], b"to all"),
+            other => panic!("{other:?}"),
+        }
+        match roundtrip(&Frame::Status {
+            id: 12,
+            client: Arc::from("d/2"),
+        }) {
+            Frame::Status { id: 12, client } => assert_eq!(&*client, "d/2"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            roundtrip(&Frame::Answer { id: 13, value: 99 }),
+            Frame::Answer { id: 13, value: 99 }
+        ));
+        assert!(Frame::decode(
+            TOPIC_BROADCAST,
+            Bytes::from_static(b"\0\0\0\0\0\0\0\x01\x05")
+        )
+        .is_none());
         assert!(Frame::decode(TOPIC_PUSH, Bytes::from_static(b"short")).is_none());
         assert!(Frame::decode("$cluster/other", Bytes::new()).is_none());
     }

@@ -7,6 +7,11 @@
 //! packets on internal topics: pushes and kicks at QoS 0, ordinary-topic publishes at the
 //! message's QoS (at most 1), acknowledged by the peer once stored. The other direction
 //! (`serve`) applies what peers send to the local node through `Local`.
+//!
+//! Questions (`Frame::Broadcast`, `Frame::Status`) are answered on the same connection: the
+//! asked node writes a `$cluster/answer` PUBLISH back to the asking node, which the dialling
+//! side reads among its PUBACKs. An answer needs no link in the other direction, and a
+//! question whose link drops fails at once (its waiting sender is dropped with the link).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use futures::stream::{FuturesOrdered, StreamExt};
+use futures::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -42,12 +47,19 @@ const QUEUE: usize = 8192;
 const QUEUE_BYTES: usize = 32 * 1024 * 1024;
 /// Forwarded publishes waiting for their PUBACK on one link.
 const MAX_UNACKED: usize = 8192;
+/// Broadcasts one link may have running on the asked node; beyond it that link is not read
+/// until one finishes (a broadcast is a pass over every local connection).
+const MAX_ASKED: usize = 16;
+/// Largest packet the dialling side accepts from its peer (answers are 16-byte frames).
+const MAX_FROM_PEER: usize = 1024;
 const PING_EVERY: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 struct Out {
     frame: Frame,
     ack: Option<oneshot::Sender<()>>,
+    /// Where the peer's `Answer` to this frame's question goes.
+    answer: Option<oneshot::Sender<u64>>,
     /// Gives the frame's bytes back to the queue's budget when the frame is gone.
     _held: Held,
 }
@@ -100,6 +112,28 @@ impl Peer {
     /// Queues `frame`. `Err` if the queue is full; with `ack`, the receiver completes when
     /// the peer acknowledged (and fails if the link drops first).
     pub fn send(&self, frame: Frame, ack: bool) -> Result<Option<oneshot::Receiver<()>>, ()> {
+        let (ack_tx, ack_rx) = if ack {
+            let (t, r) = oneshot::channel();
+            (Some(t), Some(r))
+        } else {
+            (None, None)
+        };
+        self.queue(frame, ack_tx, None).map(|_| ack_rx)
+    }
+
+    /// Queues a question (`Frame::question`); the receiver completes with the peer's answer,
+    /// and fails if the link drops first. `Err` if the queue is full.
+    pub fn ask(&self, frame: Frame) -> Result<oneshot::Receiver<u64>, ()> {
+        let (tx, rx) = oneshot::channel();
+        self.queue(frame, None, Some(tx)).map(|_| rx)
+    }
+
+    fn queue(
+        &self,
+        frame: Frame,
+        ack: Option<oneshot::Sender<()>>,
+        answer: Option<oneshot::Sender<u64>>,
+    ) -> Result<(), ()> {
         let size = frame.size();
         let before = self.queued.fetch_add(size, Ordering::AcqRel);
         let held = Held(self.queued.clone(), size);
@@ -107,19 +141,13 @@ impl Peer {
             metrics::limit_hit("cluster_link_bytes");
             return Err(());
         }
-        let (ack_tx, ack_rx) = if ack {
-            let (t, r) = oneshot::channel();
-            (Some(t), Some(r))
-        } else {
-            (None, None)
-        };
         self.tx
             .try_send(Out {
                 frame,
-                ack: ack_tx,
+                ack,
+                answer,
                 _held: held,
             })
-            .map(|_| ack_rx)
             .map_err(|_| ())
     }
 }
@@ -258,6 +286,9 @@ async fn serve_out<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut unacked: HashMap<u16, oneshot::Sender<()>> = HashMap::new();
+    // Questions waiting for their answer, by id. Dropped with the link: the askers then
+    // fail at once rather than at their timeout.
+    let mut questions: HashMap<u64, oneshot::Sender<u64>> = HashMap::new();
     let mut next_pkid: u16 = 0;
     let (mut rbuf, mut wbuf, mut body) = (BytesMut::new(), BytesMut::new(), BytesMut::new());
     let mut batch = Vec::with_capacity(256);
@@ -278,6 +309,13 @@ async fn serve_out<S: AsyncRead + AsyncWrite + Unpin>(
                         }
                         None => 0,
                     };
+                    if let (Some(id), Some(answer)) = (out.frame.question(), out.answer) {
+                        if questions.len() >= 1024 {
+                            // Askers that gave up (timed out) leave their sender behind.
+                            questions.retain(|_, a| !a.is_closed());
+                        }
+                        questions.insert(id, answer);
+                    }
                     out.frame.encode(&mut wbuf, &mut body, pkid);
                 }
                 match tokio::time::timeout(ACK_TIMEOUT, wr.write_all(&wbuf)).await {
@@ -293,6 +331,18 @@ async fn serve_out<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 heard = Instant::now();
                 loop {
+                    if rbuf.first().is_some_and(|b| b >> 4 == 3) {
+                        match take_answer(&mut rbuf) {
+                            Ok(Some((id, value))) => {
+                                if let Some(a) = questions.remove(&id) {
+                                    let _ = a.send(value);
+                                }
+                                continue;
+                            }
+                            Ok(None) => break,
+                            Err(()) => return true,
+                        }
+                    }
                     match codec::decode_from_server(&mut rbuf) {
                         Ok(Some(ServerPacket::PubAck(id))) => {
                             if let Some(ack) = unacked.remove(&id) {
@@ -317,6 +367,19 @@ async fn serve_out<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
         }
+    }
+}
+
+/// An `Answer` PUBLISH from the peer: `Ok(None)` until it is all in `rbuf`; `Err` for
+/// anything else (the link is dropped, as for any packet a peer should not send).
+fn take_answer(rbuf: &mut BytesMut) -> Result<Option<(u64, u64)>, ()> {
+    match codec::decode(rbuf, MAX_FROM_PEER) {
+        Ok(Some(Packet::Publish(p))) => match Frame::decode(&p.topic, p.payload) {
+            Some(Frame::Answer { id, value }) => Ok(Some((id, value))),
+            _ => Err(()),
+        },
+        Ok(None) => Ok(None),
+        _ => Err(()),
     }
 }
 
@@ -392,6 +455,9 @@ pub(super) async fn serve(
 type Storing =
     std::pin::Pin<Box<dyn std::future::Future<Output = (u16, Result<(), StoreError>)> + Send>>;
 
+/// A broadcast running for a peer: its question id and count, `None` if its task failed.
+type Asked = futures::future::BoxFuture<'static, Option<(u64, u64)>>;
+
 async fn serve_in<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     inbound: &Inbound,
@@ -431,6 +497,8 @@ async fn serve_in<S: AsyncRead + AsyncWrite + Unpin>(
     tracing::debug!(peer = %connect.client_id, "node link accepted");
     codec::encode_connack(&mut wbuf, false, 0);
     let mut storing: FuturesOrdered<Storing> = FuturesOrdered::new();
+    let mut asked: FuturesUnordered<Asked> = FuturesUnordered::new();
+    let mut body = BytesMut::new();
     loop {
         if !wbuf.is_empty() {
             wr.write_all(&wbuf).await.map_err(|e| e.to_string())?;
@@ -444,7 +512,12 @@ async fn serve_in<S: AsyncRead + AsyncWrite + Unpin>(
                     codec::encode_puback(&mut wbuf, pkid);
                 }
             }
-            r = rd.read_buf(&mut rbuf), if storing.len() < MAX_UNACKED => {
+            Some(done) = asked.next(), if !asked.is_empty() => {
+                if let Some((id, value)) = done {
+                    Frame::Answer { id, value }.encode(&mut wbuf, &mut body, 0);
+                }
+            }
+            r = rd.read_buf(&mut rbuf), if storing.len() < MAX_UNACKED && asked.len() < MAX_ASKED => {
                 match r {
                     Ok(0) => return Ok(()),
                     Ok(_) => {}
@@ -457,6 +530,15 @@ async fn serve_in<S: AsyncRead + AsyncWrite + Unpin>(
                                 .ok_or_else(|| format!("bad frame on {}", p.topic))?;
                             // Packet id 0 marks QoS 0: applied in order, never acknowledged.
                             let pkid = if p.qos == Qos::AtMostOnce { 0 } else { p.pkid };
+                            let frame = match answer(inbound, frame, &mut wbuf, &mut body) {
+                                Answering::Not(frame) => frame,
+                                Answering::Now => continue,
+                                Answering::Later(a) => {
+                                    asked.push(a);
+                                    continue;
+                                }
+                                Answering::Refused(why) => return Err(why.into()),
+                            };
                             match apply(inbound, frame) {
                                 Some(store) => {
                                     storing.push_back(Box::pin(async move { (pkid, store.await) }))
@@ -472,6 +554,35 @@ async fn serve_in<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
         }
+    }
+}
+
+enum Answering {
+    /// Not a question.
+    Not(Frame),
+    /// Answered into the write buffer.
+    Now,
+    /// Runs on its own task; answered when done.
+    Later(Asked),
+    /// Not a frame a dialling peer sends.
+    Refused(&'static str),
+}
+
+/// Questions: a status is answered at once; a broadcast runs on a task of its own, so that
+/// the link keeps carrying pushes while it fans out.
+fn answer(inbound: &Inbound, frame: Frame, wbuf: &mut BytesMut, body: &mut BytesMut) -> Answering {
+    match frame {
+        Frame::Status { id, client } => {
+            let value = inbound.local.connected_since(&client).unwrap_or(0);
+            Frame::Answer { id, value }.encode(wbuf, body, 0);
+            Answering::Now
+        }
+        Frame::Broadcast { id, qos, payload } => {
+            let job = tokio::spawn(inbound.local.clone().broadcast(payload, qos));
+            Answering::Later(Box::pin(async move { job.await.ok().map(|n| (id, n)) }))
+        }
+        Frame::Answer { .. } => Answering::Refused("an answer from the dialling side"),
+        other => Answering::Not(other),
     }
 }
 
@@ -513,5 +624,7 @@ fn apply(
             }
             None
         }
+        // Taken by `answer` before.
+        Frame::Broadcast { .. } | Frame::Status { .. } | Frame::Answer { .. } => None,
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Files: `routes` (the route table: client -> node, with epochs), `registry` (alive keys
 //! and this node's cached alive table), `interest` (which node has subscribers for which
-//! filter), `forward` (what goes to peers), `sweep` (repair of lost hints), `frame` (what
+//! filter), `forward` (what goes to peers), `ask` (questions to peers and their answers:
+//! broadcasts, where a client is connected), `sweep` (repair of lost hints), `frame` (what
 //! one node tells another), `link` (the node-to-node connections). Keys are in
 //! `redis::keys`; the broker reaches the cluster through `Cluster`'s methods, and the
 //! cluster reaches the broker only through the `Local` trait, so neither imports the other.
@@ -38,6 +39,7 @@
 //! ordinary topics published before the client reconnects are not queued for it. Push
 //! topics do not have this limit: their outbox is addressed by client id.
 
+mod ask;
 mod forward;
 mod frame;
 mod interest;
@@ -63,6 +65,7 @@ use crate::message::{ClientId, Message, Qos};
 use crate::redis::{Redis, StoreError};
 use crate::subscriptions::Subscriptions;
 
+pub use ask::{Located, PeerCount};
 pub use link::{LinkSecurity, LinkTls};
 pub use routes::{Claim, Route};
 
@@ -88,6 +91,11 @@ pub trait Local: Send + Sync + 'static {
     fn filters(&self) -> Vec<String>;
     /// Connections whose route claim has completed.
     fn connections(&self) -> Vec<Connected>;
+    /// Hands `payload` to every device connected here, live only (`broadcast`); resolves to
+    /// how many took it.
+    fn broadcast(self: Arc<Self>, payload: bytes::Bytes, qos: Qos) -> BoxFuture<'static, u64>;
+    /// Since when (unix ms) `client` is connected here; `None` if it is not.
+    fn connected_since(&self, client: &str) -> Option<u64>;
     /// The highest sequence number in each client's outbox.
     fn newest<'a>(&'a self, clients: &'a [&'a str]) -> BoxFuture<'a, Result<Vec<u64>, StoreError>>;
 }

@@ -9,6 +9,7 @@
 //! - `mod.rs` (here): the router, the listener and its shutdown, JSON errors, counting;
 //! - `auth.rs`: bearer tokens, compared in constant time;
 //! - `push.rs`: `POST /v1/push/{client_id}` and the batch `POST /v1/push`;
+//! - `broadcast.rs`: `POST /v1/broadcast`, live only, to every node's connected devices;
 //! - `clients.rs`: `GET /v1/clients/{client_id}` and `DELETE /v1/clients/{client_id}/outbox`;
 //! - `messages.rs`: `GET /v1/messages/{id}`, a message's receipt (`receipts`);
 //! - `listener.rs`: at most 1,024 connections, each closed after 30 s without traffic.
@@ -16,9 +17,10 @@
 //! Every body is read under a byte limit (`DefaultBodyLimit`) after the token check (a
 //! `route_layer` runs before the handler's extractors), so an unauthenticated client cannot
 //! make the node buffer anything. Not built yet (issue 15): receipts, per-message TTL,
-//! collapse keys, the receipt webhook, broadcast.
+//! collapse keys, the receipt webhook.
 
 mod auth;
+mod broadcast;
 mod clients;
 mod listener;
 mod messages;
@@ -63,6 +65,10 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>, stop: Cancellatio
         .route(
             "/v1/push",
             post(push::push_batch).layer(DefaultBodyLimit::max(batch_limit)),
+        )
+        .route(
+            "/v1/broadcast",
+            post(broadcast::broadcast).layer(DefaultBodyLimit::max(one_limit)),
         )
         .route(
             "/v1/clients/{client_id}",

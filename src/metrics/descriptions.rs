@@ -5,6 +5,8 @@
 pub const DESCRIPTIONS: &[(&str, &str)] = &[
     ("herald_acl_denied_total", "PUBLISHes dropped and SUBSCRIBE filters refused by the ACL (or a reserved $ topic), by action."),
     ("herald_auth_failures_total", "Refused logins and cluster links, by reason."),
+    ("herald_broadcast_devices_total", "Devices a broadcast (POST /v1/broadcast) was handed to on this node (result=handed), or skipped because their mailbox was full (result=skipped)."),
+    ("herald_broadcasts_total", "Broadcasts fanned out on this node (asked here or by another node)."),
     ("herald_bytes_received_total", "Bytes read from client connections."),
     ("herald_bytes_sent_total", "Bytes written to client connections."),
     ("herald_cluster_forward_failures_total", "Forwards that could not be handed to their peer (link down, queue full, no answer); the sweep makes up for them."),
@@ -20,7 +22,7 @@ pub const DESCRIPTIONS: &[(&str, &str)] = &[
     ("herald_connections_rejected_total", "Client connections closed before a session, by reason."),
     ("herald_connections_total", "Client connections accepted."),
     ("herald_draining", "1 while the node drains (SIGTERM or POST /admin/drain)."),
-    ("herald_http_responses_total", "Answers of the backend HTTP API, by endpoint (push, push_batch, client_status, auth: refused before any endpoint) and status code."),
+    ("herald_http_responses_total", "Answers of the backend HTTP API, by endpoint (push, push_batch, broadcast, client_status, delete_outbox, auth: refused before any endpoint) and status code."),
     ("herald_limit_hits_total", "Times a configured or built-in bound was reached, by limit."),
     ("herald_log_lines_suppressed_total", "Log lines left out by the log rate limit, by reason."),
     ("herald_mailbox_bytes", "Bytes waiting in connections' mailboxes (sampled several times a second)."),

@@ -72,6 +72,9 @@ struct Handles {
     takeovers: Counter,
     limits: [Counter; LIMITS.len()],
     wills: Counter,
+    broadcasts: Counter,
+    /// Devices a broadcast was handed to, and skipped (mailbox full).
+    broadcast_devices: [Counter; 2],
     forwards: [Counter; 3],
     forwards_received: [Counter; 3],
     forward_failures: Counter,
@@ -241,6 +244,9 @@ fn handles() -> &'static Handles {
             takeovers: metrics::counter!("herald_session_takeovers_total"),
             limits: LIMITS.map(|l| metrics::counter!("herald_limit_hits_total", "limit" => l)),
             wills: metrics::counter!("herald_wills_published_total"),
+            broadcasts: metrics::counter!("herald_broadcasts_total"),
+            broadcast_devices: ["handed", "skipped"]
+                .map(|r| metrics::counter!("herald_broadcast_devices_total", "result" => r)),
             forwards: FORWARD_KINDS
                 .map(|k| metrics::counter!("herald_cluster_forwards_total", "kind" => k)),
             forwards_received: FORWARD_KINDS
@@ -395,6 +401,19 @@ pub fn takeover() {
 
 pub fn will_published() {
     handles().wills.increment(1);
+}
+
+/// A broadcast started its fan-out on this node (asked by the HTTP API here or by a peer).
+pub fn broadcast() {
+    handles().broadcasts.increment(1);
+}
+
+/// A broadcast's fan-out on this node: `handed` devices got it in their mailbox, `skipped`
+/// had a full one.
+pub fn broadcast_devices(handed: u64, skipped: u64) {
+    let h = handles();
+    h.broadcast_devices[0].increment(handed);
+    h.broadcast_devices[1].increment(skipped);
 }
 
 pub fn forwarded(kind: Forward) {

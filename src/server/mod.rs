@@ -595,7 +595,8 @@ fn guard_memory(broker: &Broker) {
 }
 
 /// For the default node id.
-fn hostname() -> String {
+/// The host's name (a node's default id).
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string())

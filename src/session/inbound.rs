@@ -273,6 +273,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         let f = self.inflight.remove(i);
         let seq = f.seq;
         metrics::delivered(f.path, f.replay, f.born_us, now);
+        if seq == super::NOT_STORED {
+            return Ok(true);
+        }
         metrics::acked();
         if !self
             .broker

@@ -167,6 +167,10 @@ const MAX_PENDING_BYTES: usize = 1024 * 1024;
 type PendingPublish =
     Pin<Box<dyn std::future::Future<Output = (Qos, u16, usize, Result<(), StoreError>)> + Send>>;
 
+/// `InFlight::seq` of a live-only QoS 1 message (a broadcast): no outbox entry to delete on
+/// its PUBACK. Outbox numbers start from a clock in microseconds and never come near it.
+const NOT_STORED: u64 = u64::MAX;
+
 struct InFlight {
     seq: u64,
     pkid: u16,

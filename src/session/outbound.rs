@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{End, InFlight, Session};
+use super::{End, InFlight, Session, NOT_STORED};
 use crate::codec;
 use crate::mailbox::Delivery;
 use crate::message::{packet_id, Message, Now, Qos};
@@ -65,6 +65,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 );
                 metrics::sent(0);
                 metrics::delivered(path_of(&msg), false, msg.born_us, now);
+            }
+            Delivery::Live(msg) => {
+                if self.may_read(&msg.topic) {
+                    self.send_live(&msg);
+                }
             }
             Delivery::Stored {
                 seq,
@@ -202,6 +207,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     pub(super) fn note(&self, seq: u64, state: State) -> impl Future<Output = ()> + Send {
         let (broker, client, lineage) = (self.broker.clone(), self.client.clone(), self.lineage);
         async move { broker.outbox().note(&client, seq, lineage, state).await }
+    }
+
+    /// Writes a live-only QoS 1 message (a broadcast). Its packet id is not an outbox
+    /// entry's: half the id space ahead of the next entry's, or the first free one after
+    /// it. So no entry in flight has it, and an entry that comes to need it while it is in
+    /// flight waits for its PUBACK (`send_entry`): 32,768 entries later, or by chance before
+    /// the connection's first outbox read (the cursor is still 0).
+    fn send_live(&mut self, msg: &Message) {
+        let mut pkid = packet_id(self.next_seq.wrapping_add(32_768));
+        // Ends: fewer than 65,535 ids are in use (`session.max_inflight` <= 1024).
+        while self.inflight.iter().any(|f| f.pkid == pkid) || self.awaiting_pubcomp(pkid) {
+            pkid = pkid % u16::MAX + 1;
+        }
+        codec::encode_publish(
+            &mut self.wbuf,
+            &msg.topic,
+            &msg.payload,
+            Qos::AtLeastOnce,
+            pkid,
+            false,
+            false,
+        );
+        metrics::sent(1);
+        self.inflight.push(InFlight {
+            seq: NOT_STORED,
+            pkid,
+            qos: Qos::AtLeastOnce,
+            born_us: msg.born_us,
+            path: path_of(msg),
+            replay: false,
+            receipt: false,
+        });
     }
 
     pub(super) fn window_free(&self) -> usize {
