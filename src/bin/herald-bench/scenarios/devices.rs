@@ -22,6 +22,7 @@ use crate::report::ScenarioResult;
 use crate::Opts;
 
 use super::publisher::WARMUP;
+use super::track::Track;
 use super::{new_hist, open_retry, serve, Fleet};
 
 /// Delivery bookkeeping of all devices of a scenario.
@@ -45,6 +46,12 @@ pub(super) struct Deliveries {
     pub(super) phase_hists: [Mutex<Histogram<u64>>; 3],
     /// Record into `phase_hists` too (set when login-storm's measured baseline starts).
     pub(super) phased: AtomicBool,
+    /// http: the round (sequence number / devices) a new phase starts at. A device's first
+    /// message of that phase may jump there from wherever the last phase left it, which is
+    /// not a gap: the phases number their messages apart so that their counts never mix.
+    pub(super) round_floor: AtomicU64,
+    /// http: arrival times per message, for "acknowledged -> at the device".
+    pub(super) track: Option<Track>,
     pub(super) notify: Notify,
 }
 
@@ -68,7 +75,38 @@ impl Deliveries {
                 Mutex::new(new_hist()),
             ],
             phased: AtomicBool::new(false),
+            round_floor: AtomicU64::new(0),
+            track: None,
             notify: Notify::new(),
+        }
+    }
+
+    /// With arrival times kept for `capacity` messages of a phase (`Track`).
+    pub(super) fn with_track(devices: u64, capacity: usize) -> Self {
+        Deliveries {
+            track: Some(Track::new(capacity)),
+            ..Deliveries::new(devices)
+        }
+    }
+
+    /// http: a new phase whose messages start at round `floor`: the counts, the latency
+    /// histogram and the tracked times start again from zero. Call it once everything of the
+    /// last phase has arrived.
+    pub(super) fn next_phase(&self, floor: u64) {
+        self.round_floor.store(floor, Relaxed);
+        for c in [
+            &self.delivered,
+            &self.dups,
+            &self.gaps,
+            &self.misrouted,
+            &self.bad_payload,
+            &self.last_ns,
+        ] {
+            c.store(0, Relaxed);
+        }
+        self.hist.lock().unwrap().reset();
+        if let Some(t) = &self.track {
+            t.start(floor * self.devices);
         }
     }
 
@@ -170,6 +208,10 @@ impl OnPublish for Device {
             return;
         }
         let idx = seq / self.shared.devices;
+        let floor = self.shared.round_floor.load(Relaxed);
+        if idx >= floor && self.next < floor {
+            self.next = floor;
+        }
         if idx < self.next {
             self.shared.dups.fetch_add(1, Relaxed);
             return;
@@ -179,6 +221,9 @@ impl OnPublish for Device {
         }
         self.next = idx + 1;
         self.new += 1;
+        if let Some(t) = &self.shared.track {
+            t.arrived(seq, now);
+        }
         if self.latency {
             self.samples.push((ts, now.saturating_sub(ts)));
         }

@@ -1,0 +1,372 @@
+//! The HTTP side of `http`: lanes, each a keep-alive HTTP/1.1 connection (hyper's client)
+//! with one request in flight, pushing to its own share of the devices.
+//!
+//! A device belongs to one lane (device % lanes), and a lane sends its next request only
+//! after the answer to the last, so a device's messages are stored in the order they were
+//! numbered and the devices can check it, exactly as with the single MQTT publisher.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::client::{now_ns, put_stamped};
+
+use super::super::devices::Deliveries;
+
+type Conn = SendRequest<Full<Bytes>>;
+
+/// Where the API is and how to authenticate to it.
+pub(super) struct Api {
+    addr: SocketAddr,
+    host: HeaderValue,
+    auth: Option<HeaderValue>,
+}
+
+impl Api {
+    pub(super) fn new(addr: SocketAddr, token: Option<&str>) -> Result<Api, String> {
+        let auth = token
+            .map(|t| HeaderValue::from_str(&format!("Bearer {t}")))
+            .transpose()
+            .map_err(|_| "--http-token: not a valid header value".to_string())?;
+        let host = HeaderValue::from_str(&addr.to_string())
+            .map_err(|_| format!("{addr}: not a valid Host header"))?;
+        Ok(Api { addr, host, auth })
+    }
+
+    pub(super) async fn connect(&self) -> Result<Conn, String> {
+        let tcp = TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| format!("HTTP connect {}: {e}", self.addr))?;
+        // Requests are small and answered one at a time: Nagle would hold the next one back.
+        let _ = tcp.set_nodelay(true);
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("HTTP handshake: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(send)
+    }
+
+    /// One request: the status, the body, and the time the answer's head arrived.
+    pub(super) async fn call(
+        &self,
+        conn: &mut Conn,
+        method: Method,
+        path: &str,
+        json: bool,
+        body: Bytes,
+    ) -> Result<(u16, Bytes, u64), String> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(HOST, self.host.clone());
+        if let Some(a) = &self.auth {
+            req = req.header(AUTHORIZATION, a.clone());
+        }
+        if json {
+            req = req.header(CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| format!("request {path}: {e}"))?;
+        conn.ready()
+            .await
+            .map_err(|e| format!("HTTP connection: {e}"))?;
+        let resp = conn
+            .send_request(req)
+            .await
+            .map_err(|e| format!("HTTP {path}: {e}"))?;
+        let at = now_ns();
+        let status = resp.status().as_u16();
+        // Read to the end, or the connection cannot carry the next request.
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("HTTP {path}: reading the answer: {e}"))?
+            .to_bytes();
+        Ok((status, body, at))
+    }
+}
+
+#[derive(Clone, Copy)]
+pub(super) enum Kind {
+    /// `POST /v1/push/{id}?qos=1` plus this (e.g. `&receipt=true`).
+    One { query: &'static str },
+    /// `POST /v1/push` with this many messages.
+    Batch { size: usize },
+}
+
+pub(super) struct Plan {
+    pub(super) kind: Kind,
+    pub(super) lanes: usize,
+    pub(super) devices: usize,
+    /// The phase's first round (sequence number / devices).
+    pub(super) floor: u64,
+    pub(super) duration: Duration,
+    /// Requests per second over all lanes; None: as fast as the answers come.
+    pub(super) rate: Option<f64>,
+    /// Accepted but not yet delivered, at most.
+    pub(super) max_lag: Option<u64>,
+    pub(super) payload: usize,
+}
+
+/// What the lanes sent, shared while they run.
+#[derive(Default)]
+pub(super) struct Sent {
+    pub(super) requests: AtomicU64,
+    /// Messages answered 202: each must reach its device.
+    pub(super) accepted: AtomicU64,
+    /// The highest round any lane used.
+    pub(super) last_round: AtomicU64,
+    /// How late the latest request was against the fixed rate, ns.
+    pub(super) max_late_ns: AtomicU64,
+    pub(super) errors: Mutex<Vec<String>>,
+}
+
+impl Sent {
+    fn error(&self, e: String) {
+        let mut errs = self.errors.lock().unwrap();
+        if errs.len() < 5 {
+            errs.push(e);
+        }
+    }
+}
+
+/// Runs the lanes of `plan` (connected first, so connecting is not in the figures) until
+/// its duration is over. Returns what they sent and when they started.
+pub(super) async fn run(
+    api: &Arc<Api>,
+    plan: Plan,
+    ids: &Arc<Vec<String>>,
+    d: &Arc<Deliveries>,
+) -> (Arc<Sent>, u64) {
+    let sent = Arc::new(Sent::default());
+    sent.last_round.store(plan.floor, Relaxed);
+    let lanes = plan.lanes.clamp(1, plan.devices.max(1));
+    let mut conns = Vec::with_capacity(lanes);
+    for _ in 0..lanes {
+        match api.connect().await {
+            Ok(c) => conns.push(c),
+            Err(e) => {
+                sent.error(e);
+                return (sent, now_ns());
+            }
+        }
+    }
+    let plan = Arc::new(Plan { lanes, ..plan });
+    let start = Instant::now();
+    let start_ns = now_ns();
+    let mut tasks = Vec::with_capacity(lanes);
+    for (j, conn) in conns.into_iter().enumerate() {
+        let lane = Lane {
+            j,
+            api: api.clone(),
+            plan: plan.clone(),
+            ids: ids.clone(),
+            d: d.clone(),
+            sent: sent.clone(),
+            conn,
+            start,
+        };
+        tasks.push(tokio::spawn(lane.run()));
+    }
+    for t in tasks {
+        if let Err(e) = t.await {
+            sent.error(format!("HTTP lane: {e}"));
+        }
+    }
+    (sent, start_ns)
+}
+
+struct Lane {
+    j: usize,
+    api: Arc<Api>,
+    plan: Arc<Plan>,
+    ids: Arc<Vec<String>>,
+    d: Arc<Deliveries>,
+    sent: Arc<Sent>,
+    conn: Conn,
+    start: Instant,
+}
+
+#[derive(Deserialize)]
+struct BatchAnswer {
+    results: Vec<BatchResult>,
+}
+
+#[derive(Deserialize)]
+struct BatchResult {
+    status: u16,
+}
+
+impl Lane {
+    async fn run(mut self) {
+        let p = self.plan.clone();
+        let mine: Vec<usize> = (self.j..p.devices).step_by(p.lanes).collect();
+        let (mut cursor, mut round) = (0, p.floor);
+        let mut next = || {
+            let dev = mine[cursor];
+            let seq = round * p.devices as u64 + dev as u64;
+            cursor += 1;
+            if cursor == mine.len() {
+                cursor = 0;
+                round += 1;
+            }
+            (dev, seq)
+        };
+        let mut k: u64 = 0;
+        let mut buf = BytesMut::new();
+        while self.start.elapsed() < p.duration {
+            if !self.pace(k).await {
+                break;
+            }
+            k += 1;
+            let done = match p.kind {
+                Kind::One { query } => {
+                    let (dev, seq) = next();
+                    put_stamped(&mut buf, now_ns(), seq, p.payload);
+                    let path = format!("/v1/push/{}?qos=1{query}", self.ids[dev]);
+                    self.one(&path, buf.split().freeze(), seq).await
+                }
+                Kind::Batch { size } => {
+                    let mut body = String::from("{\"messages\":[");
+                    for i in 0..size {
+                        let (dev, seq) = next();
+                        put_stamped(&mut buf, now_ns(), seq, p.payload);
+                        let b64 = base64::engine::general_purpose::STANDARD.encode(&buf);
+                        buf.clear();
+                        if i > 0 {
+                            body.push(',');
+                        }
+                        // Device ids are made of the id prefix and digits: quote through
+                        // serde_json all the same, as a backend would.
+                        let id = serde_json::to_string(&self.ids[dev]).unwrap_or_default();
+                        body.push_str(&format!(
+                            "{{\"client_id\":{id},\"payload\":\"{b64}\",\
+                             \"payload_encoding\":\"base64\",\"qos\":1}}"
+                        ));
+                    }
+                    body.push_str("]}");
+                    self.batch(Bytes::from(body), size).await
+                }
+            };
+            if !done {
+                break;
+            }
+        }
+        self.sent.last_round.fetch_max(round, Relaxed);
+    }
+
+    /// Waits for the `k`-th request's turn: its time at a fixed rate, and room under the
+    /// lag bound. False when the phase ended meanwhile.
+    async fn pace(&self, k: u64) -> bool {
+        let p = &self.plan;
+        if let Some(rate) = p.rate {
+            let due = self.start
+                + Duration::from_secs_f64((k * p.lanes as u64 + self.j as u64) as f64 / rate);
+            let now = Instant::now();
+            if due > now {
+                tokio::time::sleep_until(due).await;
+            } else {
+                let late = (now - due).as_nanos() as u64;
+                self.sent.max_late_ns.fetch_max(late, Relaxed);
+            }
+        }
+        if let Some(lag) = p.max_lag {
+            // Several lanes wait here at once, and `Deliveries::notify` wakes only one
+            // waiter: poll instead (a millisecond is the timer's grain anyway).
+            while self
+                .sent
+                .accepted
+                .load(Relaxed)
+                .saturating_sub(self.d.delivered.load(Relaxed))
+                > lag
+            {
+                if self.start.elapsed() >= p.duration {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        self.start.elapsed() < p.duration
+    }
+
+    async fn one(&mut self, path: &str, body: Bytes, seq: u64) -> bool {
+        self.sent.requests.fetch_add(1, Relaxed);
+        match self
+            .api
+            .call(&mut self.conn, Method::POST, path, false, body)
+            .await
+        {
+            Ok((202, _, at)) => {
+                self.sent.accepted.fetch_add(1, Relaxed);
+                if let Some(t) = &self.d.track {
+                    t.acked(seq, at);
+                }
+                true
+            }
+            Ok((status, body, _)) => {
+                self.sent.error(format!(
+                    "POST {path}: {status} {}",
+                    String::from_utf8_lossy(&body)
+                ));
+                false
+            }
+            Err(e) => {
+                self.sent.error(e);
+                false
+            }
+        }
+    }
+
+    /// A batch: every entry must come back 202 (a lane stops at the first that does not,
+    /// since its devices would then see a gap).
+    async fn batch(&mut self, body: Bytes, size: usize) -> bool {
+        self.sent.requests.fetch_add(1, Relaxed);
+        let answer = self
+            .api
+            .call(&mut self.conn, Method::POST, "/v1/push", true, body)
+            .await;
+        let (status, body) = match answer {
+            Ok((status, body, _)) => (status, body),
+            Err(e) => {
+                self.sent.error(e);
+                return false;
+            }
+        };
+        let parsed = (status == 200)
+            .then(|| serde_json::from_slice::<BatchAnswer>(&body).ok())
+            .flatten();
+        let Some(a) = parsed else {
+            self.sent.error(format!(
+                "POST /v1/push: {status} {}",
+                String::from_utf8_lossy(&body)
+            ));
+            return false;
+        };
+        let ok = a.results.iter().filter(|r| r.status == 202).count();
+        self.sent.accepted.fetch_add(ok as u64, Relaxed);
+        if ok != size || a.results.len() != size {
+            self.sent.error(format!(
+                "POST /v1/push: {ok} of {size} messages accepted ({} results)",
+                a.results.len()
+            ));
+            return false;
+        }
+        true
+    }
+}
