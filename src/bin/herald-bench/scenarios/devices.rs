@@ -52,6 +52,9 @@ pub(super) struct Deliveries {
     pub(super) round_floor: AtomicU64,
     /// http: arrival times per message, for "acknowledged -> at the device".
     pub(super) track: Option<Track>,
+    /// Messages counted in `delivered`, per device: the HTTP lanes bound each device's
+    /// backlog with it, since they do not spread their messages evenly over all devices.
+    pub(super) per_device: Vec<AtomicU64>,
     pub(super) notify: Notify,
 }
 
@@ -77,6 +80,7 @@ impl Deliveries {
             phased: AtomicBool::new(false),
             round_floor: AtomicU64::new(0),
             track: None,
+            per_device: (0..devices).map(|_| AtomicU64::new(0)).collect(),
             notify: Notify::new(),
         }
     }
@@ -102,6 +106,9 @@ impl Deliveries {
             &self.bad_payload,
             &self.last_ns,
         ] {
+            c.store(0, Relaxed);
+        }
+        for c in &self.per_device {
             c.store(0, Relaxed);
         }
         self.hist.lock().unwrap().reset();
@@ -253,6 +260,9 @@ impl OnPublish for Device {
             self.samples.clear();
         }
         if self.new > 0 {
+            if let Some(c) = self.shared.per_device.get(self.index as usize) {
+                c.fetch_add(self.new, Relaxed);
+            }
             self.shared.delivered.fetch_add(self.new, Relaxed);
             self.shared.last_ns.fetch_max(now, Relaxed);
             self.new = 0;

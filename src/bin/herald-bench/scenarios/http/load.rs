@@ -27,6 +27,11 @@ use super::super::devices::Deliveries;
 
 type Conn = SendRequest<Full<Bytes>>;
 
+/// Accepted but not yet delivered per device, at most, when the plan bounds the lag: half of
+/// Herald's default outbox cap (`session.max_queued_messages`, 1,000), so that nothing is
+/// dropped for overflow even with a batch's worth more in flight.
+const DEVICE_LAG: u64 = 500;
+
 /// Where the API is and how to authenticate to it.
 pub(super) struct Api {
     addr: SocketAddr,
@@ -119,7 +124,7 @@ pub(super) struct Plan {
     pub(super) duration: Duration,
     /// Requests per second over all lanes; None: as fast as the answers come.
     pub(super) rate: Option<f64>,
-    /// Accepted but not yet delivered, at most.
+    /// Accepted but not yet delivered, at most (and `DEVICE_LAG` per device).
     pub(super) max_lag: Option<u64>,
     pub(super) payload: usize,
 }
@@ -203,6 +208,39 @@ struct Lane {
     start: Instant,
 }
 
+/// A lane's devices, taken in turn, and what each was sent (accepted) in this phase.
+struct Cycle {
+    mine: Vec<usize>,
+    accepted: Vec<u64>,
+    cursor: usize,
+    round: u64,
+    devices: u64,
+}
+
+impl Cycle {
+    /// The next message: (position in `mine`, device, sequence number).
+    fn next(&mut self) -> (usize, usize, u64) {
+        let pos = self.cursor;
+        let dev = self.mine[pos];
+        let seq = self.round * self.devices + dev as u64;
+        self.cursor += 1;
+        if self.cursor == self.mine.len() {
+            self.cursor = 0;
+            self.round += 1;
+        }
+        (pos, dev, seq)
+    }
+
+    /// Whether some device of the lane has more than `DEVICE_LAG` accepted and not yet
+    /// delivered.
+    fn behind(&self, d: &Deliveries) -> bool {
+        self.mine.iter().zip(&self.accepted).any(|(&dev, &a)| {
+            let got = d.per_device.get(dev).map_or(a, |c| c.load(Relaxed));
+            a.saturating_sub(got) > DEVICE_LAG
+        })
+    }
+}
+
 #[derive(Deserialize)]
 struct BatchAnswer {
     results: Vec<BatchResult>,
@@ -217,35 +255,36 @@ impl Lane {
     async fn run(mut self) {
         let p = self.plan.clone();
         let mine: Vec<usize> = (self.j..p.devices).step_by(p.lanes).collect();
-        let (mut cursor, mut round) = (0, p.floor);
-        let mut next = || {
-            let dev = mine[cursor];
-            let seq = round * p.devices as u64 + dev as u64;
-            cursor += 1;
-            if cursor == mine.len() {
-                cursor = 0;
-                round += 1;
-            }
-            (dev, seq)
+        if mine.is_empty() {
+            return;
+        }
+        let mut cycle = Cycle {
+            accepted: vec![0; mine.len()],
+            mine,
+            cursor: 0,
+            round: p.floor,
+            devices: p.devices as u64,
         };
         let mut k: u64 = 0;
         let mut buf = BytesMut::new();
-        while self.start.elapsed() < p.duration {
-            if !self.pace(k).await {
-                break;
-            }
+        let mut batch = Vec::new();
+        while self.pace(k, &cycle).await {
             k += 1;
             let done = match p.kind {
                 Kind::One { query } => {
-                    let (dev, seq) = next();
+                    let (pos, dev, seq) = cycle.next();
                     put_stamped(&mut buf, now_ns(), seq, p.payload);
                     let path = format!("/v1/push/{}?qos=1{query}", self.ids[dev]);
-                    self.one(&path, buf.split().freeze(), seq).await
+                    let ok = self.one(&path, buf.split().freeze(), seq).await;
+                    cycle.accepted[pos] += u64::from(ok);
+                    ok
                 }
                 Kind::Batch { size } => {
                     let mut body = String::from("{\"messages\":[");
+                    batch.clear();
                     for i in 0..size {
-                        let (dev, seq) = next();
+                        let (pos, dev, seq) = cycle.next();
+                        batch.push(pos);
                         put_stamped(&mut buf, now_ns(), seq, p.payload);
                         let b64 = base64::engine::general_purpose::STANDARD.encode(&buf);
                         buf.clear();
@@ -261,19 +300,25 @@ impl Lane {
                         ));
                     }
                     body.push_str("]}");
-                    self.batch(Bytes::from(body), size).await
+                    let ok = self.batch(Bytes::from(body), size).await;
+                    if ok {
+                        for &pos in &batch {
+                            cycle.accepted[pos] += 1;
+                        }
+                    }
+                    ok
                 }
             };
             if !done {
                 break;
             }
         }
-        self.sent.last_round.fetch_max(round, Relaxed);
+        self.sent.last_round.fetch_max(cycle.round, Relaxed);
     }
 
     /// Waits for the `k`-th request's turn: its time at a fixed rate, and room under the
-    /// lag bound. False when the phase ended meanwhile.
-    async fn pace(&self, k: u64) -> bool {
+    /// lag bounds. False when the phase is over.
+    async fn pace(&self, k: u64, cycle: &Cycle) -> bool {
         let p = &self.plan;
         if let Some(rate) = p.rate {
             let due = self.start
@@ -289,13 +334,12 @@ impl Lane {
         if let Some(lag) = p.max_lag {
             // Several lanes wait here at once, and `Deliveries::notify` wakes only one
             // waiter: poll instead (a millisecond is the timer's grain anyway).
-            while self
-                .sent
-                .accepted
-                .load(Relaxed)
-                .saturating_sub(self.d.delivered.load(Relaxed))
-                > lag
-            {
+            loop {
+                let accepted = self.sent.accepted.load(Relaxed);
+                let behind = accepted.saturating_sub(self.d.delivered.load(Relaxed));
+                if behind <= lag && !cycle.behind(&self.d) {
+                    break;
+                }
                 if self.start.elapsed() >= p.duration {
                     return false;
                 }
