@@ -182,6 +182,10 @@ fn render(cols: &[(String, ScenarioResult)], markdown: Option<&Path>) -> Result<
             "broker CPU per message, (a) / (b) / (c) / (d)".into(),
             |r| per_phase(r, &PHASES[..4], "broker_cpu_us_per_msg", "us"),
         ),
+        Row::info(
+            "load generator CPU per message, (a) / (b) / (c) / (d)".into(),
+            |r| per_phase(r, &PHASES[..4], "bench_cpu_us_per_msg", "us"),
+        ),
         Row::info("store CPU per message, (a) / (b) / (c) / (d)".into(), |r| {
             per_phase(r, &PHASES[..4], "store_cpu_us_per_msg", "us")
         }),
@@ -232,6 +236,19 @@ fn render(cols: &[(String, ScenarioResult)], markdown: Option<&Path>) -> Result<
         }
         for n in &r.notes {
             notes.push(format!("{name}: {n}"));
+        }
+        // Both sides pinned to a core each: a generator that spends more per message than
+        // the broker could not outrun it, whatever either core's load.
+        for ph in &PHASES[1..4] {
+            let cost = |who: &str| metric(r, &format!("{ph}_{who}_cpu_us_per_msg"));
+            if let (Some(gen), Some(broker)) = (cost("bench"), cost("broker")) {
+                if gen >= broker {
+                    notes.push(format!(
+                        "{name}: {ph}: the load generator spent {gen:.1} µs per message, the \
+                         broker {broker:.1} µs: on a core each, the generator may set the pace"
+                    ));
+                }
+            }
         }
     }
     println!();

@@ -265,6 +265,10 @@ impl Run<'_> {
         }
         cpu.report(&mut tmp, "", delivered);
         tmp.opt_metric("bench_cpu_pct", cpu.own_pct);
+        if delivered > 0 {
+            let per_msg = cpu.own_secs.map(|s| s * 1e6 / delivered as f64);
+            tmp.opt_metric("bench_cpu_us_per_msg", per_msg);
+        }
         if let (Some(Ok(a)), Some(Ok(b))) = (&begun.redis, &redis1) {
             redisstat::report(&mut tmp, a, b, delivered);
         }
