@@ -438,3 +438,38 @@ pub(super) async fn devices_online(
     };
     (online, res)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(seq: u64) -> Vec<u8> {
+        let mut b = bytes::BytesMut::new();
+        client::put_stamped(&mut b, 1, seq, 16);
+        b.to_vec()
+    }
+
+    #[test]
+    fn a_new_phase_jumps_to_its_round_without_a_gap() {
+        let d = Arc::new(Deliveries::new(2));
+        let mut dev = Device::new(d.clone(), 1, false);
+        for seq in [1, 3, 5] {
+            dev.publish(1, false, b"", &msg(seq), 10);
+        }
+        dev.batch_end(10);
+        assert_eq!(d.delivered.load(Relaxed), 3);
+        d.next_phase(10);
+        for seq in [21, 23] {
+            dev.publish(1, false, b"", &msg(seq), 20);
+        }
+        dev.publish(1, false, b"", &msg(5), 20); // a late one of the last phase
+        dev.batch_end(20);
+        assert_eq!(d.delivered.load(Relaxed), 2);
+        assert_eq!(d.per_device[1].load(Relaxed), 2);
+        assert_eq!(d.gaps.load(Relaxed), 0);
+        assert_eq!(d.dups.load(Relaxed), 1);
+        // Within a phase a skipped message is still a gap.
+        dev.publish(1, false, b"", &msg(27), 30);
+        assert_eq!(d.gaps.load(Relaxed), 1);
+    }
+}

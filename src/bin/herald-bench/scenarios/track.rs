@@ -90,3 +90,29 @@ impl Track {
         p
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_only_messages_of_the_phase_with_both_times() {
+        let t = Track::new(4);
+        t.start(100);
+        t.acked(100, 1_000_000);
+        t.arrived(100, 3_000_000); // 2 ms after its acknowledgement
+        t.arrived(101, 500_000);
+        t.acked(101, 900_000); // the device had it first
+        t.acked(102, 1_000); // never arrived
+        t.arrived(99, 1); // another phase's
+        t.arrived(104, 1); // past the capacity
+        let p = t.paired();
+        assert_eq!(p.pairs, 2);
+        assert_eq!(p.device_first, 1);
+        assert_eq!(p.hist.len(), 2);
+        assert!(p.hist.max() >= 1_990_000);
+        // A new phase forgets the old one.
+        t.start(200);
+        assert_eq!(t.paired().pairs, 0);
+    }
+}
