@@ -5,107 +5,25 @@
 //! after the answer to the last, so a device's messages are stored in the order they were
 //! numbered and the devices can check it, exactly as with the single MQTT publisher.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
 use bytes::{Bytes, BytesMut};
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
-use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
+use hyper::Method;
 use serde::Deserialize;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::client::{now_ns, put_stamped};
 
 use super::super::devices::Deliveries;
-
-type Conn = SendRequest<Full<Bytes>>;
+use super::api::{Api, Conn};
 
 /// Accepted but not yet delivered per device, at most, when the plan bounds the lag: half of
 /// Herald's default outbox cap (`session.max_queued_messages`, 1,000), so that nothing is
 /// dropped for overflow even with a batch's worth more in flight.
 const DEVICE_LAG: u64 = 500;
-
-/// Where the API is and how to authenticate to it.
-pub(super) struct Api {
-    addr: SocketAddr,
-    host: HeaderValue,
-    auth: Option<HeaderValue>,
-}
-
-impl Api {
-    pub(super) fn new(addr: SocketAddr, token: Option<&str>) -> Result<Api, String> {
-        let auth = token
-            .map(|t| HeaderValue::from_str(&format!("Bearer {t}")))
-            .transpose()
-            .map_err(|_| "--http-token: not a valid header value".to_string())?;
-        let host = HeaderValue::from_str(&addr.to_string())
-            .map_err(|_| format!("{addr}: not a valid Host header"))?;
-        Ok(Api { addr, host, auth })
-    }
-
-    pub(super) async fn connect(&self) -> Result<Conn, String> {
-        let tcp = TcpStream::connect(self.addr)
-            .await
-            .map_err(|e| format!("HTTP connect {}: {e}", self.addr))?;
-        // Requests are small and answered one at a time: Nagle would hold the next one back.
-        let _ = tcp.set_nodelay(true);
-        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| format!("HTTP handshake: {e}"))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(send)
-    }
-
-    /// One request: the status, the body, and the time the answer's head arrived.
-    pub(super) async fn call(
-        &self,
-        conn: &mut Conn,
-        method: Method,
-        path: &str,
-        json: bool,
-        body: Bytes,
-    ) -> Result<(u16, Bytes, u64), String> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(HOST, self.host.clone());
-        if let Some(a) = &self.auth {
-            req = req.header(AUTHORIZATION, a.clone());
-        }
-        if json {
-            req = req.header(CONTENT_TYPE, "application/json");
-        }
-        let req = req
-            .body(Full::new(body))
-            .map_err(|e| format!("request {path}: {e}"))?;
-        conn.ready()
-            .await
-            .map_err(|e| format!("HTTP connection: {e}"))?;
-        let resp = conn
-            .send_request(req)
-            .await
-            .map_err(|e| format!("HTTP {path}: {e}"))?;
-        let at = now_ns();
-        let status = resp.status().as_u16();
-        // Read to the end, or the connection cannot carry the next request.
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("HTTP {path}: reading the answer: {e}"))?
-            .to_bytes();
-        Ok((status, body, at))
-    }
-}
 
 #[derive(Clone, Copy)]
 pub(super) enum Kind {

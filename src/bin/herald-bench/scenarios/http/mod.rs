@@ -13,16 +13,15 @@
 //! Metrics carry the phase as a prefix (`http_msgs_per_sec`, `mqtt_rate_ack_p99_us`, ...).
 //!
 //! - here: the phases and their figures;
-//! - `load`: the HTTP lanes (hyper client).
+//! - `api`: the HTTP client (hyper, keep-alive connections) and the receipt probe;
+//! - `load`: the HTTP lanes.
 
+mod api;
 mod load;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
-
-use bytes::Bytes;
-use hyper::Method;
 
 use crate::client::Target;
 use crate::procstat::Probe;
@@ -33,12 +32,11 @@ use crate::Opts;
 use super::devices::{device_id, devices_online, wipe_sessions, Deliveries};
 use super::publisher::{publish_qos1, PubPlan};
 use super::{check_fds, put_latency};
-use load::{Api, Kind, Plan};
+use api::Api;
+use load::{Kind, Plan};
 
 /// Above this share of its core (%), the load generator may have set a phase's pace.
 const BUSY_PCT: f64 = 80.0;
-/// The client id of the receipt probe: not a device, so its message disturbs no count.
-const PROBE_ID: &str = "bench-receipt-probe";
 
 /// What a phase sent, for `Run::phase` to wait on and report.
 struct Sent {
@@ -345,33 +343,10 @@ impl Run<'_> {
         }
     }
 
-    /// Whether Herald takes `receipt=true`: one push to a client id that is not a device
-    /// (its outbox emptied again after). A 400 means this Herald does not know the
-    /// parameter yet: noted, and the receipt phase is skipped.
+    /// Whether Herald takes `receipt=true` (`api::probe_receipts`). A 400 means this Herald
+    /// does not know the parameter yet: noted, and the receipt phase is skipped.
     async fn receipts_supported(&self, r: &mut ScenarioResult) -> bool {
-        let probe = async {
-            let mut conn = self.api.connect().await?;
-            let path = format!("/v1/push/{PROBE_ID}?qos=1&receipt=true");
-            let (status, body, _) = self
-                .api
-                .call(
-                    &mut conn,
-                    Method::POST,
-                    &path,
-                    false,
-                    Bytes::from_static(b"probe"),
-                )
-                .await?;
-            if status == 202 {
-                let path = format!("/v1/clients/{PROBE_ID}/outbox");
-                let _ = self
-                    .api
-                    .call(&mut conn, Method::DELETE, &path, false, Bytes::new())
-                    .await;
-            }
-            Ok::<_, String>((status, body))
-        };
-        match probe.await {
+        match api::probe_receipts(&self.api).await {
             Ok((202, _)) => {
                 r.param("receipts", "supported");
                 true
