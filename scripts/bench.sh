@@ -6,7 +6,8 @@
 #                              push at 20,000 msgs/s, QoS 0 with 1 and 4 pairs, offline drain
 #                              of 1,000 x 10, and push, push-rate and drain again against
 #                              Herald --store redis (about 9 minutes), then the cases of
-#                              issue 10 below (about 7 minutes more)
+#                              issue 10 below (about 7 minutes more) and the http case of
+#                              issue 15 (under a minute)
 #   scripts/bench.sh --quick   the same scenarios, small and short (about 2.5 minutes)
 #   scripts/bench.sh --smoke   a few clients, about a second per scenario, Herald only; exits
 #                              non-zero if any scenario does not deliver everything
