@@ -6,7 +6,8 @@
 #   make deps      only the tool check/install
 #   make unit      only cargo test
 #   make interop   only the interop suite (interop/run.sh) against a fresh release build
-#   make bench     benchmarks (scripts/bench.sh)
+#   make bench     benchmarks (scripts/bench.sh); one case: make bench ARGS='--only http' (the
+#                  HTTP API against MQTT, memory and Redis store, about a minute; --quick: 20 s)
 #   make cluster   release build, then a 3-node cluster on loopback with a private Redis until
 #                  Ctrl-C (scripts/cluster.sh); flags: make cluster ARGS='--for 30'; a rolling
 #                  restart (each node in turn: SIGTERM, exit, start again, ready) once it is up:

@@ -2,10 +2,12 @@
 # Runs the interop suite: third-party MQTT clients (Mosquitto's CLI, Python paho-mqtt, MQTT.js
 # in Node) against one Herald this script starts, then stops with SIGTERM.
 #
-# Herald listens on four free loopback ports (never 1883): plain MQTT over TCP, MQTT over TLS,
-# MQTT over WebSocket (ws) and over WebSocket on TLS (wss), the last three with a throw-away
+# Herald listens on five free loopback ports (never 1883): plain MQTT over TCP, MQTT over TLS,
+# MQTT over WebSocket (ws) and over WebSocket on TLS (wss), the middle three with a throw-away
 # certificate made for this run with openssl in a temp dir (an ECDSA P-256 CA and a server
-# certificate for localhost and 127.0.0.1; no key is kept or committed). Each test script gets:
+# certificate for localhost and 127.0.0.1; no key is kept or committed), and the backend HTTP
+# API (--http-listen), with one bearer token made for the run in a config file this script
+# writes and passes with -c (so HERALD_ARGS must not name another). Each test script gets:
 #   HERALD_HOST           127.0.0.1
 #   HERALD_PORT           plain MQTT over TCP
 #   HERALD_TLS_PORT       MQTT over TLS
@@ -13,6 +15,8 @@
 #   HERALD_WSS_PORT       MQTT over WebSocket over TLS, path /mqtt
 #   HERALD_CAFILE         the CA (PEM) that signed Herald's certificate
 #   HERALD_OTHER_CAFILE   a CA that did not (for "untrusted server" checks)
+#   HERALD_HTTP_PORT      the backend HTTP API (plain HTTP)
+#   HERALD_HTTP_TOKEN     its bearer token (http.tokens)
 #
 # Usage: interop/run.sh [HERALD_BINARY] [TEST...]
 #   HERALD_BINARY  default target/release/herald (built by `make build`; this script builds nothing)
@@ -113,17 +117,21 @@ if ! make_certs "$certs" >"$tmp/openssl.log" 2>&1; then
     exit 1
 fi
 
-# Four distinct free ports: all four sockets are bound at once, then released.
-read -r port tls_port ws_port wss_port < <("$PYTHON" -c '
+# Five distinct free ports: all five sockets are bound at once, then released.
+read -r port tls_port ws_port wss_port http_port < <("$PYTHON" -c '
 import socket
-socks = [socket.socket() for _ in range(4)]
+socks = [socket.socket() for _ in range(5)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])')
+# The HTTP API's token: random, for this run only, readable by this user only.
+http_token=interop-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+(umask 077 && printf '[http]\ntokens = ["%s"]\n' "$http_token" >"$tmp/herald.toml")
 log=$tmp/herald.log
 # shellcheck disable=SC2086 # HERALD_ARGS is a list of flags
-NO_COLOR=1 "$HERALD" --listen "127.0.0.1:$port" \
+NO_COLOR=1 "$HERALD" -c "$tmp/herald.toml" --listen "127.0.0.1:$port" \
     --tls-listen "127.0.0.1:$tls_port" --ws-listen "127.0.0.1:$ws_port" --wss-listen "127.0.0.1:$wss_port" \
+    --http-listen "127.0.0.1:$http_port" \
     --tls-cert "$certs/server.pem" --tls-key "$certs/server.key" \
     --log-level "${HERALD_LOG:-info}" ${HERALD_ARGS:-} >"$log" 2>&1 &
 herald_pid=$!
@@ -137,14 +145,14 @@ for _ in $(seq 100); do
     if "$PYTHON" -c '
 import socket, sys
 for p in sys.argv[1:]:
-    socket.create_connection(("127.0.0.1", int(p)), 1).close()' "$port" "$tls_port" "$ws_port" "$wss_port" 2>/dev/null; then
+    socket.create_connection(("127.0.0.1", int(p)), 1).close()' "$port" "$tls_port" "$ws_port" "$wss_port" "$http_port" 2>/dev/null; then
         ready=1
         break
     fi
     sleep 0.1
 done
 if [ "$ready" -ne 1 ]; then
-    echo "interop: herald did not accept connections on 127.0.0.1 ports $port (tcp), $tls_port (tls), $ws_port (ws), $wss_port (wss); its log:" >&2
+    echo "interop: herald did not accept connections on 127.0.0.1 ports $port (tcp), $tls_port (tls), $ws_port (ws), $wss_port (wss), $http_port (http); its log:" >&2
     cat "$log" >&2
     echo "0 passed, 1 failed"
     exit 1
@@ -154,8 +162,9 @@ versions=(
     "$(mosquitto_sub --help 2>/dev/null | sed -n "s/^mosquitto_sub version \([^ ]*\).*/mosquitto-clients \1/p")"
     "node $("$NODE" --version 2>&1) with mqtt $(cd interop && "$NODE" -p 'require("mqtt/package.json").version' 2>/dev/null || echo "missing (run scripts/deps.sh)")"
     "$(openssl version 2>&1 | cut -d' ' -f1-2)"
+    "$(curl --version 2>/dev/null | head -n 1 | cut -d' ' -f1-2)"
 )
-echo "interop: $("$HERALD" --version) (pid $herald_pid) on 127.0.0.1: tcp $port, tls $tls_port, ws $ws_port, wss $wss_port"
+echo "interop: $("$HERALD" --version) (pid $herald_pid) on 127.0.0.1: tcp $port, tls $tls_port, ws $ws_port, wss $wss_port, http $http_port"
 echo "interop: clients: $(IFS=,; echo "${versions[*]}" | sed 's/,/, /g')"
 
 passed=0
@@ -172,6 +181,7 @@ for t in "${tests[@]}"; do
     start=$(date +%s)
     HERALD_HOST=127.0.0.1 HERALD_PORT=$port HERALD_TLS_PORT=$tls_port HERALD_WS_PORT=$ws_port \
         HERALD_WSS_PORT=$wss_port HERALD_CAFILE=$certs/ca.pem HERALD_OTHER_CAFILE=$certs/other-ca.pem \
+        HERALD_HTTP_PORT=$http_port HERALD_HTTP_TOKEN=$http_token \
         timeout -k 5 "$PER_TEST" "${cmd[@]}" </dev/null
     rc=$?
     secs=$(($(date +%s) - start))

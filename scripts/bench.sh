@@ -6,7 +6,8 @@
 #                              push at 20,000 msgs/s, QoS 0 with 1 and 4 pairs, offline drain
 #                              of 1,000 x 10, and push, push-rate and drain again against
 #                              Herald --store redis (about 9 minutes), then the cases of
-#                              issue 10 below (about 7 minutes more)
+#                              issue 10 below (about 7 minutes more) and the http case of
+#                              issue 15 (under a minute)
 #   scripts/bench.sh --quick   the same scenarios, small and short (about 2.5 minutes)
 #   scripts/bench.sh --smoke   a few clients, about a second per scenario, Herald only; exits
 #                              non-zero if any scenario does not deliver everything
@@ -22,6 +23,10 @@
 #                              runs): 19,000 persistent sessions with one queued QoS 1 message
 #                              each reconnect at once, Herald (redis) against Mosquitto
 #                              (--quick: 5,000; --smoke: 300, Herald only)
+#   scripts/bench.sh --only http
+#                              the backend HTTP API against MQTT (issue 15; part of the full,
+#                              quick and smoke runs): one Herald with --http-listen per store
+#                              (memory, then redis), `herald-bench http` against each (below)
 #   scripts/bench.sh --cluster [--quick ...]
 #                              the cluster benchmark of issue 5 instead (publish on node A,
 #                              devices on node B, against one node): runs
@@ -85,6 +90,21 @@
 # jitter) and other refusals, connection errors, broker and Redis CPU. Targets, printed as
 # notes: all connected within 3 s, no error other than CONNACK 3. The summary ends with the
 # two columns side by side.
+#
+# http (issue 15; `--only http`): Herald with `-c CONFIG --http-listen 127.0.0.1:PORT`, the
+# config holding one bearer token made for the run (`http.tokens`), on the memory store
+# (column herald-http) and on `--store redis` with its own redis-server as for Herald (redis)
+# (column herald-http-redis; left out with --no-redis and in the smoke run). `herald-bench
+# http` runs, against each, with the same 1,000 devices online throughout (push/<id>, QoS 1,
+# PUBACKing), --secs per phase: (a) MQTT QoS 1 push as in the push case; (b) `POST
+# /v1/push/{id}?qos=1` on 64 keep-alive connections, a request in flight on each; (c) the batch
+# `POST /v1/push`, 100 messages per request, 4 in flight; (d) (b) with `receipt=true`, or the
+# note "receipts: not supported by this Herald (400)" when Herald refuses the parameter; (e)
+# MQTT, then HTTP, at 5,000 msgs/s: p99 from the PUBACK or the 202 to the device's PUBLISH.
+# A message counts when its device has it. The summary ends with `herald-bench http-report`:
+# both stores side by side with the targets (b >= 50 % of a, c >= a, d at most 25 % below b
+# on Redis), and the load generator's CPU per phase (over 80 % of its core: it may have set
+# the pace).
 #
 # The Redis-backed column of issue 4: `scripts/bench.sh --only "push drain"` (push and
 # push-rate, drain) gives Herald (memory store), Mosquitto (persistence on) and Herald
@@ -189,6 +209,7 @@ full) CASES=(
     "auth-storm|login-storm|--devices 1000 --rate 2000 --logins 5000 --login-concurrency 1000 --baseline-secs 10 --after-secs 3|storm"
     "auth-push|push|--devices 1000 --window 1000 --secs 10 --id-prefix bench-dev --no-wipe --concurrency 1 --handshake-timeout 60|auth"
     "storm|storm|--devices 19000 --queued 1 --no-wipe|reconnect"
+    "http|http|--devices 1000 --secs 4 --no-wipe|http"
 ) ;;
 quick) CASES=(
     "idle-1000|idle|--clients 1000 --idle-secs 5"
@@ -203,6 +224,7 @@ quick) CASES=(
     "auth-storm|login-storm|--devices 200 --rate 2000 --logins 200 --login-concurrency 200 --baseline-secs 3 --after-secs 1|storm"
     "auth-push|push|--devices 200 --window 1000 --secs 3 --id-prefix bench-dev --no-wipe --concurrency 1 --handshake-timeout 60|auth"
     "storm|storm|--devices 5000 --queued 1 --no-wipe|reconnect"
+    "http|http|--devices 1000 --secs 2 --no-wipe|http"
 ) ;;
 smoke) CASES=(
     "idle|idle|--clients 20 --idle-secs 1"
@@ -214,6 +236,7 @@ smoke) CASES=(
     "tls-push|push|--devices 10 --messages 2000|tls"
     "auth-storm|login-storm|--devices 10 --rate 1000 --logins 4 --login-concurrency 4 --baseline-secs 0.3 --after-secs 0.2|storm"
     "storm|storm|--devices 300 --queued 1 --no-wipe|reconnect"
+    "http|http|--devices 10 --secs 0.3 --http-rate 500 --no-wipe|http"
 ) ;;
 esac
 # `--only tls` means every case of issue 10: tls-* and auth-*.
@@ -293,7 +316,7 @@ TLS_CASES=0
 if [ "$TLS" = 1 ]; then
     for c in "${CASES[@]}"; do
         IFS='|' read -r name _ _ set <<<"$c"
-        if [ -n "$set" ] && [ "$set" != reconnect ] && selected "$name"; then TLS_CASES=1; fi
+        case $set in tls | storm | auth) selected "$name" && TLS_CASES=1 ;; esac
     done
     if [ "$TLS_CASES" = 1 ] && ! command -v openssl >/dev/null; then
         echo "bench: openssl is not installed: the TLS and login cases (issue 10) are skipped" >&2
@@ -334,6 +357,11 @@ fi
 BROKER_PID=
 BROKER_PORT=
 BROKER_LOG=
+# The HTTP API of the herald-http kinds: its port, and the bearer token of this run (in the
+# config file those brokers read; a token of 16 characters at least).
+HTTP_PORT=
+HTTP_TOKEN=bench-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+(umask 077 && printf '[http]\ntokens = ["%s"]\n' "$HTTP_TOKEN" >"$TMP/herald-http.toml")
 # redis-server behind Herald (redis), while a herald-redis case runs: REDIS_PID, REDIS_PORT
 # and REDIS_LOG (set by start_redis).
 
@@ -380,9 +408,10 @@ start_broker() {
     shift
     REDIS_PID=
     SCRAPER_PID=
-    if [ "$kind" = herald-redis ]; then
+    case $kind in herald-redis | herald-http-redis)
         start_redis "${PIN_REDIS[@]}" || return 1
-    fi
+        ;;
+    esac
     free_port || return 1
     BROKER_PORT=$FREE
     local dir=$TMP/$kind-$BROKER_PORT
@@ -411,6 +440,21 @@ start_broker() {
     herald-redis)
         "$@" "$HERALD" --listen "127.0.0.1:$BROKER_PORT" --log-level warn \
             --store redis --redis-url "redis://127.0.0.1:$REDIS_PORT/0" >"$BROKER_LOG" 2>&1 &
+        ;;
+    herald-http | herald-http-redis)
+        free_port || return 1
+        HTTP_PORT=$FREE
+        local store=()
+        [ "$kind" = herald-http-redis ] &&
+            store=(--store redis --redis-url "redis://127.0.0.1:$REDIS_PORT/0")
+        "$@" "$HERALD" -c "$TMP/herald-http.toml" --listen "127.0.0.1:$BROKER_PORT" \
+            --http-listen "127.0.0.1:$HTTP_PORT" --log-level warn "${store[@]+"${store[@]}"}" \
+            >"$BROKER_LOG" 2>&1 &
+        BROKER_PID=$!
+        STARTED+=("$BROKER_PID")
+        wait_port "the broker" "$BROKER_PID" "$BROKER_PORT" "$BROKER_LOG" &&
+            wait_port "the broker's HTTP API" "$BROKER_PID" "$HTTP_PORT" "$BROKER_LOG"
+        return
         ;;
     herald-tls)
         "$@" "$HERALD" --listen "" --tls-listen "127.0.0.1:$BROKER_PORT" \
@@ -470,6 +514,9 @@ run_case() {
     case $kind in
     *-tls | *-tls-nodelay) extra=(--tls --cafile "$PKI/ca.pem") ;;
     herald-auth | herald-storm) extra=(--username "$BENCH_USER" --password "$BENCH_PASSWORD") ;;
+    herald-http | herald-http-redis)
+        extra=(--http-addr "127.0.0.1:$HTTP_PORT" --http-token "$HTTP_TOKEN")
+        ;;
     esac
     set +e
     # shellcheck disable=SC2086
@@ -504,6 +551,9 @@ TLS_COLS=("herald-tls|herald-tls|${PIN_BROKER[*]-}|")
     "mosquitto-tls-nodelay|mosquitto-tls-nodelay|${PIN_BROKER[*]-}|")
 STORM_COLS=("herald-storm|herald-storm|${PIN_BROKER[*]-}|")
 AUTH_COLS=("herald-noauth|herald|${PIN_BROKER[*]-}|" "herald-auth|herald-auth|${PIN_BROKER[*]-}|")
+# Issue 15: the HTTP API on the memory store, and on Redis.
+HTTP_COLS=("herald-http|herald-http|${PIN_BROKER[*]-}|")
+[ "$REDIS" = 1 ] && HTTP_COLS+=("herald-http-redis|herald-http-redis|${PIN_BROKER[*]-}|")
 # The reconnect storm: Herald (redis) (the memory store with --no-redis and in the smoke
 # run) and Mosquitto with `persistence false`.
 if [ "$REDIS" = 1 ]; then
@@ -518,15 +568,14 @@ T0=$(date +%s)
 for c in "${CASES[@]}"; do
     IFS='|' read -r name scenario args set <<<"$c"
     selected "$name" || continue
-    if [ -n "$set" ] && [ "$set" != reconnect ] && [ "$TLS" = 0 ]; then
-        continue
-    fi
+    case $set in tls | storm | auth) [ "$TLS" = 0 ] && continue ;; esac
     case $set in
     "") cols=("${COLS[@]}") ;;
     tls) cols=("${TLS_COLS[@]}") ;;
     storm) cols=("${STORM_COLS[@]}") ;;
     auth) cols=("${AUTH_COLS[@]}") ;;
     reconnect) cols=("${RECONNECT_COLS[@]}") ;;
+    http) cols=("${HTTP_COLS[@]}") ;;
     esac
     # The columns of one case run back to back, so load that drifts hits them alike.
     for col in "${cols[@]}"; do
@@ -576,6 +625,9 @@ fi
     if [ "$TLS_CASES" = 1 ]; then
         echo "- TLS (issue 10): $(openssl version | awk '{print $1, $2}') made a CA and an ECDSA P-256 server certificate (SAN IP:127.0.0.1) for this run; Herald \`--listen \"\" --tls-listen\` (rustls, ring), Mosquitto \`certfile\`/\`keyfile\`/\`tls_version tlsv1.3\` ($(ldd "${MOSQUITTO_BIN:-/usr/sbin/mosquitto}" 2>/dev/null | awk '/libssl/ {print $1}')); herald-bench: rustls, ring, TLS 1.3, resumption off"
         echo "- authentication (issue 10): a password file with one user made by \`herald passwd\` (argon2id, the argon2 crate's defaults); login storm: the same file and \`auth.allow_anonymous = true\` (the devices and the publisher are anonymous)"
+    fi
+    if [ -d "$OUT/herald-http" ]; then
+        echo "- HTTP API (issue 15): Herald \`--http-listen\` with one bearer token (\`http.tokens\`), memory store$([ -d "$OUT/herald-http-redis" ] && echo " and \`--store redis\` (its redis-server pinned as above)"); herald-bench: hyper's HTTP/1.1 client, keep-alive connections, on the load generator's core"
     fi
     if [ -d "$OUT/storm-herald-redis" ] || [ -d "$OUT/storm-herald" ] || [ -d "$OUT/storm-mosquitto" ]; then
         echo "- reconnect storm: Herald $([ -d "$OUT/storm-herald-redis" ] && echo "(redis, pinned with Herald as above)" || echo "(memory store)"), Mosquitto with \`persistence false\` (persistent sessions and queued messages in memory); every device back at once (no cap on connects in flight), CONNACK 3 retried after 100 ms (doubling, with jitter)"
@@ -639,6 +691,19 @@ if [ -n "$STORM_HERALD" ] && [ -d "$OUT/storm-mosquitto" ]; then
     cat "$OUT/table-storm.md" >>"$OUT/summary.md"
 elif [ -n "$STORM_HERALD" ]; then
     cat "${STORM_HERALD#*=}"/*.txt
+fi
+# Issue 15: the HTTP API against MQTT, the memory and the Redis store side by side.
+HTTP_REPORT=()
+[ -d "$OUT/herald-http" ] && HTTP_REPORT+=("Herald=$OUT/herald-http")
+[ -d "$OUT/herald-http-redis" ] && HTTP_REPORT+=("Herald (redis)=$OUT/herald-http-redis")
+if [ ${#HTTP_REPORT[@]} -gt 0 ]; then
+    {
+        echo
+        echo "### HTTP API against MQTT (issue 15)"
+        echo
+    } >>"$OUT/summary.md"
+    "$BENCH" http-report "${HTTP_REPORT[@]}" --markdown "$OUT/table-http.md" || true
+    cat "$OUT/table-http.md" >>"$OUT/summary.md"
 fi
 echo
 echo "bench: results in $OUT (summary.md: the table for BENCHMARKS.md)"

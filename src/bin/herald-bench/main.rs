@@ -27,7 +27,13 @@
 //!   connected and until all queued messages have arrived, CONNACK latency, refusals by code
 //!   (CONNACK 3 retried after `--refused-backoff`), connection errors, broker and store CPU,
 //!   Redis commands per reconnect (`--store-addr`). Not part of `all`.
-//! - `all`: every scenario but login-storm, churn and storm in turn against the same broker.
+//! - `http` (issue 15): Herald's backend HTTP API (`--http-addr`) against MQTT, on one broker
+//!   in one run: QoS 1 push over MQTT, `POST /v1/push/{id}` with `--http-concurrency`
+//!   requests in flight on keep-alive connections, the batch `POST /v1/push`, the same with
+//!   `receipt=true` (skipped when Herald answers 400), and at a fixed `--http-rate` the
+//!   latency from the PUBACK or the 202 to the device. Not part of `all`.
+//! - `all`: every scenario but login-storm, churn, storm and http in turn against the same
+//!   broker.
 //!
 //! Every scenario runs over TLS with `--tls --cafile PEM` (rustls, ring, no session
 //! resumption: every connection is a full handshake; result names get a `-tls` suffix, e.g.
@@ -37,6 +43,8 @@
 //! - `cluster-report`: the cluster table of issue 5 (local against forwarded).
 //! - `security-report`: the table of issue 10 (TLS and authentication) from the result
 //!   directories `scripts/bench.sh --only tls` writes.
+//! - `http-report`: the table of issue 15 (HTTP API against MQTT, memory and Redis store side
+//!   by side, with the targets).
 //!
 //! Give `--broker-pid` to get broker RSS and CPU (from /proc), repeated for the nodes of a
 //! cluster (summed), and `--store-pid` for those of a store that runs as its own process
@@ -116,7 +124,18 @@ enum Cmd {
     /// CONNACK 3. With --store-pid and --store-addr: Redis CPU and commands per reconnect;
     /// with --metrics-addr: Herald's own takeover and CONNACK counts. Not part of `all`.
     Storm(Opts),
-    /// Every scenario but login-storm, churn and storm, one after the other.
+    /// Issue 15: Herald's HTTP API (--http-addr) against MQTT QoS 1 push, on the same broker
+    /// and the same --devices in one run.
+    ///
+    /// Phases of --secs each, the devices online throughout: (a) MQTT QoS 1 push with a
+    /// window (as `push`); (b) POST /v1/push/{id}?qos=1, --http-concurrency keep-alive
+    /// connections with a request in flight each; (c) the batch POST /v1/push, --batch-size
+    /// messages per request, --batch-concurrency in flight; (d) (b) with receipt=true
+    /// (skipped, with a note, when Herald answers 400); (e) MQTT, then HTTP, at a fixed
+    /// --http-rate: the time from the PUBACK or the 202 to the device's PUBLISH. A message
+    /// counts when its device has it. Not part of `all`.
+    Http(Opts),
+    /// Every scenario but login-storm, churn, storm and http, one after the other.
     All(Opts),
     /// Side-by-side table of JSON results: `compare Herald=DIR Mosquitto=DIR ...`
     /// [--durable NAME].
@@ -127,6 +146,9 @@ enum Cmd {
     /// Issue 10 table (TLS and authentication): `security-report DIR` where DIR is the
     /// output directory of `scripts/bench.sh --only tls`.
     SecurityReport(SecurityReportArgs),
+    /// Issue 15 table (HTTP API against MQTT): `http-report NAME=PATH...`, each PATH the
+    /// JSON (or a directory of them) of an `http` run, e.g. the memory and the Redis store.
+    HttpReport(HttpReportArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -324,6 +346,25 @@ pub struct Opts {
     /// for its count of takeovers and of CONNACKs by code.
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
+
+    /// http: Herald's backend HTTP API (--http-listen), plain HTTP/1.1.
+    #[arg(long)]
+    pub http_addr: Option<SocketAddr>,
+    /// http: bearer token for the API (one of http.tokens), if it has any.
+    #[arg(long)]
+    pub http_token: Option<String>,
+    /// http: keep-alive connections for single pushes, one request in flight on each.
+    #[arg(long, default_value_t = 64)]
+    pub http_concurrency: usize,
+    /// http: messages per batch request (POST /v1/push).
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    /// http: batch requests in flight (a connection each).
+    #[arg(long, default_value_t = 4)]
+    pub batch_concurrency: usize,
+    /// http: the fixed rate (msgs/s) of the latency phases, MQTT and HTTP.
+    #[arg(long, default_value_t = 5000.0)]
+    pub http_rate: f64,
 }
 
 /// storm's --devices when none is given: the idle case's 19,000 (a process opens at most
@@ -357,6 +398,16 @@ struct ClusterReportArgs {
     #[arg(long)]
     plain: Option<PathBuf>,
     /// Also write the tables as Markdown.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct HttpReportArgs {
+    /// NAME=PATH, PATH the JSON of an `http` run or a directory of them; a column each.
+    #[arg(required = true, num_args = 1..)]
+    columns: Vec<String>,
+    /// Also write the table as Markdown.
     #[arg(long)]
     markdown: Option<PathBuf>,
 }
@@ -470,6 +521,17 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Cmd::HttpReport(a) => {
+            return match report::http_report(&a.columns, a.markdown.as_deref()) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("herald-bench: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Cmd::Http(o) => ("http", o),
         Cmd::Idle(o) => ("idle", o),
         Cmd::Handshake(o) => ("handshake", o),
         Cmd::LoginStorm(o) => ("login-storm", o),
@@ -537,7 +599,11 @@ fn main() -> ExitCode {
             r.variant = v.clone();
         }
     }
-    report::print_run(&opts.label, &results);
+    if which == "http" {
+        report::print_http(&opts.label, &results);
+    } else {
+        report::print_run(&opts.label, &results);
+    }
     if let Some(path) = &opts.json {
         let file = RunFile {
             tool: format!("herald-bench {}", env!("CARGO_PKG_VERSION")),
@@ -602,6 +668,9 @@ async fn run(which: &str, o: &Opts, target: &Target, pub_target: &Target) -> Vec
     }
     if which == "storm" {
         out.push(progress(scenarios::storm(o, target, pub_target).await));
+    }
+    if which == "http" {
+        out.push(progress(scenarios::http(o, target, pub_target).await));
     }
     out
 }

@@ -17,7 +17,7 @@ pub enum Packet<'a> {
         topic: &'a [u8],
         payload: &'a [u8],
     },
-    PubAck,
+    PubAck(u16),
     PubRec,
     PubRel(u16),
     PubComp,
@@ -95,10 +95,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Packet<'_>, usize)>, &'static str> {
                 payload: &body[off..],
             }
         }
-        4 => {
-            id(body)?;
-            Packet::PubAck
-        }
+        4 => Packet::PubAck(id(body)?),
         5 => {
             id(body)?;
             Packet::PubRec
@@ -217,9 +214,15 @@ pub fn encode_publish(
     if qos > 0 {
         buf.put_u16(pkid);
     }
+    put_stamped(buf, ts_ns, seq, payload_len);
+}
+
+/// A benchmark payload: the send time and a sequence number (little-endian u64 each),
+/// zero-padded to `payload_len` (at least `STAMP_LEN`).
+pub fn put_stamped(buf: &mut BytesMut, ts_ns: u64, seq: u64, payload_len: usize) {
     buf.put_u64_le(ts_ns);
     buf.put_u64_le(seq);
-    buf.put_bytes(0, payload_len - STAMP_LEN);
+    buf.put_bytes(0, payload_len.max(STAMP_LEN) - STAMP_LEN);
 }
 
 /// (send time, sequence number) of a benchmark payload.

@@ -28,7 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub use codec::{
     encode_connect, encode_puback, encode_publish, encode_retained, encode_subscribe,
-    encode_unsubscribe, parse, stamp, Packet,
+    encode_unsubscribe, parse, put_stamped, stamp, Packet,
 };
 pub use stream::{Stream, Target};
 pub use tls::{tls_config, tls_stats, Tls};
@@ -200,7 +200,7 @@ impl Client {
                             self.subacks += 1;
                             self.refused_subs += codes.iter().filter(|&&c| c >= 0x80).count();
                         }
-                        Packet::PubAck => self.pubacks += 1,
+                        Packet::PubAck(_) => self.pubacks += 1,
                         Packet::PubRel(id) => {
                             self.wbuf.put_slice(&[0x70, 2]);
                             self.wbuf.put_u16(id);

@@ -1,7 +1,7 @@
 //! Results: the per-run table, the JSON file, `compare` (side-by-side table with the
 //! Herald/Mosquitto ratio and the targets of issue 3, and of issue 4 for a durable-store
 //! column), `cluster-report` (local against forwarded, the targets of issue 5) and
-//! `security-report` (TLS and authentication, issue 10).
+//! `security-report` (TLS and authentication, issue 10) and `http-report` (issue 15).
 //!
 //! - here: `ScenarioResult` and `RunFile` (the JSON), `load` (a column of results).
 //! - `specs`: which metrics are shown, how, in what order, and their targets.
@@ -9,15 +9,18 @@
 //! - `compare`: the side-by-side table of issues 3 and 4.
 //! - `cluster`: `cluster-report` (issue 5).
 //! - `security`: `security-report` (issue 10).
+//! - `http`: `http-report` (issue 15: the HTTP API against MQTT).
 
 mod cluster;
 mod compare;
+mod http;
 mod security;
 mod specs;
 mod table;
 
 pub use cluster::cluster_report;
 pub use compare::compare;
+pub use http::{http_report, print_http};
 pub use security::security_report;
 pub use table::print_run;
 

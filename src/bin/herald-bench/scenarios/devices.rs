@@ -22,6 +22,7 @@ use crate::report::ScenarioResult;
 use crate::Opts;
 
 use super::publisher::WARMUP;
+use super::track::Track;
 use super::{new_hist, open_retry, serve, Fleet};
 
 /// Delivery bookkeeping of all devices of a scenario.
@@ -45,6 +46,15 @@ pub(super) struct Deliveries {
     pub(super) phase_hists: [Mutex<Histogram<u64>>; 3],
     /// Record into `phase_hists` too (set when login-storm's measured baseline starts).
     pub(super) phased: AtomicBool,
+    /// http: the round (sequence number / devices) a new phase starts at. A device's first
+    /// message of that phase may jump there from wherever the last phase left it, which is
+    /// not a gap: the phases number their messages apart so that their counts never mix.
+    pub(super) round_floor: AtomicU64,
+    /// http: arrival times per message, for "acknowledged -> at the device".
+    pub(super) track: Option<Track>,
+    /// Messages counted in `delivered`, per device: the HTTP lanes bound each device's
+    /// backlog with it, since they do not spread their messages evenly over all devices.
+    pub(super) per_device: Vec<AtomicU64>,
     pub(super) notify: Notify,
 }
 
@@ -68,7 +78,42 @@ impl Deliveries {
                 Mutex::new(new_hist()),
             ],
             phased: AtomicBool::new(false),
+            round_floor: AtomicU64::new(0),
+            track: None,
+            per_device: (0..devices).map(|_| AtomicU64::new(0)).collect(),
             notify: Notify::new(),
+        }
+    }
+
+    /// With arrival times kept for `capacity` messages of a phase (`Track`).
+    pub(super) fn with_track(devices: u64, capacity: usize) -> Self {
+        Deliveries {
+            track: Some(Track::new(capacity)),
+            ..Deliveries::new(devices)
+        }
+    }
+
+    /// http: a new phase whose messages start at round `floor`: the counts, the latency
+    /// histogram and the tracked times start again from zero. Call it once everything of the
+    /// last phase has arrived.
+    pub(super) fn next_phase(&self, floor: u64) {
+        self.round_floor.store(floor, Relaxed);
+        for c in [
+            &self.delivered,
+            &self.dups,
+            &self.gaps,
+            &self.misrouted,
+            &self.bad_payload,
+            &self.last_ns,
+        ] {
+            c.store(0, Relaxed);
+        }
+        for c in &self.per_device {
+            c.store(0, Relaxed);
+        }
+        self.hist.lock().unwrap().reset();
+        if let Some(t) = &self.track {
+            t.start(floor * self.devices);
         }
     }
 
@@ -170,6 +215,10 @@ impl OnPublish for Device {
             return;
         }
         let idx = seq / self.shared.devices;
+        let floor = self.shared.round_floor.load(Relaxed);
+        if idx >= floor && self.next < floor {
+            self.next = floor;
+        }
         if idx < self.next {
             self.shared.dups.fetch_add(1, Relaxed);
             return;
@@ -179,6 +228,9 @@ impl OnPublish for Device {
         }
         self.next = idx + 1;
         self.new += 1;
+        if let Some(t) = &self.shared.track {
+            t.arrived(seq, now);
+        }
         if self.latency {
             self.samples.push((ts, now.saturating_sub(ts)));
         }
@@ -208,6 +260,9 @@ impl OnPublish for Device {
             self.samples.clear();
         }
         if self.new > 0 {
+            if let Some(c) = self.shared.per_device.get(self.index as usize) {
+                c.fetch_add(self.new, Relaxed);
+            }
             self.shared.delivered.fetch_add(self.new, Relaxed);
             self.shared.last_ns.fetch_max(now, Relaxed);
             self.new = 0;
@@ -382,4 +437,39 @@ pub(super) async fn devices_online(
         Ok(())
     };
     (online, res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(seq: u64) -> Vec<u8> {
+        let mut b = bytes::BytesMut::new();
+        client::put_stamped(&mut b, 1, seq, 16);
+        b.to_vec()
+    }
+
+    #[test]
+    fn a_new_phase_jumps_to_its_round_without_a_gap() {
+        let d = Arc::new(Deliveries::new(2));
+        let mut dev = Device::new(d.clone(), 1, false);
+        for seq in [1, 3, 5] {
+            dev.publish(1, false, b"", &msg(seq), 10);
+        }
+        dev.batch_end(10);
+        assert_eq!(d.delivered.load(Relaxed), 3);
+        d.next_phase(10);
+        for seq in [21, 23] {
+            dev.publish(1, false, b"", &msg(seq), 20);
+        }
+        dev.publish(1, false, b"", &msg(5), 20); // a late one of the last phase
+        dev.batch_end(20);
+        assert_eq!(d.delivered.load(Relaxed), 2);
+        assert_eq!(d.per_device[1].load(Relaxed), 2);
+        assert_eq!(d.gaps.load(Relaxed), 0);
+        assert_eq!(d.dups.load(Relaxed), 1);
+        // Within a phase a skipped message is still a gap.
+        dev.publish(1, false, b"", &msg(27), 30);
+        assert_eq!(d.gaps.load(Relaxed), 1);
+    }
 }

@@ -16,21 +16,26 @@
 //! - `churn`: the qos0 pairs while other clients SUBSCRIBE and UNSUBSCRIBE (issue 12).
 //! - `handshake`, `login_storm`: issue 10.
 //! - `storm`: a reconnect storm (persistent sessions with queued messages, all back at once).
+//! - `http`: the backend HTTP API against MQTT push (issue 15); `track`: its per-message
+//!   acknowledgement and arrival times.
 
 mod churn;
 mod devices;
 mod drain;
 mod handshake;
+mod http;
 mod idle;
 mod login_storm;
 mod publisher;
 mod push;
 mod qos0;
 mod storm;
+mod track;
 
 pub use churn::churn;
 pub use drain::drain;
 pub use handshake::handshake;
+pub use http::http;
 pub use idle::idle;
 pub use login_storm::login_storm;
 pub use push::push;

@@ -25,7 +25,8 @@ pub(super) const WARMUP: u64 = 1 << 63;
 pub(super) struct PubPlan {
     /// Messages go to push/<prefix><seq % devices>.
     pub(super) devices: usize,
-    /// Added to the sequence number in the payload (`WARMUP` for warm-up messages).
+    /// Added to the sequence number in the payload (`WARMUP` for warm-up messages; a
+    /// multiple of `devices` otherwise, since the topic follows the count of messages sent).
     pub(super) seq_base: u64,
     /// Stop after this many messages...
     pub(super) count: Option<u64>,
@@ -80,8 +81,16 @@ pub(super) async fn publish_qos1(
     let (mut rd, mut wr) = c.into_stream().into_split();
     let acked = Arc::new(AtomicU64::new(0));
     let ack_notify = Arc::new(Notify::new());
+    // With a `Track` (http), the PUBACK time of each message: a PUBACK names its packet id
+    // only, so the writer notes which sequence number each id was last given to (the window
+    // is below 65,535, so an id is acknowledged before it is given again).
+    let seq_of_pkid: Option<Arc<Vec<AtomicU64>>> = d
+        .track
+        .is_some()
+        .then(|| Arc::new((0..=u16::MAX).map(|_| AtomicU64::new(0)).collect()));
     let reader = {
         let (acked, ack_notify) = (acked.clone(), ack_notify.clone());
+        let (d, seq_of_pkid) = (d.clone(), seq_of_pkid.clone());
         tokio::spawn(async move {
             let mut buf = BytesMut::with_capacity(64 * 1024);
             loop {
@@ -91,14 +100,18 @@ pub(super) async fn publish_qos1(
                     Ok(_) => {}
                     Err(e) => return format!("publisher read: {e}"),
                 }
+                let now = now_ns();
                 let mut n = 0;
                 let mut off = 0;
                 loop {
                     match client::parse(&buf[off..]) {
                         Ok(Some((p, len))) => {
                             off += len;
-                            if let client::Packet::PubAck = p {
+                            if let client::Packet::PubAck(pkid) = p {
                                 n += 1;
+                                if let (Some(t), Some(seqs)) = (&d.track, &seq_of_pkid) {
+                                    t.acked(seqs[usize::from(pkid)].load(Relaxed), now);
+                                }
                             }
                         }
                         Ok(None) => break,
@@ -176,15 +189,11 @@ pub(super) async fn publish_qos1(
         for _ in 0..batch {
             let topic = &topics[(sent % plan.devices as u64) as usize];
             let pkid = (sent % 65535) as u16 + 1;
-            client::encode_publish(
-                &mut wbuf,
-                topic,
-                1,
-                pkid,
-                ts,
-                plan.seq_base | sent,
-                plan.payload,
-            );
+            let seq = plan.seq_base + sent;
+            if let Some(seqs) = &seq_of_pkid {
+                seqs[usize::from(pkid)].store(seq, Relaxed);
+            }
+            client::encode_publish(&mut wbuf, topic, 1, pkid, ts, seq, plan.payload);
             sent += 1;
         }
         if let Err(e) = wr.write_all(&wbuf).await {
