@@ -133,7 +133,7 @@ async fn batch_with_bad_entries_in_the_middle_delivers_the_others_in_order() {
         { "client_id": "a/b", "payload": "bad id" },
         { "client_id": "dev2", "payload": "bad qos", "qos": 2 },
         { "client_id": "dev2", "payload": "!!", "payload_encoding": "base64" },
-        { "client_id": "dev2", "payload": "not yet", "collapse": "k" },
+        { "client_id": "dev2", "payload": "empty key", "collapse": "" },
         { "client_id": "dev2", "payload": "c2Vjb25k", "payload_encoding": "base64", "qos": 1 },
         { "client_id": "dev2", "payload": "third", "qos": 0 },
     ]});
@@ -146,7 +146,7 @@ async fn batch_with_bad_entries_in_the_middle_delivers_the_others_in_order() {
     assert_eq!(results[1]["error"], "bad_client_id", "{body}");
     assert_eq!(results[2]["error"], "bad_qos", "{body}");
     assert_eq!(results[3]["error"], "bad_payload", "{body}");
-    assert_eq!(results[4]["error"], "bad_entry", "{body}");
+    assert_eq!(results[4]["error"], "bad_collapse", "{body}");
     assert_eq!(results[5]["client_id"], "dev2");
     assert_ne!(results[0]["id"], results[5]["id"]);
     // QoS 0 to an offline device is not stored (as over MQTT): two wait.
@@ -198,7 +198,11 @@ async fn bad_qos_bad_client_id_and_unsupported_parameters_are_400() {
     for (path, code) in [
         ("dev5?qos=2", "bad_qos"),
         ("dev5?qos=x", "bad_qos"),
-        ("dev5?collapse=k", "bad_query"),
+        ("dev5?color=red", "bad_query"),
+        ("dev5?collapse=", "bad_collapse"),
+        ("dev5?qos=0&collapse=k", "bad_collapse"),
+        ("dev5?receipt=maybe", "bad_receipt"),
+        ("dev5?qos=0&receipt=true", "bad_receipt"),
         ("dev5?ttl=soon", "bad_ttl"),
         ("dev5?ttl=0s", "bad_ttl"),
         // Over session.message_ttl (7 days): the outbox itself would expire first.
@@ -428,4 +432,50 @@ async fn deleted_messages_are_counted_as_dropped() {
     assert_eq!(body["deleted"], 2, "{body}");
     let series = "herald_messages_dropped_total{reason=\"deleted\"}";
     assert_eq!(node.wait_metric(series, 2.0).await, 2.0);
+}
+
+/// `collapse`: a newer push with the same key replaces the queued one the device was never
+/// sent (one "3 unread", not three), and never one already written to it: a message the
+/// device received but did not acknowledge stays, and the new one queues behind it.
+#[tokio::test]
+async fn collapse_replaces_a_queued_message_and_not_a_sent_one() {
+    let (server, api) = start_api(|_| {}).await;
+    register_offline(&server, "devc").await;
+    let (status, first) = push(api, "devc?collapse=badge", b"1 unread").await;
+    assert_eq!(status, 202, "{first}");
+    assert!(first.get("replaced").is_none(), "{first}");
+    let (_, other) = push(api, "devc?collapse=chat", b"chat").await;
+    let (_, second) = push(api, "devc?collapse=badge", b"2 unread").await;
+    assert_eq!(second["replaced"], first["id"], "{second}");
+    let (_, third) = push(api, "devc?collapse=badge", b"3 unread").await;
+    assert_eq!(third["replaced"], second["id"], "{third}");
+    assert!(other.get("replaced").is_none(), "{other}");
+    assert_eq!(outbox_len(&server, "devc").await, 2);
+
+    // Sent, not acknowledged: it must survive the next push with its key.
+    let opts = Opts::new("devc").clean(false);
+    let (mut device, _) = Raw::connect_ok(server.local_addr(), &opts).await;
+    for want in ["chat", "3 unread"] {
+        let p = device.expect_publish().await;
+        assert_eq!(text(&p), want);
+    }
+    device.disconnect().await;
+    wait_offline(&server, "devc").await;
+    let (_, fourth) = push(api, "devc?collapse=badge", b"4 unread").await;
+    assert!(
+        fourth.get("replaced").is_none(),
+        "a sent message was replaced: {fourth}"
+    );
+
+    let (mut device, _) = Raw::connect_ok(server.local_addr(), &opts).await;
+    for want in ["chat", "3 unread", "4 unread"] {
+        let p = device.expect_publish().await;
+        assert_eq!(text(&p), want);
+        device.puback(p.pkid).await;
+    }
+    wait_until(WAIT, "devc's outbox is empty", async || {
+        outbox_len(&server, "devc").await == 0
+    })
+    .await;
+    server.shutdown().await;
 }

@@ -113,8 +113,10 @@ fn parse_ttl(api: &Api, v: &str) -> Result<Duration, Refused> {
 /// The message, or 413 when its PUBLISH would exceed `server.max_packet_size` (the
 /// remaining length: topic, its length, the packet id, the payload). With `ttl`, a stored
 /// message expires that long from now instead of after `session.message_ttl`.
-fn message(api: &Api, topic: String, payload: &[u8], o: Options) -> Result<Message, Refused> {
-    let Options { qos, ttl, receipt } = o;
+fn message(api: &Api, topic: String, payload: &[u8], o: &Options) -> Result<Message, Refused> {
+    let Options {
+        qos, ttl, receipt, ..
+    } = *o;
     let max = api.broker.config().server.max_packet_size;
     let len = 2 + topic.len() + 2 + payload.len();
     if len > max {
@@ -139,15 +141,24 @@ fn message(api: &Api, topic: String, payload: &[u8], o: Options) -> Result<Messa
 }
 
 /// What a push may set besides its payload.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Options {
     qos: Qos,
     ttl: Option<Duration>,
     receipt: bool,
+    collapse: Option<String>,
 }
 
+/// Bytes of a collapse key, at most: it is kept per device in the store.
+const MAX_COLLAPSE_KEY: usize = 256;
+
 impl Options {
-    fn new(qos: Option<u64>, ttl: Option<Duration>, receipt: bool) -> Result<Options, Refused> {
+    fn new(
+        qos: Option<u64>,
+        ttl: Option<Duration>,
+        receipt: bool,
+        collapse: Option<String>,
+    ) -> Result<Options, Refused> {
         let qos = parse_qos(qos)?;
         if receipt && qos == Qos::AtMostOnce {
             return Err(Refused::bad(
@@ -155,7 +166,22 @@ impl Options {
                 "receipt=true needs qos 1: a QoS 0 message is never acknowledged",
             ));
         }
-        Ok(Options { qos, ttl, receipt })
+        if let Some(k) = &collapse {
+            if k.is_empty() || k.len() > MAX_COLLAPSE_KEY {
+                let why = format!("a collapse key is 1 to {MAX_COLLAPSE_KEY} bytes");
+                return Err(Refused::bad("bad_collapse", why));
+            }
+            if qos == Qos::AtMostOnce {
+                let why = "collapse needs qos 1: a QoS 0 message is never queued";
+                return Err(Refused::bad("bad_collapse", why));
+            }
+        }
+        Ok(Options {
+            qos,
+            ttl,
+            receipt,
+            collapse,
+        })
     }
 }
 
@@ -185,22 +211,38 @@ fn memory_full(api: &Api) -> Option<Refused> {
     })
 }
 
-/// What a stored push answers, or why it was not stored.
-fn stored(
+/// What a stored push answers (`id`, `client_id`, and `replaced`: the id of the message its
+/// collapse key replaced), or why it was not stored. The collapse runs after the store
+/// (`Store::collapse`); if it fails, the push is stored all the same and nothing is replaced.
+async fn stored(
     api: &Api,
     client: &str,
-    qos: Qos,
+    o: &Options,
     r: Result<Option<u64>, StoreError>,
-) -> Result<String, Refused> {
-    match r {
-        Err(e) => Err(store_down(&e)),
-        Ok(None) if qos != Qos::AtMostOnce => Err(Refused(
-            StatusCode::TOO_MANY_REQUESTS,
-            "outbox_full",
-            "the device's outbox is full and session.overflow is drop_new: not stored".into(),
-        )),
-        Ok(seq) => Ok(message_id(api, client, seq)),
+) -> Result<Value, Refused> {
+    let seq = match r {
+        Err(e) => return Err(store_down(&e)),
+        Ok(None) if o.qos != Qos::AtMostOnce => {
+            return Err(Refused(
+                StatusCode::TOO_MANY_REQUESTS,
+                "outbox_full",
+                "the device's outbox is full and session.overflow is drop_new: not stored".into(),
+            ))
+        }
+        Ok(seq) => seq,
+    };
+    let mut answer = json!({ "id": message_id(api, client, seq), "client_id": client });
+    if let (Some(seq), Some(key)) = (seq, &o.collapse) {
+        let client: Arc<str> = Arc::from(client);
+        let store = api.broker.store();
+        let lineage = store.lineage(&client);
+        match store.collapse(&client, key, seq, lineage).await {
+            Ok(Some(old)) => answer["replaced"] = json!(message_id(api, &client, Some(old))),
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "collapse not applied"),
+        }
     }
+    Ok(answer)
 }
 
 fn new_id() -> String {
@@ -223,7 +265,7 @@ fn store_down(e: &StoreError) -> Refused {
 /// The query of a single push: `qos`, `ttl`, `receipt`. An unknown parameter is refused
 /// rather than ignored: a backend must not believe a feature is applied when it is not.
 fn parse_query(api: &Api, q: Option<&str>) -> Result<Options, Refused> {
-    let (mut qos, mut ttl, mut receipt) = (None, None, false);
+    let (mut qos, mut ttl, mut receipt, mut collapse) = (None, None, false, None);
     for (k, v) in form_urlencoded::parse(q.unwrap_or("").as_bytes()) {
         match &*k {
             "qos" => match v.parse::<u64>() {
@@ -231,6 +273,7 @@ fn parse_query(api: &Api, q: Option<&str>) -> Result<Options, Refused> {
                 Err(_) => return Err(Refused::bad("bad_qos", format!("qos {v:?} is not 0 or 1"))),
             },
             "ttl" => ttl = Some(parse_ttl(api, &v)?),
+            "collapse" => collapse = Some(v.into_owned()),
             "receipt" => {
                 receipt = match &*v {
                     "true" | "1" => true,
@@ -244,12 +287,12 @@ fn parse_query(api: &Api, q: Option<&str>) -> Result<Options, Refused> {
             _ => {
                 return Err(Refused::bad(
                     "bad_query",
-                    format!("unknown query parameter {k:?} (qos, ttl, receipt)"),
+                    format!("unknown query parameter {k:?} (qos, ttl, receipt, collapse)"),
                 ))
             }
         }
     }
-    Options::new(qos, ttl, receipt)
+    Options::new(qos, ttl, receipt, collapse)
 }
 
 /// `POST /v1/push/{client_id}?qos=1`, the body is the payload.
@@ -283,19 +326,17 @@ async fn push_one_inner(
     if let Some(r) = memory_full(api) {
         return r.response();
     }
-    let msg = match parse_query(api, query.as_deref())
+    let (o, msg) = match parse_query(api, query.as_deref())
         .and_then(|o| Ok((o, push_topic(api, &client)?)))
-        .and_then(|(o, topic)| message(api, topic, &body, o))
+        .and_then(|(o, topic)| Ok((message(api, topic, &body, &o)?, o)))
     {
-        Ok(m) => m,
+        Ok((m, o)) => (o, m),
         Err(r) => return r.response(),
     };
-    let qos = msg.qos;
-    let id = match stored(api, &client, qos, api.broker.push(msg).await) {
-        Ok(id) => id,
+    let mut answer = match stored(api, &client, &o, api.broker.push(msg).await).await {
+        Ok(a) => a,
         Err(r) => return r.response(),
     };
-    let mut answer = json!({ "id": id, "client_id": client });
     if let Ok(n) = api.broker.store().len(&client).await {
         answer["queued"] = json!(n);
     }
@@ -318,6 +359,7 @@ struct Entry {
     ttl: Option<String>,
     #[serde(default)]
     receipt: bool,
+    collapse: Option<String>,
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -329,11 +371,11 @@ enum Encoding {
 }
 
 /// One entry of a batch, checked and turned into a message.
-fn batch_message(api: &Api, v: Value) -> Result<(String, Message), Refused> {
+fn batch_message(api: &Api, v: Value) -> Result<(String, Options, Message), Refused> {
     let e: Entry =
         serde_json::from_value(v).map_err(|e| Refused::bad("bad_entry", e.to_string()))?;
     let ttl = e.ttl.as_deref().map(|t| parse_ttl(api, t)).transpose()?;
-    let o = Options::new(e.qos, ttl, e.receipt)?;
+    let o = Options::new(e.qos, ttl, e.receipt, e.collapse)?;
     let topic = push_topic(api, &e.client_id)?;
     let payload = match e.payload_encoding {
         Encoding::Utf8 => e.payload.into_bytes(),
@@ -341,8 +383,8 @@ fn batch_message(api: &Api, v: Value) -> Result<(String, Message), Refused> {
             .decode(e.payload.as_bytes())
             .map_err(|err| Refused::bad("bad_payload", format!("payload is not base64: {err}")))?,
     };
-    let msg = message(api, topic, &payload, o)?;
-    Ok((e.client_id, msg))
+    let msg = message(api, topic, &payload, &o)?;
+    Ok((e.client_id, o, msg))
 }
 
 /// `POST /v1/push`: `{"messages": [{"client_id", "payload", "payload_encoding", "qos",
@@ -383,7 +425,7 @@ async fn push_batch_inner(api: &Api, body: Result<Bytes, BytesRejection>) -> Res
     }
     // Every store is submitted here, in order, before any is awaited.
     type Pending = (
-        Qos,
+        Options,
         String,
         BoxFuture<'static, Result<Option<u64>, StoreError>>,
     );
@@ -391,15 +433,18 @@ async fn push_batch_inner(api: &Api, body: Result<Bytes, BytesRejection>) -> Res
         .messages
         .into_iter()
         .map(|v| {
-            let (client, msg) = batch_message(api, v)?;
-            Ok((msg.qos, client, api.broker.push(msg)))
+            let (client, o, msg) = batch_message(api, v)?;
+            Ok((o, client, api.broker.push(msg)))
         })
         .collect();
     let mut results = Vec::with_capacity(submitted.len());
     for s in submitted {
         results.push(match s {
-            Ok((qos, client, pushed)) => match stored(api, &client, qos, pushed.await) {
-                Ok(id) => json!({ "status": 202, "id": id, "client_id": client }),
+            Ok((o, client, pushed)) => match stored(api, &client, &o, pushed.await).await {
+                Ok(mut answer) => {
+                    answer["status"] = json!(202);
+                    answer
+                }
                 Err(r) => r.entry(),
             },
             Err(r) => r.entry(),

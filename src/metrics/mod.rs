@@ -67,7 +67,7 @@ struct Handles {
     sent: [Counter; 3],
     acked: Counter,
     stored: Counter,
-    drops: [Counter; 8],
+    drops: [Counter; 9],
     store_errors: Counter,
     takeovers: Counter,
     limits: [Counter; LIMITS.len()],
@@ -115,9 +115,11 @@ pub enum Drop {
     AclDenied = 6,
     /// Emptied by the backend (`DELETE /v1/clients/{id}/outbox`).
     Deleted = 7,
+    /// Replaced by a newer push with the same collapse key before it was sent.
+    Collapsed = 8,
 }
 
-const DROP_REASONS: [&str; 8] = [
+const DROP_REASONS: [&str; 9] = [
     "mailbox_full",
     "outbox_full_oldest",
     "outbox_full_new",
@@ -126,6 +128,7 @@ const DROP_REASONS: [&str; 8] = [
     "store_full",
     "acl_denied",
     "deleted",
+    "collapsed",
 ];
 
 /// Why a login was refused; each is its own `reason` label of `herald_auth_failures_total`.

@@ -1,6 +1,6 @@
 //! In-process outbox: the embedded default. Lost on restart, said so in the README.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -26,6 +26,8 @@ struct ClientOutbox {
     /// `Message::size` summed over `entries`.
     bytes: usize,
     entries: VecDeque<Entry>,
+    /// Collapse key -> seq of the newest push with it (HTTP `collapse`).
+    collapse: HashMap<Box<str>, u64>,
 }
 
 impl ClientOutbox {
@@ -37,6 +39,7 @@ impl ClientOutbox {
             sent: base,
             bytes: 0,
             entries: VecDeque::new(),
+            collapse: HashMap::new(),
         }
     }
 }
@@ -116,6 +119,26 @@ impl MemoryOutbox {
                 h.push(Event { id, state, at_ms });
             }
         }
+    }
+
+    /// See `Store::collapse`: the entry of `key` before `seq` goes if it was never sent.
+    pub(super) fn collapse(&self, client: &Arc<str>, key: &str, seq: u64) -> Option<(u64, bool)> {
+        let mut ob = self.clients.get_mut(&**client)?;
+        let old = ob.collapse.get(key).copied().unwrap_or(0);
+        if old >= seq {
+            return None;
+        }
+        if ob.collapse.len() >= self.limits.max_queued.max(1) {
+            ob.collapse.clear();
+        }
+        ob.collapse.insert(key.into(), seq);
+        if old <= ob.sent {
+            return None;
+        }
+        let i = ob.position(old).ok()?;
+        let e = ob.remove(i)?;
+        self.removed(1, e.msg.size());
+        Some((old, e.msg.receipt))
     }
 
     /// Its record, or `queued` while the entry is in the outbox.

@@ -283,6 +283,32 @@ impl Store {
         }
     }
 
+    /// A push with the collapse key `key` was stored as `seq`: the older entry with the same
+    /// key is removed if it was never written to the device (then it is counted dropped,
+    /// `reason="collapsed"`, and a tracked one noted `dropped`). A message already sent stays:
+    /// the new one is queued behind it. Runs after the store, so a crash between the two
+    /// leaves both messages, never neither. Returns the removed seq.
+    pub async fn collapse(
+        &self,
+        client: &Arc<str>,
+        key: &str,
+        seq: u64,
+        lineage: u16,
+    ) -> Result<Option<u64>, StoreError> {
+        let removed = match self {
+            Store::Memory(m, _) => m.collapse(client, key, seq),
+            Store::Redis(r, _) => r.collapse(client, key, seq).await?,
+        };
+        let Some((old, tracked)) = removed else {
+            return Ok(None);
+        };
+        metrics::dropped(metrics::Drop::Collapsed);
+        if tracked {
+            self.note(client, old, lineage, State::Dropped).await;
+        }
+        Ok(Some(old))
+    }
+
     /// The lineage of `client`'s keys now (`Attach::lineage`): what a receipt id names.
     pub fn lineage(&self, client: &str) -> u16 {
         match self {

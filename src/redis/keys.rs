@@ -21,6 +21,7 @@
 //! | `herald:nodes` | SET | cluster | node ids |
 //! | `herald:filters:{node}` | SET | cluster | topic filters the node has subscribers for |
 //! | `herald:interest` | string (INCR) | cluster | bumped whenever a node's filters change |
+//! | `herald:collapse:{cid}` | HASH, PX | outbox | collapse key -> seq of the newest HTTP push with it (`scripts::COLLAPSE`); TTL as the outbox's |
 //! | `herald:rcpt:{cid}:<lineage>.<seq>` | string, PX | outbox (ack writer) | `<state> <unix ms>` of a message pushed with `receipt=true`; TTL `http.receipt_ttl` (`scripts::RECEIPT`); read by the HTTP API |
 //! | `herald:hooks:{node}` | STREAM | outbox (ack writer) appends, `receipts::hooks` removes | final receipt states waiting for the node's webhook POST (`scripts::HOOK`), at most `http.receipt_queue` |
 //! | `herald:sample` | string, PX | outbox | the sampling lease: which node samples the store next (`outbox::redis::sample`) |
@@ -45,6 +46,8 @@ pub enum Client {
     Subs,
     Route,
     Epoch,
+    /// HASH collapse key -> seq of the newest push with it (`scripts::COLLAPSE`).
+    Collapse,
 }
 
 impl Client {
@@ -59,6 +62,7 @@ impl Client {
             Client::Subs => "subs",
             Client::Route => "route",
             Client::Epoch => "epoch",
+            Client::Collapse => "collapse",
         }
     }
 }

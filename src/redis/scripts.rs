@@ -303,6 +303,37 @@ end
 return 0
 "#;
 
+/// A push with a collapse key was stored as `seq` (HTTP `collapse`): the older entry of the
+/// same key is deleted if the device was never sent it. KEYS: the outbox, the sent
+/// watermark, the client's collapse index (`keys::Client::Collapse`). ARGV: the key, `seq`,
+/// the most keys the index keeps (past it, it starts over: a collapse then only misses), its
+/// TTL in ms. The index never goes back: a push whose call comes after a newer one's (two
+/// requests racing) changes nothing. An entry is left alone unless it was stored with no
+/// connection live (`d`: a live one may be on the wire without a watermark, see `ENQUEUE`)
+/// and is above the watermark: collapse never drops a message already written. Returns
+/// {the deleted seq (0: none), 1 if its envelope asked for a receipt}.
+pub const COLLAPSE: &str = r#"
+local seq = tonumber(ARGV[2])
+-- Numbers reach 2^50 (`ENQUEUE` numbers from the clock in µs): exact in Lua's doubles, but
+-- `..` would print one in exponent form, so ids are built from the strings.
+local old_id = redis.call('HGET', KEYS[3], ARGV[1]) or '0'
+local old = tonumber(old_id) or 0
+if old >= seq then return {0, 0} end
+if redis.call('HLEN', KEYS[3]) >= tonumber(ARGV[3]) then redis.call('DEL', KEYS[3]) end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+if old == 0 then return {0, 0} end
+local id = '0-' .. old_id
+local e = redis.call('XRANGE', KEYS[1], id, id)[1]
+if not e or e[2][1] ~= 'd' then return {0, 0} end
+local sent = tonumber(string.match(redis.call('GET', KEYS[2]) or '0', '^%d+')) or 0
+if old <= sent then return {0, 0} end
+redis.call('XDEL', KEYS[1], id)
+local tracked = 0
+if string.byte(e[2][2], 1) == 3 then tracked = 1 end
+return {old, tracked}
+"#;
+
 /// The scripts, hashed once.
 pub struct Scripts {
     pub enqueue: Script,
@@ -311,6 +342,7 @@ pub struct Scripts {
     pub finish: Script,
     pub receipt: Script,
     pub hook: Script,
+    pub collapse: Script,
     pub claim: Script,
     pub release: Script,
 }
@@ -324,6 +356,7 @@ impl Scripts {
             finish: Script::new(FINISH),
             receipt: Script::new(RECEIPT),
             hook: Script::new(HOOK),
+            collapse: Script::new(COLLAPSE),
             claim: Script::new(CLAIM),
             release: Script::new(RELEASE),
         }
@@ -340,6 +373,7 @@ impl Scripts {
         self.finish.load_async(conn).await?;
         self.receipt.load_async(conn).await?;
         self.hook.load_async(conn).await?;
+        self.collapse.load_async(conn).await?;
         Ok(())
     }
 }

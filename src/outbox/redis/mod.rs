@@ -36,6 +36,9 @@ pub struct RedisOutbox {
     ordered: mpsc::Sender<Ordered>,
     /// The last store-wide sample (`sample`).
     stats: Arc<parking_lot::Mutex<Option<sample::Stats>>>,
+    /// The collapse index's bound (`session.max_queued_messages`) and TTL (the outbox's).
+    collapse_keys: usize,
+    collapse_ttl_ms: u64,
 }
 
 /// The seq of an entry id `0-<seq>`.
@@ -138,6 +141,12 @@ impl RedisOutbox {
             writes: tx,
             ordered,
             stats,
+            collapse_keys: limits.max_queued.max(1),
+            collapse_ttl_ms: if ttl.is_zero() {
+                u64::from(u32::MAX)
+            } else {
+                ttl.as_millis() as u64 * 2
+            },
         }
     }
 
@@ -273,6 +282,34 @@ impl RedisOutbox {
             .next()
             .and_then(decode_entry)
             .map(|(_, _, m)| (State::Queued, m.born_us / 1000)))
+    }
+
+    /// See `Store::collapse` and `scripts::COLLAPSE`.
+    pub(super) async fn collapse(
+        &self,
+        client: &str,
+        key: &str,
+        seq: u64,
+    ) -> Result<Option<(u64, bool)>, StoreError> {
+        let keys = [
+            keys::client(Client::Outbox, client),
+            keys::client(Client::Sent, client),
+            keys::client(Client::Collapse, client),
+        ];
+        let (old, tracked): (u64, u8) = self
+            .redis
+            .evalsha(
+                &self.redis.scripts().collapse,
+                &keys,
+                &[
+                    key,
+                    &seq.to_string(),
+                    &self.collapse_keys.to_string(),
+                    &self.collapse_ttl_ms.to_string(),
+                ],
+            )
+            .await?;
+        Ok((old != 0).then_some((old, tracked == 1)))
     }
 
     /// Waits (at most the call timeout) for the acks and watermarks queued so far.
