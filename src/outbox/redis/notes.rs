@@ -39,7 +39,7 @@ pub(in crate::outbox) struct Hook {
 /// Appends the RECEIPT call for `e`; returns its slot.
 pub(super) fn encode(out: &mut BytesMut, notes: &Notes, e: &Event) -> u16 {
     let key = keys::receipt(&e.id.client, e.id.lineage, e.id.seq);
-    resp::array(out, 6);
+    resp::array(out, 7);
     resp::bulk(out, b"EVALSHA");
     resp::bulk(out, notes.receipt_sha.as_bytes());
     resp::bulk(out, b"1");
