@@ -10,6 +10,7 @@
 #   redis-cli                     (Debian: redis-tools)        tests/redis_cluster.rs: creates the
 #                                                              test Redis Cluster
 #   openssl                       (Debian: openssl)            interop/run.sh's test certificates
+#   curl                          (Debian: curl)               interop/http_push.sh
 #   promtool                      (Debian: prometheus)         tests/promtool.rs: checks /metrics,
 #                                                              config/alerts.yml and its unit tests
 #   node, npm                     (Debian: nodejs, npm)        interop/*.js
@@ -47,6 +48,7 @@ have mosquitto || apt_pkgs+=(mosquitto)
 have redis-server || apt_pkgs+=(redis-server)
 have redis-cli || apt_pkgs+=(redis-tools)
 have openssl || apt_pkgs+=(openssl)
+have curl || apt_pkgs+=(curl)
 have promtool || apt_pkgs+=(prometheus)
 # nodejs first: Debian's npm depends on it. (A Node.js from elsewhere, e.g. NodeSource's
 # nodejs, brings its own npm and conflicts with Debian's npm package.)
@@ -64,7 +66,7 @@ need_mqttjs=0
 have_mqttjs || need_mqttjs=1
 
 if [ ${#apt_pkgs[@]} -eq 0 ] && [ $need_paho -eq 0 ] && [ $need_mqttjs -eq 0 ]; then
-    echo "deps: all present (mosquitto, mosquitto-clients, redis-server, openssl, promtool, node with MQTT.js, $PYTHON with paho-mqtt)"
+    echo "deps: all present (mosquitto, mosquitto-clients, redis-server, openssl, curl, promtool, node with MQTT.js, $PYTHON with paho-mqtt)"
     exit 0
 fi
 
