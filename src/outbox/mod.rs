@@ -225,6 +225,7 @@ impl Store {
                 let feed = webhook.then(|| {
                     let feed = hooks::Feed::Redis {
                         redis: r.clone(),
+                        node: node.to_string(),
                         key,
                     };
                     (feed, wake)

@@ -10,7 +10,7 @@
 //! The queue is the memory store's `MemQueue`, or with Redis the node's hook stream
 //! (`herald:hooks:{<node id>}`, appended by the outbox's ack writer in the round trip after
 //! the records): a node killed before its POST finds the stream again when it restarts
-//! under the same node id.
+//! under the same node id, and while it stays away another node posts them (`adopt`).
 //!
 //! The body: `{"receipts": [{"id", "client_id", "state", "at"}, ...]}`, at most `BATCH`.
 
@@ -99,7 +99,12 @@ impl MemQueue {
 /// Where the poster reads from.
 pub enum Feed {
     Memory(Arc<MemQueue>),
-    Redis { redis: Redis, key: String },
+    /// A node's hook stream (`keys::hooks(node)`).
+    Redis {
+        redis: Redis,
+        node: String,
+        key: String,
+    },
 }
 
 /// A hook stream entry as XRANGE returns it: its id and its fields.
@@ -118,7 +123,7 @@ impl Feed {
                 let (events, upto) = q.peek();
                 Ok((events, Posted::Memory(upto)))
             }
-            Feed::Redis { redis, key } => {
+            Feed::Redis { redis, key, .. } => {
                 let mut c = redis::cmd("XRANGE");
                 c.arg(key).arg("-").arg("+").arg("COUNT").arg(BATCH);
                 let raw: Vec<StreamEntry> = redis.query(&c).await?;
@@ -142,7 +147,7 @@ impl Feed {
                 q.remove(upto);
                 Ok(())
             }
-            (Feed::Redis { redis, key }, Posted::Redis(ids)) if !ids.is_empty() => {
+            (Feed::Redis { redis, key, .. }, Posted::Redis(ids)) if !ids.is_empty() => {
                 let mut c = redis::cmd("XDEL");
                 c.arg(key).arg(ids);
                 redis.query::<i64>(&c).await.map(|_| ())
@@ -182,64 +187,105 @@ fn stream_event(fields: &[(String, Vec<u8>)]) -> Option<Event> {
     })
 }
 
-/// POSTs what `feed` holds to `url` until `stop`.
-pub async fn run(feed: Feed, wake: Arc<Notify>, url: Secret, stop: CancellationToken) {
-    let client = match reqwest::Client::builder().timeout(POST_TIMEOUT).build() {
-        Ok(c) => c,
+/// What one turn of a poster did.
+pub(super) enum Step {
+    Posted,
+    /// Nothing to post: wait for a wake-up.
+    Empty,
+    /// The store or the webhook failed; the turn already waited its backoff.
+    Failed,
+    Stopped,
+}
+
+/// The webhook's client: every POST bounded by `POST_TIMEOUT`.
+pub(super) fn client() -> Option<reqwest::Client> {
+    match reqwest::Client::builder().timeout(POST_TIMEOUT).build() {
+        Ok(c) => Some(c),
         Err(e) => {
             tracing::error!(error = %e, "receipt webhook client could not be built; receipts are not posted");
-            return;
+            None
         }
+    }
+}
+
+/// POSTs what `feed` holds to `url` until `stop`. With Redis, also posts what dead nodes
+/// left in their hook streams (`adopt`).
+pub async fn run(feed: Feed, wake: Arc<Notify>, url: Secret, stop: CancellationToken) {
+    let Some(client) = client() else {
+        return;
+    };
+    if let Feed::Redis { redis, node, .. } = &feed {
+        let adopt = super::adopt::run(
+            redis.clone(),
+            node.clone(),
+            client.clone(),
+            url.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(adopt);
+    }
+    let idle = match feed {
+        Feed::Redis { .. } => POLL,
+        Feed::Memory(_) => Duration::from_secs(3600),
     };
     let mut backoff = Duration::from_millis(100);
     loop {
-        let (events, posted) = match feed.peek().await {
-            Ok(b) => b,
-            Err(_) => {
-                // The store is down: its own health check says so; try again later.
-                if pause(&stop, POLL).await {
-                    return;
+        match step(&feed, &client, url.expose(), &mut backoff, &stop).await {
+            Step::Stopped => return,
+            Step::Empty => {
+                tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep(idle) => {}
+                    _ = stop.cancelled() => return,
                 }
-                continue;
             }
-        };
-        if events.is_empty() {
-            if matches!(posted, Posted::Redis(ref ids) if !ids.is_empty()) {
-                let _ = feed.remove(posted).await;
-                continue;
-            }
-            let idle = if matches!(feed, Feed::Redis { .. }) {
-                POLL
-            } else {
-                Duration::from_secs(3600)
-            };
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(idle) => {}
-                _ = stop.cancelled() => return,
-            }
-            continue;
+            Step::Posted | Step::Failed => {}
         }
-        match post(&client, url.expose(), &events).await {
-            Ok(()) => {
-                metrics::receipt_post(true, events.len());
-                backoff = Duration::from_millis(100);
-                if let Err(e) = feed.remove(posted).await {
-                    // Posted and kept: posted again later (at least once).
-                    tracing::debug!(error = %e, "posted receipts not removed from the hook stream");
-                }
+    }
+}
+
+/// Posts one batch of `feed`, and removes it once the webhook took it.
+pub(super) async fn step(
+    feed: &Feed,
+    client: &reqwest::Client,
+    url: &str,
+    backoff: &mut Duration,
+    stop: &CancellationToken,
+) -> Step {
+    let (events, posted) = match feed.peek().await {
+        Ok(b) => b,
+        // The store is down: its own health check says so; try again later.
+        Err(_) if pause(stop, POLL).await => return Step::Stopped,
+        Err(_) => return Step::Failed,
+    };
+    if events.is_empty() {
+        if matches!(posted, Posted::Redis(ref ids) if !ids.is_empty()) {
+            let _ = feed.remove(posted).await;
+            return Step::Posted;
+        }
+        return Step::Empty;
+    }
+    match post(client, url, &events).await {
+        Ok(()) => {
+            metrics::receipt_post(true, events.len());
+            *backoff = Duration::from_millis(100);
+            if let Err(e) = feed.remove(posted).await {
+                // Posted and kept: posted again later (at least once).
+                tracing::debug!(error = %e, "posted receipts not removed from the hook stream");
             }
-            Err(why) => {
-                metrics::receipt_post(false, events.len());
-                if lograte::allow(Reason::Webhook) {
-                    // The URL is not logged: it may carry credentials.
-                    tracing::warn!(reason = %why, retry_in = ?backoff, "receipt webhook failed");
-                }
-                if pause(&stop, backoff).await {
-                    return;
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+            Step::Posted
+        }
+        Err(why) => {
+            metrics::receipt_post(false, events.len());
+            if lograte::allow(Reason::Webhook) {
+                // The URL is not logged: it may carry credentials.
+                tracing::warn!(reason = %why, retry_in = ?*backoff, "receipt webhook failed");
             }
+            if pause(stop, *backoff).await {
+                return Step::Stopped;
+            }
+            *backoff = (*backoff * 2).min(MAX_BACKOFF);
+            Step::Failed
         }
     }
 }

@@ -8,7 +8,8 @@
 //! - `mod.rs` (here): the id, the states, the event a webhook gets;
 //! - `table.rs`: the memory store's records;
 //! - `hooks.rs`: the queue of final states waiting for the webhook, and the task that POSTs
-//!   them (at least once, with backoff, never on the delivery path).
+//!   them (at least once, with backoff, never on the delivery path);
+//! - `adopt.rs`: with Redis, posting what a dead node left in its hook stream.
 //!
 //! Who writes what: the session notes `sent` and `acked` (`Outbox::note`), the store notes
 //! `expired` when it reads an expired entry and `dropped` when it drops one. With Redis, the
@@ -18,6 +19,7 @@
 //! webhook POST posts it after its restart. `queued` is not written: a message with no
 //! record that is still in its outbox is queued.
 
+mod adopt;
 pub mod hooks;
 mod table;
 

@@ -24,6 +24,8 @@
 //! | `herald:collapse:{cid}` | HASH, PX | outbox | collapse key -> seq of the newest HTTP push with it (`scripts::COLLAPSE`); TTL as the outbox's |
 //! | `herald:rcpt:{cid}:<lineage>.<seq>` | string, PX | outbox (ack writer) | `<state> <unix ms>` of a message pushed with `receipt=true`; TTL `http.receipt_ttl` (`scripts::RECEIPT`); read by the HTTP API |
 //! | `herald:hooks:{node}` | STREAM | outbox (ack writer) appends, `receipts::hooks` removes | final receipt states waiting for the node's webhook POST (`scripts::HOOK`), at most `http.receipt_queue` |
+//! | `herald:hooknodes` | SET | receipts | node ids with a hook stream (`receipts::adopt`) |
+//! | `herald:hooklease:{node}` | string, PX | receipts | which live node posts a dead node's hook stream |
 //! | `herald:sample` | string, PX | outbox | the sampling lease: which node samples the store next (`outbox::redis::sample`) |
 //! | `herald:stats` | HASH, PX | outbox | the last sample: messages, oldest_born_us, sessions, routed |
 
@@ -157,6 +159,14 @@ pub fn receipt(cid: &str, lineage: u16, seq: u64) -> String {
 /// `herald:hooks:{<node>}`.
 pub fn hooks(node: &str) -> String {
     format!("{PREFIX}hooks:{{{node}}}")
+}
+
+/// SET of node ids that have a hook stream (`receipts::adopt`).
+pub const HOOK_NODES: &str = "herald:hooknodes";
+
+/// `herald:hooklease:{<node>}`: who posts a dead node's hook stream.
+pub fn hooks_lease(node: &str) -> String {
+    format!("{PREFIX}hooklease:{{{node}}}")
 }
 
 /// `herald:alive:{<node>}`.
