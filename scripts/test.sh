@@ -22,7 +22,7 @@ CARGO=${CARGO:-cargo}
 HERALD=${HERALD:-target/release/herald}
 # The test binaries (tests/*.rs) whose brokers come from tests/common's `start`, i.e. all but
 # cli (the binary's flags) and redis_durability (Redis store only, already in pass 1).
-REDIS_PASS_TESTS=${REDIS_PASS_TESTS:-sessions push publish subscribe will connect limits malformed http_api http_broadcast}
+REDIS_PASS_TESTS=${REDIS_PASS_TESTS:-sessions push publish subscribe will connect limits malformed http_api http_broadcast http_receipts}
 # The Redis Cluster pass: the same binaries on a Redis Cluster store.
 RCLUSTER_PASS_TESTS=${RCLUSTER_PASS_TESTS:-$REDIS_PASS_TESTS}
 log=$(mktemp)

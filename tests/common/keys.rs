@@ -17,3 +17,8 @@ pub fn route(client: &str) -> String {
 pub fn sent(client: &str) -> String {
     keys::client(Client::Sent, client)
 }
+
+/// A node's receipt hook stream: the final states its webhook poster has yet to POST.
+pub fn hooks(node: &str) -> String {
+    herald::redis::keys::hooks(node)
+}
