@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use common::process::{free_port, Broker, Launch, RedisServer};
 use common::*;
 use herald::config::Secret;
-use herald::receipts::ReceiptId;
+use herald::receipts::{ReceiptId, State};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "test-token-0123456789";
@@ -364,9 +364,10 @@ async fn receipt_goes_queued_then_sent_then_acked() {
 }
 
 /// A message written, not acknowledged, and written again with DUP on the next connection,
-/// then acknowledged: one `acked` at the webhook, no `sent` ever. The duplicate that must
-/// not come would come with the first: a second tracked message, pushed and acked after it,
-/// reaching the webhook bounds the wait.
+/// then acknowledged, then acknowledged once more (given to the store directly): one
+/// `acked` at the webhook, no `sent` ever, and the record keeps the first. The duplicate
+/// that must not come would come before a second tracked message, pushed and acked after
+/// it: that one reaching the webhook bounds the wait.
 #[tokio::test]
 async fn a_redelivered_message_is_reported_once() {
     let webhook = Webhook::start(200).await;
@@ -391,6 +392,15 @@ async fn a_redelivered_message_is_reported_once() {
     device.puback(p.pkid).await;
     let acked = webhook.wait_receipt(&id, "acked").await;
     assert_eq!(acked["client_id"], dev);
+
+    // A second ack of the same entry, as when an ack applied by a connection that was
+    // being taken over lands after the next connection has resent the entry (a race a
+    // test cannot time): given to the store as the session gives it.
+    let entry = ReceiptId::decode(&id).expect("a receipt id");
+    let store = server.broker().store();
+    store
+        .note(&entry.client, entry.seq, entry.lineage, State::Acked)
+        .await;
 
     let second = push_ok(api, &format!("{dev}?receipt=true"), b"second").await;
     let p = expect_push(&mut device, dev, "second").await;
@@ -525,6 +535,63 @@ async fn the_memory_sweep_reports_expired_messages_nobody_reads() {
     assert_eq!(state_of(api, &kept).await.as_deref(), Some("queued"));
     assert_eq!(outbox_len(&server, dev).await, 1);
     assert!(webhook.receipts_of(&kept).is_empty());
+    webhook.assert_well_formed();
+    server.shutdown().await;
+}
+
+/// With the memory store, tracked messages that leave their outbox undelivered are
+/// reported `dropped`: pushed out by newer ones (`session.overflow = drop_oldest`), deleted
+/// by `DELETE /v1/clients/{id}/outbox`, or discarded by a clean session; once each, and
+/// the untracked ones beside them never.
+#[tokio::test]
+async fn the_memory_store_reports_dropped_messages() {
+    if skip_under_redis(
+        "the_memory_store_reports_dropped_messages",
+        "the Redis store does not report drops (overflow, DELETE, clean session): GET is 404",
+    ) {
+        return;
+    }
+    let webhook = Webhook::start(200).await;
+    let (server, api) = start_api(Some(&webhook), |c| {
+        c.session.max_queued_messages = 2;
+        c.session.overflow = herald::config::OverflowPolicy::DropOldest;
+    })
+    .await;
+
+    // Overflow: the third push drops the first.
+    let dev = "rcpt-overflow";
+    register_offline(&server, dev).await;
+    let oldest = push_ok(api, &format!("{dev}?receipt=true"), b"one").await;
+    let two = push_ok(api, &format!("{dev}?receipt=true"), b"two").await;
+    let three = push_ok(api, &format!("{dev}?receipt=true"), b"three").await;
+    webhook.wait_receipt(&oldest, "dropped").await;
+    assert_eq!(state_of(api, &oldest).await.as_deref(), Some("dropped"));
+    assert_eq!(state_of(api, &two).await.as_deref(), Some("queued"));
+    assert_eq!(state_of(api, &three).await.as_deref(), Some("queued"));
+
+    // DELETE: both left.
+    let url = format!("http://{api}/v1/clients/{dev}/outbox");
+    let (status, body) = call(reqwest::Method::DELETE, url, Some(TOKEN), Vec::new()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["deleted"], 2, "{body}");
+    webhook.wait_receipt(&two, "dropped").await;
+    webhook.wait_receipt(&three, "dropped").await;
+
+    // A clean session discards what waited for the persistent one.
+    let dev = "rcpt-clean";
+    register_offline(&server, dev).await;
+    let tracked = push_ok(api, &format!("{dev}?receipt=true"), b"tracked").await;
+    let untracked = push_ok(api, dev, b"untracked").await;
+    let (device, present) = Raw::connect_ok(server.local_addr(), &Opts::new(dev)).await;
+    assert!(!present);
+    webhook.wait_receipt(&tracked, "dropped").await;
+    assert_eq!(state_of(api, &tracked).await.as_deref(), Some("dropped"));
+    device.disconnect().await;
+
+    for id in [&oldest, &two, &three, &tracked] {
+        assert_eq!(webhook.receipts_of(id).len(), 1, "{id} posted once");
+    }
+    assert!(webhook.receipts_of(&untracked).is_empty());
     webhook.assert_well_formed();
     server.shutdown().await;
 }
