@@ -807,3 +807,98 @@ async fn a_receipt_across_a_cluster_is_read_anywhere_and_posted_once() {
     assert_eq!(posted, 2.0, "the nodes posted two receipts in all");
     webhook.assert_well_formed();
 }
+
+/// Two nodes on one Redis, the webhook down: a device on node B acks a tracked message, B
+/// is killed (kill -9) with the receipt in its hook stream and never comes back. Once the
+/// webhook is up, node A posts what B left (within about 10 s of B's alive key expiring),
+/// and takes B's stream and listing away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_receipts_are_posted_by_another_node() {
+    let redis = RedisServer::start_with(&["--appendfsync", "everysec"]);
+    let mut conn = redis.conn().await;
+    let hook_port = free_port();
+    let mut nodes = Vec::new();
+    for name in ["rcpt-adopt-a", "rcpt-adopt-b"] {
+        let port = free_port();
+        let how = Launch {
+            name: Some(name.into()),
+            args: vec![
+                "--cluster-listen".into(),
+                "127.0.0.1:0".into(),
+                "--node-id".into(),
+                name.into(),
+            ],
+            redis_url: Some(redis.url()),
+            ..Launch::default()
+        };
+        let toml = format!(
+            "{}[cluster]\nnode_ttl = \"1s\"\n",
+            http_toml(port, hook_port)
+        );
+        let node = Broker::launch(&toml, how).await;
+        nodes.push((node, SocketAddr::from(([127, 0, 0, 1], port))));
+    }
+    // A node lists itself for adoption on its poster's first round (10 s).
+    wait_until(
+        Duration::from_secs(20),
+        "node b is listed as having a hook stream",
+        async || {
+            let listed: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(keys::hook_nodes())
+                .query_async(&mut conn)
+                .await
+                .expect("SMEMBERS");
+            listed.iter().any(|n| n == "rcpt-adopt-b")
+        },
+    )
+    .await;
+    let api_a = nodes[0].1;
+    let dev = "rcpt-adopt-dev";
+    let opts = Opts::new(dev).clean(false);
+    let (mut device, _) = Raw::connect_ok(nodes[1].0.addr(), &opts).await;
+    let id = push_ok(api_a, &format!("{dev}?receipt=true"), b"tracked").await;
+    let p = expect_push(&mut device, dev, "tracked").await;
+    device.puback(p.pkid).await;
+    wait_state(api_a, &id, "acked").await;
+    let stream = keys::hooks("rcpt-adopt-b");
+    wait_until(WAIT, "the receipt is in b's hook stream", async || {
+        let n: u64 = redis::cmd("XLEN")
+            .arg(&stream)
+            .query_async(&mut conn)
+            .await
+            .expect("XLEN");
+        n == 1
+    })
+    .await;
+
+    nodes[1].0.kill();
+    drop(device);
+    let webhook = Webhook::start_on(hook_port, 200).await;
+    wait_until(
+        Duration::from_secs(30),
+        "node a posts b's receipt",
+        async || !webhook.receipts_of(&id).is_empty(),
+    )
+    .await;
+    let r = webhook.wait_receipt(&id, "acked").await;
+    assert_eq!(r["client_id"], dev);
+    nodes[0]
+        .0
+        .assert_metric("herald_receipt_webhook_receipts_total", 1.0)
+        .await;
+    wait_until(WAIT, "b's stream is gone and b unlisted", async || {
+        let (len, listed): (u64, bool) = redis::pipe()
+            .cmd("XLEN")
+            .arg(&stream)
+            .cmd("SISMEMBER")
+            .arg(keys::hook_nodes())
+            .arg("rcpt-adopt-b")
+            .query_async(&mut conn)
+            .await
+            .expect("XLEN, SISMEMBER");
+        len == 0 && !listed
+    })
+    .await;
+    assert_eq!(webhook.receipts_of(&id).len(), 1);
+    webhook.assert_well_formed();
+}

@@ -22,3 +22,8 @@ pub fn sent(client: &str) -> String {
 pub fn hooks(node: &str) -> String {
     herald::redis::keys::hooks(node)
 }
+
+/// The set of nodes that have a hook stream (another node posts a dead one's).
+pub fn hook_nodes() -> &'static str {
+    herald::redis::keys::HOOK_NODES
+}
