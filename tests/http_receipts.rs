@@ -5,7 +5,9 @@
 //! can be told to answer 500, or not listen at all.
 //!
 //! The in-process tests use the store under test (`HERALD_TEST_STORE`); the kill -9 and the
-//! cluster tests run Herald processes on a Redis of their own, whatever the store under test.
+//! cluster tests (a receipt across nodes, a dead node's receipts posted by another) run
+//! Herald processes on a Redis of their own, whatever the store under test. The last one
+//! waits out the adoption round (10 s, twice): about 20 s.
 
 mod common;
 
