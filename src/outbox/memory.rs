@@ -141,12 +141,12 @@ impl MemoryOutbox {
         Some((old, e.msg.receipt))
     }
 
-    /// Its record, or `queued` while the entry is in the outbox.
+    /// Its record, or what its entry in the outbox says (`receipts::unrecorded`).
     pub(super) fn receipt(&self, client: &str, seq: u64) -> Option<(State, u64)> {
         self.receipts.get(client, seq).or_else(|| {
             let ob = self.clients.get(client)?;
             let i = ob.position(seq).ok()?;
-            Some((State::Queued, ob.entries[i].msg.born_us / 1000))
+            crate::receipts::unrecorded(&ob.entries[i].msg)
         })
     }
 

@@ -6,8 +6,13 @@
 //! looks for listed nodes without an alive key (`keys::alive`; on one node without a
 //! cluster there is no other node), takes a lease on one (`SET NX PX`: one adopter at a
 //! time), drains its stream through the webhook like its own, then deletes the stream and
-//! unlists the node. A node that comes back while being adopted finds its stream shorter or
-//! gone; a receipt posted by both is a duplicate, which at-least-once allows.
+//! unlists the node if it is still dead and its stream still empty (`scripts::HOOKS_DONE`).
+//! A node that comes back while being adopted finds its stream shorter, and lists itself
+//! again; a receipt posted by both is a duplicate, which at-least-once allows.
+//!
+//! Without a cluster there are no alive keys: two standalone nodes on one Redis would
+//! adopt each other's streams (duplicates, nothing lost). Nodes that share a Redis are meant
+//! to be a cluster (README, Cluster).
 
 use std::time::Duration;
 
@@ -27,16 +32,14 @@ pub(super) async fn run(
     url: Secret,
     stop: CancellationToken,
 ) {
-    let mut listed = false;
     loop {
+        // Every round, not once: an adopter may have unlisted this node while it was away.
+        let mut add = redis::cmd("SADD");
+        add.arg(keys::HOOK_NODES).arg(&own);
+        let _ = redis.query::<i64>(&add).await;
         tokio::select! {
             _ = tokio::time::sleep(EVERY) => {}
             _ = stop.cancelled() => return,
-        }
-        if !listed {
-            let mut add = redis::cmd("SADD");
-            add.arg(keys::HOOK_NODES).arg(&own);
-            listed = redis.query::<i64>(&add).await.is_ok();
         }
         let Ok(gone) = dead_nodes(&redis, &own).await else {
             continue;
@@ -62,11 +65,19 @@ pub(super) async fn run(
                     }
                 }
             }
-            let mut done = redis::pipe();
-            done.cmd("DEL").arg(keys::hooks(&node));
-            let mut unlist = redis::pipe();
-            unlist.cmd("SREM").arg(keys::HOOK_NODES).arg(&node);
-            if redis.query_steps(&[done, unlist]).await.is_ok() {
+            // Only a stream still empty of a node still dead: one that came back meanwhile
+            // keeps its stream and its listing.
+            let done: Result<i64, _> = redis
+                .evalsha(
+                    &redis.scripts().hooks_done,
+                    &[keys::hooks(&node), keys::alive(&node)],
+                    &[],
+                )
+                .await;
+            if let Ok(1) = done {
+                let mut unlist = redis::cmd("SREM");
+                unlist.arg(keys::HOOK_NODES).arg(&node);
+                let _ = redis.query::<i64>(&unlist).await;
                 tracing::info!(node = %node, "posted the receipts a dead node left");
             }
         }

@@ -28,6 +28,8 @@ use std::sync::Arc;
 use base64::Engine;
 use serde_json::{json, Value};
 
+use crate::message::{now_ms, Message};
+
 pub use table::Table;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +134,19 @@ impl Event {
     /// What an event costs a queue in memory (its client id and fixed fields).
     pub fn size(&self) -> usize {
         64 + self.id.client.len()
+    }
+}
+
+/// The state of a tracked message that is still in its outbox with no record: `queued`
+/// (since it was stored), or `expired` (since its expiry) when its TTL ran out and no read
+/// has removed it yet. `None` for a message that is not tracked.
+pub fn unrecorded(msg: &Message) -> Option<(State, u64)> {
+    if !msg.receipt {
+        None
+    } else if msg.is_expired(now_ms()) {
+        Some((State::Expired, msg.expires_at))
+    } else {
+        Some((State::Queued, msg.born_us / 1000))
     }
 }
 

@@ -334,6 +334,15 @@ if string.byte(e[2][2], 1) == 3 then tracked = 1 end
 return {old, tracked}
 "#;
 
+/// An adopter drained a dead node's hook stream (`receipts::adopt`). KEYS: the stream, the
+/// node's alive key (one slot: the node's hash tag). Deletes the stream only if it is empty
+/// and the node still has no alive key; returns 1 if it did (the caller then unlists it).
+pub const HOOKS_DONE: &str = r#"
+if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('XLEN', KEYS[1]) > 0 then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"#;
+
 /// The scripts, hashed once.
 pub struct Scripts {
     pub enqueue: Script,
@@ -343,6 +352,7 @@ pub struct Scripts {
     pub receipt: Script,
     pub hook: Script,
     pub collapse: Script,
+    pub hooks_done: Script,
     pub claim: Script,
     pub release: Script,
 }
@@ -357,6 +367,7 @@ impl Scripts {
             receipt: Script::new(RECEIPT),
             hook: Script::new(HOOK),
             collapse: Script::new(COLLAPSE),
+            hooks_done: Script::new(HOOKS_DONE),
             claim: Script::new(CLAIM),
             release: Script::new(RELEASE),
         }
@@ -374,6 +385,7 @@ impl Scripts {
         self.receipt.load_async(conn).await?;
         self.hook.load_async(conn).await?;
         self.collapse.load_async(conn).await?;
+        self.hooks_done.load_async(conn).await?;
         Ok(())
     }
 }

@@ -281,7 +281,7 @@ impl RedisOutbox {
             .into_iter()
             .next()
             .and_then(decode_entry)
-            .map(|(_, _, m)| (State::Queued, m.born_us / 1000)))
+            .and_then(|(_, _, m)| receipts::unrecorded(&m)))
     }
 
     /// See `Store::collapse` and `scripts::COLLAPSE`.
