@@ -451,10 +451,15 @@ impl RedisOutbox {
         Ok((n, born))
     }
 
+    /// Read through the ack writer's pipeline (`Write::Len`): no call of its own.
     pub(super) async fn len(&self, client: &str) -> Result<usize, StoreError> {
-        self.redis
-            .query(redis::cmd("XLEN").arg(keys::client(Client::Outbox, client)))
-            .await
+        self.redis.health().check()?;
+        let (reply, rx) = oneshot::channel();
+        let _ = self.writes.send(Write::Len(Arc::from(client), reply)).await;
+        match rx.await {
+            Ok(Some(n)) => Ok(n as usize),
+            _ => Err(StoreError::Unavailable("outbox length not read".into())),
+        }
     }
 
     /// The highest sequence number in each client's outbox (0 if empty), in one round trip

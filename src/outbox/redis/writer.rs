@@ -206,6 +206,9 @@ pub(super) enum Write {
     Finish(Arc<str>, u64, u64),
     /// A tracked message's state changed (`notes`).
     Note(Event),
+    /// The outbox's length (`XLEN`), read in the next pipeline: the HTTP API's `queued`, for
+    /// the price of one command in a round trip already made rather than a call of its own.
+    Len(Arc<str>, oneshot::Sender<Option<u64>>),
     /// Answered once every write queued before it is applied (or given up).
     Barrier(oneshot::Sender<()>),
 }
@@ -579,6 +582,7 @@ pub(super) async fn write_loop(
 ) {
     let mut batch = Vec::with_capacity(1024);
     let mut noted = Vec::new();
+    let mut lens = Vec::new();
     let mut out = BytesMut::with_capacity(64 * 1024);
     let (mut acks, mut sent, mut barriers) = (Vec::new(), Vec::new(), Vec::new());
     let mut finished = Vec::new();
@@ -598,6 +602,7 @@ pub(super) async fn write_loop(
                 // Same rule as an ack: the record would be another message's.
                 Write::Note(e) if hot.lineage(&e.id.client) != e.id.lineage => {}
                 Write::Note(e) => noted.push(e),
+                Write::Len(c, reply) => lens.push((c, reply)),
                 Write::Barrier(b) => barriers.push(b),
             }
         }
@@ -609,11 +614,14 @@ pub(super) async fn write_loop(
                 finish_sha: &finish_sha,
                 noted: &noted,
                 receipts: &receipts,
+                lens: &mut lens,
             };
             apply(&mut hot, &mut out, writes, &health).await;
         }
         finished.clear();
         noted.clear();
+        // Unanswered (the store is down): the caller goes without.
+        lens.clear();
         if !started.is_empty() {
             let end = std::time::Instant::now();
             for t in started.drain(..) {
@@ -677,6 +685,8 @@ struct Writes<'a> {
     /// Receipt state changes, after everything else (their replies are read).
     noted: &'a [Event],
     receipts: &'a Notes,
+    /// Lengths asked for, read after the notes.
+    lens: &'a mut Vec<(Arc<str>, oneshot::Sender<Option<u64>>)>,
 }
 
 /// Writes one batch of acks and watermarks. On failure the store is marked down.
@@ -688,6 +698,7 @@ async fn apply(hot: &mut Hot, out: &mut BytesMut, w: Writes<'_>, health: &Health
         finish_sha,
         noted,
         receipts,
+        lens,
     } = w;
     out.clear();
     // Each command is a part of its own: on a cluster they go to their client's node.
@@ -763,10 +774,21 @@ async fn apply(hot: &mut Hot, out: &mut BytesMut, w: Writes<'_>, health: &Health
             end: out.len(),
         });
     }
+    for (client, _) in lens.iter() {
+        resp::array(out, 2);
+        resp::bulk(out, b"XLEN");
+        keys::put_client(out, Client::Outbox, client);
+        let slot = keys::client_slot(client)
+            .unwrap_or_else(|| slots::key_slot(keys::client(Client::Outbox, client).as_bytes()));
+        parts.push(Part {
+            slot,
+            end: out.len(),
+        });
+    }
     if parts.is_empty() {
         return;
     }
-    let commands = parts.len() - noted.len();
+    let commands = parts.len() - noted.len() - lens.len();
     let Ok(buf) = hot.round_trip_parts(out, &parts, 0, health).await else {
         return;
     };
@@ -780,7 +802,18 @@ async fn apply(hot: &mut Hot, out: &mut BytesMut, w: Writes<'_>, health: &Health
                 other => r.skip(other)?,
             }
         }
-        notes::finals(&mut r, noted, health)
+        let finals = notes::finals(&mut r, noted, health)?;
+        for (_, reply) in lens.drain(..) {
+            let n = match r.next()? {
+                Reply::Int(n) => u64::try_from(n).ok(),
+                other => {
+                    r.skip(other)?;
+                    None
+                }
+            };
+            let _ = reply.send(n);
+        }
+        Ok(finals)
     })();
     match checked {
         Ok(finals) => notes::hook(hot, out, receipts, &finals, health).await,
