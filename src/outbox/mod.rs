@@ -213,7 +213,6 @@ impl Store {
             Some(r) => {
                 let key = crate::redis::keys::hooks(node);
                 let notes = redis::notes::Notes {
-                    receipt_sha: r.scripts().receipt.get_hash().to_string(),
                     hook_sha: r.scripts().hook.get_hash().to_string(),
                     ttl_ms: http.receipt_ttl.as_millis() as u64,
                     hook: webhook.then(|| redis::notes::Hook {

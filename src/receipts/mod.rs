@@ -13,8 +13,9 @@
 //!
 //! Who writes what: the session notes `sent` and `acked` (`Outbox::note`), the store notes
 //! `expired` when it reads an expired entry and `dropped` when it drops one. With Redis, the
-//! record is `herald:rcpt:{cid}:<lineage>.<seq>` (`"<state> <unix ms>"`, TTL
-//! `http.receipt_ttl`), written by the outbox's ack writer in the same pipeline as the acks;
+//! records are `herald:rcpt:{cid}:<lineage>.<seq>` (`sent`) and `...<seq>.f` (the final
+//! state), `"<state> <unix ms>"`, TTL `http.receipt_ttl`, each written `SET NX` by the
+//! outbox's ack writer in the same pipeline as the acks;
 //! a final state also goes to the node's hook stream, so that a node killed before its
 //! webhook POST posts it after its restart. `queued` is not written: a message with no
 //! record that is still in its outbox is queued.

@@ -36,7 +36,8 @@ impl Table {
         let key = (client.clone(), seq);
         let full = records.len() >= self.max;
         match records.get_mut(&key) {
-            Some((s, _)) if s.is_final() => false,
+            // The first `sent` stays too, as on the Redis store (`SET NX`).
+            Some((s, _)) if s.is_final() || state == State::Sent => false,
             Some(r) => {
                 *r = (state, at_ms);
                 state.is_final()

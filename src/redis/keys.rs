@@ -22,7 +22,7 @@
 //! | `herald:filters:{node}` | SET | cluster | topic filters the node has subscribers for |
 //! | `herald:interest` | string (INCR) | cluster | bumped whenever a node's filters change |
 //! | `herald:collapse:{cid}` | HASH, PX | outbox | collapse key -> seq of the newest HTTP push with it (`scripts::COLLAPSE`); TTL as the outbox's |
-//! | `herald:rcpt:{cid}:<lineage>.<seq>` | string, PX | outbox (ack writer) | `<state> <unix ms>` of a message pushed with `receipt=true`; TTL `http.receipt_ttl` (`scripts::RECEIPT`); read by the HTTP API |
+//! | `herald:rcpt:{cid}:<lineage>.<seq>`, `...<seq>.f` | string, PX | outbox (ack writer) | `<state> <unix ms>` of a message pushed with `receipt=true`: `sent`, and its final state (`acked`, `expired`, `dropped`), each `SET NX` so the first one stays; TTL `http.receipt_ttl`; read by the HTTP API |
 //! | `herald:hooks:{node}` | STREAM | outbox (ack writer) appends, `receipts::hooks` removes | final receipt states waiting for the node's webhook POST (`scripts::HOOK`), at most `http.receipt_queue` |
 //! | `herald:hooknodes` | SET | receipts | node ids with a hook stream (`receipts::adopt`) |
 //! | `herald:hooklease:{node}` | string, PX | receipts | which live node posts a dead node's hook stream |
@@ -144,15 +144,18 @@ pub const NODES: &str = "herald:nodes";
 /// Counter bumped whenever a node's filters change.
 pub const INTEREST: &str = "herald:interest";
 
-/// `herald:rcpt:{<client>}:<lineage>.<seq>`: a tracked message's record (same slot as the
-/// client's other keys).
-pub fn receipt(cid: &str, lineage: u16, seq: u64) -> String {
+/// `herald:rcpt:{<client>}:<lineage>.<seq>`: a tracked message's `sent` record (same slot
+/// as the client's other keys); with `.f` appended, its final state's.
+pub fn receipt(cid: &str, lineage: u16, seq: u64, last: bool) -> String {
     let mut k = client(Client::Outbox, cid);
     k.replace_range(PREFIX.len()..PREFIX.len() + 3, "rcpt");
     k.push(':');
     k.push_str(&lineage.to_string());
     k.push('.');
     k.push_str(&seq.to_string());
+    if last {
+        k.push_str(".f");
+    }
     k
 }
 
@@ -190,7 +193,8 @@ mod tests {
         put_client(&mut b, Client::Sent, "dev|1");
         assert_eq!(&b[..], b"$19\r\nherald:sent:{dev|1}\r\n");
         assert_eq!(alive("n1"), "herald:alive:{n1}");
-        assert_eq!(receipt("d}1", 3, 42), "herald:rcpt:{d}1}:3.42");
+        assert_eq!(receipt("d}1", 3, 42, false), "herald:rcpt:{d}1}:3.42");
+        assert_eq!(receipt("d", 0, 7, true), "herald:rcpt:{d}:0.7.f");
         assert_eq!(hooks("n1"), "herald:hooks:{n1}");
         assert_eq!(filters("n1"), "herald:filters:{n1}");
         assert_eq!(session_state("a")[4], "herald:qbytes:{a}");

@@ -269,22 +269,6 @@ redis.call('DEL', KEYS[1], KEYS[2])
 return 1
 "#;
 
-/// A tracked message's state changed (`receipts`). KEYS: its record
-/// (`keys::receipt`). ARGV: the state, unix ms, the record's TTL in ms. A record in a final
-/// state (`acked`, `expired`, `dropped`) is left as it is: the first final state wins, so a
-/// message acknowledged twice (redelivered after a crash) is reported once. Returns 1 when
-/// this call wrote a final state (the webhook is told), else 0.
-pub const RECEIPT: &str = r#"
-local v = redis.call('GET', KEYS[1])
-if v then
-  local s = string.match(v, '^%a+')
-  if s == 'acked' or s == 'expired' or s == 'dropped' then return 0 end
-end
-redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2], 'PX', ARGV[3])
-if ARGV[1] == 'sent' or ARGV[1] == 'queued' then return 0 end
-return 1
-"#;
-
 /// Appends final states to a node's hook stream (`keys::hooks`), keeping at most a cap.
 /// KEYS: the stream. ARGV: the cap, then per event five values (client, seq, lineage,
 /// state, unix ms; the fields `receipts::hooks::stream_fields` names). Returns how many
@@ -349,7 +333,6 @@ pub struct Scripts {
     pub attach: Script,
     pub migrate: Script,
     pub finish: Script,
-    pub receipt: Script,
     pub hook: Script,
     pub collapse: Script,
     pub hooks_done: Script,
@@ -364,7 +347,6 @@ impl Scripts {
             attach: Script::new(ATTACH),
             migrate: Script::new(MIGRATE),
             finish: Script::new(FINISH),
-            receipt: Script::new(RECEIPT),
             hook: Script::new(HOOK),
             collapse: Script::new(COLLAPSE),
             hooks_done: Script::new(HOOKS_DONE),
@@ -382,7 +364,6 @@ impl Scripts {
         self.attach.load_async(conn).await?;
         self.migrate.load_async(conn).await?;
         self.finish.load_async(conn).await?;
-        self.receipt.load_async(conn).await?;
         self.hook.load_async(conn).await?;
         self.collapse.load_async(conn).await?;
         self.hooks_done.load_async(conn).await?;

@@ -265,10 +265,15 @@ impl RedisOutbox {
         if self.redis.lineage(&id.client) != id.lineage {
             return Ok(None);
         }
-        let mut get = redis::cmd("GET");
-        get.arg(keys::receipt(&id.client, id.lineage, id.seq));
-        let record: Option<Vec<u8>> = self.redis.query(&get).await?;
-        if let Some(r) = record.as_deref().and_then(receipts::parse_record) {
+        let mut get = redis::cmd("MGET");
+        get.arg(keys::receipt(&id.client, id.lineage, id.seq, true))
+            .arg(keys::receipt(&id.client, id.lineage, id.seq, false));
+        let records: Vec<Option<Vec<u8>>> = self.redis.query(&get).await?;
+        if let Some(r) = records
+            .iter()
+            .flatten()
+            .find_map(|r| receipts::parse_record(r))
+        {
             return Ok(Some(r));
         }
         let entry = format!("0-{}", id.seq);

@@ -1,6 +1,6 @@
 //! Receipt records on the Redis store, written by the ack writer (`writer::write_loop`):
-//! each state change is one `scripts::RECEIPT` call in the same pipeline as the acks, so a
-//! receipt costs no round trip of its own; the final states it reports go to the node's
+//! each state change is one `SET NX` in the same pipeline as the acks, so a receipt costs
+//! no round trip of its own; the final states it reports go to the node's
 //! hook stream (`scripts::HOOK`) in the next round trip, and only when a webhook is
 //! configured.
 //!
@@ -15,14 +15,13 @@ use bytes::BytesMut;
 use tokio::sync::Notify;
 
 use crate::metrics;
-use crate::receipts::{self, hooks, Event, State};
+use crate::receipts::{self, hooks, Event};
 use crate::redis::keys;
 use crate::redis::resp::{self, Replies, Reply};
 use crate::redis::{slots, Health, Hot, Part};
 
 /// What the ack writer needs to write receipts.
 pub(in crate::outbox) struct Notes {
-    pub(in crate::outbox) receipt_sha: String,
     pub(in crate::outbox) hook_sha: String,
     /// `http.receipt_ttl` in ms.
     pub(in crate::outbox) ttl_ms: u64,
@@ -36,35 +35,23 @@ pub(in crate::outbox) struct Hook {
     pub(in crate::outbox) wake: Arc<Notify>,
 }
 
-/// Appends the write of `e`'s record; returns its slot. `sent` is a plain `SET NX`: it
-/// comes first in the life of a record (`queued` is never written), and any record already
-/// there (`sent` by an earlier connection, or a final state) must stay. That saves the
-/// script's call and its `GET` on one of the two writes every tracked message costs.
+/// Appends the write of `e`'s record; returns its slot. Two keys per message, each written
+/// `SET NX`, so the first write of each stays with no script and no read: `sent` (a later
+/// connection's resend keeps the first time) and the final state (the first of `acked`,
+/// `expired`, `dropped` wins; its `OK` is what tells the webhook).
 pub(super) fn encode(out: &mut BytesMut, notes: &Notes, e: &Event) -> u16 {
-    let key = keys::receipt(&e.id.client, e.id.lineage, e.id.seq);
-    let slot = keys::client_slot(&e.id.client).unwrap_or_else(|| slots::key_slot(key.as_bytes()));
-    if e.state == State::Sent {
-        resp::array(out, 6);
-        resp::bulk(out, b"SET");
-        resp::bulk(out, key.as_bytes());
-        resp::bulk(out, receipts::record(e.state, e.at_ms).as_bytes());
-        resp::bulk(out, b"NX");
-        resp::bulk(out, b"PX");
-        resp::bulk_u64(out, notes.ttl_ms);
-        return slot;
-    }
-    resp::array(out, 7);
-    resp::bulk(out, b"EVALSHA");
-    resp::bulk(out, notes.receipt_sha.as_bytes());
-    resp::bulk(out, b"1");
+    let key = keys::receipt(&e.id.client, e.id.lineage, e.id.seq, e.state.is_final());
+    resp::array(out, 6);
+    resp::bulk(out, b"SET");
     resp::bulk(out, key.as_bytes());
-    resp::bulk(out, e.state.name().as_bytes());
-    resp::bulk_u64(out, e.at_ms);
+    resp::bulk(out, receipts::record(e.state, e.at_ms).as_bytes());
+    resp::bulk(out, b"NX");
+    resp::bulk(out, b"PX");
     resp::bulk_u64(out, notes.ttl_ms);
-    slot
+    keys::client_slot(&e.id.client).unwrap_or_else(|| slots::key_slot(key.as_bytes()))
 }
 
-/// Reads the RECEIPT replies of a batch (`events` in order) from `r`: the events that
+/// Reads the replies of a batch's records (`events` in order) from `r`: the events that
 /// reached a final state now.
 pub(super) fn finals<'e>(
     r: &mut Replies<'_>,
@@ -74,7 +61,7 @@ pub(super) fn finals<'e>(
     let mut out = Vec::new();
     for e in events {
         match r.next()? {
-            Reply::Int(1) => out.push(e),
+            Reply::Status(_) if e.state.is_final() => out.push(e),
             Reply::Error(why) => {
                 let _ = health.error_reply(why);
             }

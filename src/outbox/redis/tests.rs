@@ -148,7 +148,6 @@ async fn outbox_with(redis: &TestRedis, overflow: OverflowPolicy, routes: bool) 
 async fn outbox_limits(redis: &TestRedis, limits: Limits, routes: bool) -> RedisOutbox {
     let redis = Redis::connect(&redis.url(), None).await.unwrap();
     let notes = super::notes::Notes {
-        receipt_sha: redis.scripts().receipt.get_hash().to_string(),
         hook_sha: redis.scripts().hook.get_hash().to_string(),
         ttl_ms: 86_400_000,
         hook: None,
