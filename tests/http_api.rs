@@ -479,3 +479,55 @@ async fn collapse_replaces_a_queued_message_and_not_a_sent_one() {
     .await;
     server.shutdown().await;
 }
+
+/// `http.tokens_file`: tokens one per line next to `http.tokens`; a file that is missing or
+/// holds a short token stops Herald at start, naming the key and the line, never the token.
+#[tokio::test]
+async fn tokens_from_a_file_authorize_and_a_bad_file_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, "# backends\n\nfile-token-0123456789\n").unwrap();
+    let path = file.clone();
+    let (server, api) = start_api(move |c| c.http.tokens_file = Some(path)).await;
+    let url = format!("http://{api}/v1/clients/devtf");
+    let (status, _) = call(
+        reqwest::Method::GET,
+        url.clone(),
+        Some("file-token-0123456789"),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = call(reqwest::Method::GET, url.clone(), Some(TOKEN), Vec::new()).await;
+    assert_eq!(status, 200, "the tokens of http.tokens still count");
+    let (status, _) = call(
+        reqwest::Method::GET,
+        url,
+        Some("not-a-token-0123456789"),
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    server.shutdown().await;
+
+    std::fs::write(&file, "short\n").unwrap();
+    let config = dir.path().join("herald.toml");
+    let toml = format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\ntokens_file = {:?}\n",
+        file.display().to_string()
+    );
+    std::fs::write(&config, toml).unwrap();
+    let config = config.display().to_string();
+    let out = run_briefly(&["--config", config.as_str(), "--listen", "127.0.0.1:0"]);
+    assert!(!out.status.success(), "must refuse to start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("http.tokens_file") && err.contains(":1:"),
+        "{err}"
+    );
+    assert!(!err.contains("short"), "never the token: {err}");
+    std::fs::remove_file(&file).unwrap();
+    let out = run_briefly(&["--config", config.as_str(), "--listen", "127.0.0.1:0"]);
+    assert!(!out.status.success(), "a missing file must refuse to start");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("http.tokens_file"));
+}

@@ -5,6 +5,7 @@
 //! write to every device.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -19,8 +20,12 @@ pub struct HttpConfig {
     /// `GET /v1/clients/{client_id}`); `""` or absent: off.
     #[serde(deserialize_with = "listen_addr")]
     pub listen: Option<SocketAddr>,
-    /// Bearer tokens, any of which authorizes a request. None: loopback only, no auth.
+    /// Bearer tokens, any of which authorizes a request. None (here and in `tokens_file`):
+    /// loopback only, no auth.
     pub tokens: Vec<Secret>,
+    /// More tokens, one per line (blank lines and `#` comments skipped), so that they can
+    /// live in a file of their own (mode 600, a secret store's mount) rather than the config.
+    pub tokens_file: Option<PathBuf>,
     /// Messages in one `POST /v1/push`.
     pub max_batch: usize,
     /// Bytes of one `POST /v1/push` body.
@@ -45,6 +50,7 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: None,
             tokens: Vec::new(),
+            tokens_file: None,
             max_batch: 1000,
             max_batch_bytes: 16 << 20,
             receipt_ttl: Duration::from_secs(24 * 3600),
@@ -52,5 +58,32 @@ impl Default for HttpConfig {
             receipt_queue: 100_000,
             receipt_queue_bytes: 64 << 20,
         }
+    }
+}
+
+impl HttpConfig {
+    /// `tokens` and those of `tokens_file`, or why the file cannot be used (its reason never
+    /// quotes a token).
+    pub fn all_tokens(&self) -> Result<Vec<Secret>, String> {
+        let mut all = self.tokens.clone();
+        if let Some(path) = &self.tokens_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            for (i, line) in text.lines().enumerate() {
+                let t = line.trim();
+                if t.is_empty() || t.starts_with('#') {
+                    continue;
+                }
+                if t.len() < 16 {
+                    return Err(format!(
+                        "{}:{}: a token must be at least 16 characters",
+                        path.display(),
+                        i + 1
+                    ));
+                }
+                all.push(Secret::new(t));
+            }
+        }
+        Ok(all)
     }
 }

@@ -227,7 +227,11 @@ impl Config {
         let Some(listen) = h.listen else {
             return Ok(());
         };
-        if h.tokens.is_empty() && !listen.ip().is_loopback() {
+        let tokens = match h.all_tokens() {
+            Ok(t) => t,
+            Err(why) => return bad("http.tokens_file", why),
+        };
+        if tokens.is_empty() && !listen.ip().is_loopback() {
             return bad(
                 "http.listen",
                 format!("{listen} is not a loopback address and http.tokens is empty: anyone could push to every device; set http.tokens or listen on 127.0.0.1 / [::1]"),

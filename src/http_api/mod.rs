@@ -53,10 +53,16 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>, stop: Cancellatio
     // A push body is the payload: never more than a PUBLISH could carry.
     let one_limit = config.server.max_packet_size;
     let batch_limit = config.http.max_batch_bytes;
-    let api = Arc::new(Api {
-        tokens: Tokens::new(&config.http.tokens),
-        broker,
-    });
+    // Checked at start (`Config::validate`); the file can only have gone since. Serving
+    // without its tokens could mean serving without any: the API stays off instead.
+    let tokens = match config.http.all_tokens() {
+        Ok(t) => Tokens::new(&t),
+        Err(why) => {
+            tracing::error!(reason = %why, "http.tokens_file unreadable: the HTTP API is off");
+            return;
+        }
+    };
+    let api = Arc::new(Api { tokens, broker });
     let app = axum::Router::new()
         .route(
             "/v1/push/{client_id}",
