@@ -904,3 +904,31 @@ async fn a_dead_nodes_receipts_are_posted_by_another_node() {
     assert_eq!(webhook.receipts_of(&id).len(), 1);
     webhook.assert_well_formed();
 }
+
+/// `DELETE /v1/clients/{id}/outbox` reports the tracked messages it removes as `dropped`, on
+/// every store (the Redis store reads and trims the outbox in one script), and only those.
+#[tokio::test]
+async fn deleted_tracked_messages_are_reported_dropped() {
+    let webhook = Webhook::start(200).await;
+    let (server, api) = start_api(Some(&webhook), |_| {}).await;
+    let dev = "rcpt-deleted";
+    register_offline(&server, dev).await;
+    let first = push_ok(api, &format!("{dev}?receipt=true"), b"one").await;
+    let untracked = push_ok(api, dev, b"two").await;
+    let last = push_ok(api, &format!("{dev}?receipt=true"), b"three").await;
+    let url = format!("http://{api}/v1/clients/{dev}/outbox");
+    let (status, body) = call(reqwest::Method::DELETE, url, Some(TOKEN), Vec::new()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["deleted"], 3, "{body}");
+    webhook.wait_receipt(&first, "dropped").await;
+    webhook.wait_receipt(&last, "dropped").await;
+    assert_eq!(state_of(api, &first).await.as_deref(), Some("dropped"));
+    assert_eq!(state_of(api, &last).await.as_deref(), Some("dropped"));
+    assert_eq!(
+        state_of(api, &untracked).await,
+        None,
+        "untracked: no receipt"
+    );
+    assert!(webhook.receipts_of(&untracked).is_empty());
+    server.shutdown().await;
+}

@@ -38,6 +38,6 @@ fn unknown() -> Response {
     error(
         StatusCode::NOT_FOUND,
         "unknown_message",
-        "no receipt: the id is unknown, its record expired (http.receipt_ttl), or its message left the outbox without one (a clean session, DELETE, an overflow on the Redis store)",
+        "no receipt: the id is unknown, its record expired (http.receipt_ttl), or its message left the outbox without one (a clean session or an overflow on the Redis store)",
     )
 }

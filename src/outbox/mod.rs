@@ -454,13 +454,23 @@ impl Store {
     }
 
     /// Empties `client`'s outbox (the backend's `DELETE /v1/clients/{id}/outbox`): every
-    /// queued entry is dropped and counted (`reason="deleted"`); returns how many. The
+    /// queued entry is dropped and counted (`reason="deleted"`), a tracked one noted
+    /// `dropped`; returns how many. The
     /// session, its sequence counter and sent watermark stay. A connection already holding
     /// entries in its mailbox or in flight may still deliver those.
     pub async fn delete_outbox(&self, client: &str) -> Result<usize, StoreError> {
         let n = match self {
+            // The memory store notes its tracked entries itself (`MemoryOutbox::clear`).
             Store::Memory(m, _) => m.clear(client),
-            Store::Redis(r, _) => r.delete_all(client).await?,
+            Store::Redis(r, _) => {
+                let (n, tracked) = r.delete_all(client).await?;
+                let client: Arc<str> = Arc::from(client);
+                let lineage = r.lineage(&client);
+                for seq in tracked {
+                    self.note(&client, seq, lineage, State::Dropped).await;
+                }
+                n
+            }
         };
         metrics::dropped_many(metrics::Drop::Deleted, n as u64);
         Ok(n)

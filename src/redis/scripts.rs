@@ -318,6 +318,18 @@ if string.byte(e[2][2], 1) == 3 then tracked = 1 end
 return {old, tracked}
 "#;
 
+/// Empties an outbox (`DELETE /v1/clients/{id}/outbox`). KEYS: the outbox. Returns {entries
+/// removed, the seqs (as strings) of those that asked for a receipt (envelope version 3)},
+/// read and trimmed in one step, so none is removed unreported. The outbox is bounded
+/// (`session.max_queued_messages`), so the read is too. `XTRIM`, not `DEL`: numbering goes on.
+pub const EMPTY: &str = r#"
+local tracked = {}
+for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+  if string.byte(e[2][2], 1) == 3 then tracked[#tracked + 1] = string.sub(e[1], 3) end
+end
+return {redis.call('XTRIM', KEYS[1], 'MAXLEN', 0), tracked}
+"#;
+
 /// An adopter drained a dead node's hook stream (`receipts::adopt`). KEYS: the stream, the
 /// node's alive key (one slot: the node's hash tag). Deletes the stream only if it is empty
 /// and the node still has no alive key; returns 1 if it did (the caller then unlists it).
@@ -336,6 +348,7 @@ pub struct Scripts {
     pub hook: Script,
     pub collapse: Script,
     pub hooks_done: Script,
+    pub empty: Script,
     pub claim: Script,
     pub release: Script,
 }
@@ -350,6 +363,7 @@ impl Scripts {
             hook: Script::new(HOOK),
             collapse: Script::new(COLLAPSE),
             hooks_done: Script::new(HOOKS_DONE),
+            empty: Script::new(EMPTY),
             claim: Script::new(CLAIM),
             release: Script::new(RELEASE),
         }
@@ -367,6 +381,7 @@ impl Scripts {
         self.hook.load_async(conn).await?;
         self.collapse.load_async(conn).await?;
         self.hooks_done.load_async(conn).await?;
+        self.empty.load_async(conn).await?;
         Ok(())
     }
 }

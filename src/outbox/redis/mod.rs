@@ -426,15 +426,18 @@ impl RedisOutbox {
     /// command, so an entry added meanwhile is either counted here or kept. The byte
     /// estimate (`qbytes`) is left high; the enqueue script measures exactly whenever the
     /// estimate says the cap is reached, so a high one only measures sooner.
-    pub(super) async fn delete_all(&self, client: &str) -> Result<usize, StoreError> {
-        self.redis
-            .query(
-                redis::cmd("XTRIM")
-                    .arg(keys::client(Client::Outbox, client))
-                    .arg("MAXLEN")
-                    .arg(0),
+    /// Empties `client`'s outbox (`scripts::EMPTY`): how many entries, and the seqs of the
+    /// tracked ones, which the caller reports `dropped`.
+    pub(super) async fn delete_all(&self, client: &str) -> Result<(usize, Vec<u64>), StoreError> {
+        let (n, tracked): (usize, Vec<String>) = self
+            .redis
+            .evalsha(
+                &self.redis.scripts().empty,
+                &[keys::client(Client::Outbox, client)],
+                &[],
             )
-            .await
+            .await?;
+        Ok((n, tracked.iter().filter_map(|s| s.parse().ok()).collect()))
     }
 
     /// The number of entries and the `born_us` of the oldest, in one round trip (both
