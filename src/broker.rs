@@ -568,11 +568,7 @@ impl Broker {
         self: &Arc<Self>,
         mut msg: Message,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
-        let ttl = self.config.session.message_ttl;
-        // A message may carry its own, shorter expiry (the HTTP API's `ttl`).
-        if !ttl.is_zero() && msg.qos != Qos::AtMostOnce && msg.expires_at == 0 {
-            msg.expires_at = now_ms() + ttl.as_millis() as u64;
-        }
+        self.stamp_expiry(&mut msg);
         if let Some(owner) = self.push.as_ref().and_then(|p| p.client_of(&msg.topic)) {
             let stored = self.push_to(Arc::from(owner), msg);
             return Box::pin(async move { stored.await.map(|_| ()) });
@@ -603,14 +599,20 @@ impl Broker {
         self: &Arc<Self>,
         mut msg: Message,
     ) -> BoxFuture<'static, Result<Option<u64>, StoreError>> {
-        let ttl = self.config.session.message_ttl;
-        if !ttl.is_zero() && msg.qos != Qos::AtMostOnce && msg.expires_at == 0 {
-            msg.expires_at = now_ms() + ttl.as_millis() as u64;
-        }
+        self.stamp_expiry(&mut msg);
         let Some(owner) = self.push.as_ref().and_then(|p| p.client_of(&msg.topic)) else {
             return Box::pin(futures::future::ready(Ok(None)));
         };
         Box::pin(self.push_to(Arc::from(owner), msg))
+    }
+
+    /// A stored message expires `session.message_ttl` after now, unless it carries its own,
+    /// shorter expiry (the HTTP API's `ttl`).
+    fn stamp_expiry(&self, msg: &mut Message) {
+        let ttl = self.config.session.message_ttl;
+        if !ttl.is_zero() && msg.qos != Qos::AtMostOnce && msg.expires_at == 0 {
+            msg.expires_at = now_ms() + ttl.as_millis() as u64;
+        }
     }
 
     fn push_to(

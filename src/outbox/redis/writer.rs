@@ -675,6 +675,13 @@ pub(super) fn put_id(out: &mut BytesMut, seq: u64) {
     resp::bulk_prefixed_u64(out, b"0-", seq);
 }
 
+/// The slot of `client`'s outbox key: its hash tag's, or the whole key's when the id has
+/// none (`keys::client_slot`).
+fn outbox_slot(client: &str) -> u16 {
+    keys::client_slot(client)
+        .unwrap_or_else(|| slots::key_slot(keys::client(Client::Outbox, client).as_bytes()))
+}
+
 /// One batch of the write loop.
 struct Writes<'a> {
     acks: &'a mut [Keyed],
@@ -704,10 +711,8 @@ async fn apply(hot: &mut Hot, out: &mut BytesMut, w: Writes<'_>, health: &Health
     // Each command is a part of its own: on a cluster they go to their client's node.
     let mut parts = Vec::new();
     let mut cut = |out: &BytesMut, client: &str| {
-        let slot = keys::client_slot(client)
-            .unwrap_or_else(|| slots::key_slot(keys::client(Client::Outbox, client).as_bytes()));
         parts.push(Part {
-            slot,
+            slot: outbox_slot(client),
             end: out.len(),
         });
     };
@@ -778,10 +783,8 @@ async fn apply(hot: &mut Hot, out: &mut BytesMut, w: Writes<'_>, health: &Health
         resp::array(out, 2);
         resp::bulk(out, b"XLEN");
         keys::put_client(out, Client::Outbox, client);
-        let slot = keys::client_slot(client)
-            .unwrap_or_else(|| slots::key_slot(keys::client(Client::Outbox, client).as_bytes()));
         parts.push(Part {
-            slot,
+            slot: outbox_slot(client),
             end: out.len(),
         });
     }
