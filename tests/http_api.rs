@@ -8,44 +8,11 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::http::*;
 use common::process::{run_briefly, RedisServer};
 use common::*;
-use herald::config::{Secret, StoreKind};
+use herald::config::StoreKind;
 use serde_json::{json, Value};
-
-const TOKEN: &str = "test-token-0123456789";
-
-/// A broker with the API on a loopback port and `TOKEN`, after `tweak`.
-async fn start_api(tweak: impl FnOnce(&mut herald::Config)) -> (TestServer, SocketAddr) {
-    let server = start_with(|c| {
-        c.http.listen = Some("127.0.0.1:0".parse().unwrap());
-        c.http.tokens = vec![Secret::new(TOKEN)];
-        tweak(c);
-    })
-    .await;
-    let addr = server.http_addr().expect("HTTP API listening");
-    (server, addr)
-}
-
-/// One request: the status and the JSON body (`Null` if the body is not JSON).
-async fn call(
-    method: reqwest::Method,
-    url: String,
-    token: Option<&str>,
-    body: impl Into<reqwest::Body>,
-) -> (u16, Value) {
-    let mut req = reqwest::Client::new()
-        .request(method, url)
-        .timeout(WAIT)
-        .body(body);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    let r = req.send().await.expect("HTTP request");
-    let status = r.status().as_u16();
-    let body = r.bytes().await.expect("HTTP body");
-    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
-}
 
 async fn push(addr: SocketAddr, path_and_query: &str, body: &[u8]) -> (u16, Value) {
     let url = format!("http://{addr}/v1/push/{path_and_query}");
@@ -55,11 +22,6 @@ async fn push(addr: SocketAddr, path_and_query: &str, body: &[u8]) -> (u16, Valu
 async fn batch(addr: SocketAddr, body: &Value) -> (u16, Value) {
     let url = format!("http://{addr}/v1/push");
     call(reqwest::Method::POST, url, Some(TOKEN), body.to_string()).await
-}
-
-async fn client_status(addr: SocketAddr, id: &str) -> (u16, Value) {
-    let url = format!("http://{addr}/v1/clients/{id}");
-    call(reqwest::Method::GET, url, Some(TOKEN), Vec::new()).await
 }
 
 /// Connects `id` with a persistent session and leaves, so that its pushes wait offline.

@@ -14,53 +14,20 @@ mod common;
 
 use std::net::SocketAddr;
 
+use common::http::*;
 use common::process::{free_port, Broker, Launch, RedisServer};
 use common::*;
 use herald::config::Secret;
 use serde_json::Value;
 
-const TOKEN: &str = "test-token-0123456789";
-
 /// A broker with the API on a loopback port, `TOKEN`, and node id `solo`.
-async fn start_api() -> (TestServer, SocketAddr) {
-    let server = start_with(|c| {
-        c.http.listen = Some("127.0.0.1:0".parse().unwrap());
-        c.http.tokens = vec![Secret::new(TOKEN)];
-        c.cluster.node_id = Some("solo".into());
-    })
-    .await;
-    let addr = server.http_addr().expect("HTTP API listening");
-    (server, addr)
-}
-
-/// One request: the status and the JSON body (`Null` if the body is not JSON).
-async fn call(
-    method: reqwest::Method,
-    url: String,
-    token: Option<&str>,
-    body: Vec<u8>,
-) -> (u16, Value) {
-    let mut req = reqwest::Client::new()
-        .request(method, url)
-        .timeout(WAIT * 5)
-        .body(body);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    let r = req.send().await.expect("HTTP request");
-    let status = r.status().as_u16();
-    let body = r.bytes().await.expect("HTTP body");
-    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+async fn start_solo() -> (TestServer, SocketAddr) {
+    start_api(|c| c.cluster.node_id = Some("solo".into())).await
 }
 
 async fn broadcast(api: SocketAddr, query: &str, payload: &[u8]) -> (u16, Value) {
     let url = format!("http://{api}/v1/broadcast{query}");
     call(reqwest::Method::POST, url, Some(TOKEN), payload.to_vec()).await
-}
-
-async fn client_status(api: SocketAddr, id: &str) -> (u16, Value) {
-    let url = format!("http://{api}/v1/clients/{id}");
-    call(reqwest::Method::GET, url, Some(TOKEN), Vec::new()).await
 }
 
 async fn push(api: SocketAddr, id: &str, payload: &[u8]) {
@@ -81,7 +48,7 @@ async fn expect_on_push_topic(device: &mut Raw, id: &str, payload: &[u8]) {
 
 #[tokio::test]
 async fn a_broadcast_reaches_every_connected_device_and_counts_them() {
-    let (server, api) = start_api().await;
+    let (server, api) = start_solo().await;
     let ids = ["b1", "b2", "b3", "b4", "b5"];
     let mut devices = Vec::new();
     for id in ids {
@@ -104,7 +71,7 @@ async fn a_broadcast_reaches_every_connected_device_and_counts_them() {
 
 #[tokio::test]
 async fn a_device_offline_during_a_broadcast_never_gets_it() {
-    let (server, api) = start_api().await;
+    let (server, api) = start_solo().await;
     let opts = Opts::new("away").clean(false);
     let (away, _) = Raw::connect_ok(server.local_addr(), &opts).await;
     away.disconnect().await;
@@ -130,7 +97,7 @@ async fn a_device_offline_during_a_broadcast_never_gets_it() {
 
 #[tokio::test]
 async fn a_qos1_broadcast_has_its_own_packet_id_and_its_puback_deletes_no_outbox_entry() {
-    let (server, api) = start_api().await;
+    let (server, api) = start_solo().await;
     let opts = Opts::new("q1").clean(false);
     let (mut device, _) = Raw::connect_ok(server.local_addr(), &opts).await;
     push(api, "q1", b"stored").await;
@@ -172,7 +139,7 @@ async fn a_qos1_broadcast_has_its_own_packet_id_and_its_puback_deletes_no_outbox
 
 #[tokio::test]
 async fn bad_queries_are_400_and_a_missing_token_401() {
-    let (server, api) = start_api().await;
+    let (server, api) = start_solo().await;
     let mut device = Raw::connect(server.local_addr(), "watcher").await;
     for (query, code) in [
         ("?qos=2", "bad_qos"),

@@ -16,13 +16,12 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use common::http::{self, call, TOKEN};
 use common::process::{free_port, Broker, Launch, RedisServer};
 use common::*;
 use herald::config::Secret;
 use herald::receipts::{ReceiptId, State};
 use serde_json::{json, Value};
-
-const TOKEN: &str = "test-token-0123456789";
 
 /// How long a test waits for the webhook: a POST after a failure waits out a backoff
 /// (0.1 s doubling). Only reached on failure.
@@ -38,35 +37,11 @@ async fn start_api(
     tweak: impl FnOnce(&mut herald::Config),
 ) -> (TestServer, SocketAddr) {
     let url = webhook.map(Webhook::url);
-    let server = start_with(|c| {
-        c.http.listen = Some("127.0.0.1:0".parse().unwrap());
-        c.http.tokens = vec![Secret::new(TOKEN)];
+    http::start_api(|c| {
         c.http.receipt_webhook = url.map(Secret::new);
         tweak(c);
     })
-    .await;
-    let addr = server.http_addr().expect("HTTP API listening");
-    (server, addr)
-}
-
-/// One request: the status and the JSON body (`Null` if the body is not JSON).
-async fn call(
-    method: reqwest::Method,
-    url: String,
-    token: Option<&str>,
-    body: impl Into<reqwest::Body>,
-) -> (u16, Value) {
-    let mut req = reqwest::Client::new()
-        .request(method, url)
-        .timeout(WAIT)
-        .body(body);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    let r = req.send().await.expect("HTTP request");
-    let status = r.status().as_u16();
-    let body = r.bytes().await.expect("HTTP body");
-    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    .await
 }
 
 async fn push(api: SocketAddr, path_and_query: &str, body: &[u8]) -> (u16, Value) {

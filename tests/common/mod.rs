@@ -24,6 +24,7 @@
 #![allow(dead_code)]
 
 pub mod fleet;
+pub mod http;
 pub mod keys;
 pub mod pki;
 pub mod process;
